@@ -1,0 +1,147 @@
+"""The engine's public vocabulary: prompts, events, stats, load and errors."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat prompt."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of text, messages or token_ids is set."""
+
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    @staticmethod
+    def of_text(text: str) -> Prompt:
+        return Prompt(text=text)
+
+    @staticmethod
+    def of_messages(messages: Sequence[ChatMessage]) -> Prompt:
+        return Prompt(messages=tuple(messages))
+
+    @staticmethod
+    def of_tokens(token_ids: Sequence[int]) -> Prompt:
+        return Prompt(token_ids=tuple(token_ids))
+
+
+class StopReason(enum.StrEnum):
+    """Why a request ended."""
+
+    EOS = "eos"
+    STOP_STRING = "stop_string"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"
+
+
+@dataclass
+class RequestStats:
+    """What one request cost, reported with its final event."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    canvases: int = 0
+    decoder_passes: int = 0
+    encoder_passes: int = 0
+    queue_wait_s: float = 0.0
+    time_to_first_commit_s: float | None = None
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.completion_tokens / self.decoder_passes if self.decoder_passes else 0.0
+
+
+@dataclass(frozen=True)
+class DraftEvent:
+    """The current argmax canvas of the canvas being denoised; replaces the previous draft."""
+
+    canvas_index: int
+    step: int
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class CommitEvent:
+    """Finished text of one canvas (truncated at EOS, stop string or max_new_tokens): append it."""
+
+    canvas_index: int
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """The request is over; no event follows."""
+
+    stop_reason: StopReason
+    stats: RequestStats
+    error: str | None = None
+
+
+Event = DraftEvent | CommitEvent | FinalEvent
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """What the engine reports to a router: queue, activity, speed, readiness."""
+
+    queue_depth: int
+    active: int
+    capacity: int
+    max_queue: int
+    step_latency_s: float
+    tokens_per_s: float
+    encoder_latency_s: float
+    canvas_length: int
+    model_name: str
+    model_revision: str
+    ready: bool
+    draining: bool
+    steps_total: int = 0
+    tokens_total: int = 0
+
+
+@dataclass
+class Counters:
+    """Monotonic totals since start, read by metrics exporters."""
+
+    requests_by_outcome: dict[str, int] = field(default_factory=dict)
+    tokens_generated: int = 0
+    decoder_passes: int = 0
+    encoder_passes: int = 0
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to front ends."""
+
+
+class OverloadedError(EngineError):
+    """Admission refused: the active and queued slots are full."""
+
+
+class NotReadyError(EngineError):
+    """The engine is not loaded yet or is draining."""
+
+
+class PromptTooLongError(EngineError):
+    """The prompt exceeds the configured token limit."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"prompt: {tokens} tokens exceeds the limit of {limit}")
+        self.tokens = tokens
+        self.limit = limit
