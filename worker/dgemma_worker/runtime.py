@@ -1,0 +1,217 @@
+"""What the servicers stand on: the engine once it is loaded, and one way to run a request.
+
+`WorkerRuntime.run` admits a request, yields its events, writes its one log line, and turns every
+failure into `RequestFailed` carrying the status from `errors.py`, so both front ends (dgemma.v1 and
+KServe v2) behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, replace
+from typing import Protocol
+
+from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
+from dgemma_worker.metrics import WorkerMetrics
+from dgemma_worker.params import GenerationParams
+from dgemma_worker.types import (
+    CommitEvent,
+    Event,
+    FinalEvent,
+    LoadSnapshot,
+    NotReadyError,
+    Prompt,
+)
+from dgemma_worker.worker_config import WorkerConfig
+
+log = logging.getLogger("dgemma_worker.requests")
+
+
+class EngineAPI(Protocol):
+    """The part of `dgemma_worker.engine.Engine` the server uses."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    model_name: str
+    model_revision: str
+    canvas_length: int
+
+    def stream(
+        self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
+    ) -> AsyncIterator[Event]: ...
+    def load_snapshot(self) -> LoadSnapshot: ...
+    def tokenize(self, prompt: Prompt) -> list[int]: ...
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def drain(self) -> None: ...
+    def wait_idle(self, timeout: float) -> bool: ...
+    def shutdown(self) -> None: ...
+
+
+class RequestFailed(Exception):
+    """A request ended with an error status; `error` says which."""
+
+    def __init__(self, error: RpcError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def new_request_id() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
+
+
+class WorkerRuntime:
+    """Holds the engine (None until loaded) and runs requests on it."""
+
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.engine: EngineAPI | None = None
+        self.stopping = asyncio.Event()  # set when load watchers should end (the server is stopping)
+        self._draining = False
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed up, and admitting."""
+        return self.engine is not None and self.engine.ready and not self._draining and not self.engine.draining
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; in-flight ones continue."""
+        self._draining = True
+        if self.engine is not None:
+            self.engine.drain()
+
+    def require_engine(self) -> EngineAPI:
+        """The engine, or NotReadyError while loading or draining."""
+        if self.engine is None:
+            raise NotReadyError("model is loading")
+        if self._draining:
+            raise NotReadyError("draining")
+        return self.engine
+
+    def load_snapshot(self) -> LoadSnapshot:
+        """The engine's load, with the served model name; a not-ready placeholder before loading."""
+        if self.engine is None:
+            return LoadSnapshot(
+                queue_depth=0,
+                active=0,
+                capacity=self.config.max_active,
+                max_queue=self.config.max_queue,
+                step_latency_s=0.0,
+                tokens_per_s=0.0,
+                encoder_latency_s=0.0,
+                canvas_length=0,
+                model_name=self.config.model_name,
+                model_revision=self.config.model_revision or "",
+                ready=False,
+                draining=self._draining,
+            )
+        snap = self.engine.load_snapshot()
+        return replace(
+            snap,
+            model_name=self.config.model_name,
+            ready=snap.ready and not self._draining,
+            draining=snap.draining or self._draining,
+        )
+
+    async def run(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        *,
+        request_id: str,
+        rpc: str,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Yield a request's drafts, commits and its final event; raise RequestFailed on any error.
+
+        Closing the iterator (the client went away) cancels the engine request.
+        """
+        started = time.monotonic()
+        final: FinalEvent | None = None
+        error: RpcError | None = None
+        outcome = "cancelled"
+        committed: list[str] = []
+        try:
+            if deadline is not None and deadline <= started:
+                raise DeadlineExceeded("deadline exceeded before the request started")
+            engine = self.require_engine()
+            events = engine.stream(prompt, params, deadline=deadline)
+            try:
+                async for event in events:
+                    if isinstance(event, FinalEvent):
+                        final = event
+                        error = status_for_final(event, request_id)
+                        if error is not None:
+                            break
+                        outcome = event.stop_reason.value
+                    elif isinstance(event, CommitEvent) and self.config.log_prompts:
+                        committed.append(event.text)
+                    yield event
+            finally:
+                # Closing the engine's stream is what cancels the engine request.
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            error = status_for_exception(exc, request_id)
+            self.metrics.on_refused(error.outcome)
+        finally:
+            if error is not None:
+                outcome = error.outcome
+            self._log_request(rpc, request_id, outcome, error, final, started, prompt, committed)
+        if error is not None:
+            raise RequestFailed(error)
+
+    def _log_request(
+        self,
+        rpc: str,
+        request_id: str,
+        outcome: str,
+        error: RpcError | None,
+        final: FinalEvent | None,
+        started: float,
+        prompt: Prompt,
+        committed: list[str],
+    ) -> None:
+        fields: dict[str, object] = {
+            "event": "request",
+            "rpc": rpc,
+            "request_id": request_id,
+            "outcome": outcome,
+            "code": error.code.name if error else ("CANCELLED" if outcome == "cancelled" else "OK"),
+            "wall_s": round(time.monotonic() - started, 6),
+        }
+        if final is not None:
+            fields.update({k: v for k, v in asdict(final.stats).items() if v is not None})
+            fields["tokens_per_forward"] = round(final.stats.tokens_per_forward, 4)
+        if error is not None:
+            fields["error"] = error.message
+        if self.config.log_prompts:
+            fields["prompt"] = _prompt_text(prompt)
+            fields["completion"] = "".join(committed)
+        log.info("request %s %s", request_id, outcome, extra={"fields": fields})
+
+
+def _prompt_text(prompt: Prompt) -> object:
+    if prompt.text is not None:
+        return prompt.text
+    if prompt.messages is not None:
+        return [{"role": m.role, "content": m.content} for m in prompt.messages]
+    return list(prompt.token_ids or ())
+
+
+def monotonic_deadline(time_remaining: float | None, timeout_s: float = 0.0) -> float | None:
+    """The earlier of the gRPC deadline (seconds remaining) and the request's own timeout."""
+    now = time.monotonic()
+    candidates = [now + t for t in (time_remaining, timeout_s if timeout_s > 0 else None) if t is not None]
+    return min(candidates) if candidates else None

@@ -1,0 +1,210 @@
+"""`dgemma worker` settings: command-line flags, each with an environment variable the operator sets.
+
+Flags win over environment variables, which win over the defaults here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dgemma_worker.params import GenerationParams, Limits
+
+# A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
+# prompts and KServe tensors while refusing absurd messages in the transport, before any tokenizing.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+METRICS_OFF = -1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker process needs to start."""
+
+    model: str
+    model_revision: str | None = None
+    served_model_name: str = ""
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
+    port_file: Path | None = None
+    max_active: int = 4
+    max_queue: int = 16
+    dtype: str | None = None
+    device: str | None = None
+    drain_grace_s: float = 30.0
+    log_format: str = "text"
+    log_prompts: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    limits: Limits = field(default_factory=Limits)
+    defaults: GenerationParams = field(default_factory=GenerationParams)
+    warmup: bool = True
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in metadata and load reports."""
+        return self.served_model_name or Path(self.model.rstrip("/")).name or self.model
+
+
+# flag dest -> environment variable
+ENV_VARS = {
+    "model": "DGEMMA_MODEL",
+    "model_revision": "DGEMMA_MODEL_REVISION",
+    "served_model_name": "DGEMMA_SERVED_MODEL_NAME",
+    "host": "DGEMMA_HOST",
+    "port": "DGEMMA_PORT",
+    "metrics_port": "DGEMMA_METRICS_PORT",
+    "port_file": "DGEMMA_PORT_FILE",
+    "max_active": "DGEMMA_MAX_ACTIVE",
+    "max_queue": "DGEMMA_MAX_QUEUE",
+    "dtype": "DGEMMA_DTYPE",
+    "device": "DGEMMA_DEVICE",
+    "drain_grace_s": "DGEMMA_DRAIN_GRACE_S",
+    "log_format": "DGEMMA_LOG_FORMAT",
+    "log_prompts": "DGEMMA_LOG_PROMPTS",
+    "max_message_bytes": "DGEMMA_MAX_MESSAGE_BYTES",
+    "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
+    "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
+    "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
+    "default_t_min": "DGEMMA_DEFAULT_T_MIN",
+    "default_t_max": "DGEMMA_DEFAULT_T_MAX",
+    "default_entropy_bound": "DGEMMA_DEFAULT_ENTROPY_BOUND",
+    "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
+    "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
+}
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
+
+
+def _metrics_port(value: str) -> int:
+    if value.strip().lower() in ("off", "none", "-1"):
+        return METRICS_OFF
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dgemma worker` argument parser (defaults are filled from the environment later)."""
+    p = argparse.ArgumentParser(
+        prog="dgemma worker",
+        description="Serve one DiffusionGemma model over gRPC (dgemma.v1.Denoiser, KServe v2, health).",
+        epilog="Every option can also be set by the environment variable named in its help.",
+    )
+
+    def add(flag: str, dest: str, help_text: str, **kw: object) -> None:
+        p.add_argument(flag, dest=dest, help=f"{help_text} [env {ENV_VARS[dest]}]", **kw)  # type: ignore[arg-type]
+
+    add("--model", "model", "checkpoint directory or hub id (required)")
+    add("--model-revision", "model_revision", "hub revision of the checkpoint")
+    add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
+    add("--host", "host", "bind address (default 0.0.0.0)")
+    add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
+    add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
+        type=_metrics_port)
+    add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
+    add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
+    add("--max-queue", "max_queue", "requests waiting beyond --max-active (default 16)", type=int)
+    add("--dtype", "dtype", "weights dtype: float32, bfloat16, float16 (default: the model's)")
+    add("--device", "device", "torch device, e.g. cuda:0 or cpu (default: cuda if available)")
+    add("--drain-grace-s", "drain_grace_s", "on SIGTERM, how long in-flight requests may run (default 30)",
+        type=float)
+    add("--log-format", "log_format", "json or text (default text)", choices=["json", "text"])
+    add("--log-prompts", "log_prompts", "include prompt and reply text in request logs (default off)",
+        type=_bool, nargs="?", const=True)
+    add("--max-message-bytes", "max_message_bytes", "largest gRPC message accepted or sent", type=int)
+    add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
+    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
+    add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
+        type=int)
+    add("--default-t-min", "default_t_min", "default t_min", type=float)
+    add("--default-t-max", "default_t_max", "default t_max", type=float)
+    add("--default-entropy-bound", "default_entropy_bound", "default entropy_bound", type=float)
+    add("--default-stability-threshold", "default_stability_threshold", "default stability_threshold",
+        type=int)
+    add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
+        type=float)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
+    return p
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Flags, then environment, then defaults; exits with a usage error (code 2) on a bad value."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    for dest, var in ENV_VARS.items():
+        if getattr(args, dest, None) is None and env.get(var, "") != "":
+            action = next(a for a in parser._actions if a.dest == dest)
+            convert = action.type if callable(action.type) else str
+            try:
+                setattr(args, dest, convert(env[var]))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{var}={env[var]!r}: {exc}")
+            if action.choices is not None and getattr(args, dest) not in action.choices:
+                parser.error(f"{var}={env[var]!r}: must be one of {list(action.choices)}")
+    if not args.model:
+        parser.error("--model (or DGEMMA_MODEL) is required")
+
+    limits = Limits()
+    limits = Limits(
+        max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
+        max_denoising_steps=limits.max_denoising_steps,
+        max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
+    )
+    overrides = {
+        name: getattr(args, f"default_{name}")
+        for name in (
+            "max_new_tokens",
+            "max_denoising_steps",
+            "t_min",
+            "t_max",
+            "entropy_bound",
+            "stability_threshold",
+            "confidence_threshold",
+        )
+        if getattr(args, f"default_{name}") is not None
+    }
+    from dgemma_worker.params import ParamError, params_from_mapping
+
+    try:
+        defaults = params_from_mapping(overrides, GenerationParams(), limits)
+    except ParamError as exc:
+        parser.error(f"default {exc}")
+    cfg = WorkerConfig(
+        model=args.model,
+        model_revision=args.model_revision,
+        served_model_name=args.served_model_name or "",
+        host=args.host or "0.0.0.0",
+        port=50051 if args.port is None else args.port,
+        metrics_port=9090 if args.metrics_port is None else args.metrics_port,
+        port_file=args.port_file,
+        max_active=4 if args.max_active is None else args.max_active,
+        max_queue=16 if args.max_queue is None else args.max_queue,
+        dtype=args.dtype,
+        device=args.device,
+        drain_grace_s=30.0 if args.drain_grace_s is None else args.drain_grace_s,
+        log_format=args.log_format or "text",
+        log_prompts=bool(args.log_prompts),
+        max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+        limits=limits,
+        defaults=defaults,
+        warmup=args.warmup,
+    )
+    for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
+                            ("--port", cfg.port, 0), ("--max-message-bytes", cfg.max_message_bytes, 1024)):
+        if value < lo:
+            parser.error(f"{name} must be >= {lo}, got {value}")
+    if cfg.drain_grace_s < 0:
+        parser.error(f"--drain-grace-s must be >= 0, got {cfg.drain_grace_s}")
+    return cfg
+
