@@ -91,6 +91,7 @@ class FinalEvent:
     stop_reason: StopReason
     stats: RequestStats
     error: str | None = None
+    error_kind: str | None = None  # "oom" | "internal" when stop_reason is ERROR
 
 
 Event = DraftEvent | CommitEvent | FinalEvent

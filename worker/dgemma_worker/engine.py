@@ -1,0 +1,647 @@
+"""The denoising engine: admits requests, interleaves them one denoising step at a time, streams events.
+
+One thread owns the model and runs a round-robin over the active requests: each turn is one unit of work
+for one request (an encoder pass over its uncached tokens, or one denoising step of its current canvas).
+Between turns it admits queued requests, drops cancelled ones and ends those past their deadline, so a
+client that goes away costs at most one more step. Front ends talk to it through `submit` (a sink called
+with each event) or the `stream` / `generate` wrappers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+
+from .model import LoadedModel
+from .params import GenerationParams, Limits, ParamError
+from .sampling import StabilityTracker, denoise_step, temperature
+from .textstream import TextAssembler
+from .types import (
+    CommitEvent,
+    Counters,
+    DraftEvent,
+    Event,
+    FinalEvent,
+    LoadSnapshot,
+    NotReadyError,
+    OverloadedError,
+    Prompt,
+    PromptTooLongError,
+    RequestStats,
+    StopReason,
+)
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Admission bounds, request limits and server-side defaults."""
+
+    max_active: int = 4
+    max_queue: int = 16
+    limits: Limits = field(default_factory=Limits)
+    defaults: GenerationParams = field(default_factory=GenerationParams)
+    rate_window_s: float = 10.0
+
+
+class EngineObserver(Protocol):
+    """Metrics hooks, called from the engine thread: keep them cheap."""
+
+    def on_step(self, kind: str, seconds: float) -> None: ...
+
+    def on_request_end(self, reason: StopReason, stats: RequestStats) -> None: ...
+
+
+class _NullObserver:
+    def on_step(self, kind: str, seconds: float) -> None:
+        pass
+
+    def on_request_end(self, reason: StopReason, stats: RequestStats) -> None:
+        pass
+
+
+class RateMeter:
+    """Tokens per second over a sliding window, plus an exponential moving average of step latency."""
+
+    def __init__(self, window_s: float, alpha: float = 0.2) -> None:
+        self.window_s = window_s
+        self.alpha = alpha
+        self._events: deque[tuple[float, int]] = deque()
+        self.ema: dict[str, float] = {}
+
+    def add_tokens(self, now: float, tokens: int) -> None:
+        self._events.append((now, tokens))
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return sum(n for _, n in self._events) / self.window_s if self._events else 0.0
+
+    def observe(self, kind: str, seconds: float) -> None:
+        prev = self.ema.get(kind)
+        self.ema[kind] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.window_s:
+            self._events.popleft()
+
+
+@dataclass
+class _Canvas:
+    """The canvas being denoised for one request."""
+
+    tokens: torch.Tensor  # (1, L) current noisy canvas
+    argmax: torch.Tensor  # (1, L) current draft
+    mask_mapping: Any
+    position_ids: torch.Tensor
+    remaining: int  # steps left: N..1, as transformers counts them
+    self_conditioning: torch.Tensor | None = None
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    sink: Sink
+    deadline: float | None
+    generator: torch.Generator
+    submitted_at: float
+    text: TextAssembler
+    stats: RequestStats
+    stability: StabilityTracker
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started_at: float | None = None
+    cache: Any = None
+    uncached: list[int] = field(default_factory=list)
+    seq_len: int = 0  # tokens in cache + uncached
+    canvas: _Canvas | None = None
+    generated: list[int] = field(default_factory=list)
+    last_draft_at: float = 0.0
+    done: bool = False
+
+
+class RequestHandle:
+    """What `submit` returns: the request's id and a way to cancel it."""
+
+    def __init__(self, request: _Request, wake: Callable[[], None]) -> None:
+        self._request = request
+        self._wake = wake
+
+    @property
+    def id(self) -> str:
+        return self._request.id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt_ids)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request before its next step (no-op once finished)."""
+        if not self._request.done:
+            self._request.cancelled.set()
+            self._wake()
+
+
+class Engine:
+    """Runs DiffusionGemma requests concurrently, one denoising step at a time each."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.observer: EngineObserver = observer or _NullObserver()
+        self.counters = Counters()
+        self._meter = RateMeter(self.config.rate_window_s)
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._rr = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ready = False
+        self._draining = False
+        self._ids = itertools.count(1)
+        self._steps_total = 0
+        self.config.defaults.validated(self.config.limits)
+
+    # ---- identity -------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def model_revision(self) -> str:
+        return self.loaded.revision
+
+    @property
+    def canvas_length(self) -> int:
+        return self.loaded.canvas_length
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, warmup: bool = True) -> None:
+        """Start the step thread, warm the model up, then report ready (blocking)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+            self._thread.start()
+        if warmup:
+            self._warm_up()
+        self._ready = True
+
+    def drain(self) -> None:
+        """Refuse new requests; the ones in flight go on."""
+        self._draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or active; False if `timeout` passed first."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._active:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self) -> None:
+        """Cancel everything and stop the step thread."""
+        self._draining = True
+        with self._cond:
+            for req in [*self._queue, *self._active]:
+                req.cancelled.set()
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _warm_up(self) -> None:
+        params = replace(self.config.defaults, max_new_tokens=self.canvas_length, max_denoising_steps=2, seed=0)
+        for event in self._generate(Prompt.of_text("warm up"), params, None, admit_when_draining=True):
+            if isinstance(event, FinalEvent) and event.stop_reason is StopReason.ERROR:
+                raise RuntimeError(f"warm-up failed: {event.error}")
+        self.counters = Counters()
+        self._meter = RateMeter(self.config.rate_window_s)
+        self._steps_total = 0
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template."""
+        tok = self.loaded.tokenizer
+        if prompt.token_ids is not None:
+            ids = list(prompt.token_ids)
+            bad = next((t for t in ids if not 0 <= t < self.loaded.vocab_size), None)
+            if bad is not None:
+                raise ParamError("prompt.token_ids", f"ids must be in [0, {self.loaded.vocab_size}), got {bad}")
+        elif prompt.messages is not None:
+            if not prompt.messages:
+                raise ParamError("prompt.messages", "must not be empty")
+            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        elif prompt.text is not None:
+            ids = list(tok(prompt.text, add_special_tokens=True)["input_ids"])
+        else:
+            raise ParamError("prompt", "one of text, messages or token_ids is required")
+        if not ids:
+            raise ParamError("prompt", "must not be empty")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.loaded.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        sink: Sink,
+        *,
+        deadline: float | None = None,
+    ) -> RequestHandle:
+        """Validate, tokenize and queue a request; its events go to `sink` from the engine thread."""
+        return self._submit(prompt, params, sink, deadline, admit_when_draining=False)
+
+    def _submit(
+        self, prompt: Prompt, params: GenerationParams, sink: Sink, deadline: float | None, admit_when_draining: bool
+    ) -> RequestHandle:
+        if not admit_when_draining and not self.ready:
+            raise NotReadyError("draining" if self._draining else "model is loading")
+        limits = self.config.limits
+        params.validated(limits)
+        ids = self.tokenize(prompt)
+        if len(ids) > limits.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), limits.max_prompt_tokens)
+        self._check_context(len(ids), params.max_new_tokens)
+        seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
+        req = _Request(
+            id=f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            sink=sink,
+            deadline=deadline,
+            generator=generator,
+            submitted_at=time.monotonic(),
+            text=TextAssembler(self.detokenize, params.stop),
+            stats=RequestStats(prompt_tokens=len(ids)),
+            stability=StabilityTracker(params.stability_threshold, params.confidence_threshold),
+            uncached=list(ids),
+            seq_len=len(ids),
+        )
+        with self._cond:
+            if len(self._active) >= self.config.max_active and len(self._queue) >= self.config.max_queue:
+                raise OverloadedError(
+                    f"overloaded: {len(self._active)} active and {len(self._queue)} queued requests "
+                    f"(max_active={self.config.max_active}, max_queue={self.config.max_queue})"
+                )
+            self._queue.append(req)
+            self._cond.notify_all()
+        return RequestHandle(req, self._wake)
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        canvas = self.canvas_length
+        needed = prompt_tokens + -(-max_new_tokens // canvas) * canvas
+        context = int(self.loaded.model.config.text_config.max_position_embeddings)
+        if needed > context:
+            raise ParamError(
+                "max_new_tokens",
+                f"prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens, in whole canvases of "
+                f"{canvas}, needs {needed} positions; the model's context is {context}",
+            )
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ---- convenience front ends -----------------------------------------------------------------
+
+    def generate(
+        self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
+    ) -> Iterator[Event]:
+        """Events of one request, synchronously; closing the iterator cancels the request."""
+        return self._generate(prompt, params, deadline, admit_when_draining=False)
+
+    def _generate(
+        self, prompt: Prompt, params: GenerationParams, deadline: float | None, admit_when_draining: bool
+    ) -> Iterator[Event]:
+        import queue
+
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        handle = self._submit(prompt, params, events.put, deadline, admit_when_draining)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, FinalEvent):
+                    return
+        finally:
+            handle.cancel()
+
+    async def stream(
+        self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
+    ) -> AsyncIterator[Event]:
+        """Events of one request for asyncio; closing or cancelling the iterator cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                handle.cancel()
+
+        handle = self.submit(prompt, params, sink, deadline=deadline)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, FinalEvent):
+                    return
+        finally:
+            handle.cancel()
+
+    # ---- load -----------------------------------------------------------------------------------
+
+    def load_snapshot(self) -> LoadSnapshot:
+        """Queue, activity and measured speed, for routers and metrics."""
+        now = time.monotonic()
+        with self._cond:
+            queued, active = len(self._queue), len(self._active)
+        return LoadSnapshot(
+            queue_depth=queued,
+            active=active,
+            capacity=self.config.max_active,
+            max_queue=self.config.max_queue,
+            step_latency_s=self._meter.ema.get("decoder", 0.0),
+            tokens_per_s=self._meter.rate(now),
+            encoder_latency_s=self._meter.ema.get("encoder", 0.0),
+            canvas_length=self.canvas_length,
+            model_name=self.model_name,
+            model_revision=self.model_revision,
+            ready=self.ready,
+            draining=self._draining,
+            steps_total=self._steps_total,
+            tokens_total=self.counters.tokens_generated,
+        )
+
+    # ---- the step thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            req = self._next_request()
+            if req is None:
+                return
+            self._turn(req)
+
+    def _next_request(self) -> _Request | None:
+        """Admit queued requests into free slots and pick the next active one, round robin."""
+        with self._cond:
+            while True:
+                self._reap_locked()
+                while self._queue and len(self._active) < self.config.max_active:
+                    req = self._queue.popleft()
+                    req.started_at = time.monotonic()
+                    req.stats.queue_wait_s = req.started_at - req.submitted_at
+                    self._active.append(req)
+                if self._active:
+                    self._rr %= len(self._active)
+                    req = self._active[self._rr]
+                    self._rr += 1
+                    return req
+                if self._stopping:
+                    return None
+                self._cond.wait(0.5)
+
+    def _reap_locked(self) -> None:
+        """End queued requests that were cancelled or ran out of time while waiting."""
+        now = time.monotonic()
+        for req in list(self._queue):
+            reason = self._interrupt_reason(req, now)
+            if reason is not None:
+                self._queue.remove(req)
+                self._finish(req, reason)
+
+    @staticmethod
+    def _interrupt_reason(req: _Request, now: float) -> StopReason | None:
+        if req.cancelled.is_set():
+            return StopReason.CANCELLED
+        if req.deadline is not None and now >= req.deadline:
+            return StopReason.DEADLINE
+        return None
+
+    def _turn(self, req: _Request) -> None:
+        """One unit of work for one request, with every failure contained to that request."""
+        reason = self._interrupt_reason(req, time.monotonic())
+        if reason is not None:
+            self._retire(req, reason)
+            return
+        try:
+            with torch.inference_mode():
+                if req.canvas is None:
+                    self._encode(req)
+                else:
+                    self._denoise(req)
+        except torch.OutOfMemoryError:
+            log.error("out of memory in request %s", req.id)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._retire(req, StopReason.ERROR, "out of memory", "oom")
+        except Exception:
+            log.exception("request %s failed", req.id)
+            self._retire(req, StopReason.ERROR, "internal error", "internal")
+
+    def _encode(self, req: _Request) -> None:
+        """Put the uncached tokens into the request's cache and start a fresh noisy canvas."""
+        model = self.loaded.model
+        device = self.loaded.device
+        started = time.perf_counter()
+        if req.cache is None:
+            req.cache = model._prepare_cache_for_generation(
+                generation_config=model.generation_config, batch_size=1, max_length=req.seq_len
+            )
+        ids = torch.tensor([req.uncached], dtype=torch.long, device=device)
+        start = req.seq_len - len(req.uncached)
+        positions = torch.arange(start, req.seq_len, dtype=torch.int32, device=device).unsqueeze(0)
+        attention = torch.ones((1, req.seq_len), dtype=torch.bool, device=device)
+        ids, mask = model._prepare_encoder_inputs(
+            input_ids=ids,
+            attention_mask=attention,
+            encoder_position_ids=positions,
+            past_key_values=req.cache,
+            is_prefill=True,
+            canvas_length=self.canvas_length,
+            batch_size=1,
+        )
+        out = model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=req.cache, position_ids=positions)
+        req.cache = out.past_key_values
+        req.uncached = []
+        req.stats.encoder_passes += 1
+        req.canvas = self._new_canvas(req)
+        self._record_step("encoder", time.perf_counter() - started)
+
+    def _new_canvas(self, req: _Request) -> _Canvas:
+        model = self.loaded.model
+        device = self.loaded.device
+        length = self.canvas_length
+        tokens = torch.randint(
+            0, self.loaded.vocab_size, (1, length), generator=req.generator, device=device, dtype=torch.long
+        )
+        decoder_attention = torch.ones((1, req.seq_len + length), dtype=torch.bool, device=device)
+        mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=model.config,
+            inputs_embeds=tokens.unsqueeze(-1),
+            past_key_values=req.cache,
+            decoder_attention_mask=decoder_attention,
+        )
+        positions = torch.arange(req.seq_len, req.seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
+        req.stability.reset()
+        return _Canvas(tokens, tokens, mask, positions, req.params.max_denoising_steps)
+
+    def _denoise(self, req: _Request) -> None:
+        """One denoising step of the request's canvas; commit it when it stops."""
+        canvas = req.canvas
+        assert canvas is not None
+        params = req.params
+        model = self.loaded.model
+        started = time.perf_counter()
+        out = model(
+            decoder_input_ids=canvas.tokens,
+            self_conditioning_logits=canvas.self_conditioning,
+            decoder_attention_mask=canvas.mask_mapping,
+            past_key_values=req.cache,
+            decoder_position_ids=canvas.position_ids,
+        )
+        t = temperature(params.t_min, params.t_max, canvas.remaining, params.max_denoising_steps)
+        device = canvas.tokens.device
+        step = denoise_step(
+            out.logits,
+            canvas.tokens,
+            temperatures=torch.tensor([t], device=device),
+            entropy_bounds=torch.tensor([params.entropy_bound], device=device),
+            vocab_size=self.loaded.vocab_size,
+            generators=[req.generator],
+        )
+        canvas.tokens = step.next_canvas
+        canvas.argmax = step.argmax_canvas
+        canvas.self_conditioning = step.processed_logits.to(model.model.decoder.embed_tokens.weight.dtype)
+        canvas.remaining -= 1
+        req.stats.decoder_passes += 1
+        stop = req.stability.update(step.argmax_canvas[0], step.entropy[0])
+        self._record_step("decoder", time.perf_counter() - started)
+        if stop or canvas.remaining == 0:
+            self._commit(req)
+        elif params.stream_drafts:
+            self._maybe_draft(req)
+
+    def _maybe_draft(self, req: _Request) -> None:
+        now = time.monotonic()
+        if now - req.last_draft_at < req.params.draft_interval_s:
+            return
+        req.last_draft_at = now
+        assert req.canvas is not None
+        room = req.params.max_new_tokens - len(req.generated)
+        ids = tuple(req.canvas.argmax[0, :room].tolist())
+        step = req.params.max_denoising_steps - req.canvas.remaining
+        self._emit(req, DraftEvent(req.stats.canvases, step, ids, self.detokenize(ids)))
+
+    def _commit(self, req: _Request) -> None:
+        """Append the argmax canvas (cut at EOS, stop string or the token budget) and emit it."""
+        assert req.canvas is not None
+        canvas_ids = req.canvas.argmax[0].tolist()
+        req.canvas = None
+        req.stats.canvases += 1
+        room = req.params.max_new_tokens - len(req.generated)
+        kept, reason = cut_canvas(canvas_ids, room, () if req.params.ignore_eos else self.loaded.eos_token_ids)
+        req.generated.extend(kept)
+        delta, hit_stop = req.text.push(req.generated, final=reason is not None)
+        if hit_stop:
+            reason = StopReason.STOP_STRING
+        now = time.monotonic()
+        if req.stats.time_to_first_commit_s is None:
+            req.stats.time_to_first_commit_s = now - req.submitted_at
+        req.stats.completion_tokens = len(req.generated)
+        self._meter.add_tokens(now, len(kept))
+        self.counters.tokens_generated += len(kept)
+        self._emit(req, CommitEvent(req.stats.canvases - 1, tuple(kept), delta))
+        if reason is not None:
+            self._retire(req, reason)
+            return
+        # The committed canvas becomes context: the encoder caches it at the start of the next canvas.
+        req.uncached = canvas_ids
+        req.seq_len += len(canvas_ids)
+
+    def _retire(self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None) -> None:
+        with self._cond:
+            if req in self._active:
+                self._active.remove(req)
+            self._cond.notify_all()
+        self._finish(req, reason, error, kind)
+
+    def _finish(
+        self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None
+    ) -> None:
+        if req.done:
+            return
+        req.done = True
+        req.cache = None
+        req.canvas = None
+        stats = req.stats
+        stats.total_s = time.monotonic() - req.submitted_at
+        outcome = reason.value
+        self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
+        self.observer.on_request_end(reason, stats)
+        self._emit(req, FinalEvent(reason, stats, error, kind))
+
+    def _emit(self, req: _Request, event: Event) -> None:
+        try:
+            req.sink(event)
+        except Exception:
+            log.exception("event sink of %s failed; cancelling it", req.id)
+            req.cancelled.set()
+
+    def _record_step(self, kind: str, seconds: float) -> None:
+        self._meter.observe(kind, seconds)
+        if kind == "decoder":
+            self._steps_total += 1
+            self.counters.decoder_passes += 1
+        else:
+            self.counters.encoder_passes += 1
+        self.observer.on_step(kind, seconds)
+
+
+def cut_canvas(canvas_ids: list[int], room: int, eos_ids: Sequence[int]) -> tuple[list[int], StopReason | None]:
+    """The part of a committed canvas to keep: up to the first EOS (excluded) and within `room` tokens."""
+    eos = set(eos_ids)
+    for i, tok in enumerate(canvas_ids[:room]):
+        if tok in eos:
+            return canvas_ids[:i], StopReason.EOS
+    if room <= len(canvas_ids):
+        return canvas_ids[:room], StopReason.LENGTH
+    return canvas_ids, None

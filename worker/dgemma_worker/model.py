@@ -1,0 +1,284 @@
+"""Loading DiffusionGemma checkpoints, and writing the tiny random-weight one that tests and demos use."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Gemma's special tokens, in the order the tiny tokenizer gives them ids 0..N.
+SPECIAL_TOKENS = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+END_OF_TURN = "<end_of_turn>"
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# A small, fixed corpus so the byte-level BPE merges are deterministic and look like text.
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Diffusion models denoise a canvas of tokens step by step. "
+    "Gemma is a family of open models. A block diffusion model writes a whole block of text at once, "
+    "then the next block. Kubernetes runs the workers; the gateway routes each request to the cheapest "
+    "worker that meets its latency target. Hello, world! What is the capital of France? Paris is. "
+    "Why is the sky blue? Because of Rayleigh scattering of sunlight in the atmosphere. "
+    "def main():\n    print('hello')\n\nfor i in range(10):\n    total += i\n"
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Dimensions of the tiny checkpoint; the defaults give a ~1 MB model with a 16-token canvas."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    intermediate_size: int = 128
+    num_experts: int = 2
+    top_k_experts: int = 1
+    moe_intermediate_size: int = 32
+    canvas_length: int = 16
+    bpe_vocab_size: int = 384
+    sliding_window: int = 128
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: weights, tokenizer and what to report about them."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def canvas_length(self) -> int:
+        return int(self.model.config.canvas_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.text_config.vocab_size)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self.model.generation_config.pad_token_id
+        return None if pad is None else int(pad)
+
+
+def _train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE with Gemma's special tokens, trained on a fixed corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def _fast_tokenizer(raw: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=list(SPECIAL_TOKENS[5:]),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
+    """A DiffusionGemmaConfig for the tiny checkpoint (with a tiny vision tower, see the notes)."""
+    from transformers import DiffusionGemmaConfig
+    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
+    from transformers.models.gemma4 import Gemma4VisionConfig
+
+    text = DiffusionGemmaTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        global_head_dim=spec.head_dim,  # type: ignore[call-arg]  # consumed by __post_init__
+        num_experts=spec.num_experts,
+        top_k_experts=spec.top_k_experts,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        sliding_window=spec.sliding_window,
+        layer_types=["sliding_attention"] * (spec.num_hidden_layers - 1) + ["full_attention"],
+        max_position_embeddings=8192,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        position_embedding_size=64,
+    )
+    image_ids = [SPECIAL_TOKENS.index(t) for t in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")]
+    return DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=spec.canvas_length,
+        boi_token_id=image_ids[0],
+        eoi_token_id=image_ids[1],
+        image_token_id=image_ids[2],
+    )
+
+
+def make_tiny_model(path: Path | str, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
+    """Write a small random-weight DiffusionGemma checkpoint and tokenizer to `path` (deterministic per seed)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    spec = spec or TinyModelSpec()
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _fast_tokenizer(_train_tokenizer(spec.bpe_vocab_size))
+    vocab_size = -(-len(tokenizer) // 64) * 64  # round up, as real checkpoints pad the embedding
+    config = tiny_config(spec, vocab_size)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    model.generation_config = DiffusionGemmaGenerationConfig(
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, SPECIAL_TOKENS.index(END_OF_TURN)],
+        pad_token_id=PAD_ID,
+        max_denoising_steps=8,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "dgemma-tiny.json").write_text(json.dumps({"seed": seed, "spec": spec.__dict__}, indent=1))
+    return out
+
+
+def tiny_model_dir() -> Path:
+    """The bundled tiny model, made on first use in the user's cache (DGEMMA_TINY_MODEL_DIR overrides)."""
+    env = os.environ.get("DGEMMA_TINY_MODEL_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dgemma"
+    target = base / "tiny-diffusiongemma" if not env else base
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so concurrent first uses never see a half-written model.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        make_tiny_model(Path(tmp) / "model")
+        try:
+            os.replace(Path(tmp) / "model", target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    return target
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """An explicit device, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """An explicit dtype, else bf16 on CUDA and fp32 on CPU (bf16 is ~30x slower on these CPUs)."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}") from None
+
+
+def load_model(
+    model: str | Path | None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint from a directory or a Hugging Face id (HF_HUB_OFFLINE is respected)."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    source = str(model) if model else str(tiny_model_dir())
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    log.info("loading %s on %s as %s", source, dev, torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    net = DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    net = net.to(dev).eval()  # type: ignore[arg-type]
+    net.requires_grad_(False)
+    if net.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        net.generation_config.pad_token_id = tokenizer.pad_token_id
+    if net.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        net.generation_config.eos_token_id = tokenizer.eos_token_id
+    served = name or Path(source.rstrip("/")).name
+    return LoadedModel(
+        model=net,
+        tokenizer=tokenizer,
+        name=served,
+        revision=revision or getattr(net.config, "_commit_hash", None) or "local",
+        device=dev,
+        dtype=torch_dtype,
+    )

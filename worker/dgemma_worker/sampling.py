@@ -1,0 +1,110 @@
+"""The denoising step's sampling math, faster than transformers' stock step and with the same distribution.
+
+Stock (transformers 5.23 `_denoising_step`) spends more than half of a CPU step outside the model:
+`torch.multinomial` over the whole canvas x vocabulary, and a `Categorical` entropy computed twice (once
+for acceptance, once for stopping). Here the entropy is computed once, bit-for-bit as `Categorical`
+computes it, and reused for both; only the accepted positions are sampled, from the same probabilities
+(positions are independent, so sampling a subset of rows does not change any row's distribution), and
+the renoising draws random tokens only where needed. Every draw takes the request's own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one denoising step decides for a batch of canvases (rows)."""
+
+    next_canvas: torch.Tensor  # (B, L) the canvas fed to the next step
+    argmax_canvas: torch.Tensor  # (B, L) the current draft, committed when the row stops
+    accepted: torch.Tensor  # (B, L) bool: positions taken from the denoiser this step
+    entropy: torch.Tensor  # (B, L) per-position entropy of the temperature-scaled distribution
+    processed_logits: torch.Tensor  # (B, L, V) temperature-scaled logits: next step's self-conditioning
+
+
+def temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> float:
+    """The linear schedule: t_max at the first step (cur_step == max_steps), t_min + small at the last."""
+    return t_min + (t_max - t_min) * (cur_step / max_steps)
+
+
+def entropy_and_probs(processed_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position entropy and probabilities, computed as `torch.distributions.Categorical` does."""
+    normalized = processed_logits - processed_logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(normalized, dim=-1)
+    # Categorical clamps at finfo.min before the product; logits here are soft-capped and finite,
+    # so the clamp is the identity and is skipped.
+    entropy = -(normalized * probs).sum(-1)
+    return entropy, probs
+
+
+def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
+    """Accept the lowest-entropy positions while (sum of their entropies - the largest) <= bound."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    cumulative = torch.cumsum(sorted_entropy, dim=-1)
+    if isinstance(entropy_bound, torch.Tensor):
+        entropy_bound = entropy_bound.view(-1, 1)
+    selected = cumulative - sorted_entropy <= entropy_bound
+    return torch.scatter(torch.zeros_like(selected), dim=-1, index=order, src=selected)
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of a (N, V) probability matrix."""
+    if probs.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=probs.device)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def denoise_step(
+    logits: torch.Tensor,
+    current_canvas: torch.Tensor,
+    *,
+    temperatures: torch.Tensor,
+    entropy_bounds: torch.Tensor,
+    vocab_size: int,
+    generators: list[torch.Generator | None],
+) -> StepResult:
+    """Accept, sample and renoise one step for each row, each row with its own settings and generator."""
+    processed = logits / temperatures.view(-1, 1, 1).to(logits.dtype)
+    entropy, probs = entropy_and_probs(processed)
+    argmax_canvas = processed.argmax(dim=-1)
+    accepted = acceptance_mask(entropy, entropy_bounds)
+    next_canvas = current_canvas.clone()
+    for row, generator in enumerate(generators):
+        mask = accepted[row]
+        next_canvas[row, mask] = sample_rows(probs[row][mask], generator)
+        rejected = int((~mask).sum())
+        if rejected:
+            noise = torch.randint(
+                0, vocab_size, (rejected,), generator=generator, device=current_canvas.device
+            )
+            next_canvas[row, ~mask] = noise
+    return StepResult(next_canvas, argmax_canvas, accepted, entropy, processed)
+
+
+class StabilityTracker:
+    """Stock's 'stable and confident' stop rule for one row: argmax unchanged for k steps, low mean entropy."""
+
+    def __init__(self, stability_threshold: int, confidence_threshold: float) -> None:
+        self.k = stability_threshold
+        self.confidence_threshold = confidence_threshold
+        self._history: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self._history.clear()
+
+    def update(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> bool:
+        """Record this step's argmax (L,) and entropy (L,); True when the row should stop."""
+        if self.k == 0:
+            stable = True
+        else:
+            stable = len(self._history) == self.k and all(
+                bool(torch.equal(past, argmax_canvas)) for past in self._history
+            )
+            self._history.append(argmax_canvas)
+            if len(self._history) > self.k:
+                self._history.pop(0)
+        return stable and float(entropy.mean()) < self.confidence_threshold
