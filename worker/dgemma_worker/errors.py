@@ -50,6 +50,8 @@ def status_for_exception(exc: BaseException, request_id: str = "") -> RpcError:
         return RpcError(
             grpc.StatusCode.UNAVAILABLE, f"worker is not ready: {exc}".rstrip(": "), "unavailable"
         )
+    if isinstance(exc, UnknownModelError):
+        return RpcError(grpc.StatusCode.NOT_FOUND, str(exc), "invalid")
     if isinstance(exc, DeadlineExceeded):
         return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded", "deadline")
     if isinstance(exc, MemoryError) or _is_cuda_oom(exc):
@@ -86,3 +88,11 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+class UnknownModelError(Exception):
+    """A KServe request named a model (or version) this worker does not serve."""
+
+    def __init__(self, name: str, version: str, served: str) -> None:
+        shown = f"{name!r} version {version!r}" if version else repr(name)
+        super().__init__(f"unknown model {shown}; this worker serves {served!r} (version 1)")

@@ -54,10 +54,13 @@ class WorkerMetrics:
         r.register(_LoadCollector(load))
         self._server: Any = None
         self.port: int | None = None
+        self.recording = False  # engine hooks count only once the worker serves (not the warm-up)
 
     # EngineObserver
     def on_step(self, kind: str, seconds: float) -> None:
         """Record one engine step."""
+        if not self.recording:
+            return
         self.step_latency.labels(kind).observe(seconds)
         if kind == "decoder":
             self.decoder_passes.inc()
@@ -66,6 +69,8 @@ class WorkerMetrics:
 
     def on_request_end(self, reason: StopReason, stats: RequestStats) -> None:
         """Record a request the engine finished, whatever the reason."""
+        if not self.recording:
+            return
         self.requests.labels(reason.value).inc()
         self.tokens.inc(stats.completion_tokens)
         self.queue_wait.observe(stats.queue_wait_s)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
@@ -120,6 +120,13 @@ class WorkerRuntime:
             draining=snap.draining or self._draining,
         )
 
+    def refuse(self, exc: BaseException, *, request_id: str, rpc: str) -> RpcError:
+        """Map an error raised before a request reached the engine; count it and log its line."""
+        error = status_for_exception(exc, request_id)
+        self.metrics.on_refused(error.outcome)
+        self._log_request(rpc, request_id, error.outcome, error, None, time.monotonic(), None, [])
+        return error
+
     async def run(
         self,
         prompt: Prompt,
@@ -180,7 +187,7 @@ class WorkerRuntime:
         error: RpcError | None,
         final: FinalEvent | None,
         started: float,
-        prompt: Prompt,
+        prompt: Prompt | None,
         committed: list[str],
     ) -> None:
         fields: dict[str, object] = {
@@ -196,7 +203,7 @@ class WorkerRuntime:
             fields["tokens_per_forward"] = round(final.stats.tokens_per_forward, 4)
         if error is not None:
             fields["error"] = error.message
-        if self.config.log_prompts:
+        if self.config.log_prompts and prompt is not None:
             fields["prompt"] = _prompt_text(prompt)
             fields["completion"] = "".join(committed)
         log.info("request %s %s", request_id, outcome, extra={"fields": fields})

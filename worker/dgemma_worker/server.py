@@ -1,0 +1,232 @@
+"""The worker process: a grpc.aio server with health, reflection, dgemma.v1.Denoiser and KServe v2.
+
+Start-up order: bind and serve health (NOT_SERVING) at once, so probes and the port file work while
+the model loads; then load, warm up, and switch health to SERVING. SIGTERM drains (see `drain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from importlib import metadata
+from typing import Any
+
+import grpc
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+from dgemma_worker.logs import setup_logging
+from dgemma_worker.metrics import WorkerMetrics
+from dgemma_worker.runtime import EngineAPI, WorkerRuntime
+from dgemma_worker.servicers import DenoiserServicer, KServeServicer
+from dgemma_worker.worker_config import METRICS_OFF, WorkerConfig, parse_config
+
+log = logging.getLogger(__name__)
+
+DENOISER_SERVICE = pb.DESCRIPTOR.services_by_name["Denoiser"].full_name
+KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICES = ("", DENOISER_SERVICE, KSERVE_SERVICE)
+# How long RPCs that are not requests (load watchers, health watchers) get to finish once drained.
+FINAL_STOP_GRACE_S = 1.0
+
+EngineFactory = Callable[[WorkerConfig, Any], EngineAPI]
+
+
+def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
+    """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
+    from dgemma_worker.engine import Engine, EngineConfig
+    from dgemma_worker.model import load_model
+
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype, revision=config.model_revision)
+    engine = Engine(
+        loaded,
+        EngineConfig(
+            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=config.defaults
+        ),
+        observer=observer,
+    )
+    engine.start(warmup=config.warmup)
+    return engine
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dgemma")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+class WorkerServer:
+    """One worker: the gRPC server, the metrics endpoint and the engine they front."""
+
+    def __init__(self, config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> None:
+        self.config = config
+        self._factory = engine_factory
+        self.metrics = WorkerMetrics(self._snapshot_if_loaded)
+        self.runtime = WorkerRuntime(config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._drained = asyncio.Event()
+
+    def _snapshot_if_loaded(self) -> Any:
+        return self.runtime.load_snapshot()
+
+    async def start(self) -> int:
+        """Bind, serve health (NOT_SERVING) and the services; return the bound gRPC port."""
+        cfg = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second worker on the same port must fail, not share it
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        # Health first, so probes answer from the first moment the port is open.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        pb_grpc.add_DenoiserServicer_to_server(DenoiserServicer(self.runtime), server)
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.runtime, _version()), server)
+        reflection.enable_server_reflection(
+            (DENOISER_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+        await server.start()
+        self._server = server
+        if cfg.metrics_port != METRICS_OFF:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info(
+            "listening on %s:%d (metrics %s)", cfg.host, self.port, self.metrics_port,
+            extra={"fields": {"event": "listening", "host": cfg.host, "port": self.port,
+                              "metrics_port": self.metrics_port}},
+        )
+        if cfg.port_file is not None:
+            tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.replace(cfg.port_file)  # atomic: readers never see a half-written file
+        return self.port
+
+    async def load(self) -> None:
+        """Load and warm up the engine on a daemon thread, then report SERVING (unless draining)."""
+        started = time.monotonic()
+        future: Future[EngineAPI] = Future()
+
+        def target() -> None:
+            try:
+                future.set_result(self._factory(self.config, self.metrics))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        # A daemon thread, so a SIGTERM during a long load does not wait for it.
+        threading.Thread(target=target, name="dgemma-load", daemon=True).start()
+        engine = await asyncio.wrap_future(future)
+        self.metrics.recording = True  # the warm-up request is not traffic
+        self.runtime.engine = engine
+        if self.runtime.ready:
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "model %s ready in %.1f s", self.config.model_name, time.monotonic() - started,
+            extra={"fields": {"event": "ready", "model": self.config.model_name,
+                              "revision": engine.model_revision, "canvas_length": engine.canvas_length}},
+        )
+
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """NOT_SERVING at once, refuse new requests, let in-flight ones finish within the grace period.
+
+        Returns True if everything in flight finished in time.
+        """
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        log.info("draining (grace %.1f s)", grace, extra={"fields": {"event": "draining", "grace_s": grace}})
+        # enter_graceful_shutdown sets every service NOT_SERVING and ignores later set() calls.
+        await self.health.enter_graceful_shutdown()
+        self.runtime.begin_drain()
+        engine = self.runtime.engine
+        idle = True
+        if engine is not None:
+            idle = await asyncio.to_thread(engine.wait_idle, max(0.0, deadline - time.monotonic()))
+        self.runtime.stopping.set()  # load watchers send a last report and end
+        if self._server is not None:
+            # Requests have finished (or the grace is over): give their last messages a moment to go out.
+            await self._server.stop(max(FINAL_STOP_GRACE_S, deadline - time.monotonic()) if not idle
+                                    else FINAL_STOP_GRACE_S)
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+        self.metrics.close()
+        self._drained.set()
+        log.info("stopped (%s)", "drained" if idle else "grace period over",
+                 extra={"fields": {"event": "stopped", "drained": idle}})
+        return idle
+
+    async def stop(self) -> None:
+        """Stop at once (tests and errors): no grace."""
+        self.runtime.stopping.set()
+        if self._server is not None:
+            await self._server.stop(None)
+        if self.runtime.engine is not None:
+            await asyncio.to_thread(self.runtime.engine.shutdown)
+        self.metrics.close()
+
+
+async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> int:
+    """Run a worker until SIGTERM/SIGINT; drain on the first signal, exit at once on the second."""
+    loop = asyncio.get_running_loop()
+    server = WorkerServer(config, engine_factory)
+    term = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal %d: exiting now", signum)
+            logging.shutdown()
+            os._exit(128 + signum)
+        term.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
+    loader = asyncio.create_task(server.load())
+    terminated = asyncio.create_task(term.wait())
+    await asyncio.wait({loader, terminated}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        log.error("loading the model failed", exc_info=loader.exception())
+        await server.stop()
+        return 1
+    await terminated
+    if not loader.done():
+        loader.cancel()
+    # Exit 0 either way: the grace period is the contract, and Kubernetes only needs the process gone.
+    await server.drain()
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    """`dgemma worker ...`: parse flags and environment, serve until SIGTERM, return the exit code."""
+    config = parse_config(argv)
+    setup_logging(config.log_format)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
