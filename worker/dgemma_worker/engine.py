@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -44,6 +45,10 @@ from .types import (
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
+
+# TEST ONLY: an artificial delay added to every decoder step, to make a "slow GPU" worker in the gateway's
+# latency-target tests and benchmarks. Never set it in production.
+DEBUG_STEP_DELAY_ENV = "DGEMMA_DEBUG_STEP_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ class Engine:
         self._draining = False
         self._ids = itertools.count(1)
         self._steps_total = 0
+        self._debug_step_delay_s = float(os.environ.get(DEBUG_STEP_DELAY_ENV, "") or 0.0)  # TEST ONLY
         self.config.defaults.validated(self.config.limits)
 
     # ---- identity -------------------------------------------------------------------------------
@@ -538,6 +544,8 @@ class Engine:
             past_key_values=req.cache,
             decoder_position_ids=canvas.position_ids,
         )
+        if self._debug_step_delay_s > 0:  # TEST ONLY: a slow worker, measured like a slow GPU
+            time.sleep(self._debug_step_delay_s)
         t = temperature(params.t_min, params.t_max, canvas.remaining, params.max_denoising_steps)
         device = canvas.tokens.device
         step = denoise_step(

@@ -1,0 +1,78 @@
+"""When would a request finish on an endpoint? Pure functions of the canonical load.
+
+Cost is per canvas and per step, not per token: a request asking for `max_tokens` needs
+ceil(max_tokens / canvas_length) canvases, each an encoder pass plus the expected number of decoder
+steps. The worker engine interleaves its active requests one step at a time, so one request's work
+takes `own` seconds of the worker, and the worker finishes about one request-equivalent per `own`
+seconds: with n requests already there, this one finishes after about (n + 1) x own ("interleaved").
+A batching worker ("batched") runs up to `capacity` requests per step at the measured step latency,
+so only the queue beyond capacity waits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from dgemma_gateway.types import Candidate, RouteRequest, Variant
+
+Mode = Literal["interleaved", "batched"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted seconds until the request finishes, and its parts."""
+
+    total_s: float
+    queue_wait_s: float
+    service_s: float
+    canvases: int
+    steps_per_canvas: float
+    step_latency_s: float
+    measured: bool  # False: the variant's prior stood in for a measurement
+
+
+def canvases_for(max_tokens: int, canvas_length: int) -> int:
+    """Canvases a request of max_tokens needs (at least one)."""
+    return max(1, math.ceil(max_tokens / max(1, canvas_length)))
+
+
+def prior_step_latency_s(tokens_per_s: float, canvas_length: int, steps_per_canvas: float) -> float:
+    """The step latency that a tokens/s prior implies: one canvas of tokens per steps_per_canvas steps."""
+    return canvas_length / max(1e-9, tokens_per_s) / max(1.0, steps_per_canvas)
+
+
+def target_s(request: RouteRequest, variant: Variant) -> float:
+    """The latency target that applies: the request's own, else the variant's default."""
+    ms = request.latency_target_ms if request.latency_target_ms is not None else variant.latency_target_ms
+    return ms / 1000.0
+
+
+def predict(candidate: Candidate, request: RouteRequest, mode: Mode = "interleaved") -> Prediction:
+    """Predict the request's finish time on this candidate."""
+    variant = candidate.variant
+    load = candidate.load
+    canvas = (load.canvas_length if load is not None and load.canvas_length > 0 else 0) or variant.canvas_length
+    max_steps = request.max_denoising_steps or variant.max_denoising_steps
+    steps = max(1.0, max_steps * min(1.0, max(0.0, candidate.step_fraction)))
+    canvases = canvases_for(request.max_tokens, canvas)
+    measured = load is not None and load.step_latency_s > 0
+    if load is not None and load.step_latency_s > 0:
+        step_s = load.step_latency_s
+    else:
+        prior_steps = variant.max_denoising_steps * min(1.0, max(0.0, candidate.step_fraction))
+        step_s = prior_step_latency_s(variant.tokens_per_s_prior, canvas, prior_steps)
+    encoder_s = load.encoder_latency_s if load is not None and load.encoder_latency_s > 0 else step_s
+    own = canvases * (encoder_s + steps * step_s)
+    n = candidate.in_system
+    capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
+    if mode == "batched":
+        wait = max(0, n + 1 - capacity) / capacity * own
+        service = own
+    else:
+        # Interleaved: the share of the worker this request gets shrinks with the others present;
+        # with more than `capacity`, the excess waits for whole requests to finish ahead of it.
+        wait = max(0, n + 1 - capacity) * own
+        service = min(n + 1, capacity) * own
+    return Prediction(wait + service, wait, service, canvases, steps, step_s, measured)
