@@ -1,0 +1,76 @@
+"""One gateway process: the core, the HTTP API and the KServe gRPC front, started and stopped together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import grpc
+from aiohttp import web
+
+from dgemma_gateway.auth import ApiKeys
+from dgemma_gateway.config import GatewayConfig
+from dgemma_gateway.core import Gateway
+from dgemma_gateway.endpoints import EndpointSource, StaticSource
+from dgemma_gateway.kserve_front import start_grpc
+from dgemma_gateway.openai_api import OpenAIApp
+from dgemma_gateway.routing import load_profile_file
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer:
+    """Owns the Gateway and its two listeners."""
+
+    def __init__(self, config: GatewayConfig, sources: Sequence[EndpointSource] | None = None) -> None:
+        self.config = config
+        if sources is None:
+            sources = default_sources(config)
+        self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core)
+        self.api = OpenAIApp(self.gateway, ApiKeys(config.api_keys_file), config.limits)
+        self._runner: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.grpc_port: int | None = None
+
+    async def start(self) -> None:
+        """Start the sources and both listeners; write the port file."""
+        cfg = self.config
+        await self.gateway.start()
+        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
+        if cfg.grpc_port >= 0:
+            self._grpc, self.grpc_port = await start_grpc(
+                self.gateway, cfg.host, cfg.grpc_port, cfg.limits.max_tokens, cfg.limits.default_max_tokens)
+        log.info("gateway listening on http %s:%s, grpc %s", cfg.host, self.port, self.grpc_port)
+        if cfg.port_file is not None:
+            tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "grpc_port": self.grpc_port, "pid": os.getpid()}))
+            tmp.replace(cfg.port_file)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop listening, let in-flight requests end within the grace period, close upstreams."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.gateway.stop()
+
+
+def default_sources(config: GatewayConfig) -> list[EndpointSource]:
+    """The static list and, if asked, the Kubernetes source."""
+    sources: list[EndpointSource] = []
+    if config.endpoints:
+        sources.append(StaticSource(config.endpoints))
+    if config.kubernetes:
+        from dgemma_gateway.kube import KubernetesSource
+
+        sources.append(KubernetesSource.from_environment(config.namespace))
+    return sources

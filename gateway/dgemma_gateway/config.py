@@ -1,0 +1,159 @@
+"""`dgemma gateway` settings: flags, each with an environment variable; flags win."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dgemma_gateway.core import GatewaySettings
+from dgemma_gateway.endpoints import EndpointSpec
+from dgemma_gateway.openai_api import ApiLimits
+from dgemma_gateway.types import Variant
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway process needs."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    grpc_port: int = 8001  # -1: no gRPC front
+    routing_profile: str = "latency-target"
+    api_keys_file: Path | None = None
+    endpoints: tuple[EndpointSpec, ...] = ()
+    kubernetes: bool = False
+    namespace: str | None = None
+    port_file: Path | None = None
+    core: GatewaySettings = field(default_factory=GatewaySettings)
+    limits: ApiLimits = field(default_factory=ApiLimits)
+
+
+ENV = {
+    "host": "DGEMMA_GATEWAY_HOST", "port": "DGEMMA_GATEWAY_PORT", "grpc_port": "DGEMMA_GATEWAY_GRPC_PORT",
+    "routing_profile": "DGEMMA_ROUTING_PROFILE", "api_keys_file": "DGEMMA_API_KEYS_FILE",
+    "endpoints_file": "DGEMMA_ENDPOINTS_FILE", "kubernetes": "DGEMMA_KUBERNETES",
+    "namespace": "DGEMMA_NAMESPACE", "request_timeout_s": "DGEMMA_REQUEST_TIMEOUT_S",
+    "max_body_bytes": "DGEMMA_MAX_BODY_BYTES", "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
+    "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY",
+}
+
+
+def parse_endpoint(text: str, model: str = "") -> EndpointSpec:
+    """`host:port` or `host:port=variant:model[:cost[:target_ms]]` as a static endpoint."""
+    address, _, rest = text.partition("=")
+    parts = rest.split(":") if rest else []
+    variant = parts[0] if parts and parts[0] else "default"
+    served = parts[1] if len(parts) > 1 and parts[1] else model
+    if not served:
+        raise ValueError(f"endpoint {text!r}: name the model (host:port=variant:model) or pass --model")
+    cost = float(parts[2]) if len(parts) > 2 and parts[2] else 1.0
+    target = float(parts[3]) if len(parts) > 3 and parts[3] else 2000.0
+    return EndpointSpec(f"{variant}/{address}", address,
+                        Variant(name=variant, model=served, cost_weight=cost, latency_target_ms=target))
+
+
+def load_endpoints_file(path: Path) -> list[EndpointSpec]:
+    """A YAML list of variants, each with its endpoints:
+
+    variants:
+      - {name: fast, model: m, gpu_profile: h100, cost_weight: 3, latency_target_ms: 500,
+         canvas_length: 256, endpoints: ["10.0.0.1:50051"]}
+    """
+    data = yaml.safe_load(path.read_text()) or {}
+    out: list[EndpointSpec] = []
+    for v in data.get("variants", []):
+        addresses = v.pop("endpoints", [])
+        variant = Variant(**v)
+        out.extend(EndpointSpec(f"{variant.name}/{a}", a, variant) for a in addresses)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dgemma gateway` parser."""
+    p = argparse.ArgumentParser(prog="dgemma gateway", description="OpenAI and KServe front for dgemma workers.",
+                                epilog="Every option can also be set by the environment variable in its help.")
+
+    def add(flag: str, dest: str, help_text: str, **kw: object) -> None:
+        env = ENV.get(dest)
+        p.add_argument(flag, dest=dest, help=f"{help_text}" + (f" [env {env}]" if env else ""), **kw)  # type: ignore[arg-type]
+
+    add("--host", "host", "bind address (default 0.0.0.0)")
+    add("--port", "port", "HTTP port (default 8000; 0 picks one)", type=int)
+    add("--grpc-port", "grpc_port", "KServe gRPC port (default 8001; 0 picks one; -1 off)", type=int)
+    add("--routing-profile", "routing_profile",
+        "latency-target, least-loaded, round-robin or a YAML file (default latency-target)")
+    add("--api-keys-file", "api_keys_file", "file with one API key per line (default: no keys)", type=Path)
+    add("--endpoint", "endpoint", "static worker: host:port[=variant:model[:cost[:target_ms]]] (repeatable)",
+        action="append", default=[])
+    add("--model", "model", "served model name of --endpoint entries that name none")
+    add("--endpoints-file", "endpoints_file", "YAML file of variants and their endpoints", type=Path)
+    add("--kubernetes", "kubernetes", "discover DiffusionGemma variants and their worker pods in the cluster",
+        action="store_true", default=None)
+    add("--namespace", "namespace", "namespace to watch (default: the gateway's own, or all)")
+    add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
+    add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
+    add("--max-body-bytes", "max_body_bytes", "largest request body (default 4 MiB)", type=int)
+    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
+    add("--max-tokens", "max_tokens", "largest max_tokens (default 8192)", type=int)
+    add("--default-max-tokens", "default_max_tokens", "max_tokens when a request gives none (default 256)",
+        type=int)
+    add("--max-n", "max_n", "largest n (default 4)", type=int)
+    add("--max-streams-per-key", "max_streams_per_key", "concurrent requests per API key (default 64; 0: no limit)",
+        type=int)
+    return p
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Flags, then environment, then defaults."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    for dest, var in ENV.items():
+        if getattr(args, dest, None) is None and env.get(var, "") != "":
+            action = next(a for a in parser._actions if a.dest == dest)
+            if dest == "kubernetes":
+                args.kubernetes = env[var].strip().lower() in ("1", "true", "yes", "on")
+                continue
+            convert = action.type if callable(action.type) else str
+            try:
+                setattr(args, dest, convert(env[var]))
+            except ValueError as exc:
+                parser.error(f"{var}={env[var]!r}: {exc}")
+    endpoints: list[EndpointSpec] = []
+    try:
+        endpoints += [parse_endpoint(e, args.model or "") for e in args.endpoint]
+        if args.endpoints_file is not None:
+            endpoints += load_endpoints_file(args.endpoints_file)
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(str(exc))
+    if not endpoints and not args.kubernetes:
+        parser.error("give --endpoint, --endpoints-file or --kubernetes")
+    d = ApiLimits()
+    limits = ApiLimits(
+        max_body_bytes=args.max_body_bytes or d.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens or d.max_prompt_tokens,
+        max_tokens=args.max_tokens or d.max_tokens,
+        default_max_tokens=args.default_max_tokens or d.default_max_tokens,
+        max_n=args.max_n or d.max_n,
+        max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
+    )
+    core = GatewaySettings(request_timeout_s=args.request_timeout_s or GatewaySettings().request_timeout_s)
+    return GatewayConfig(
+        host=args.host or "0.0.0.0",
+        port=8000 if args.port is None else args.port,
+        grpc_port=8001 if args.grpc_port is None else args.grpc_port,
+        routing_profile=args.routing_profile or "latency-target",
+        api_keys_file=args.api_keys_file,
+        endpoints=tuple(endpoints),
+        kubernetes=bool(args.kubernetes),
+        namespace=args.namespace,
+        port_file=args.port_file,
+        core=core,
+        limits=limits,
+    )

@@ -1,0 +1,304 @@
+"""The gateway: routes each request to a worker, streams its events back, retries before the first event.
+
+Front ends (HTTP OpenAI API, KServe gRPC) turn client requests into a `GatewayRequest`, iterate
+`Gateway.generate` and format what comes out; they never talk to workers themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+
+from dgemma_gateway.demand import DemandTracker, snapshot
+from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
+from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
+from dgemma_gateway.metrics import GatewayMetrics
+from dgemma_gateway.routing import Decision, Pipeline, route
+from dgemma_gateway.routing.predict import canvases_for
+from dgemma_gateway.types import RouteRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayRequest:
+    """One generation request, whichever front end it came from."""
+
+    model: str
+    prompt: pb.Prompt
+    settings: Mapping[str, Any]  # validated GenerationParams fields the client set (max_new_tokens always)
+    latency_target_ms: float | None = None
+    strict: bool | None = None
+    timeout_s: float | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    api: str = "openai"
+    param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
+    # Filled in by the gateway as it routes: endpoint, variant, target and prediction (for headers and logs).
+    trace: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def max_tokens(self) -> int:
+        """The completion budget."""
+        return int(self.settings["max_new_tokens"])
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway core's knobs."""
+
+    request_timeout_s: float = 600.0
+    max_attempts: int = 3
+    watch_interval_s: float = 0.5
+    stale_after_s: float = 5.0
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    demand_window_s: float = 60.0
+
+
+class Gateway:
+    """Endpoints, routing, upstream calls, measurements."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sources: Sequence[EndpointSource],
+        settings: GatewaySettings | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.settings = settings or GatewaySettings()
+        self.pipeline = pipeline
+        self.sources = list(sources)
+        self.registry = registry or Registry(
+            ejection=Ejection(self.settings.eject_base_s, self.settings.eject_max_s),
+            watch_interval_s=self.settings.watch_interval_s,
+        )
+        self.demand = DemandTracker(self.settings.demand_window_s)
+        self.metrics = GatewayMetrics(self.demand_snapshot)
+        self._seq = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every endpoint source."""
+        for source in self.sources:
+            self._tasks.append(asyncio.create_task(self._run_source(source), name=f"source {source.name}"))
+        await asyncio.sleep(0)
+
+    async def _run_source(self, source: EndpointSource) -> None:
+        while True:
+            try:
+                await source.run(self.registry.apply)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("endpoint source %s failed; restarting it", source.name)
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Stop the sources and close every upstream channel."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.registry.close()
+
+    async def wait_ready(self, timeout: float, count: int = 1) -> bool:
+        """Wait until `count` endpoints are ready (start-up and tests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_count() >= count:
+                return True
+            await asyncio.sleep(0.05)
+        return self.ready_count() >= count
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def ready_count(self, model: str | None = None) -> int:
+        """Endpoints that could take a request now."""
+        now = self.registry.clock()
+        return sum(
+            1 for c in self.registry.candidates(now)
+            if (model is None or c.variant.model == model) and c.load is not None and c.load.ready
+            and not c.load.draining and not c.ejected and now - c.load.observed_at <= self.settings.stale_after_s
+        )
+
+    def models(self) -> list[str]:
+        """Served model names."""
+        return self.registry.models()
+
+    def demand_snapshot(self) -> dict[str, Any]:
+        """Per variant: demand and delivered tokens/s per replica (for the autoscaler, in-process or JSON)."""
+        now = self.registry.clock()
+        snap = snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
+                        self.settings.stale_after_s)
+        snap["time_unix_s"] = time.time()
+        return snap
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
+        rr = RouteRequest(
+            model=req.model,
+            max_tokens=req.max_tokens,
+            max_denoising_steps=req.settings.get("max_denoising_steps"),
+            latency_target_ms=req.latency_target_ms,
+            strict=req.strict,
+            seq=seq,
+        )
+        now = self.registry.clock()
+        candidates = [c for c in self.registry.candidates(now) if c.endpoint_id not in excluded]
+        return route(self.pipeline, rr, candidates, now)
+
+    def _refusal(self, req: GatewayRequest, decision: Decision, tried: set[str]) -> GatewayError:
+        self.demand.refused(req.model)
+        if req.model not in self.registry.models():
+            return GatewayError(404, f"model {req.model!r} does not exist; served: {self.registry.models()}",
+                                param="model", code="model_not_found")
+        if self.ready_count(req.model) == 0 and not tried:
+            return GatewayError(503, f"no ready endpoint for model {req.model!r}", code="no_ready_endpoint",
+                                retry_after_s=5.0)
+        retry = decision.retry_after_s if decision.retry_after_s is not None else 1.0
+        return GatewayError(429, f"no endpoint can take the request now: {decision.reason}",
+                            code="no_capacity", retry_after_s=retry)
+
+    def _pb_request(self, req: GatewayRequest, timeout_s: float) -> pb.GenerateRequest:
+        params = pb.GenerationParams()
+        for key, value in req.settings.items():
+            if key == "stop":
+                params.stop.extend([value] if isinstance(value, str) else list(value))
+            else:
+                setattr(params, key, value)
+        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=params, timeout_s=timeout_s)
+
+    async def generate(self, req: GatewayRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event."""
+        seq = next(self._seq)
+        started = self.registry.clock()
+        timeout = req.timeout_s or self.settings.request_timeout_s
+        deadline = started + timeout
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            decision = self._route(req, seq, tried)
+            chosen = decision.endpoint
+            if chosen is None:
+                error = self._refusal(req, decision, tried)
+                self.metrics.requests.labels(req.api, "", str(error.status)).inc()
+                raise error
+            state = self.registry.endpoints.get(chosen.endpoint_id)
+            if state is None:  # removed between routing and now
+                tried.add(chosen.endpoint_id)
+                continue
+            variant = chosen.variant
+            remaining = deadline - self.registry.clock()
+            if remaining <= 0:
+                raise GatewayError(504, "the request's deadline passed before an endpoint took it",
+                                   code="timeout")
+            canvas = chosen.load.canvas_length if chosen.load and chosen.load.canvas_length else variant.canvas_length
+            req.trace.update(
+                endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1,
+                target_ms=None if decision.target_s is None else round(decision.target_s * 1000, 3),
+                predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
+                expect_met=decision.expect_met,
+            )
+            self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
+                               canvases_for(req.max_tokens, canvas))
+            call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0)
+            state.inflight += 1
+            sent = False
+            final: pb.Final | None = None
+            try:
+                async for response in call:
+                    if not sent:
+                        sent = True
+                        self.metrics.first_byte.labels(variant.name).observe(self.registry.clock() - started)
+                    if response.HasField("final"):
+                        final = response.final
+                    yield response
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if code in FAILING:
+                    self.registry.record_failure(chosen.endpoint_id)
+                    self.metrics.ejections.labels(variant.name).inc()
+                if not sent and code in RETRYABLE and attempt + 1 < self.settings.max_attempts:
+                    attempt += 1
+                    tried.add(chosen.endpoint_id)
+                    self.metrics.retries.labels(code.name.lower()).inc()
+                    log.info("request %s: %s failed before its first event (%s); retrying elsewhere",
+                             req.request_id, chosen.endpoint_id, code.name)
+                    continue
+                error = from_upstream(code, err.details() or "", dict(req.param_names))
+                self.metrics.requests.labels(req.api, variant.name, str(error.status)).inc()
+                raise error from None
+            finally:
+                state.inflight -= 1
+                if not call.done():
+                    call.cancel()
+            self._finished(req, chosen.endpoint_id, variant.name, decision, final, started)
+            return
+
+    def _finished(self, req: GatewayRequest, endpoint_id: str, variant: str, decision: Decision,
+                  final: pb.Final | None, started: float) -> None:
+        now = self.registry.clock()
+        elapsed = now - started
+        fraction = None
+        if final is not None and final.stats.canvases:
+            v = self.registry.variants.get(variant)
+            steps = req.settings.get("max_denoising_steps") or (v.max_denoising_steps if v is not None else None)
+            if steps:
+                fraction = final.stats.decoder_passes / (final.stats.canvases * steps)
+        self.registry.record_success(endpoint_id, variant, fraction)
+        met = None if decision.target_s is None else elapsed <= decision.target_s
+        req.trace.update(elapsed_ms=round(elapsed * 1000, 3), target_met=met)
+        tokens = final.stats.completion_tokens if final is not None else 0
+        self.demand.finished(variant, now, tokens, met)
+        m = self.metrics
+        m.requests.labels(req.api, variant, "200").inc()
+        m.latency.labels(variant).observe(elapsed)
+        m.tokens.labels(variant).inc(tokens)
+        if met is not None:
+            m.targets.labels(variant, "met" if met else "missed").inc()
+
+    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
+        """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.
+
+        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip.
+        Returns None when the bound already shows the prompt fits.
+        """
+        kind = prompt.WhichOneof("kind")
+        if kind == "tokens":
+            return len(prompt.tokens.ids)
+        if kind == "text":
+            bound = len(prompt.text.encode())
+        else:
+            # Chat template tokens per message are few; 16 is a generous bound.
+            bound = sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
+        if bound <= limit:
+            return None
+        now = self.registry.clock()
+        for c in self.registry.candidates(now):
+            if c.variant.model != model or c.load is None or not c.load.ready or c.ejected:
+                continue
+            state = self.registry.endpoints.get(c.endpoint_id)
+            if state is None:
+                continue
+            try:
+                reply = await state.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), timeout=10.0)
+                return len(reply.token_ids)
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                    raise from_upstream(err.code(), err.details() or "") from None
+                continue
+        # No worker could count now: leave the limit to the worker that takes the request.
+        return None

@@ -1,0 +1,142 @@
+"""Measurements for autoscaling: what each variant is asked for and what its replicas deliver.
+
+`DemandTracker` keeps sliding windows of routed requests and finished ones; `snapshot` is a pure
+function of the tracker and the endpoints' canonical loads, so the autoscaler can call it in-process
+(`Gateway.demand_snapshot()`) or read it as JSON (`GET /v1/dgemma/demand`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dgemma_gateway.types import Candidate, Variant
+
+
+@dataclass
+class _Window:
+    """Timestamped amounts within the last `window_s` seconds."""
+
+    window_s: float
+    items: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def add(self, now: float, amount: float) -> None:
+        self.items.append((now, amount))
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        while self.items and self.items[0][0] < now - self.window_s:
+            self.items.popleft()
+
+    def rate(self, now: float) -> float:
+        self.trim(now)
+        return sum(a for _, a in self.items) / self.window_s
+
+
+@dataclass
+class VariantDemand:
+    """Counters and windows of one variant."""
+
+    window_s: float
+    tokens: _Window = field(init=False)
+    canvases: _Window = field(init=False)
+    requests: _Window = field(init=False)
+    delivered: _Window = field(init=False)
+    met: _Window = field(init=False)
+    missed: _Window = field(init=False)
+    targets_met_total: int = 0
+    targets_missed_total: int = 0
+    requests_total: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "canvases", "requests", "delivered", "met", "missed"):
+            setattr(self, name, _Window(self.window_s))
+
+
+class DemandTracker:
+    """Per-variant demand and delivery, fed by the gateway as requests are routed and finish."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.variants: dict[str, VariantDemand] = {}
+        self.unroutable: dict[str, int] = {}  # per model: requests no endpoint could take
+
+    def _v(self, variant: str) -> VariantDemand:
+        if variant not in self.variants:
+            self.variants[variant] = VariantDemand(self.window_s)
+        return self.variants[variant]
+
+    def routed(self, variant: str, now: float, max_tokens: int, canvases: int) -> None:
+        """A request was sent to a replica of this variant."""
+        v = self._v(variant)
+        v.requests_total += 1
+        v.requests.add(now, 1)
+        v.tokens.add(now, max_tokens)
+        v.canvases.add(now, canvases)
+
+    def refused(self, model: str) -> None:
+        """No endpoint could take a request for this model."""
+        self.unroutable[model] = self.unroutable.get(model, 0) + 1
+
+    def finished(self, variant: str, now: float, completion_tokens: int, met: bool | None) -> None:
+        """A request finished; `met` says whether its latency target was met (None: no target)."""
+        v = self._v(variant)
+        v.delivered.add(now, completion_tokens)
+        if met is True:
+            v.targets_met_total += 1
+            v.met.add(now, 1)
+        elif met is False:
+            v.targets_missed_total += 1
+            v.missed.add(now, 1)
+
+
+def snapshot(
+    tracker: DemandTracker, variants: Sequence[Variant], candidates: Sequence[Candidate], now: float,
+    stale_after_s: float = 5.0,
+) -> dict[str, Any]:
+    """The autoscaler's view: per variant, demand and what each ready replica delivers."""
+    out: dict[str, Any] = {"window_s": tracker.window_s, "variants": {}, "unroutable": dict(tracker.unroutable)}
+    for variant in sorted(variants, key=lambda v: v.name):
+        mine = [c for c in candidates if c.variant.name == variant.name]
+        ready = [
+            c for c in mine
+            if c.load is not None and c.load.ready and not c.load.draining and not c.ejected
+            and now - c.load.observed_at <= stale_after_s
+        ]
+        waiting = sum(
+            max(c.load.queue_depth if c.load else 0, c.inflight - (c.load.capacity if c.load else 0)) for c in mine
+        )
+        v = tracker.variants.get(variant.name) or VariantDemand(tracker.window_s)
+        delivered = sum(c.load.tokens_per_s for c in ready if c.load is not None)
+        met, missed = v.met.rate(now) * tracker.window_s, v.missed.rate(now) * tracker.window_s
+        out["variants"][variant.name] = {
+            "model": variant.model,
+            "gpu_profile": variant.gpu_profile,
+            "cost_weight": variant.cost_weight,
+            "latency_target_ms": variant.latency_target_ms,
+            "canvas_length": variant.canvas_length,
+            "tokens_per_s_prior": variant.tokens_per_s_prior,
+            "replicas": len(mine),
+            "replicas_ready": len(ready),
+            "demand": {
+                "requests_per_s": v.requests.rate(now),
+                "tokens_per_s": v.tokens.rate(now),
+                "canvases_per_s": v.canvases.rate(now),
+                "requests_waiting": waiting,
+                "requests_in_flight": sum(c.inflight for c in mine),
+                "targets_met": int(met),
+                "targets_missed": int(missed),
+                "target_miss_ratio": (missed / (met + missed)) if met + missed else 0.0,
+                "requests_total": v.requests_total,
+                "targets_met_total": v.targets_met_total,
+                "targets_missed_total": v.targets_missed_total,
+            },
+            "delivered": {
+                "tokens_per_s": delivered,
+                "tokens_per_s_per_replica": delivered / len(ready) if ready else 0.0,
+                "completion_tokens_per_s": v.delivered.rate(now),
+            },
+        }
+    return out

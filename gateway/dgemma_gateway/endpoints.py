@@ -1,0 +1,268 @@
+"""Endpoints: where they come from (sources), what the gateway knows of each (registry), and their load.
+
+Layers, as in llm-d's metrics: a *scraper* (`watch_load`, the worker's WatchLoad stream) fetches
+reports, an *extractor* (`extract_load`) maps them to the canonical `EndpointLoad`, and routing reads
+only the canonical view. A failing endpoint is ejected for a backoff period that doubles with each
+failure in a row (outlier ejection), and its watcher reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+
+from dgemma_gateway.types import Candidate, EndpointLoad, Variant
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """One worker as a source reports it."""
+
+    endpoint_id: str
+    address: str  # host:port of the worker's gRPC server
+    variant: Variant
+
+
+Sink = Callable[[str, Sequence[EndpointSpec]], None]
+
+
+class EndpointSource(Protocol):
+    """Reports the full set of endpoints it knows, under its own name, whenever it changes."""
+
+    name: str
+
+    async def run(self, sink: Sink) -> None:
+        """Call sink(name, endpoints) on every change until cancelled."""
+        ...
+
+
+class StaticSource:
+    """A fixed list of endpoints (local use, `dgemma serve`, tests)."""
+
+    def __init__(self, endpoints: Sequence[EndpointSpec], name: str = "static") -> None:
+        self.name = name
+        self.endpoints = list(endpoints)
+
+    async def run(self, sink: Sink) -> None:
+        """Report the list once, then wait to be cancelled."""
+        sink(self.name, self.endpoints)
+        await asyncio.Event().wait()
+
+
+def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
+    """The extractor: a dgemma.v1 LoadReport as the canonical load."""
+    return EndpointLoad(
+        queue_depth=report.queue_depth,
+        active=report.active,
+        capacity=report.capacity,
+        max_queue=report.max_queue,
+        step_latency_s=report.step_latency_s,
+        encoder_latency_s=report.encoder_latency_s,
+        tokens_per_s=report.tokens_per_s,
+        canvas_length=report.canvas_length,
+        model_name=report.model_name,
+        ready=report.ready,
+        draining=report.draining,
+        observed_at=observed_at,
+    )
+
+
+async def watch_load(stub: Any, interval_s: float) -> AsyncIterator[pb.LoadReport]:
+    """The scraper: the worker's WatchLoad stream (a report now, then one per interval)."""
+    call = stub.WatchLoad(pb.WatchLoadRequest(interval_s=interval_s))
+    try:
+        async for report in call:
+            yield report
+    finally:
+        call.cancel()
+
+
+@dataclass(frozen=True)
+class Ejection:
+    """Outlier ejection: the first failure ejects for base_s, each further one in a row doubles it."""
+
+    base_s: float = 1.0
+    max_s: float = 30.0
+
+    def period(self, failures: int) -> float:
+        """How long an endpoint with this many failures in a row stays out."""
+        return min(self.max_s, self.base_s * 2 ** max(0, failures - 1))
+
+
+@dataclass
+class EndpointState:
+    """What the gateway knows about one endpoint; owned by the Registry."""
+
+    spec: EndpointSpec
+    channel: grpc.aio.Channel
+    stub: Any
+    load: EndpointLoad | None = None
+    inflight: int = 0
+    failures: int = 0
+    ejected_until: float = 0.0
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    # Reconnect quickly after a worker restarts; the watcher has its own backoff on top.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class Registry:
+    """The endpoints of every source, their load (kept fresh by one watcher task each), and their health."""
+
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        ejection: Ejection | None = None,
+        watch_interval_s: float = 0.5,
+        step_fraction_alpha: float = 0.2,
+    ) -> None:
+        self.clock = clock
+        self.ejection = ejection or Ejection()
+        self.watch_interval_s = watch_interval_s
+        self._by_source: dict[str, dict[str, EndpointSpec]] = {}
+        self.endpoints: dict[str, EndpointState] = {}
+        self.variants: dict[str, Variant] = {}
+        self.step_fraction: dict[str, float] = {}  # per variant, learned from finished requests
+        self._alpha = step_fraction_alpha
+        self.ejections_total = 0
+        self.changed = asyncio.Event()
+
+    # ---- membership -----------------------------------------------------------------------------
+
+    def apply(self, source: str, specs: Sequence[EndpointSpec]) -> None:
+        """A source's current endpoints: start watching new ones, forget removed ones."""
+        self._by_source[source] = {s.endpoint_id: s for s in specs}
+        wanted: dict[str, EndpointSpec] = {}
+        for by_id in self._by_source.values():
+            wanted.update(by_id)
+        self.variants = {s.variant.name: s.variant for s in wanted.values()}
+        for endpoint_id in list(self.endpoints):
+            state = self.endpoints[endpoint_id]
+            if endpoint_id not in wanted or wanted[endpoint_id].address != state.spec.address:
+                self._forget(endpoint_id)
+        for endpoint_id, spec in wanted.items():
+            if endpoint_id in self.endpoints:
+                self.endpoints[endpoint_id].spec = spec  # the variant's settings may have changed
+                continue
+            channel = grpc.aio.insecure_channel(spec.address, options=CHANNEL_OPTIONS)
+            state = EndpointState(spec, channel, pb_grpc.DenoiserStub(channel))
+            self.endpoints[endpoint_id] = state
+            state.watcher = asyncio.get_running_loop().create_task(
+                self._watch(state), name=f"watch-load {endpoint_id}"
+            )
+        self.changed.set()
+
+    def _forget(self, endpoint_id: str) -> None:
+        state = self.endpoints.pop(endpoint_id)
+        if state.watcher is not None:
+            state.watcher.cancel()
+        # Close after in-flight calls had a chance to finish; closing is async.
+        asyncio.get_running_loop().create_task(_close_later(state.channel, 30.0 if state.inflight else 0.0))
+
+    async def close(self) -> None:
+        """Stop every watcher and close every channel."""
+        states = list(self.endpoints.values())
+        self.endpoints.clear()
+        for s in states:
+            if s.watcher is not None:
+                s.watcher.cancel()
+        await asyncio.gather(*(s.watcher for s in states if s.watcher is not None), return_exceptions=True)
+        await asyncio.gather(*(s.channel.close(None) for s in states), return_exceptions=True)
+
+    # ---- load -----------------------------------------------------------------------------------
+
+    async def _watch(self, state: EndpointState) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for report in watch_load(state.stub, self.watch_interval_s):
+                    state.load = extract_load(report, self.clock())
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                log.debug("load watch of %s failed: %s", state.spec.endpoint_id, err.code())
+            except Exception:
+                log.exception("load watch of %s failed", state.spec.endpoint_id)
+            # The stream ended or failed: the endpoint drops out until it reports again.
+            state.load = None
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+
+    def set_load(self, endpoint_id: str, load: EndpointLoad | None) -> None:
+        """Replace an endpoint's load (tests and simulations)."""
+        self.endpoints[endpoint_id].load = load
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    def record_failure(self, endpoint_id: str) -> None:
+        """The endpoint failed a request: eject it for a backoff period."""
+        state = self.endpoints.get(endpoint_id)
+        if state is None:
+            return
+        state.failures += 1
+        state.ejected_until = self.clock() + self.ejection.period(state.failures)
+        self.ejections_total += 1
+        log.warning("ejecting %s for %.1f s after %d failure(s)", endpoint_id,
+                    self.ejection.period(state.failures), state.failures)
+
+    def record_success(self, endpoint_id: str, variant: str, step_fraction: float | None) -> None:
+        """The endpoint finished a request: it is healthy; learn how many steps canvases take."""
+        state = self.endpoints.get(endpoint_id)
+        if state is not None:
+            state.failures = 0
+        if step_fraction is not None and 0 < step_fraction <= 1:
+            old = self.step_fraction.get(variant)
+            self.step_fraction[variant] = step_fraction if old is None else old + self._alpha * (step_fraction - old)
+
+    # ---- the router's view ----------------------------------------------------------------------
+
+    def candidates(self, now: float | None = None) -> list[Candidate]:
+        """Every endpoint as an immutable candidate."""
+        now = self.clock() if now is None else now
+        return [
+            Candidate(
+                endpoint_id=s.spec.endpoint_id,
+                variant=s.spec.variant,
+                load=s.load,
+                inflight=s.inflight,
+                ejected=s.ejected_until > now,
+                step_fraction=self.step_fraction.get(s.spec.variant.name, 1.0),
+            )
+            for s in self.endpoints.values()
+        ]
+
+    def models(self) -> list[str]:
+        """Served model names, sorted."""
+        return sorted({v.model for v in self.variants.values()})
+
+
+async def _close_later(channel: grpc.aio.Channel, delay: float) -> None:
+    with contextlib.suppress(Exception):
+        if delay:
+            await asyncio.sleep(delay)
+        await channel.close(None)
+

@@ -1,0 +1,245 @@
+"""The KServe v2 / Triton GRPCInferenceService on the gateway (:8001), from tritonclient's stubs.
+
+A `tritonclient.grpc` user points at the gateway instead of one worker: requests are decoded with the
+worker's own KServe conversions (`dgemma_worker.kserve`), routed like any other request, and answered
+in the same tensors. Only settings the client gave are forwarded, so each variant's defaults apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from importlib import metadata
+from typing import Any, NoReturn
+
+import grpc
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_worker import kserve
+from dgemma_worker.kserve import (
+    _ALIASES,
+    _TRANSPORT_PARAMETERS,
+    SAMPLING_PARAMETERS,
+    _one_string,
+    _parameter_value,
+    _tensor_values,
+)
+from dgemma_worker.params import Limits, ParamError, params_from_mapping
+from dgemma_worker.types import CommitEvent, FinalEvent, RequestStats, StopReason
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+_STOP = {pb.STOP_REASON_EOS: StopReason.EOS, pb.STOP_REASON_STOP_STRING: StopReason.STOP_STRING,
+         pb.STOP_REASON_LENGTH: StopReason.LENGTH}
+
+
+def client_settings(request: kpb.ModelInferRequest) -> dict[str, Any]:
+    """The generation settings a KServe request names (sampling_parameters, then request parameters)."""
+    settings: dict[str, Any] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name == SAMPLING_PARAMETERS:
+            try:
+                loaded = json.loads(_one_string(SAMPLING_PARAMETERS, _tensor_values(request, i)))
+            except ValueError as exc:
+                raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from exc
+            if not isinstance(loaded, dict):
+                raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object")
+            settings.update(loaded)
+    for key, value in request.parameters.items():
+        if key.startswith("triton_") or key in _TRANSPORT_PARAMETERS:
+            continue
+        settings[key] = _parameter_value(value)
+    for alias, name in _ALIASES.items():
+        if alias in settings:
+            settings.setdefault(name, settings.pop(alias))
+    return settings
+
+
+def _prompt_pb(req: kserve.InferRequest) -> pb.Prompt:
+    p = req.prompt
+    if p.text is not None:
+        return pb.Prompt(text=p.text)
+    if p.messages is not None:
+        return pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.role, content=m.content)
+                                                        for m in p.messages]))
+    return pb.Prompt(tokens=pb.TokenIds(ids=list(p.token_ids or ())))
+
+
+def _final_event(final: pb.Final) -> FinalEvent:
+    s = final.stats
+    stats = RequestStats(
+        prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens, canvases=s.canvases,
+        decoder_passes=s.decoder_passes, encoder_passes=s.encoder_passes, queue_wait_s=s.queue_wait_s,
+        time_to_first_commit_s=s.time_to_first_commit_s if s.HasField("time_to_first_commit_s") else None,
+        total_s=s.total_s,
+    )
+    return FinalEvent(_STOP.get(final.stop_reason, StopReason.EOS), stats)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
+    await context.abort(error.grpc_code, error.message)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService in front of every model the gateway serves."""
+
+    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256) -> None:
+        self.gateway = gateway
+        self.limits = Limits(max_new_tokens=max_tokens)
+        self.default_max_tokens = default_max_tokens
+        try:
+            self.version = metadata.version("dgemma")
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            self.version = "0+unknown"
+
+    def _check_model(self, name: str, version: str = "") -> None:
+        if name not in self.gateway.models() or version not in ("", "1"):
+            raise GatewayError(404, f"unknown model {name!r}; served: {self.gateway.models()}", param="model")
+
+    def _request(self, request: kpb.ModelInferRequest) -> tuple[GatewayRequest, kserve.InferRequest]:
+        self._check_model(request.model_name, request.model_version)
+        target: Any = None
+        if "latency_target_ms" in request.parameters:  # a routing hint, not a generation setting
+            target = _parameter_value(request.parameters["latency_target_ms"])
+            request = kpb.ModelInferRequest.FromString(request.SerializeToString())
+            del request.parameters["latency_target_ms"]
+        try:
+            decoded = kserve.request_from_infer(request, params_from_mapping({}), self.limits)
+            settings = client_settings(request)
+        except ParamError as exc:
+            raise GatewayError(400, str(exc), param=exc.field) from None
+        settings.setdefault("max_new_tokens", self.default_max_tokens)
+        keep = {k: v for k, v in settings.items() if v is not None}
+        return GatewayRequest(
+            model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
+            latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",
+            **({"request_id": request.id} if request.id else {}),
+        ), decoded
+
+    async def ServerLive(self, request: Any, context: Any) -> kpb.ServerLiveResponse:
+        """The gateway process is up."""
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> kpb.ServerReadyResponse:
+        """Some endpoint is ready."""
+        return kpb.ServerReadyResponse(ready=self.gateway.ready_count() > 0)
+
+    async def ModelReady(self, request: kpb.ModelReadyRequest, context: Any) -> kpb.ModelReadyResponse:
+        """Some endpoint of this model is ready."""
+        known = request.name in self.gateway.models() and request.version in ("", "1")
+        return kpb.ModelReadyResponse(ready=known and self.gateway.ready_count(request.name) > 0)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> kpb.ServerMetadataResponse:
+        """Name and version."""
+        return kpb.ServerMetadataResponse(name="dgemma-gateway", version=self.version, extensions=[])
+
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelMetadataResponse:
+        """The model's tensors (the same for every variant)."""
+        try:
+            self._check_model(request.name, request.version)
+        except GatewayError as err:
+            await _abort(context, err)
+        return kserve.model_metadata(request.name)
+
+    async def ModelConfig(self, request: kpb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelConfigResponse:
+        """A decoupled model config."""
+        try:
+            self._check_model(request.name, request.version)
+        except GatewayError as err:
+            await _abort(context, err)
+        return kserve.model_config(request.name, max(1, self.gateway.ready_count(request.name)))
+
+    async def _events(self, greq: GatewayRequest) -> AsyncIterator[tuple[str, Any]]:
+        async with contextlib.aclosing(self.gateway.generate(greq)) as events:
+            async for e in events:
+                which = e.WhichOneof("event")
+                if which == "commit":
+                    yield "commit", CommitEvent(e.commit.canvas_index, tuple(e.commit.token_ids), e.commit.text)
+                elif which == "final":
+                    yield "final", _final_event(e.final)
+
+    async def ModelInfer(self, request: kpb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelInferResponse:
+        """The whole reply at once."""
+        try:
+            greq, decoded = self._request(request)
+            commits: list[CommitEvent] = []
+            final: FinalEvent | None = None
+            async for kind, event in self._events(greq):
+                if kind == "commit":
+                    commits.append(event)
+                else:
+                    final = event
+        except GatewayError as err:
+            await _abort(context, err)
+        assert final is not None
+        return kserve.complete_response(request.model_name, decoded, commits, final)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+        """Decoupled streaming: per request, one response per canvas, then a final one (or an error)."""
+        out: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(self._stream_one(request, out))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    async def _stream_one(self, request: kpb.ModelInferRequest,
+                          out: asyncio.Queue[kpb.ModelStreamInferResponse | None]) -> None:
+        try:
+            greq, decoded = self._request(request)
+            async for kind, event in self._events(greq):
+                if kind == "commit":
+                    response = kserve.commit_response(request.model_name, decoded, event)
+                else:
+                    response = kserve.final_stream_response(request.model_name, decoded, event)
+                await out.put(kpb.ModelStreamInferResponse(infer_response=response))
+        except GatewayError as err:
+            await out.put(kpb.ModelStreamInferResponse(error_message=err.message))
+
+
+async def start_grpc(gateway: Gateway, host: str, port: int, max_tokens: int = 8192,
+                     default_max_tokens: int = 256) -> tuple[grpc.aio.Server, int]:
+    """Start the KServe front; returns the server and its bound port."""
+    from grpc_health.v1 import health, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,34 @@
+"""`dgemma gateway`: run the gateway until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from dgemma_gateway.app import GatewayServer
+from dgemma_gateway.config import GatewayConfig, parse_config
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: GatewayConfig) -> int:
+    """Serve until a signal; stop gracefully."""
+    server = GatewayServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"dgemma gateway: http://{config.host}:{server.port} (grpc {server.grpc_port})", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    """`dgemma gateway ...`."""
+    config = parse_config(argv)
+    logging.getLogger("dgemma_gateway").setLevel(logging.INFO)
+    return asyncio.run(serve(config))

@@ -1,0 +1,82 @@
+"""Prometheus metrics of one gateway, on its own registry (no global state).
+
+Request counters and latency histograms are updated as requests go; endpoint and demand gauges are
+computed at scrape time from the gateway's state by a collector, so they can never go stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _StateCollector(Collector):
+    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+        self._demand = demand
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._demand()
+        ready = GaugeMetricFamily("dgemma_gateway_endpoints_ready", "Ready endpoints per variant", labels=["variant"])
+        total = GaugeMetricFamily("dgemma_gateway_endpoints", "Known endpoints per variant", labels=["variant"])
+        gauges = {
+            "tokens_per_s": GaugeMetricFamily(
+                "dgemma_gateway_demand_tokens_per_second", "Tokens/s requested (max_tokens)", labels=["variant"]),
+            "canvases_per_s": GaugeMetricFamily(
+                "dgemma_gateway_demand_canvases_per_second", "Canvases/s requested", labels=["variant"]),
+            "requests_per_s": GaugeMetricFamily(
+                "dgemma_gateway_demand_requests_per_second", "Requests/s routed", labels=["variant"]),
+            "requests_waiting": GaugeMetricFamily(
+                "dgemma_gateway_requests_waiting", "Requests queued at the variant's workers", labels=["variant"]),
+            "target_miss_ratio": GaugeMetricFamily(
+                "dgemma_gateway_latency_target_miss_ratio", "Share of targets missed in the window",
+                labels=["variant"]),
+        }
+        delivered = GaugeMetricFamily(
+            "dgemma_gateway_delivered_tokens_per_second_per_replica", "Tokens/s one ready replica delivers",
+            labels=["variant"])
+        for name, v in snap["variants"].items():
+            ready.add_metric([name], v["replicas_ready"])
+            total.add_metric([name], v["replicas"])
+            for key, g in gauges.items():
+                g.add_metric([name], v["demand"][key])
+            delivered.add_metric([name], v["delivered"]["tokens_per_s_per_replica"])
+        yield ready
+        yield total
+        yield from gauges.values()
+        yield delivered
+
+
+class GatewayMetrics:
+    """The gateway's metrics on a private registry."""
+
+    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "dgemma_gateway_requests", "Requests by API, variant and outcome", ["api", "variant", "outcome"],
+            registry=r)
+        self.latency = Histogram(
+            "dgemma_gateway_request_duration_seconds", "End-to-end request time at the gateway", ["variant"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.first_byte = Histogram(
+            "dgemma_gateway_time_to_first_event_seconds", "Time to the first upstream event", ["variant"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.targets = Counter(
+            "dgemma_gateway_latency_target", "Latency targets met or missed", ["variant", "result"], registry=r)
+        self.retries = Counter("dgemma_gateway_retries", "Requests retried on another endpoint", ["reason"],
+                               registry=r)
+        self.ejections = Counter("dgemma_gateway_ejections", "Endpoints ejected after failures", ["variant"],
+                                 registry=r)
+        self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
+                              registry=r)
+        r.register(_StateCollector(demand))
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

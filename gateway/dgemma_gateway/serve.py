@@ -1,0 +1,247 @@
+"""`dgemma serve`: a gateway and N local worker processes in one command (the README's first step).
+
+Without --model the bundled tiny random-weight model is used (made on first use), so it runs on any
+laptop; the text is gibberish, the serving path is the real one. `--demo` starts everything, sends
+one streamed chat request through the gateway, prints it as it arrives and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dgemma_gateway.app import GatewayServer
+from dgemma_gateway.config import GatewayConfig
+from dgemma_gateway.endpoints import EndpointSpec, StaticSource
+from dgemma_gateway.openai_api import ApiLimits
+from dgemma_gateway.types import Variant
+
+
+@dataclass
+class LocalWorker:
+    """One `dgemma worker` child process."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of its gRPC server."""
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalWorkers:
+    """N worker processes on 127.0.0.1, each on a free port, logs in a temporary directory."""
+
+    model: str
+    replicas: int = 1
+    served_model_name: str = ""
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: Path | None = None
+    workers: list[LocalWorker] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Spawn the processes (they bind at once and load the model in the background)."""
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="dgemma-serve-"))
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.env}
+        for i in range(self.replicas):
+            port_file = self.workdir / f"worker-{i}.json"
+            port_file.unlink(missing_ok=True)
+            log_path = self.workdir / f"worker-{i}.log"
+            cmd = [sys.executable, "-m", "dgemma_worker.server", "--model", self.model, "--host", "127.0.0.1",
+                   "--port", "0", "--metrics-port", "off", "--port-file", str(port_file), "--drain-grace-s", "5",
+                   *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
+                   *self.extra_args]
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
+            self.workers.append(LocalWorker(i, proc, port_file, log_path))
+
+    def wait_bound(self, timeout: float = 120.0) -> None:
+        """Wait until every worker has written its port file."""
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            while w.port is None:
+                if w.port_file.exists():
+                    w.port = int(json.loads(w.port_file.read_text())["port"])
+                    break
+                if w.process.poll() is not None:
+                    raise RuntimeError(f"worker {w.index} exited with {w.process.returncode}:\n{self.log_tail(w)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {w.index} did not bind within {timeout:.0f} s:\n{self.log_tail(w)}")
+                time.sleep(0.05)
+
+    def log_tail(self, w: LocalWorker, lines: int = 20) -> str:
+        """The end of a worker's log."""
+        try:
+            return "\n".join(w.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def endpoints(self, variant: Variant) -> list[EndpointSpec]:
+        """The workers as static endpoints of one variant."""
+        return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant) for w in self.workers]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (drain), then SIGKILL whatever is left after the timeout."""
+        for w in self.workers:
+            if w.process.poll() is None:
+                w.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            try:
+                w.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait(5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dgemma serve` parser."""
+    p = argparse.ArgumentParser(prog="dgemma serve",
+                                description="Run a gateway and local workers (the bundled tiny model by default).")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled tiny model)")
+    p.add_argument("--served-model-name", default=None, help="name clients ask for (default: the model's basename)")
+    p.add_argument("--replicas", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe gRPC port (default 8001; 0 picks one; -1 off)")
+    p.add_argument("--routing-profile", default="latency-target")
+    p.add_argument("--api-keys-file", type=Path, default=None)
+    p.add_argument("--max-active", type=int, default=None, help="requests each worker denoises at once")
+    p.add_argument("--device", default=None, help="torch device of the workers")
+    p.add_argument("--demo", action="store_true",
+                   help="send one streamed request through the gateway, print it and exit")
+    p.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long the workers may take to load")
+    return p
+
+
+def _example(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 48,
+                       "messages": [{"role": "user", "content": "Hello!"}]})
+    return (
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+        f"print(c.chat.completions.create(model='{model}', max_tokens=48, "
+        f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\""
+    )
+
+
+async def demo_request(url: str, model: str, out: object = sys.stdout) -> int:
+    """One streamed chat completion through the gateway, printed as its canvases arrive."""
+    import aiohttp
+
+    body = {"model": model, "stream": True, "max_tokens": 48, "seed": 0,
+            "messages": [{"role": "user", "content": "Say hello in one sentence."}]}
+    write = out.write  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{url}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=300)
+    ) as resp:
+        if resp.status != 200:
+            write(f"demo request failed: HTTP {resp.status}: {await resp.text()}\n")
+            return 1
+        write(f"POST {url}/v1/chat/completions (stream) -> 200, served by {resp.headers.get('x-dgemma-endpoint')}\n")
+        usage = None
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                write(f"\nerror: {chunk['error']['message']}\n")
+                return 1
+            for choice in chunk.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    write(text)
+                    getattr(out, "flush", lambda: None)()
+            usage = chunk.get("usage") or usage
+        write(f"\n[usage: {usage}]\n")
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Start workers and the gateway; serve until a signal, or run the demo."""
+    from dgemma_worker.model import tiny_model_dir
+
+    if args.replicas < 1:
+        print("dgemma serve: --replicas must be >= 1", file=sys.stderr)
+        return 2
+    if args.model is None:
+        print("dgemma serve: no --model given: using the bundled tiny random-weight model (gibberish output)",
+              flush=True)
+    model = args.model or str(await asyncio.to_thread(tiny_model_dir))
+    served = args.served_model_name or Path(model.rstrip("/")).name or model
+    extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
+             *(["--device", args.device] if args.device else [])]
+    workers = LocalWorkers(model, args.replicas, served, extra)
+    server: GatewayServer | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        workers.start()
+        await asyncio.to_thread(workers.wait_bound)
+        variant = Variant(name="local", model=served, gpu_profile="custom")
+        config = GatewayConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
+                               routing_profile=args.routing_profile, api_keys_file=args.api_keys_file,
+                               limits=ApiLimits())
+        server = GatewayServer(config, [StaticSource(workers.endpoints(variant))])
+        await server.start()
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        url = f"http://{shown}:{server.port}"
+        print(f"dgemma serve: gateway at {url} (OpenAI API under {url}/v1, KServe gRPC on port "
+              f"{server.grpc_port}); loading {args.replicas} worker(s) of {served!r}...", flush=True)
+        waiting = asyncio.create_task(server.gateway.wait_ready(args.ready_timeout_s, args.replicas))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            waiting.cancel()
+            return 0
+        stopped.cancel()
+        if not waiting.result():
+            for w in workers.workers:
+                print(f"worker {w.index} log:\n{workers.log_tail(w)}", file=sys.stderr)
+            print("dgemma serve: the workers did not become ready in time", file=sys.stderr)
+            return 1
+        print(f"dgemma serve: ready. Try:\n\n{_example(url, served)}\n", flush=True)
+        if args.demo:
+            return await demo_request(url, served)
+        print("Ctrl-C stops the gateway and the workers.", flush=True)
+        await stop.wait()
+        print("\ndgemma serve: stopping...", flush=True)
+        return 0
+    finally:
+        if server is not None:
+            await server.stop(grace_s=2.0)
+        await asyncio.to_thread(workers.stop)
+        if workers.workdir is not None:
+            with contextlib.suppress(OSError):
+                for f in workers.workdir.iterdir():
+                    f.unlink()
+                workers.workdir.rmdir()
+
+
+def run(argv: Sequence[str]) -> int:
+    """`dgemma serve ...`."""
+    args = build_parser().parse_args(list(argv))
+    return asyncio.run(serve(args))
