@@ -1,0 +1,56 @@
+"""Session fixtures: the worker processes the gateway tests share (started together, in parallel)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gateway_harness import MODEL  # noqa: E402
+
+from dgemma_gateway.serve import LocalWorker, LocalWorkers  # noqa: E402
+from dgemma_worker.model import tiny_model_dir  # noqa: E402
+
+# Seconds of artificial delay per decoder step of the "slow GPU" worker (DGEMMA_DEBUG_STEP_DELAY_S).
+SLOW_STEP_S = 0.08
+
+
+class Pool:
+    """The test workers by role: two fast ones, a slow one and a victim to be killed."""
+
+    def __init__(self, fast: LocalWorkers, slow: LocalWorkers, victim: LocalWorkers) -> None:
+        self.groups = (fast, slow, victim)
+        self.fast = fast.workers
+        self.slow = slow.workers[0]
+        self.victim = victim.workers[0]
+
+    def stop(self) -> None:
+        for g in self.groups:
+            g.stop(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator[Pool]:
+    """Four real `dgemma worker` processes on the tiny model (max 2 active, 4 queued each)."""
+    model = str(tiny_model_dir())
+    args = ["--max-active", "2", "--max-queue", "4", "--max-prompt-tokens", "512"]
+    fast = LocalWorkers(model, 2, MODEL, args)
+    slow = LocalWorkers(model, 1, MODEL, args, env={"DGEMMA_DEBUG_STEP_DELAY_S": str(SLOW_STEP_S)})
+    victim = LocalWorkers(model, 1, MODEL, args)
+    p = Pool(fast, slow, victim)
+    try:
+        for g in p.groups:
+            g.start()
+        for g in p.groups:
+            g.wait_bound()
+        yield p
+    finally:
+        p.stop()
+
+
+def address(w: LocalWorker) -> str:
+    return w.address

@@ -1,0 +1,73 @@
+"""Real processes for the gateway tests: worker processes on the tiny model, and a gateway served
+from a background event loop on 127.0.0.1, reached by real clients over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dgemma_gateway.app import GatewayServer
+from dgemma_gateway.config import GatewayConfig
+from dgemma_gateway.core import GatewaySettings
+from dgemma_gateway.endpoints import EndpointSource, EndpointSpec, StaticSource
+from dgemma_gateway.openai_api import ApiLimits
+from dgemma_gateway.types import Variant
+
+T = TypeVar("T")
+MODEL = "tiny"
+
+
+class RunningGateway:
+    """A GatewayServer on its own event-loop thread."""
+
+    def __init__(self, sources: Sequence[EndpointSource], *, profile: str = "latency-target",
+                 keys: Path | None = None, limits: ApiLimits | None = None,
+                 settings: GatewaySettings | None = None, grpc: bool = False) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-gateway-loop", daemon=True)
+        self.thread.start()
+        config = GatewayConfig(host="127.0.0.1", port=0, grpc_port=0 if grpc else -1, routing_profile=profile,
+                               api_keys_file=keys, limits=limits or ApiLimits(),
+                               core=settings or GatewaySettings(watch_interval_s=0.2))
+
+        async def make() -> GatewayServer:
+            return GatewayServer(config, list(sources))
+
+        self.server = self.call(make())
+        self.call(self.server.start())
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.grpc_address = f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def gateway(self) -> Any:
+        return self.server.gateway
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the gateway's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_ready(self, count: int, timeout: float = 120) -> None:
+        assert self.call(self.gateway.wait_ready(timeout, count), timeout + 5), "endpoints did not become ready"
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop(grace_s=0.5), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def variant(name: str, **kw: Any) -> Variant:
+    """A variant of the tiny model (canvas 16)."""
+    base = Variant(name=name, model=MODEL, canvas_length=16, max_denoising_steps=48, tokens_per_s_prior=500.0)
+    return replace(base, **kw)
+
+
+def static(*pairs: tuple[str, Variant]) -> StaticSource:
+    """Static endpoints from (address, variant) pairs."""
+    return StaticSource([EndpointSpec(f"{v.name}/{a}", a, v) for a, v in pairs])

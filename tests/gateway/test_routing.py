@@ -1,0 +1,194 @@
+"""Routing decisions as pure functions: predictions, filters, scorers, pickers and whole profiles."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dgemma_gateway.demand import DemandTracker, snapshot
+from dgemma_gateway.endpoints import Ejection
+from dgemma_gateway.routing import ProfileError, load_profile, load_profile_file, route
+from dgemma_gateway.routing.predict import canvases_for, predict, prior_step_latency_s
+from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
+
+NOW = 1000.0
+CHEAP = Variant("spark", "m", "dgx-spark", cost_weight=1.0, latency_target_ms=4000, canvas_length=256)
+MID = Variant("rtx", "m", "rtx-pro-6000", cost_weight=2.0, latency_target_ms=4000, canvas_length=256)
+FAST = Variant("h100", "m", "h100", cost_weight=4.0, latency_target_ms=4000, canvas_length=256)
+
+
+def load(step_s: float = 0.01, active: int = 0, queue: int = 0, capacity: int = 4, max_queue: int = 8,
+         ready: bool = True, draining: bool = False, age_s: float = 0.0, encoder_s: float = 0.0) -> EndpointLoad:
+    return EndpointLoad(queue, active, capacity, max_queue, step_s, encoder_s, 100.0, 256, "m", ready, draining,
+                        NOW - age_s)
+
+
+def cand(variant: Variant, ld: EndpointLoad | None, n: int = 0, **kw: object) -> Candidate:
+    return Candidate(f"{variant.name}/{n}", variant, ld, **kw)  # type: ignore[arg-type]
+
+
+def req(max_tokens: int = 256, steps: int | None = 16, target_ms: float | None = None, **kw: object) -> RouteRequest:
+    return RouteRequest("m", max_tokens, steps, target_ms, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "canvas", "canvases"),
+    [(1, 256, 1), (256, 256, 1), (257, 256, 2), (40, 16, 3), (0, 16, 1)],
+)
+def test_cost_is_per_canvas_not_per_token(max_tokens: int, canvas: int, canvases: int) -> None:
+    assert canvases_for(max_tokens, canvas) == canvases
+
+
+@pytest.mark.parametrize(
+    ("active", "queue", "inflight", "expected_s"),
+    [
+        # own work = 2 canvases x (encoder 0.01 + 16 steps x 0.01) = 0.34 s
+        (0, 0, 0, 0.34),  # idle: just its own work
+        (1, 0, 0, 0.68),  # shares the worker with one other
+        (3, 0, 0, 1.36),  # four active: a quarter of the worker each
+        (4, 2, 0, 2.38),  # full, two queued: three requests' worth of waiting, then a quarter share
+        (0, 0, 2, 1.02),  # the gateway's own in-flight count beats a lagging report
+    ],
+)
+def test_interleaved_prediction_counts_queue_sharing_canvases_and_steps(
+    active: int, queue: int, inflight: int, expected_s: float
+) -> None:
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=active, queue=queue), inflight=inflight)
+    p = predict(c, req(max_tokens=300, steps=16))
+    assert p.canvases == 2 and p.steps_per_canvas == 16
+    assert p.total_s == pytest.approx(expected_s)
+
+
+def test_prediction_uses_the_measured_step_share_and_the_prior_until_measured() -> None:
+    half = cand(FAST, load(step_s=0.01, encoder_s=0.01), step_fraction=0.5)
+    assert predict(half, req(steps=16)).total_s == pytest.approx(0.01 + 8 * 0.01)
+    unmeasured = cand(replace(FAST, tokens_per_s_prior=1024.0, max_denoising_steps=16), load(step_s=0.0))
+    p = predict(unmeasured, req(steps=None))
+    assert not p.measured
+    assert p.step_latency_s == pytest.approx(prior_step_latency_s(1024.0, 256, 16)) == pytest.approx(256 / 1024 / 16)
+
+
+def test_batched_mode_only_waits_beyond_capacity() -> None:
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=3, capacity=4))
+    assert predict(c, req(max_tokens=256), "batched").total_s == pytest.approx(0.17)
+    full = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=4, queue=3, capacity=4))
+    assert predict(full, req(max_tokens=256), "batched").queue_wait_s == pytest.approx(0.17)
+
+
+LT = load_profile_file("latency-target")
+
+
+@pytest.mark.parametrize(
+    ("loads", "target_ms", "chosen", "expect_met"),
+    [
+        # all idle and all meet a loose target: the cheapest
+        ({"spark": 0.05, "rtx": 0.02, "h100": 0.01}, 4000, "spark", True),
+        # the cheap one is too slow for a tight target: the next cheapest that meets it
+        ({"spark": 0.05, "rtx": 0.02, "h100": 0.01}, 500, "rtx", True),
+        ({"spark": 0.05, "rtx": 0.02, "h100": 0.01}, 250, "h100", True),
+        # nobody can: the one that finishes first
+        ({"spark": 0.05, "rtx": 0.02, "h100": 0.01}, 50, "h100", False),
+    ],
+)
+def test_latency_target_picks_the_cheapest_endpoint_that_meets_the_target(
+    loads: dict[str, float], target_ms: float, chosen: str, expect_met: bool
+) -> None:
+    cands = [cand(v, load(step_s=loads[v.name])) for v in (CHEAP, MID, FAST)]
+    d = route(LT, req(max_tokens=256, steps=16, target_ms=target_ms), cands, NOW)
+    assert d.endpoint is not None and d.endpoint.variant.name == chosen
+    assert d.expect_met is expect_met
+    assert d.target_s == pytest.approx(target_ms / 1000)
+
+
+def test_a_busy_cheap_endpoint_loses_to_a_free_one_when_the_queue_would_miss_the_target() -> None:
+    busy_cheap = cand(CHEAP, load(step_s=0.02, active=4, queue=4))
+    idle_fast = cand(FAST, load(step_s=0.01))
+    d = route(LT, req(target_ms=1000), [busy_cheap, idle_fast], NOW)
+    assert d.endpoint is idle_fast
+
+
+def test_the_variant_default_target_applies_without_a_request_target() -> None:
+    tight = replace(CHEAP, latency_target_ms=100)
+    d = route(LT, req(target_ms=None), [cand(tight, load(step_s=0.05)), cand(FAST, load(step_s=0.001))], NOW)
+    assert d.endpoint is not None and d.endpoint.variant.name == "h100"
+
+
+def test_strict_mode_refuses_with_a_retry_after_when_no_endpoint_meets_the_target() -> None:
+    d = route(LT, req(target_ms=10, strict=True), [cand(FAST, load(step_s=0.01))], NOW)
+    assert d.endpoint is None and "latency target of 10 ms" in d.reason
+    assert d.retry_after_s is not None and d.retry_after_s >= 1.0
+
+
+@pytest.mark.parametrize(
+    ("candidate", "kept"),
+    [
+        (cand(FAST, load()), True),
+        (cand(FAST, None), False),  # never reported
+        (cand(FAST, load(ready=False)), False),
+        (cand(FAST, load(draining=True)), False),
+        (cand(FAST, load(age_s=6.0)), False),  # stale report
+        (cand(FAST, load(), ejected=True), False),  # outlier ejection
+        (cand(FAST, load(active=4, queue=8)), False),  # every slot taken
+        (cand(replace(FAST, model="other"), load()), False),  # another model
+    ],
+)
+def test_unusable_endpoints_drop_out(candidate: Candidate, kept: bool) -> None:
+    for profile in ("latency-target", "least-loaded", "round-robin"):
+        d = route(load_profile_file(profile), req(), [candidate], NOW)
+        assert (d.endpoint is candidate) is kept, profile
+
+
+def test_round_robin_rotates_and_least_loaded_prefers_the_emptiest() -> None:
+    cands = [cand(FAST, load(active=a), n=i) for i, a in enumerate((3, 0, 1))]
+    rr = load_profile_file("round-robin")
+    picked = [route(rr, req(seq=s), cands, NOW).endpoint for s in range(6)]
+    assert [c.endpoint_id for c in picked if c] == ["h100/0", "h100/1", "h100/2"] * 2
+    ll = load_profile_file("least-loaded")
+    assert route(ll, req(), cands, NOW).endpoint is cands[1]
+
+
+def test_equal_endpoints_share_the_load_by_request_counter() -> None:
+    cands = [cand(FAST, load(), n=i) for i in range(3)]
+    chosen = {route(LT, req(seq=s), cands, NOW).endpoint.endpoint_id for s in range(3)}  # type: ignore[union-attr]
+    assert len(chosen) == 3
+
+
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [
+        ({"filters": [{"type": "nope"}]}, "unknown filter 'nope'"),
+        ({"scorers": [{"type": "healthy"}]}, "unknown scorer 'healthy'"),
+        ({"filters": [{"type": "healthy", "params": {"stale": 1}}]}, "unknown parameter 'stale'"),
+        ({"filters": [{"type": "healthy", "params": {"stale_after_s": "x"}}]}, "expected float"),
+        ({"filters": [{"type": "latency-target", "params": {"mode": "magic"}}]}, "mode"),
+        ({"scorers": [{"type": "cost", "weight": -1}]}, "weight"),
+        ({"filterz": []}, "unknown profile key"),
+    ],
+)
+def test_bad_profiles_are_refused_with_a_message_naming_the_problem(profile: dict[str, object], message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        load_profile(profile)
+
+
+def test_ejection_backs_off_exponentially_up_to_a_maximum() -> None:
+    e = Ejection(base_s=1.0, max_s=10.0)
+    assert [e.period(n) for n in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 8.0, 10.0]
+
+
+def test_demand_snapshot_reports_requested_canvases_waiting_and_delivered_per_replica() -> None:
+    t = DemandTracker(window_s=10.0)
+    t.routed("h100", NOW - 20, max_tokens=300, canvases=2)  # outside the window
+    for i in range(5):
+        t.routed("h100", NOW - 4 + i, max_tokens=300, canvases=2)
+    t.finished("h100", NOW, 100, met=True)
+    t.finished("h100", NOW, 100, met=False)
+    cands = [cand(FAST, load(queue=3), n=0), cand(FAST, load(), n=1), cand(FAST, load(ready=False), n=2)]
+    snap = snapshot(t, [FAST], cands, NOW)
+    v = snap["variants"]["h100"]
+    assert v["replicas"] == 3 and v["replicas_ready"] == 2
+    assert v["demand"]["canvases_per_s"] == pytest.approx(1.0)
+    assert v["demand"]["tokens_per_s"] == pytest.approx(150.0)
+    assert v["demand"]["requests_waiting"] == 3
+    assert v["demand"]["targets_missed"] == 1 and v["demand"]["target_miss_ratio"] == pytest.approx(0.5)
+    assert v["delivered"]["tokens_per_s_per_replica"] == pytest.approx(100.0)
