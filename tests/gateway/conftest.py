@@ -24,9 +24,18 @@ class Pool:
 
     def __init__(self, fast: LocalWorkers, slow: LocalWorkers, victim: LocalWorkers) -> None:
         self.groups = (fast, slow, victim)
-        self.fast = fast.workers
-        self.slow = slow.workers[0]
-        self.victim = victim.workers[0]
+
+    @property
+    def fast(self) -> list[LocalWorker]:
+        return self.groups[0].workers
+
+    @property
+    def slow(self) -> LocalWorker:
+        return self.groups[1].workers[0]
+
+    @property
+    def victim(self) -> LocalWorker:
+        return self.groups[2].workers[0]
 
     def stop(self) -> None:
         for g in self.groups:
@@ -34,13 +43,14 @@ class Pool:
 
 
 @pytest.fixture(scope="session")
-def pool() -> Iterator[Pool]:
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """Four real `dgemma worker` processes on the tiny model (max 2 active, 4 queued each)."""
     model = str(tiny_model_dir())
     args = ["--max-active", "2", "--max-queue", "4", "--max-prompt-tokens", "512"]
-    fast = LocalWorkers(model, 2, MODEL, args)
-    slow = LocalWorkers(model, 1, MODEL, args, env={"DGEMMA_DEBUG_STEP_DELAY_S": str(SLOW_STEP_S)})
-    victim = LocalWorkers(model, 1, MODEL, args)
+    fast = LocalWorkers(model, 2, MODEL, args, workdir=tmp_path_factory.mktemp("fast"))
+    slow = LocalWorkers(model, 1, MODEL, args, env={"DGEMMA_DEBUG_STEP_DELAY_S": str(SLOW_STEP_S)},
+                        workdir=tmp_path_factory.mktemp("slow"))
+    victim = LocalWorkers(model, 1, MODEL, args, workdir=tmp_path_factory.mktemp("victim"))
     p = Pool(fast, slow, victim)
     try:
         for g in p.groups:
@@ -51,6 +61,3 @@ def pool() -> Iterator[Pool]:
     finally:
         p.stop()
 
-
-def address(w: LocalWorker) -> str:
-    return w.address
