@@ -39,7 +39,9 @@ class GatewayServer:
         """Start the sources and both listeners; write the port file."""
         cfg = self.config
         await self.gateway.start()
-        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            # A client that goes away cancels its handler, and so the worker's request, at once.
+            self.api.app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
         await site.start()
