@@ -1,0 +1,81 @@
+"""tritonclient against the gateway's KServe front, and `dgemma serve --demo` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from conftest import Pool
+from gateway_harness import MODEL, RunningGateway, static, variant
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def gw(pool: Pool) -> Iterator[RunningGateway]:
+    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
+    try:
+        g.wait_ready(1)
+        yield g
+    finally:
+        g.close()
+
+
+def _inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
+    prompt = tc.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    params = tc.InferInput("sampling_parameters", [1], "BYTES")
+    params.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=object))
+    return [prompt, params]
+
+
+def test_tritonclient_infers_through_the_gateway(gw: RunningGateway) -> None:
+    client = tc.InferenceServerClient(gw.grpc_address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    assert client.get_model_metadata(MODEL).name == MODEL
+    result = client.infer(MODEL, _inputs("Hello", {"max_tokens": 20, "max_denoising_steps": 2, "ignore_eos": True}))
+    assert len(result.as_numpy("output_ids")) == 20
+    assert result.as_numpy("stop_reason")[0] == b"length"
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.infer("nope", _inputs("Hello", {}))
+    with pytest.raises(InferenceServerException, match="max_new_tokens"):
+        client.infer(MODEL, _inputs("Hello", {"max_tokens": 0}))
+    client.close()
+
+
+def test_tritonclient_streams_one_response_per_canvas_through_the_gateway(gw: RunningGateway) -> None:
+    client = tc.InferenceServerClient(gw.grpc_address)
+    results: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(MODEL, _inputs("Hi", {"max_tokens": 40, "max_denoising_steps": 2, "ignore_eos": True}),
+                              request_id="r1")
+    texts = []
+    while True:
+        result, error = results.get(timeout=60)
+        assert error is None
+        params = result.get_response().parameters
+        if params["triton_final_response"].bool_param:
+            break
+        texts.append(result.as_numpy("text_output")[0])
+    client.stop_stream()
+    client.close()
+    assert len(texts) == 3  # canvas 16: 16 + 16 + 8 tokens
+
+
+def test_dgemma_serve_demo_starts_streams_one_reply_and_exits_zero() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dgemma_worker.cli", "serve", "--demo", "--port", "0",
+                          "--grpc-port", "0"], capture_output=True, text=True, timeout=150, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dgemma serve: gateway at http://127.0.0.1:" in out.stdout
+    assert "curl -N http://127.0.0.1:" in out.stdout and "/v1/chat/completions" in out.stdout
+    assert "-> 200" in out.stdout and "[usage: {'prompt_tokens'" in out.stdout
