@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
@@ -25,6 +24,7 @@ from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.routing import Decision, Pipeline, route
 from dgemma_gateway.routing.predict import canvases_for
 from dgemma_gateway.types import RouteRequest
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
 

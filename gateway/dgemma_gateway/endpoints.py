@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 
 from dgemma_gateway.types import Candidate, EndpointLoad, Variant
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,11 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 import grpc
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.errors import GatewayError
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_worker import kserve
 from dgemma_worker.kserve import (
@@ -28,11 +33,6 @@ from dgemma_worker.kserve import (
 )
 from dgemma_worker.params import Limits, ParamError, params_from_mapping
 from dgemma_worker.types import CommitEvent, FinalEvent, RequestStats, StopReason
-from tritonclient.grpc import service_pb2 as kpb
-from tritonclient.grpc import service_pb2_grpc as kpb_grpc
-
-from dgemma_gateway.core import Gateway, GatewayRequest
-from dgemma_gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 

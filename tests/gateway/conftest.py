@@ -10,10 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gateway_harness import MODEL  # noqa: E402
+from gateway_harness import MODEL
 
-from dgemma_gateway.serve import LocalWorker, LocalWorkers  # noqa: E402
-from dgemma_worker.model import tiny_model_dir  # noqa: E402
+from dgemma_gateway.serve import LocalWorker, LocalWorkers
+from dgemma_worker.model import tiny_model_dir
 
 # Seconds of artificial delay per decoder step of the "slow GPU" worker (DGEMMA_DEBUG_STEP_DELAY_S).
 SLOW_STEP_S = 0.08
