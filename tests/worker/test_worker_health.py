@@ -43,8 +43,8 @@ def test_health_is_not_serving_until_warm_then_serving_then_not_serving_while_dr
         w.wait_loaded()
         assert all(_status(w, s) == health_pb2.HealthCheckResponse.SERVING for s in SERVICES)
 
-        # A stream in flight when the drain starts: ~20 canvases of 16 steps each.
-        params = pb.GenerationParams(max_new_tokens=320, max_denoising_steps=16, ignore_eos=True)
+        # A stream in flight when the drain starts: 6 canvases of 8 steps each.
+        params = pb.GenerationParams(max_new_tokens=96, max_denoising_steps=8, ignore_eos=True)
         stream = w.stub.Generate(text_request(params=params))
         assert next(stream).HasField("commit")
         drain = w.call_soon(w.server.drain(grace_s=30))
@@ -58,7 +58,7 @@ def test_health_is_not_serving_until_warm_then_serving_then_not_serving_while_dr
         rest = list(stream)
         assert not drain.done() or drain.result()  # the drain waited for the stream
         assert rest[-1].final.stop_reason == pb.STOP_REASON_LENGTH
-        assert rest[-1].final.stats.completion_tokens == 320
+        assert rest[-1].final.stats.completion_tokens == 96
         assert drain.result(30) is True
     finally:
         gate.set()
