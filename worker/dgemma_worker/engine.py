@@ -316,7 +316,8 @@ class Engine:
             seq_len=len(ids),
         )
         with self._cond:
-            if len(self._active) >= self.config.max_active and len(self._queue) >= self.config.max_queue:
+            # Counted together: a request may sit in the queue for a moment before a free slot takes it.
+            if len(self._active) + len(self._queue) >= self.config.max_active + self.config.max_queue:
                 raise OverloadedError(
                     f"overloaded: {len(self._active)} active and {len(self._queue)} queued requests "
                     f"(max_active={self.config.max_active}, max_queue={self.config.max_queue})"
@@ -538,6 +539,7 @@ class Engine:
             past_key_values=req.cache,
             decoder_position_ids=canvas.position_ids,
         )
+        self.counters.decoder_forward_s += time.perf_counter() - started
         t = temperature(params.t_min, params.t_max, canvas.remaining, params.max_denoising_steps)
         device = canvas.tokens.device
         step = denoise_step(
@@ -598,15 +600,12 @@ class Engine:
         req.seq_len += len(canvas_ids)
 
     def _retire(self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None) -> None:
-        with self._cond:
-            if req in self._active:
-                self._active.remove(req)
-            self._cond.notify_all()
         self._finish(req, reason, error, kind)
 
     def _finish(
         self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None
     ) -> None:
+        """Account for a finished request and free its slot, then send its final event."""
         if req.done:
             return
         req.done = True
@@ -615,7 +614,12 @@ class Engine:
         stats = req.stats
         stats.total_s = time.monotonic() - req.submitted_at
         outcome = reason.value
-        self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
+        # Bookkeeping before the final event, so whoever sees the event sees the slot free and counted.
+        with self._cond:
+            self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
+            if req in self._active:
+                self._active.remove(req)
+            self._cond.notify_all()
         self.observer.on_request_end(reason, stats)
         self._emit(req, FinalEvent(reason, stats, error, kind))
 
@@ -631,6 +635,7 @@ class Engine:
         if kind == "decoder":
             self._steps_total += 1
             self.counters.decoder_passes += 1
+            self.counters.decoder_step_s += seconds
         else:
             self.counters.encoder_passes += 1
         self.observer.on_step(kind, seconds)
