@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.params import GenerationParams
@@ -96,6 +97,7 @@ async def engine_round(engine: Any, n: int, params: GenerationParams) -> tuple[i
 def overhead(model: str, requests: int, rounds: int, params: GenerationParams) -> dict[str, Any]:
     """Tokens/s streaming over gRPC vs in-process, same model and settings."""
     import torch
+
     from dgemma_worker.engine import Engine, EngineConfig
     from dgemma_worker.model import load_model
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dgemma_worker.worker_config import METRICS_OFF, parse_config
 
 

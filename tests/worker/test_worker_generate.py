@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from conftest import LONG, RunningWorker, text_request, wait_until
+
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 

@@ -6,8 +6,9 @@ import urllib.request
 
 import pytest
 from conftest import RunningWorker, text_request
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
+
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 
