@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -42,6 +43,10 @@ class RunningWorker:
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         """Run a coroutine on the worker's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call_soon(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start a coroutine on the worker's loop; return its future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def wait_loaded(self, timeout: float = 120) -> None:
         assert self.load_future is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-
 from dgemma_worker.params import GenerationParams, Limits, ParamError, params_from_mapping
 from dgemma_worker.types import (
     ChatMessage,

@@ -57,6 +57,11 @@ class EngineConfig:
 
     max_active: int = 4
     max_queue: int = 16
+    # Requests admitted together share forward passes, up to this many per batch. 1 = no batching
+    # (a request's output then does not depend on what else runs); see docs/engine.md before raising it.
+    max_batch: int = 1
+    # With batching, how long the first queued request may wait for others to fill its batch.
+    batch_window_s: float = 0.01
     limits: Limits = field(default_factory=Limits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     rate_window_s: float = 10.0
@@ -105,19 +110,9 @@ class RateMeter:
 
 
 @dataclass
-class _Canvas:
-    """The canvas being denoised for one request."""
-
-    tokens: torch.Tensor  # (1, L) current noisy canvas
-    argmax: torch.Tensor  # (1, L) current draft
-    mask_mapping: Any
-    position_ids: torch.Tensor
-    remaining: int  # steps left: N..1, as transformers counts them
-    self_conditioning: torch.Tensor | None = None
-
-
-@dataclass
 class _Request:
+    """One request: its settings, its generator, what it has produced, and its place in a canvas."""
+
     id: str
     prompt_ids: list[int]
     params: GenerationParams
@@ -130,13 +125,34 @@ class _Request:
     stability: StabilityTracker
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
-    cache: Any = None
-    uncached: list[int] = field(default_factory=list)
-    seq_len: int = 0  # tokens in cache + uncached
-    canvas: _Canvas | None = None
     generated: list[int] = field(default_factory=list)
+    remaining: int = 0  # denoising steps left in the current canvas: N..1, as transformers counts them
+    canvas_done: bool = False  # this row's current canvas has stopped; it waits for the rest of its group
     last_draft_at: float = 0.0
     done: bool = False
+
+
+@dataclass
+class _Group:
+    """Requests that share forward passes: a batch with one row per request (one row unless batching).
+
+    Rows are left-padded to a common length, which is exact with an attention mask; every row adds one
+    canvas per round, so they stay aligned. A row that ends is dropped from the batch (and its cache).
+    """
+
+    rows: list[_Request]
+    attention: torch.Tensor  # (B, seq_len) bool: False on left padding
+    pending: torch.Tensor | None  # (B, n) tokens not yet in the cache
+    cache: Any = None
+    canvas: torch.Tensor | None = None  # (B, L) the noisy canvas fed to the next step
+    argmax: torch.Tensor | None = None  # (B, L) the current drafts
+    self_conditioning: torch.Tensor | None = None  # (B, L, V)
+    mask_mapping: Any = None
+    positions: torch.Tensor | None = None  # (1, L)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.attention.shape[1])
 
 
 class RequestHandle:
@@ -177,7 +193,8 @@ class Engine:
         self._meter = RateMeter(self.config.rate_window_s)
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
-        self._active: list[_Request] = []
+        self._active: list[_Request] = []  # admitted requests, in groups
+        self._groups: list[_Group] = []
         self._rr = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -187,6 +204,8 @@ class Engine:
         self._steps_total = 0
         self._debug_step_delay_s = float(os.environ.get(DEBUG_STEP_DELAY_ENV, "") or 0.0)  # TEST ONLY
         self.config.defaults.validated(self.config.limits)
+        if self.config.max_batch < 1 or self.config.max_active < 1 or self.config.max_queue < 0:
+            raise ValueError("max_batch and max_active must be >= 1 and max_queue >= 0")
 
     # ---- identity -------------------------------------------------------------------------------
 
@@ -299,30 +318,10 @@ class Engine:
     ) -> RequestHandle:
         if not admit_when_draining and not self.ready:
             raise NotReadyError("draining" if self._draining else "model is loading")
-        limits = self.config.limits
-        params.validated(limits)
-        ids = self.tokenize(prompt)
-        if len(ids) > limits.max_prompt_tokens:
-            raise PromptTooLongError(len(ids), limits.max_prompt_tokens)
-        self._check_context(len(ids), params.max_new_tokens)
-        seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
-        generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
-        req = _Request(
-            id=f"req-{next(self._ids)}",
-            prompt_ids=ids,
-            params=params,
-            sink=sink,
-            deadline=deadline,
-            generator=generator,
-            submitted_at=time.monotonic(),
-            text=TextAssembler(self.detokenize, params.stop),
-            stats=RequestStats(prompt_tokens=len(ids)),
-            stability=StabilityTracker(params.stability_threshold, params.confidence_threshold),
-            uncached=list(ids),
-            seq_len=len(ids),
-        )
+        req = self._make_request(prompt, params, sink, deadline)
         with self._cond:
-            if len(self._active) >= self.config.max_active and len(self._queue) >= self.config.max_queue:
+            # Counted together: a request may sit in the queue for a moment before a free slot takes it.
+            if len(self._active) + len(self._queue) >= self.config.max_active + self.config.max_queue:
                 raise OverloadedError(
                     f"overloaded: {len(self._active)} active and {len(self._queue)} queued requests "
                     f"(max_active={self.config.max_active}, max_queue={self.config.max_queue})"
@@ -330,6 +329,28 @@ class Engine:
             self._queue.append(req)
             self._cond.notify_all()
         return RequestHandle(req, self._wake)
+
+    def _make_request(self, prompt: Prompt, params: GenerationParams, sink: Sink, deadline: float | None) -> _Request:
+        """Validate and tokenize: everything that can refuse a request happens before it is queued."""
+        limits = self.config.limits
+        params.validated(limits)
+        ids = self.tokenize(prompt)
+        if len(ids) > limits.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), limits.max_prompt_tokens)
+        self._check_context(len(ids), params.max_new_tokens)
+        seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        return _Request(
+            id=f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            sink=sink,
+            deadline=deadline,
+            generator=torch.Generator(device=self.loaded.device).manual_seed(seed),
+            submitted_at=time.monotonic(),
+            text=TextAssembler(self.detokenize, params.stop),
+            stats=RequestStats(prompt_tokens=len(ids)),
+            stability=StabilityTracker(params.stability_threshold, params.confidence_threshold),
+        )
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         canvas = self.canvas_length
@@ -421,29 +442,59 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            req = self._next_request()
-            if req is None:
+            group = self._next_group()
+            if group is None:
                 return
-            self._turn(req)
+            self._turn(group)
 
-    def _next_request(self) -> _Request | None:
-        """Admit queued requests into free slots and pick the next active one, round robin."""
+    def _next_group(self) -> _Group | None:
+        """Admit queued requests into free slots (as new groups) and pick the next group, round robin."""
         with self._cond:
             while True:
                 self._reap_locked()
-                while self._queue and len(self._active) < self.config.max_active:
-                    req = self._queue.popleft()
-                    req.started_at = time.monotonic()
-                    req.stats.queue_wait_s = req.started_at - req.submitted_at
-                    self._active.append(req)
-                if self._active:
-                    self._rr %= len(self._active)
-                    req = self._active[self._rr]
+                self._admit_locked()
+                if self._groups:
+                    self._rr %= len(self._groups)
+                    group = self._groups[self._rr]
                     self._rr += 1
-                    return req
+                    return group
                 if self._stopping:
                     return None
-                self._cond.wait(0.5)
+                self._cond.wait(self._batch_wait_left() or 0.5)
+
+    def _batch_wait_left(self) -> float:
+        """Seconds the oldest queued request may still wait for its batch to fill (0 = admit now)."""
+        free = self.config.max_active - len(self._active)
+        want = min(self.config.max_batch, free)
+        if not self._queue or free <= 0 or len(self._queue) >= want:
+            return 0.0
+        return max(0.0, self._queue[0].submitted_at + self.config.batch_window_s - time.monotonic())
+
+    def _admit_locked(self) -> None:
+        while self._queue and len(self._active) < self.config.max_active:
+            if self.config.max_batch > 1 and self._batch_wait_left() > 0:
+                return  # give the batch a moment to fill, as Triton's max_queue_delay does
+            size = min(self.config.max_batch, self.config.max_active - len(self._active), len(self._queue))
+            rows = [self._queue.popleft() for _ in range(size)]
+            now = time.monotonic()
+            for req in rows:
+                req.started_at = now
+                req.stats.queue_wait_s = now - req.submitted_at
+                self._active.append(req)
+            self._groups.append(self._new_group(rows))
+
+    def _new_group(self, rows: list[_Request]) -> _Group:
+        """Left-pad the prompts of `rows` into one batch."""
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.loaded.pad_token_id or 0
+        device = self.loaded.device
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        attention = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            n = len(r.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
+            attention[i, width - n :] = True
+        return _Group(rows=rows, attention=attention, pending=ids)
 
     def _reap_locked(self) -> None:
         """End queued requests that were cancelled or ran out of time while waiting."""
@@ -462,128 +513,196 @@ class Engine:
             return StopReason.DEADLINE
         return None
 
-    def _turn(self, req: _Request) -> None:
-        """One unit of work for one request, with every failure contained to that request."""
-        reason = self._interrupt_reason(req, time.monotonic())
-        if reason is not None:
-            self._retire(req, reason)
-            return
+    def _turn(self, group: _Group) -> None:
+        """One unit of work for one group, with every failure contained to that group."""
+        now = time.monotonic()
+        for req in group.rows:
+            reason = self._interrupt_reason(req, now)
+            if reason is not None:
+                self._finish(req, reason)
         try:
             with torch.inference_mode():
-                if req.canvas is None:
-                    self._encode(req)
+                self._drop_finished_rows(group)
+                if not group.rows:
+                    pass
+                elif group.canvas is None:
+                    self._encode(group)
                 else:
-                    self._denoise(req)
+                    self._denoise(group)
         except torch.OutOfMemoryError:
-            log.error("out of memory in request %s", req.id)
+            log.error("out of memory in requests %s", [r.id for r in group.rows])
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self._retire(req, StopReason.ERROR, "out of memory", "oom")
+            for req in group.rows:
+                self._finish(req, StopReason.ERROR, "out of memory", "oom")
+            group.rows = []
         except Exception:
-            log.exception("request %s failed", req.id)
-            self._retire(req, StopReason.ERROR, "internal error", "internal")
+            log.exception("requests %s failed", [r.id for r in group.rows])
+            for req in group.rows:
+                self._finish(req, StopReason.ERROR, "internal error", "internal")
+            group.rows = []
+        if not group.rows:
+            with self._cond:
+                self._groups.remove(group)
 
-    def _encode(self, req: _Request) -> None:
-        """Put the uncached tokens into the request's cache and start a fresh noisy canvas."""
+    def _drop_finished_rows(self, group: _Group) -> None:
+        """Remove ended requests from the batch: their rows of every tensor and of the cache."""
+        keep = [i for i, r in enumerate(group.rows) if not r.done]
+        if len(keep) == len(group.rows):
+            return
+        group.rows = [group.rows[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
+        group.attention = group.attention[index]
+        if group.pending is not None:
+            group.pending = group.pending[index]
+        if group.cache is not None:
+            group.cache.batch_select_indices(index)
+        if group.canvas is not None:
+            assert group.argmax is not None
+            group.canvas, group.argmax = group.canvas[index], group.argmax[index]
+            if group.self_conditioning is not None:
+                group.self_conditioning = group.self_conditioning[index]
+            group.mask_mapping = self._decoder_mask(group)
+
+    def _encode(self, group: _Group) -> None:
+        """Put the pending tokens into the group's cache and start a fresh noisy canvas for each row."""
         model = self.loaded.model
         device = self.loaded.device
+        assert group.pending is not None
         started = time.perf_counter()
-        if req.cache is None:
-            req.cache = model._prepare_cache_for_generation(
-                generation_config=model.generation_config, batch_size=1, max_length=req.seq_len
+        batch, seq_len = len(group.rows), group.seq_len
+        if group.cache is None:
+            group.cache = model._prepare_cache_for_generation(
+                generation_config=model.generation_config, batch_size=batch, max_length=seq_len
             )
-        ids = torch.tensor([req.uncached], dtype=torch.long, device=device)
-        start = req.seq_len - len(req.uncached)
-        positions = torch.arange(start, req.seq_len, dtype=torch.int32, device=device).unsqueeze(0)
-        attention = torch.ones((1, req.seq_len), dtype=torch.bool, device=device)
+        positions = torch.arange(seq_len - group.pending.shape[1], seq_len, dtype=torch.int32, device=device)
+        positions = positions.unsqueeze(0)
         ids, mask = model._prepare_encoder_inputs(
-            input_ids=ids,
-            attention_mask=attention,
+            input_ids=group.pending,
+            attention_mask=group.attention,
             encoder_position_ids=positions,
-            past_key_values=req.cache,
+            past_key_values=group.cache,
             is_prefill=True,
             canvas_length=self.canvas_length,
-            batch_size=1,
+            batch_size=batch,
         )
-        out = model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=req.cache, position_ids=positions)
-        req.cache = out.past_key_values
-        req.uncached = []
-        req.stats.encoder_passes += 1
-        req.canvas = self._new_canvas(req)
+        out = model.model.encoder(
+            input_ids=ids, attention_mask=mask, past_key_values=group.cache, position_ids=positions
+        )
+        group.cache = out.past_key_values
+        group.pending = None
+        self._start_canvas(group)
         self._record_step("encoder", time.perf_counter() - started)
 
-    def _new_canvas(self, req: _Request) -> _Canvas:
+    def _start_canvas(self, group: _Group) -> None:
+        length, device = self.canvas_length, self.loaded.device
+        rows = [
+            torch.randint(0, self.loaded.vocab_size, (length,), generator=r.generator, device=device, dtype=torch.long)
+            for r in group.rows
+        ]
+        group.canvas = torch.stack(rows)
+        group.argmax = group.canvas
+        group.self_conditioning = None
+        seq_len = group.seq_len
+        group.positions = torch.arange(seq_len, seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
+        group.mask_mapping = self._decoder_mask(group)
+        for req in group.rows:
+            req.stats.encoder_passes += 1
+            req.remaining = req.params.max_denoising_steps
+            req.canvas_done = False
+            req.stability.reset()
+
+    def _decoder_mask(self, group: _Group) -> Any:
+        assert group.canvas is not None
         model = self.loaded.model
-        device = self.loaded.device
-        length = self.canvas_length
-        tokens = torch.randint(
-            0, self.loaded.vocab_size, (1, length), generator=req.generator, device=device, dtype=torch.long
-        )
-        decoder_attention = torch.ones((1, req.seq_len + length), dtype=torch.bool, device=device)
-        mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+        decoder_attention = torch.nn.functional.pad(group.attention, (0, self.canvas_length), value=True)
+        return model.model.decoder.create_diffusion_decoder_attention_mask(
             config=model.config,
-            inputs_embeds=tokens.unsqueeze(-1),
-            past_key_values=req.cache,
+            inputs_embeds=group.canvas.unsqueeze(-1),
+            past_key_values=group.cache,
             decoder_attention_mask=decoder_attention,
         )
-        positions = torch.arange(req.seq_len, req.seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
-        req.stability.reset()
-        return _Canvas(tokens, tokens, mask, positions, req.params.max_denoising_steps)
 
-    def _denoise(self, req: _Request) -> None:
-        """One denoising step of the request's canvas; commit it when it stops."""
-        canvas = req.canvas
-        assert canvas is not None
-        params = req.params
+    def _denoise(self, group: _Group) -> None:
+        """One denoising step for every row whose canvas is still going; commit when all have stopped."""
+        assert group.canvas is not None and group.argmax is not None
         model = self.loaded.model
         started = time.perf_counter()
         out = model(
-            decoder_input_ids=canvas.tokens,
-            self_conditioning_logits=canvas.self_conditioning,
-            decoder_attention_mask=canvas.mask_mapping,
-            past_key_values=req.cache,
-            decoder_position_ids=canvas.position_ids,
+            decoder_input_ids=group.canvas,
+            self_conditioning_logits=group.self_conditioning,
+            decoder_attention_mask=group.mask_mapping,
+            past_key_values=group.cache,
+            decoder_position_ids=group.positions,
         )
         if self._debug_step_delay_s > 0:  # TEST ONLY: a slow worker, measured like a slow GPU
             time.sleep(self._debug_step_delay_s)
-        t = temperature(params.t_min, params.t_max, canvas.remaining, params.max_denoising_steps)
-        device = canvas.tokens.device
+        self.counters.decoder_forward_s += time.perf_counter() - started
+        going = [i for i, r in enumerate(group.rows) if not r.canvas_done]
+        rows = [group.rows[i] for i in going]
+        device = group.canvas.device
+        index = torch.tensor(going, dtype=torch.long, device=device)
+        whole = len(going) == len(group.rows)
+        logits = out.logits if whole else out.logits[index]
         step = denoise_step(
-            out.logits,
-            canvas.tokens,
-            temperatures=torch.tensor([t], device=device),
-            entropy_bounds=torch.tensor([params.entropy_bound], device=device),
+            logits,
+            group.canvas if whole else group.canvas[index],
+            temperatures=torch.tensor(
+                [temperature(r.params.t_min, r.params.t_max, r.remaining, r.params.max_denoising_steps) for r in rows],
+                device=device,
+            ),
+            entropy_bounds=torch.tensor([r.params.entropy_bound for r in rows], device=device),
             vocab_size=self.loaded.vocab_size,
-            generators=[req.generator],
+            generators=[r.generator for r in rows],
         )
-        canvas.tokens = step.next_canvas
-        canvas.argmax = step.argmax_canvas
-        canvas.self_conditioning = step.processed_logits.to(model.model.decoder.embed_tokens.weight.dtype)
-        canvas.remaining -= 1
-        req.stats.decoder_passes += 1
-        stop = req.stability.update(step.argmax_canvas[0], step.entropy[0])
+        sc_dtype = model.model.decoder.embed_tokens.weight.dtype
+        if whole:
+            group.canvas, group.argmax = step.next_canvas, step.argmax_canvas
+            group.self_conditioning = step.processed_logits.to(sc_dtype)
+        else:
+            # Rows whose canvas has stopped keep their canvas and self-conditioning, as in stock batches.
+            assert group.self_conditioning is not None
+            group.canvas[index] = step.next_canvas
+            group.argmax[index] = step.argmax_canvas
+            group.self_conditioning[index] = step.processed_logits.to(sc_dtype)
+        for j, req in enumerate(rows):
+            req.remaining -= 1
+            req.stats.decoder_passes += 1
+            stop = req.stability.update(step.argmax_canvas[j], step.entropy[j])
+            req.canvas_done = stop or req.remaining == 0
         self._record_step("decoder", time.perf_counter() - started)
-        if stop or canvas.remaining == 0:
-            self._commit(req)
-        elif params.stream_drafts:
-            self._maybe_draft(req)
+        if all(r.canvas_done for r in group.rows):
+            self._commit(group)
+            return
+        for i in going:
+            if group.rows[i].params.stream_drafts and not group.rows[i].canvas_done:
+                self._maybe_draft(group.rows[i], group.argmax[i])
 
-    def _maybe_draft(self, req: _Request) -> None:
+    def _maybe_draft(self, req: _Request, argmax: torch.Tensor) -> None:
         now = time.monotonic()
         if now - req.last_draft_at < req.params.draft_interval_s:
             return
         req.last_draft_at = now
-        assert req.canvas is not None
         room = req.params.max_new_tokens - len(req.generated)
-        ids = tuple(req.canvas.argmax[0, :room].tolist())
-        step = req.params.max_denoising_steps - req.canvas.remaining
+        ids = tuple(argmax[:room].tolist())
+        step = req.params.max_denoising_steps - req.remaining
         self._emit(req, DraftEvent(req.stats.canvases, step, ids, self.detokenize(ids)))
 
-    def _commit(self, req: _Request) -> None:
-        """Append the argmax canvas (cut at EOS, stop string or the token budget) and emit it."""
-        assert req.canvas is not None
-        canvas_ids = req.canvas.argmax[0].tolist()
-        req.canvas = None
+    def _commit(self, group: _Group) -> None:
+        """Commit every row's argmax canvas; the rows that go on feed theirs to the encoder next."""
+        assert group.argmax is not None
+        canvases = group.argmax
+        for i, req in enumerate(group.rows):
+            self._commit_row(req, canvases[i].tolist())
+        group.pending = canvases
+        group.attention = torch.nn.functional.pad(group.attention, (0, self.canvas_length), value=True)
+        group.canvas = group.argmax = group.self_conditioning = group.mask_mapping = None
+        self._drop_finished_rows(group)
+
+    def _commit_row(self, req: _Request, canvas_ids: list[int]) -> None:
+        """Append one row's canvas (cut at EOS, stop string or the token budget) and emit it."""
         req.stats.canvases += 1
         room = req.params.max_new_tokens - len(req.generated)
         kept, reason = cut_canvas(canvas_ids, room, () if req.params.ignore_eos else self.loaded.eos_token_ids)
@@ -599,31 +718,24 @@ class Engine:
         self.counters.tokens_generated += len(kept)
         self._emit(req, CommitEvent(req.stats.canvases - 1, tuple(kept), delta))
         if reason is not None:
-            self._retire(req, reason)
-            return
-        # The committed canvas becomes context: the encoder caches it at the start of the next canvas.
-        req.uncached = canvas_ids
-        req.seq_len += len(canvas_ids)
-
-    def _retire(self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None) -> None:
-        with self._cond:
-            if req in self._active:
-                self._active.remove(req)
-            self._cond.notify_all()
-        self._finish(req, reason, error, kind)
+            self._finish(req, reason)
 
     def _finish(
         self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None
     ) -> None:
+        """Account for a finished request and free its slot, then send its final event."""
         if req.done:
             return
         req.done = True
-        req.cache = None
-        req.canvas = None
         stats = req.stats
         stats.total_s = time.monotonic() - req.submitted_at
         outcome = reason.value
-        self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
+        # Bookkeeping before the final event, so whoever sees the event sees the slot free and counted.
+        with self._cond:
+            self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
+            if req in self._active:
+                self._active.remove(req)
+            self._cond.notify_all()
         self.observer.on_request_end(reason, stats)
         self._emit(req, FinalEvent(reason, stats, error, kind))
 
@@ -639,6 +751,7 @@ class Engine:
         if kind == "decoder":
             self._steps_total += 1
             self.counters.decoder_passes += 1
+            self.counters.decoder_step_s += seconds
         else:
             self.counters.encoder_passes += 1
         self.observer.on_step(kind, seconds)

@@ -75,6 +75,7 @@ class TinyModelSpec:
     canvas_length: int = 16
     bpe_vocab_size: int = 384
     sliding_window: int = 128
+    model_vocab_size: int | None = None  # a larger embedding than the tokenizer needs (benchmarks)
 
 
 @dataclass
@@ -197,7 +198,8 @@ def make_tiny_model(path: Path | str, seed: int = 0, spec: TinyModelSpec | None 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _fast_tokenizer(_train_tokenizer(spec.bpe_vocab_size))
-    vocab_size = -(-len(tokenizer) // 64) * 64  # round up, as real checkpoints pad the embedding
+    # Round up, as real checkpoints pad the embedding; ids the tokenizer lacks decode to nothing.
+    vocab_size = spec.model_vocab_size or -(-len(tokenizer) // 64) * 64
     config = tiny_config(spec, vocab_size)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()

@@ -2,10 +2,11 @@
 
 Stock (transformers 5.23 `_denoising_step`) spends more than half of a CPU step outside the model:
 `torch.multinomial` over the whole canvas x vocabulary, and a `Categorical` entropy computed twice (once
-for acceptance, once for stopping). Here the entropy is computed once, bit-for-bit as `Categorical`
-computes it, and reused for both; only the accepted positions are sampled, from the same probabilities
-(positions are independent, so sampling a subset of rows does not change any row's distribution), and
-the renoising draws random tokens only where needed. Every draw takes the request's own generator.
+for acceptance, once for stopping). Here one pass of exponentials serves everything: the entropy (used
+for acceptance and for stopping), and the sampling weights of the accepted positions, which alone are
+sampled (positions are independent, so sampling a subset of rows does not change any row's distribution).
+The renoising draws random tokens only where needed. Every draw takes the request's own generator.
+The work is memory-bound, so the count of passes over the canvas x vocabulary matrix is what matters.
 """
 
 from __future__ import annotations
@@ -31,14 +32,30 @@ def temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> fl
     return t_min + (t_max - t_min) * (cur_step / max_steps)
 
 
-def entropy_and_probs(processed_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position entropy and probabilities, computed as `torch.distributions.Categorical` does."""
-    normalized = processed_logits - processed_logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(normalized, dim=-1)
-    # Categorical clamps at finfo.min before the product; logits here are soft-capped and finite,
-    # so the clamp is the identity and is skipped.
-    entropy = -(normalized * probs).sum(-1)
-    return entropy, probs
+@dataclass(frozen=True)
+class Distribution:
+    """softmax(x) kept as unnormalized weights exp(x - max) and their sums, with its entropy."""
+
+    weights: torch.Tensor  # (B, L, V) exp(x - max): sampling weights, proportional to the probabilities
+    entropy: torch.Tensor  # (B, L)
+
+    def probs(self) -> torch.Tensor:
+        return self.weights / self.weights.sum(-1, keepdim=True)
+
+
+def distribution(processed_logits: torch.Tensor) -> Distribution:
+    """Entropy and sampling weights of softmax(x) in four passes over x (Categorical takes about ten).
+
+    H = log Z - sum(p * (x - m)) with shifted weights e = exp(x - m), Z = sum(e), p = e / Z.
+    Equal to `Categorical(logits=x).entropy()` up to float rounding (tested to 1e-4 absolute).
+    """
+    peak = processed_logits.amax(dim=-1, keepdim=True)
+    shifted = processed_logits - peak
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    # A batched dot product per position: one fused read of both matrices, no (B, L, V) temporary.
+    dot = torch.einsum("blv,blv->bl", weights, shifted)
+    return Distribution(weights=weights, entropy=total.log() - dot / total)
 
 
 def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
@@ -52,7 +69,7 @@ def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) 
 
 
 def sample_rows(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of a (N, V) probability matrix."""
+    """One token per row of a (N, V) matrix of (unnormalized) probabilities."""
     if probs.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=probs.device)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -69,13 +86,15 @@ def denoise_step(
 ) -> StepResult:
     """Accept, sample and renoise one step for each row, each row with its own settings and generator."""
     processed = logits / temperatures.view(-1, 1, 1).to(logits.dtype)
-    entropy, probs = entropy_and_probs(processed)
+    dist = distribution(processed)
+    entropy = dist.entropy
     argmax_canvas = processed.argmax(dim=-1)
     accepted = acceptance_mask(entropy, entropy_bounds)
     next_canvas = current_canvas.clone()
     for row, generator in enumerate(generators):
         mask = accepted[row]
-        next_canvas[row, mask] = sample_rows(probs[row][mask], generator)
+        # multinomial takes unnormalized weights: no division by the sums needed.
+        next_canvas[row, mask] = sample_rows(dist.weights[row][mask], generator)
         rejected = int((~mask).sum())
         if rejected:
             noise = torch.randint(

@@ -20,13 +20,13 @@ from importlib import metadata
 from typing import Any
 
 import grpc
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.logs import setup_logging
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.runtime import EngineAPI, WorkerRuntime

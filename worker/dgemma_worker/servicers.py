@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker import convert, kserve
 from dgemma_worker.errors import RpcError, UnknownModelError, status_for_exception
 from dgemma_worker.params import ParamError

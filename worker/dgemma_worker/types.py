@@ -125,6 +125,8 @@ class Counters:
     tokens_generated: int = 0
     decoder_passes: int = 0
     encoder_passes: int = 0
+    decoder_forward_s: float = 0.0  # time inside the model's decoder forward
+    decoder_step_s: float = 0.0  # whole denoising steps: forward + sampling + bookkeeping
 
 
 class EngineError(Exception):

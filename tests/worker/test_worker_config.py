@@ -1,0 +1,59 @@
+"""`dgemma worker` settings: flags win over the operator's environment variables, which win over defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgemma_worker.worker_config import METRICS_OFF, parse_config
+
+
+def test_environment_sets_everything_and_flags_win() -> None:
+    env = {
+        "DGEMMA_MODEL": "/models/google/diffusiongemma-26B-A4B-it/",
+        "DGEMMA_PORT": "6000",
+        "DGEMMA_METRICS_PORT": "off",
+        "DGEMMA_MAX_ACTIVE": "3",
+        "DGEMMA_MAX_QUEUE": "5",
+        "DGEMMA_DTYPE": "bfloat16",
+        "DGEMMA_DEVICE": "cuda:0",
+        "DGEMMA_DRAIN_GRACE_S": "12.5",
+        "DGEMMA_LOG_FORMAT": "json",
+        "DGEMMA_HOST": "127.0.0.1",
+        "DGEMMA_MODEL_REVISION": "abc123",
+        "DGEMMA_DEFAULT_MAX_DENOISING_STEPS": "16",
+        "DGEMMA_DEFAULT_T_MIN": "0.3",
+        "DGEMMA_DEFAULT_T_MAX": "0.9",
+        "DGEMMA_DEFAULT_ENTROPY_BOUND": "0.2",
+        "DGEMMA_DEFAULT_STABILITY_THRESHOLD": "2",
+        "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD": "0.01",
+    }
+    cfg = parse_config(["--port", "7000", "--max-queue", "9"], env)
+    assert (cfg.port, cfg.max_queue, cfg.max_active) == (7000, 9, 3)
+    assert cfg.metrics_port == METRICS_OFF and cfg.host == "127.0.0.1"
+    assert (cfg.dtype, cfg.device, cfg.drain_grace_s, cfg.log_format) == ("bfloat16", "cuda:0", 12.5, "json")
+    assert cfg.model_name == "diffusiongemma-26B-A4B-it" and cfg.model_revision == "abc123"
+    d = cfg.defaults
+    assert (d.max_denoising_steps, d.t_min, d.t_max, d.entropy_bound) == (16, 0.3, 0.9, 0.2)
+    assert (d.stability_threshold, d.confidence_threshold) == (2, 0.01)
+
+
+def test_defaults_and_served_model_name() -> None:
+    cfg = parse_config(["--model", "google/diffusiongemma-26B-A4B-it"], {"DGEMMA_SERVED_MODEL_NAME": "dg"})
+    assert (cfg.port, cfg.metrics_port, cfg.max_active, cfg.max_queue) == (50051, 9090, 4, 16)
+    assert cfg.host == "0.0.0.0" and cfg.model_name == "dg"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        ([], {}),  # no model
+        (["--model", "m"], {"DGEMMA_MAX_ACTIVE": "many"}),
+        (["--model", "m", "--max-active", "0"], {}),
+        (["--model", "m"], {"DGEMMA_DEFAULT_T_MIN": "-1"}),
+        (["--model", "m"], {"DGEMMA_LOG_FORMAT": "yaml"}),
+    ],
+)
+def test_bad_settings_are_usage_errors(argv: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_config(argv, env)
+    assert info.value.code == 2
