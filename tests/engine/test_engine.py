@@ -419,3 +419,20 @@ def test_a_model_loads_from_a_directory_with_explicit_device_and_dtype(tiny_dir:
     assert loaded.name == "served-name" and loaded.device.type == "cpu" and loaded.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         load_model(tiny_dir, device="cpu", dtype="float8")
+
+
+def test_a_dead_step_thread_fails_pending_requests_and_reports_not_alive(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(loaded)
+    engine.start(warmup=False)
+    try:
+        assert engine.alive
+        monkeypatch.setattr(engine, "_turn", lambda group: (_ for _ in ()).throw(RuntimeError("scheduler bug")))
+        final = final_of(run(engine, GenerationParams(max_new_tokens=16, max_denoising_steps=2, seed=1)))
+        assert (final.stop_reason, final.error_kind) == (StopReason.ERROR, "internal")
+        assert not engine.alive and not engine.ready
+        with pytest.raises(NotReadyError, match="engine failed"):
+            engine.submit(HELLO, GenerationParams(), lambda e: None)
+    finally:
+        engine.shutdown()

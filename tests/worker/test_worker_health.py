@@ -63,3 +63,24 @@ def test_health_is_not_serving_until_warm_then_serving_then_not_serving_while_dr
     finally:
         gate.set()
         w.close()
+
+
+def test_health_goes_not_serving_when_the_engine_dies() -> None:
+    from dgemma_worker.params import GenerationParams
+    from dgemma_worker.types import Prompt
+
+    worker = RunningWorker(worker_config())
+    try:
+        worker.wait_loaded()
+        assert _status(worker) == health_pb2.HealthCheckResponse.SERVING
+        engine = worker.engine
+
+        def broken(group: object) -> None:
+            raise RuntimeError("scheduler bug")
+
+        engine._turn = broken
+        list(engine.generate(Prompt.of_text("x"), GenerationParams(max_new_tokens=16, max_denoising_steps=2)))
+        worker.call(worker.server.watch_engine(interval_s=0.05), timeout=10)
+        assert _status(worker) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        worker.close()

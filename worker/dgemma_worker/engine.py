@@ -198,6 +198,7 @@ class Engine:
         self._rr = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._fatal: BaseException | None = None
         self._ready = False
         self._draining = False
         self._ids = itertools.count(1)
@@ -223,7 +224,12 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._ready and not self._draining
+        return self._ready and not self._draining and self._fatal is None
+
+    @property
+    def alive(self) -> bool:
+        """False once the step thread has died; a server should then stop itself."""
+        return self._fatal is None and (self._thread is None or self._thread.is_alive() or self._stopping)
 
     @property
     def draining(self) -> bool:
@@ -317,7 +323,8 @@ class Engine:
         self, prompt: Prompt, params: GenerationParams, sink: Sink, deadline: float | None, admit_when_draining: bool
     ) -> RequestHandle:
         if not admit_when_draining and not self.ready:
-            raise NotReadyError("draining" if self._draining else "model is loading")
+            state = "engine failed" if self._fatal else "draining" if self._draining else "model is loading"
+            raise NotReadyError(state)
         req = self._make_request(prompt, params, sink, deadline)
         with self._cond:
             # Counted together: a request may sit in the queue for a moment before a free slot takes it.
@@ -441,11 +448,24 @@ class Engine:
     # ---- the step thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            group = self._next_group()
-            if group is None:
-                return
-            self._turn(group)
+        try:
+            while True:
+                group = self._next_group()
+                if group is None:
+                    return
+                self._turn(group)
+        except BaseException as exc:  # the scheduler itself broke: nothing more will be served
+            log.critical("engine step thread died", exc_info=exc)
+            self._fatal = exc
+            self._fail_everything()
+
+    def _fail_everything(self) -> None:
+        with self._cond:
+            pending = [*self._queue, *self._active]
+            self._queue.clear()
+            self._groups.clear()
+        for req in pending:
+            self._finish(req, StopReason.ERROR, "engine failure", "internal")
 
     def _next_group(self) -> _Group | None:
         """Admit queued requests into free slots (as new groups) and pick the next group, round robin."""

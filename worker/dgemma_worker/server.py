@@ -177,6 +177,16 @@ class WorkerServer:
                  extra={"fields": {"event": "stopped", "drained": idle}})
         return idle
 
+    async def watch_engine(self, interval_s: float = 1.0) -> None:
+        """Return when the engine's step thread has died, after setting health NOT_SERVING."""
+        engine = self.runtime.engine
+        while engine is None or engine.alive:
+            await asyncio.sleep(interval_s)
+            engine = self.runtime.engine
+        log.critical("the engine died; stopping", extra={"fields": {"event": "engine_died"}})
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self) -> None:
         """Stop at once (tests and errors): no grace."""
         self.runtime.stopping.set()
@@ -213,7 +223,14 @@ async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engin
         log.error("loading the model failed", exc_info=loader.exception())
         await server.stop()
         return 1
-    await terminated
+    if loader.done():
+        watchdog = asyncio.create_task(server.watch_engine())
+        await asyncio.wait({watchdog, terminated}, return_when=asyncio.FIRST_COMPLETED)
+        if watchdog.done():
+            # The engine died: stop serving so that Kubernetes restarts the pod.
+            await server.stop()
+            return 1
+        watchdog.cancel()
     if not loader.done():
         loader.cancel()
     # Exit 0 either way: the grace period is the contract, and Kubernetes only needs the process gone.

@@ -1,0 +1,142 @@
+"""The scaling decision as a pure function: table tests and multi-step runs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from dgemma_operator.autoscaler import (
+    AutoscalingPolicy,
+    Decision,
+    Measurements,
+    ScalerState,
+    decide,
+    recommend,
+)
+
+POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=10, target_utilization=0.7, scale_down_window_s=300)
+
+
+def measure(now: float = 0.0, replicas: int = 2, demand: float = 1.0, **kw: object) -> Measurements:
+    base = Measurements(
+        now=now,
+        replicas=replicas,
+        ready_replicas=replicas,
+        demand_canvases_per_s=demand,
+        demand_tokens_per_s=demand * 256,
+        waiting_requests=0,
+        waiting_canvases=0.0,
+        target_miss_ratio=0.0,
+        capacity_canvases_per_s=1.0,
+        prior_canvases_per_s=4.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def once(m: Measurements, policy: AutoscalingPolicy = POLICY, state: ScalerState | None = None) -> Decision:
+    return decide(policy, m, state or ScalerState())[0]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "demand", "expected", "reason_start"),
+    [
+        (2, 1.0, 2, "steady"),  # 1.0 / (1.0 * 0.7) -> 2 replicas: what runs
+        (2, 5.0, 6, "scale up"),  # wants 8, at most 4 more per decision
+        (6, 5.0, 8, "scale up"),
+        (8, 20.0, 10, "scale up"),  # bounded by max_replicas
+        (3, 0.0, 3, "steady"),  # a scale-down waits for the down window
+        (1, 0.0, 1, "steady"),  # never below min_replicas
+    ],
+)
+def test_table_of_single_decisions(replicas: int, demand: float, expected: int, reason_start: str) -> None:
+    d = once(measure(replicas=replicas, demand=demand))
+    assert d.desired_replicas == expected
+    assert d.reason.startswith(reason_start)
+
+
+def test_recommendation_counts_the_backlog_to_drain() -> None:
+    assert recommend(POLICY, measure(demand=0.7)) == 1
+    # 60 waiting canvases to drain in 30 s: +2 canvases/s.
+    assert recommend(POLICY, measure(demand=0.7, waiting_canvases=60.0, waiting_requests=5)) == 4
+
+
+def test_the_profile_prior_is_used_until_capacity_is_measured() -> None:
+    measured = once(measure(demand=4.0, capacity_canvases_per_s=1.0))
+    prior = once(measure(demand=4.0, capacity_canvases_per_s=None))
+    assert (measured.capacity_source, prior.capacity_source) == ("measured", "prior")
+    assert prior.recommendation == 2  # 4.0 / (4.0 * 0.7)
+    assert measured.recommendation == 6
+
+
+def test_fast_up_slow_down() -> None:
+    state = ScalerState()
+    replicas = 2
+    trace: list[int] = []
+    for t in range(0, 1200, 15):
+        demand = 5.0 if t < 300 else 1.0
+        d, state = decide(POLICY, measure(now=t, replicas=replicas, demand=demand), state)
+        replicas = d.desired_replicas
+        trace.append(replicas)
+    assert trace[1] == 8  # two decisions (30 s) to reach the 8 that 5 canvases/s need
+    drop = 300 // 15
+    assert trace[drop + 19] == 8  # still 8 just under 300 s after the drop (stabilization window)
+    assert trace[-1] == 2  # then one replica at a time down to what 1 canvas/s needs
+    downs = [b for a, b in itertools.pairwise(trace) if b < a]
+    assert all(a - b <= 1 for a, b in itertools.pairwise(trace))  # max_scale_down_step
+    assert len(downs) == 6
+
+
+@pytest.mark.parametrize("demand", [0.69, 0.71, 1.39, 1.41, 2.1, 3.3])
+def test_no_oscillation_under_constant_load(demand: float) -> None:
+    """Replicas settle and stay: no 2 <-> 1 flipping at a utilization boundary."""
+    state = ScalerState()
+    replicas = 1
+    trace = []
+    for t in range(0, 3600, 15):
+        d, state = decide(POLICY, measure(now=t, replicas=replicas, demand=demand), state)
+        replicas = d.desired_replicas
+        trace.append(replicas)
+    changes = sum(1 for a, b in itertools.pairwise(trace) if a != b)
+    assert changes <= 1
+    assert trace[-1] == recommend(POLICY, measure(demand=demand))
+    assert trace[-1] * 1.0 * 0.7 >= demand - 1e-9  # the settled fleet carries the load at the target
+
+
+def test_panic_scales_up_beyond_the_estimate_and_blocks_scale_down() -> None:
+    panicking = measure(replicas=4, demand=1.0, target_miss_ratio=0.3, waiting_requests=6)
+    d, state = decide(POLICY, panicking, ScalerState())
+    assert d.panic and d.desired_replicas == 6  # +50 %: the capacity estimate was too optimistic
+    calm = measure(now=400, replicas=6, demand=0.1)
+    d2, _ = decide(POLICY, calm, replace(state, recommendations=()))
+    assert d2.desired_replicas == 5  # panic window (60 s) is over by t=400
+    d3, _ = decide(POLICY, replace(calm, now=30), replace(state, recommendations=()))
+    assert d3.desired_replicas == 6 and d3.reason == "steady"
+
+
+def test_scale_to_zero_after_the_idle_window_and_back_on_demand() -> None:
+    policy = replace(POLICY, min_replicas=0, scale_to_zero_idle_s=120, scale_down_window_s=0)
+    state = ScalerState()
+    d, state = decide(policy, measure(now=0, replicas=1, demand=0.5), state)
+    assert d.desired_replicas == 1
+    d, state = decide(policy, measure(now=60, replicas=1, demand=0.0), state)
+    assert d.desired_replicas == 1  # idle, but not for long enough
+    d, state = decide(policy, measure(now=121, replicas=1, demand=0.0), state)
+    assert (d.desired_replicas, d.reason) == (0, "scale to zero: no demand for 120 s")
+    d, state = decide(policy, measure(now=130, replicas=0, demand=0.0), state)
+    assert (d.desired_replicas, d.reason) == (0, "steady")
+    d, state = decide(policy, measure(now=140, replicas=0, demand=0.0, waiting_requests=1), state)
+    assert (d.desired_replicas, d.reason) == (1, "scale from zero: requests are waiting")
+
+
+def test_without_scale_to_zero_an_idle_variant_keeps_one_replica() -> None:
+    policy = replace(POLICY, min_replicas=0, scale_down_window_s=0)
+    d = once(measure(now=10_000, replicas=1, demand=0.0), policy)
+    assert d.desired_replicas == 1
+
+
+def test_small_changes_within_tolerance_are_ignored() -> None:
+    policy = replace(POLICY, scale_down_window_s=0, max_replicas=20)
+    assert once(measure(replicas=10, demand=6.3 - 0.01), policy).desired_replicas == 10  # wants 9: within 10 %
+    assert once(measure(replicas=10, demand=5.5), policy).desired_replicas == 9  # wants 8: one step down

@@ -1,0 +1,52 @@
+"""The `dgemma` command as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def dgemma(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dgemma_worker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_generate_prints_text_and_a_stats_line(tiny_dir: Path) -> None:
+    out = dgemma("generate", "--model", str(tiny_dir), "--max-new-tokens", "20", "--steps", "3", "--seed", "1",
+                 "--stream", "Why is the sky blue?")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "tokens, " in out.stderr and "canvases" in out.stderr and "decoder passes" in out.stderr
+
+
+def test_generate_is_reproducible_with_a_seed(tiny_dir: Path) -> None:
+    args = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "32", "--steps", "2", "--seed", "7", "hi")
+    assert dgemma(*args).stdout == dgemma(*args).stdout
+
+
+def test_generate_rejects_a_bad_setting_naming_it(tiny_dir: Path) -> None:
+    out = dgemma("generate", "--model", str(tiny_dir), "--steps", "0", "hi")
+    assert out.returncode == 2
+    assert "max_denoising_steps: must be in [1, 256], got 0" in out.stderr
+
+
+def test_generate_without_a_model_makes_the_bundled_tiny_one(tmp_path: Path) -> None:
+    target = tmp_path / "bundled"
+    out = dgemma("generate", "--max-new-tokens", "8", "--steps", "2", "hello",
+                 env={"DGEMMA_TINY_MODEL_DIR": str(target)})
+    assert out.returncode == 0, out.stderr
+    assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
+
+
+def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = dgemma("make-tiny-model", str(tmp_path / "m"), "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    written = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= written
