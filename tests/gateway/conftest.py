@@ -10,36 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gateway_harness import MODEL
+from gateway_harness import MODEL, SLOW_STEP_S, Pool
 
-from dgemma_gateway.serve import LocalWorker, LocalWorkers
+from dgemma_gateway.serve import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-
-# Seconds of artificial delay per decoder step of the "slow GPU" worker (DGEMMA_DEBUG_STEP_DELAY_S).
-SLOW_STEP_S = 0.08
-
-
-class Pool:
-    """The test workers by role: two fast ones, a slow one and a victim to be killed."""
-
-    def __init__(self, fast: LocalWorkers, slow: LocalWorkers, victim: LocalWorkers) -> None:
-        self.groups = (fast, slow, victim)
-
-    @property
-    def fast(self) -> list[LocalWorker]:
-        return self.groups[0].workers
-
-    @property
-    def slow(self) -> LocalWorker:
-        return self.groups[1].workers[0]
-
-    @property
-    def victim(self) -> LocalWorker:
-        return self.groups[2].workers[0]
-
-    def stop(self) -> None:
-        for g in self.groups:
-            g.stop(timeout=5)
 
 
 @pytest.fixture(scope="session")

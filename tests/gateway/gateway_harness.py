@@ -15,6 +15,7 @@ from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSource, EndpointSpec, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
+from dgemma_gateway.serve import LocalWorker, LocalWorkers
 from dgemma_gateway.types import Variant
 
 T = TypeVar("T")
@@ -71,3 +72,30 @@ def variant(name: str, **kw: Any) -> Variant:
 def static(*pairs: tuple[str, Variant]) -> StaticSource:
     """Static endpoints from (address, variant) pairs."""
     return StaticSource([EndpointSpec(f"{v.name}/{a}", a, v) for a, v in pairs])
+
+
+# Seconds of artificial delay per decoder step of the "slow GPU" worker (DGEMMA_DEBUG_STEP_DELAY_S).
+SLOW_STEP_S = 0.08
+
+
+class Pool:
+    """The test workers by role: two fast ones, a slow one and a victim to be killed."""
+
+    def __init__(self, fast: LocalWorkers, slow: LocalWorkers, victim: LocalWorkers) -> None:
+        self.groups = (fast, slow, victim)
+
+    @property
+    def fast(self) -> list[LocalWorker]:
+        return self.groups[0].workers
+
+    @property
+    def slow(self) -> LocalWorker:
+        return self.groups[1].workers[0]
+
+    @property
+    def victim(self) -> LocalWorker:
+        return self.groups[2].workers[0]
+
+    def stop(self) -> None:
+        for g in self.groups:
+            g.stop(timeout=5)

@@ -13,8 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from conftest import Pool
-from gateway_harness import MODEL, RunningGateway, static, variant
+from gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 from dgemma_gateway.openai_api import ApiLimits
 

@@ -14,8 +14,7 @@ import aiohttp
 import grpc
 import openai
 import pytest
-from conftest import SLOW_STEP_S, Pool
-from gateway_harness import MODEL, RunningGateway, static, variant
+from gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc

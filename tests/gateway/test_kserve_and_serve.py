@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import Pool
-from gateway_harness import MODEL, RunningGateway, static, variant
+from gateway_harness import MODEL, Pool, RunningGateway, static, variant
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.timeout(180)

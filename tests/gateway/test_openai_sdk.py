@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import aiohttp
 import openai
 import pytest
-from conftest import Pool
-from gateway_harness import MODEL, RunningGateway, static, variant
+from gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 
