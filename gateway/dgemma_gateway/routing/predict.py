@@ -49,8 +49,14 @@ def target_s(request: RouteRequest, variant: Variant) -> float:
     return ms / 1000.0
 
 
-def predict(candidate: Candidate, request: RouteRequest, mode: Mode = "interleaved") -> Prediction:
-    """Predict the request's finish time on this candidate."""
+def predict(
+    candidate: Candidate, request: RouteRequest, mode: Mode = "interleaved", ahead_share: float = 1.0
+) -> Prediction:
+    """Predict the request's finish time on this candidate.
+
+    `ahead_share`: how much of this request's work each request already there still has left, on
+    average (1.0 assumes as much as this one: conservative; 0.5 assumes they are half done).
+    """
     variant = candidate.variant
     load = candidate.load
     canvas = (load.canvas_length if load is not None and load.canvas_length > 0 else 0) or variant.canvas_length
@@ -67,12 +73,13 @@ def predict(candidate: Candidate, request: RouteRequest, mode: Mode = "interleav
     own = canvases * (encoder_s + steps * step_s)
     n = candidate.in_system
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
+    others = own * ahead_share
     if mode == "batched":
-        wait = max(0, n + 1 - capacity) / capacity * own
+        wait = max(0, n + 1 - capacity) / capacity * others
         service = own
     else:
         # Interleaved: the share of the worker this request gets shrinks with the others present;
         # with more than `capacity`, the excess waits for whole requests to finish ahead of it.
-        wait = max(0, n + 1 - capacity) * own
-        service = min(n + 1, capacity) * own
+        wait = max(0, n + 1 - capacity) * others
+        service = own + (min(n + 1, capacity) - 1) * others
     return Prediction(wait + service, wait, service, canvases, steps, step_s, measured)

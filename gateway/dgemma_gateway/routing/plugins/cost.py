@@ -1,27 +1,45 @@
-"""Scorer `cost`: cheaper variants score higher (the cheapest scores 1)."""
+"""Scorer `cost`: cheaper variants score higher (the cheapest scores 1).
+
+With `per_work` (the default) the cost of serving this request is compared: the variant's cost weight
+(per replica-second) x the seconds of worker time the request needs there (canvases x steps x step
+latency). A pricier but much faster GPU can be the cheaper place for a request. Without it, only the
+cost weights are compared.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dgemma_gateway.routing.framework import Context, plugin
+from dgemma_gateway.routing.predict import predict
 from dgemma_gateway.types import Candidate
 
 
 @dataclass(frozen=True)
 class Params:
-    """No parameters."""
+    """per_work: compare cost weight x work seconds (True) or cost weights alone (False)."""
+
+    per_work: bool = True
 
 
 @plugin("scorer", "cost", Params)
 class Cost:
-    """min cost / cost, from the variants' cost weights."""
+    """min cost / cost."""
 
     def __init__(self, params: Params) -> None:
         self.params = params
 
     def score(self, ctx: Context, candidates: Sequence[Candidate]) -> list[float]:
         """Relative cheapness in (0, 1]."""
-        cheapest = min(c.variant.cost_weight for c in candidates)
-        return [cheapest / c.variant.cost_weight if c.variant.cost_weight > 0 else 1.0 for c in candidates]
+        costs = []
+        for c in candidates:
+            weight = max(1e-9, c.variant.cost_weight)
+            if self.params.per_work:
+                # The work alone (no queueing): what the replica-seconds of this request cost.
+                idle = replace(c, load=None if c.load is None else replace(c.load, active=0, queue_depth=0),
+                               inflight=0)
+                weight *= predict(idle, ctx.request).service_s
+            costs.append(weight)
+        cheapest = min(costs)
+        return [cheapest / c for c in costs]

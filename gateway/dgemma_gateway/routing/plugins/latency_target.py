@@ -16,11 +16,13 @@ from dgemma_gateway.types import Candidate
 
 @dataclass(frozen=True)
 class Params:
-    """slack: predicted finish must be within slack x target; strict: refuse instead of missing."""
+    """slack: predicted finish must be within slack x target; strict: refuse instead of missing;
+    mode and ahead_share: how the prediction models the worker (see predict.py)."""
 
     slack: float = 1.0
     strict: bool = False
     mode: Mode = "interleaved"
+    ahead_share: float = 1.0
 
 
 @plugin("filter", "latency-target", Params)
@@ -34,7 +36,8 @@ class LatencyTarget:
         """Endpoints predicted to meet the target (or the fastest)."""
         if not candidates:
             return []
-        preds = {c.endpoint_id: predict(c, ctx.request, self.params.mode) for c in candidates}
+        preds = {c.endpoint_id: predict(c, ctx.request, self.params.mode, self.params.ahead_share)
+                 for c in candidates}
         ctx.predictions.update(preds)
         meeting = [
             c for c in candidates
