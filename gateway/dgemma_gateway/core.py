@@ -262,7 +262,7 @@ class Gateway:
         met = None if decision.target_s is None else elapsed <= decision.target_s
         req.trace.update(elapsed_ms=round(elapsed * 1000, 3), target_met=met)
         tokens = final.stats.completion_tokens if final is not None else 0
-        self.demand.finished(variant, now, tokens, met)
+        self.demand.finished(variant, now, tokens, met, final.stats.canvases if final is not None else 0)
         m = self.metrics
         m.requests.labels(req.api, variant, "200").inc()
         m.latency.labels(variant).observe(elapsed)

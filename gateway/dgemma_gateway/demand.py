@@ -44,6 +44,7 @@ class VariantDemand:
     canvases: _Window = field(init=False)
     requests: _Window = field(init=False)
     delivered: _Window = field(init=False)
+    delivered_canvases: _Window = field(init=False)
     met: _Window = field(init=False)
     missed: _Window = field(init=False)
     targets_met_total: int = 0
@@ -51,7 +52,7 @@ class VariantDemand:
     requests_total: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "canvases", "requests", "delivered", "met", "missed"):
+        for name in ("tokens", "canvases", "requests", "delivered", "delivered_canvases", "met", "missed"):
             setattr(self, name, _Window(self.window_s))
 
 
@@ -80,10 +81,11 @@ class DemandTracker:
         """No endpoint could take a request for this model."""
         self.unroutable[model] = self.unroutable.get(model, 0) + 1
 
-    def finished(self, variant: str, now: float, completion_tokens: int, met: bool | None) -> None:
+    def finished(self, variant: str, now: float, completion_tokens: int, met: bool | None, canvases: int = 0) -> None:
         """A request finished; `met` says whether its latency target was met (None: no target)."""
         v = self._v(variant)
         v.delivered.add(now, completion_tokens)
+        v.delivered_canvases.add(now, canvases)
         if met is True:
             v.targets_met_total += 1
             v.met.add(now, 1)
@@ -111,6 +113,8 @@ def snapshot(
         v = tracker.variants.get(variant.name) or VariantDemand(tracker.window_s)
         delivered = sum(c.load.tokens_per_s for c in ready if c.load is not None)
         met, missed = v.met.rate(now) * tracker.window_s, v.missed.rate(now) * tracker.window_s
+        requests_rate = v.requests.rate(now)
+        canvases_per_request = v.canvases.rate(now) / requests_rate if requests_rate > 0 else 1.0
         out["variants"][variant.name] = {
             "model": variant.model,
             "gpu_profile": variant.gpu_profile,
@@ -125,6 +129,7 @@ def snapshot(
                 "tokens_per_s": v.tokens.rate(now),
                 "canvases_per_s": v.canvases.rate(now),
                 "requests_waiting": waiting,
+                "canvases_waiting": waiting * canvases_per_request,
                 "requests_in_flight": sum(c.inflight for c in mine),
                 "targets_met": int(met),
                 "targets_missed": int(missed),
@@ -137,6 +142,7 @@ def snapshot(
                 "tokens_per_s": delivered,
                 "tokens_per_s_per_replica": delivered / len(ready) if ready else 0.0,
                 "completion_tokens_per_s": v.delivered.rate(now),
+                "canvases_per_s_per_replica": v.delivered_canvases.rate(now) / len(ready) if ready else 0.0,
             },
         }
     return out

@@ -209,7 +209,8 @@ def simulate(
         met = latency <= job.target_s
         outcomes.append(Outcome(job.seq, job.variant, latency, job.target_s, met,
                                 job.work_s * w.sv.variant.cost_weight))
-        tracker.finished(job.variant, t, job.req.max_tokens, met)
+        tracker.finished(job.variant, t, job.req.max_tokens, met,
+                         canvases_for(job.req.max_tokens, w.sv.variant.canvas_length))
 
     while arrivals or any(w.active or w.queue for w in workers):
         t_arrival = arrivals[0].arrival_s if arrivals else math.inf
