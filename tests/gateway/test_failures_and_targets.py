@@ -122,7 +122,9 @@ def _warm(address: str) -> None:
 def test_a_target_only_the_fast_worker_meets_goes_to_it_and_a_loose_one_to_the_cheap_slow_one(pool: Pool) -> None:
     for w in (pool.slow, pool.fast[0]):
         _warm(w.address)
-    g = RunningGateway([static((pool.slow.address, variant("slow", cost_weight=1.0)),
+    # Cost compares what serving the request costs (price x worker-seconds): the slow worker must be much
+    # cheaper per second to be the cheaper place for a request it needs ~10x longer for.
+    g = RunningGateway([static((pool.slow.address, variant("slow", cost_weight=0.05)),
                                (pool.fast[0].address, variant("fast", cost_weight=4.0)))])
     try:
         g.wait_ready(2)
