@@ -1,10 +1,10 @@
 """A Kubernetes API server emulator for tests: real HTTP on 127.0.0.1, kubeconfig for real clients.
 
-    async with KubernetesEmulator(tmp_path) as k8s:      # in an event loop
-        subprocess.run(["kubectl", "--kubeconfig", k8s.kubeconfig, "get", "ns"])
+async with KubernetesEmulator(tmp_path) as k8s:      # in an event loop
+    subprocess.run(["kubectl", "--kubeconfig", k8s.kubeconfig, "get", "ns"])
 
-    with EmulatorThread(tmp_path) as k8s:                 # from synchronous tests: runs its own loop
-        ...
+with EmulatorThread(tmp_path) as k8s:                 # from synchronous tests: runs its own loop
+    ...
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class KubernetesEmulator:
         pathlib.Path(self.kubeconfig).write_text(yaml.safe_dump(self.kubeconfig_dict()))
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.store.close_watches()
         await asyncio.sleep(0.05)  # let open watches end their streams before the server closes
         await self._server.__aexit__(exc_type, exc, tb)
@@ -62,11 +63,17 @@ class KubernetesEmulator:
 
     def kubeconfig_dict(self) -> dict[str, Any]:
         return {
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "emulator",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
             "users": [{"name": "tester", "user": {"token": "emulator"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester",
-                                                         "namespace": "default"}}],
+            "contexts": [
+                {
+                    "name": "emulator",
+                    "context": {"cluster": "emulator", "user": "tester", "namespace": "default"},
+                }
+            ],
         }
 
 
@@ -96,8 +103,10 @@ class EmulatorThread:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run a function on the emulator's loop (where the store lives) and return its result."""
+
         async def wrapper() -> T:
             return fn()
+
         return self.run(wrapper())
 
     def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float = 30) -> T:
@@ -109,22 +118,36 @@ class EmulatorThread:
         self.run(self.emulator.__aenter__())
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.run(self.emulator.__aexit__(exc_type, exc, tb))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against the emulator; raises with kubectl's stderr when `check` and it fails."""
-        return kubectl(self.kubeconfig, args, input=input, check=check, timeout=timeout,
-                       cache_dir=str(self.emulator.directory / "kubectl-cache"))
+        return kubectl(
+            self.kubeconfig,
+            args,
+            input=input,
+            check=check,
+            timeout=timeout,
+            cache_dir=str(self.emulator.directory / "kubectl-cache"),
+        )
 
 
-def kubectl(kubeconfig: str, args: Sequence[str], input: str | None = None, check: bool = True,
-            timeout: float = 30, cache_dir: str | None = None) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    kubeconfig: str,
+    args: Sequence[str],
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 30,
+    cache_dir: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run kubectl with a given kubeconfig."""
     env = {**os.environ, "KUBECONFIG": kubeconfig}
     command = ["kubectl", *args] if cache_dir is None else ["kubectl", f"--cache-dir={cache_dir}", *args]

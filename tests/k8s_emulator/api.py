@@ -9,6 +9,7 @@ need (see docs/operator.md, "The test API server").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import json
@@ -41,8 +42,16 @@ class ApiError(Exception):
         self.code, self.reason, self.message, self.details = code, reason, message, details or {}
 
     def status(self) -> Body:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "details": self.details, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
 
 
 def _now() -> str:
@@ -51,16 +60,23 @@ def _now() -> str:
 
 def _not_found(rtype: ResourceType, name: str) -> ApiError:
     what = f"{rtype.plural}.{rtype.group}" if rtype.group else rtype.plural
-    return ApiError(404, "NotFound", f'{what} "{name}" not found',
-                    {"name": name, "group": rtype.group, "kind": rtype.plural})
+    return ApiError(
+        404,
+        "NotFound",
+        f'{what} "{name}" not found',
+        {"name": name, "group": rtype.group, "kind": rtype.plural},
+    )
 
 
 def _conflict(rtype: ResourceType, name: str) -> ApiError:
     what = f"{rtype.plural}.{rtype.group}" if rtype.group else rtype.plural
-    return ApiError(409, "Conflict",
-                    f'Operation cannot be fulfilled on {what} "{name}": the object has been modified; '
-                    "please apply your changes to the latest version and try again",
-                    {"name": name, "group": rtype.group, "kind": rtype.plural})
+    return ApiError(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {what} "{name}": the object has been modified; '
+        "please apply your changes to the latest version and try again",
+        {"name": name, "group": rtype.group, "kind": rtype.plural},
+    )
 
 
 # --- selectors ---------------------------------------------------------------------------------
@@ -98,7 +114,8 @@ def label_selector(text: str | None) -> Callable[[dict[str, str]], bool]:
             key, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
             tests.append(lambda labels, k=key, v=value: labels.get(k) == v)
         elif term.startswith("!"):
-            tests.append(lambda labels, k=term[1:].strip(): k not in labels)
+            absent = term[1:].strip()
+            tests.append(lambda labels, k=absent: k not in labels)
         else:
             tests.append(lambda labels, k=term: k in labels)
     return lambda labels: all(test(labels) for test in tests)
@@ -116,11 +133,11 @@ def field_selector(text: str | None) -> Callable[[Body], bool]:
     tests: list[Callable[[Body], bool]] = []
     for term in _split_selector(text or ""):
         if "!=" in term:
-            key, value = term.split("!=", 1)
-            tests.append(lambda obj, k=key.strip(), v=value.strip(): _field(obj, k) != v)
+            key, value = (part.strip() for part in term.split("!=", 1))
+            tests.append(lambda obj, k=key, v=value: _field(obj, k) != v)
         else:
-            key, value = term.replace("==", "=").split("=", 1)
-            tests.append(lambda obj, k=key.strip(), v=value.strip(): _field(obj, k) == v)
+            key, value = (part.strip() for part in term.replace("==", "=").split("=", 1))
+            tests.append(lambda obj, k=key, v=value: _field(obj, k) == v)
     return lambda obj: all(test(obj) for test in tests)
 
 
@@ -184,14 +201,16 @@ class Store:
             raise _not_found(rtype, name)
         return self._present(rtype, obj)
 
-    def list(self, rtype: ResourceType, namespace: str | None, labels: str | None = None,
-             fields: str | None = None) -> list[Body]:
+    def list(
+        self, rtype: ResourceType, namespace: str | None, labels: str | None = None, fields: str | None = None
+    ) -> list[Body]:
         match_labels, match_fields = label_selector(labels), field_selector(fields)
         return [
             self._present(rtype, obj)
             for (ns, _), obj in sorted(self.objects[rtype.key].items())
             if (namespace is None or ns == namespace)
-            and match_labels(obj["metadata"].get("labels") or {}) and match_fields(obj)
+            and match_labels(obj["metadata"].get("labels") or {})
+            and match_fields(obj)
         ]
 
     @staticmethod
@@ -233,7 +252,9 @@ class Store:
             {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": ""},
         ]
         crd["status"]["acceptedNames"] = crd["spec"]["names"]
-        crd["status"]["storedVersions"] = [v["name"] for v in crd["spec"].get("versions", []) if v.get("storage")]
+        crd["status"]["storedVersions"] = [
+            v["name"] for v in crd["spec"].get("versions", []) if v.get("storage")
+        ]
 
     def _admit(self, rtype: ResourceType, obj: Body) -> Body:
         """Pruning, defaulting and validation of custom resources against their CRD's schema."""
@@ -245,9 +266,15 @@ class Store:
         if errors:
             name = obj["metadata"].get("name", "")
             raise ApiError(
-                422, "Invalid", f'{rtype.kind}.{rtype.group} "{name}" is invalid: ' + ", ".join(errors),
-                {"name": name, "group": rtype.group, "kind": rtype.kind,
-                 "causes": [{"reason": "FieldValueInvalid", "message": e} for e in errors]},
+                422,
+                "Invalid",
+                f'{rtype.kind}.{rtype.group} "{name}" is invalid: ' + ", ".join(errors),
+                {
+                    "name": name,
+                    "group": rtype.group,
+                    "kind": rtype.kind,
+                    "causes": [{"reason": "FieldValueInvalid", "message": e} for e in errors],
+                },
             )
         return pruned
 
@@ -269,8 +296,12 @@ class Store:
         key = (meta.get("namespace") or "", meta["name"])
         if key in self.objects[rtype.key]:
             what = f"{rtype.plural}.{rtype.group}" if rtype.group else rtype.plural
-            raise ApiError(409, "AlreadyExists", f'{what} "{meta["name"]}" already exists',
-                           {"name": meta["name"], "group": rtype.group, "kind": rtype.plural})
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{what} "{meta["name"]}" already exists',
+                {"name": meta["name"], "group": rtype.group, "kind": rtype.plural},
+            )
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         for transient in ("resourceVersion", "deletionTimestamp", "managedFields"):
             meta.pop(transient, None)
@@ -281,8 +312,15 @@ class Store:
             return self._present(rtype, {**obj, "metadata": {**obj["metadata"], "resourceVersion": ""}})
         return self._commit(rtype, "ADDED", obj)
 
-    def replace(self, rtype: ResourceType, namespace: str | None, name: str, new: Body,
-                subresource: str | None = None, dry_run: bool = False) -> Body:
+    def replace(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        new: Body,
+        subresource: str | None = None,
+        dry_run: bool = False,
+    ) -> Body:
         """Write a whole new object (PUT, and every patch after it is applied)."""
         key = (namespace or "", name)
         old = self.objects[rtype.key].get(key)
@@ -328,8 +366,17 @@ class Store:
     def _essence(obj: Body) -> Body:
         return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
-    def patch(self, rtype: ResourceType, namespace: str | None, name: str, content_type: str, body: bytes,
-              subresource: str | None, manager: str | None, dry_run: bool = False) -> Body:
+    def patch(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        body: bytes,
+        subresource: str | None,
+        manager: str | None,
+        dry_run: bool = False,
+    ) -> Body:
         key = (namespace or "", name)
         old = self.objects[rtype.key].get(key)
         kind = content_type.split(";")[0].strip()
@@ -341,8 +388,9 @@ class Store:
                     if not dry_run:
                         self.applied[(rtype.key, key, manager or "")] = applied
                     return created
-                new = patching.apply(self._present(rtype, old), self.applied.get((rtype.key, key, manager or "")),
-                                     applied)
+                new = patching.apply(
+                    self._present(rtype, old), self.applied.get((rtype.key, key, manager or "")), applied
+                )
                 result = self.replace(rtype, namespace, name, new, subresource, dry_run)
                 if not dry_run:
                     self.applied[(rtype.key, key, manager or "")] = applied
@@ -413,16 +461,23 @@ class Store:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         obj = self.get(rtype, namespace, name)
         return {
-            "kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion",
-                                                         "creationTimestamp") if k in obj["metadata"]},
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                k: obj["metadata"][k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in obj["metadata"]
+            },
             "spec": {"replicas": int(_field(obj, rtype.scale["specReplicasPath"][1:]) or 0)},
-            "status": {"replicas": int(_field(obj, rtype.scale["statusReplicasPath"][1:]) or 0),
-                       "selector": _field(obj, rtype.scale.get("labelSelectorPath", ".status.selector")[1:])},
+            "status": {
+                "replicas": int(_field(obj, rtype.scale["statusReplicasPath"][1:]) or 0),
+                "selector": _field(obj, rtype.scale.get("labelSelectorPath", ".status.selector")[1:]),
+            },
         }
 
-    def set_scale(self, rtype: ResourceType, namespace: str | None, name: str, scale: Body,
-                  dry_run: bool = False) -> Body:
+    def set_scale(
+        self, rtype: ResourceType, namespace: str | None, name: str, scale: Body, dry_run: bool = False
+    ) -> Body:
         assert rtype.scale is not None
         obj = self.get(rtype, namespace, name)
         wanted_rv = (scale.get("metadata") or {}).get("resourceVersion")
@@ -438,16 +493,20 @@ class Store:
 
     # watching
 
-    def subscribe(self, rtype: ResourceType, namespace: str | None, matches: Callable[[Body], bool],
-                  since: str | None) -> tuple[_Watcher, list[tuple[str, Body]]]:
+    def subscribe(
+        self, rtype: ResourceType, namespace: str | None, matches: Callable[[Body], bool], since: str | None
+    ) -> tuple[_Watcher, list[tuple[str, Body]]]:
         """A live watcher plus the events it must see first: the missed ones, or all objects as ADDED."""
         watcher = _Watcher(namespace, matches, asyncio.Queue())
         if since and since != "0":
             backlog = [(event, obj) for rv, event, obj in self.history[rtype.key] if rv > int(since)]
         else:
             backlog = [("ADDED", obj) for obj in self.list(rtype, namespace)]
-        backlog = [(event, obj) for event, obj in backlog
-                   if namespace in (None, obj["metadata"].get("namespace")) and matches(obj)]
+        backlog = [
+            (event, obj)
+            for event, obj in backlog
+            if namespace in (None, obj["metadata"].get("namespace")) and matches(obj)
+        ]
         self.watchers[rtype.key].append(watcher)
         return watcher, backlog
 
@@ -494,7 +553,9 @@ class Handler(kmock.RawHandler):
         except Exception as e:
             if self._errors:
                 self._errors[-1].append(e)
-            error = ApiError(500, "InternalError", f"{type(e).__name__}: {e}", {"traceback": traceback.format_exc()})
+            error = ApiError(
+                500, "InternalError", f"{type(e).__name__}: {e}", {"traceback": traceback.format_exc()}
+            )
             return aiohttp.web.json_response(error.status(), status=500)
 
     def _parse(self, raw: aiohttp.web.BaseRequest, body: bytes) -> rendering.Request:
@@ -509,29 +570,50 @@ class Handler(kmock.RawHandler):
             version = match["core"] or match["version"]
             fields = dict(
                 resource=kmock.resource(group, version, match["plural"]),
-                namespace=match["ns"], name=match["name"], subresource=match["sub"],
+                namespace=match["ns"],
+                name=match["name"],
+                subresource=match["sub"],
                 action=self._action(raw.method, match["name"], raw.query),
             )
         return rendering.Request(
-            id=len(self._requests), raw_request=raw, url=raw.url, method=raw.method,
-            params=dict(raw.query), headers=dict(raw.headers), cookies=dict(raw.cookies),
-            body=body, text=body.decode(errors="replace"), data=data, **fields,
+            id=len(self._requests),
+            raw_request=raw,
+            url=raw.url,
+            method=raw.method,
+            params=dict(raw.query),
+            headers=dict(raw.headers),
+            cookies=dict(raw.cookies),
+            body=body,
+            text=body.decode(errors="replace"),
+            data=data,
+            **fields,
         )
 
     @staticmethod
     def _action(method: str, name: str | None, query: Any) -> kmock.action | None:
         if method == "GET":
-            return kmock.action.WATCH if query.get("watch") in ("1", "true") else (
-                kmock.action.FETCH if name else kmock.action.LIST)
-        return {"POST": kmock.action.CREATE, "PATCH": kmock.action.UPDATE, "PUT": kmock.action.UPDATE,
-                "DELETE": kmock.action.DELETE}.get(method)
+            return (
+                kmock.action.WATCH
+                if query.get("watch") in ("1", "true")
+                else (kmock.action.FETCH if name else kmock.action.LIST)
+            )
+        return {
+            "POST": kmock.action.CREATE,
+            "PATCH": kmock.action.UPDATE,
+            "PUT": kmock.action.UPDATE,
+            "DELETE": kmock.action.DELETE,
+        }.get(method)
 
-    async def _serve(self, raw: aiohttp.web.BaseRequest, request: rendering.Request) -> aiohttp.web.StreamResponse:
+    async def _serve(
+        self, raw: aiohttp.web.BaseRequest, request: rendering.Request
+    ) -> aiohttp.web.StreamResponse:
         path = raw.path.rstrip("/") or "/"
         if path == "/openapi/v2" and "protobuf" in raw.headers.get("Accept", ""):
             # An empty protobuf message is an empty OpenAPI document: kubectl then skips client-side
             # validation, which would otherwise need the real schemas of every kind.
-            return aiohttp.web.Response(body=b"", content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+            return aiohttp.web.Response(
+                body=b"", content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+            )
         if raw.method == "GET" and (answer := self._discovery(path)) is not None:
             return aiohttp.web.json_response(answer)
         match = _PATH_RE.match(raw.path)
@@ -552,8 +634,12 @@ class Handler(kmock.RawHandler):
             if query.get("watch") in ("1", "true"):
                 return await self._watch(raw, rtype, ns, query)
             items = store.list(rtype, ns, query.get("labelSelector"), query.get("fieldSelector"))
-            body = {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
-                    "metadata": {"resourceVersion": str(store.revision)}, "items": items}
+            body = {
+                "kind": f"{rtype.kind}List",
+                "apiVersion": rtype.api_version,
+                "metadata": {"resourceVersion": str(store.revision)},
+                "items": items,
+            }
             return self._respond(raw, rtype, body)
         if raw.method == "GET" and name and query.get("watch") in ("1", "true"):
             query = {**query, "fieldSelector": f"metadata.name={name}"}
@@ -570,8 +656,11 @@ class Handler(kmock.RawHandler):
                 scale = data or {}
             elif raw.method == "PATCH":
                 ctype = raw.headers.get("Content-Type", "")
-                scale = (patching.json_patch(scale, data) if "json-patch" in ctype
-                         else patching.merge_patch(scale, data))
+                scale = (
+                    patching.json_patch(scale, data)
+                    if "json-patch" in ctype
+                    else patching.merge_patch(scale, data)
+                )
             return aiohttp.web.json_response(store.set_scale(rtype, ns, name or "", scale, dry_run))
         if raw.method == "GET":
             return self._respond(raw, rtype, store.get(rtype, ns, name or ""))
@@ -585,8 +674,16 @@ class Handler(kmock.RawHandler):
             return aiohttp.web.json_response(store.replace(rtype, ns, name or "", data, sub, dry_run))
         if raw.method == "PATCH":
             created = ns is not None and (ns, name) not in store.objects[rtype.key]
-            result = store.patch(rtype, ns, name or "", raw.headers.get("Content-Type", ""), request.body, sub,
-                                 query.get("fieldManager"), dry_run)
+            result = store.patch(
+                rtype,
+                ns,
+                name or "",
+                raw.headers.get("Content-Type", ""),
+                request.body,
+                sub,
+                query.get("fieldManager"),
+                dry_run,
+            )
             return aiohttp.web.json_response(result, status=201 if created else 200)
         if raw.method == "DELETE":
             return aiohttp.web.json_response(store.delete(rtype, ns, name or "", dry_run))
@@ -597,9 +694,13 @@ class Handler(kmock.RawHandler):
             return aiohttp.web.json_response(_table(rtype, body))
         return aiohttp.web.json_response(body)
 
-    async def _watch(self, raw: aiohttp.web.BaseRequest, rtype: ResourceType, ns: str | None,
-                     query: Any) -> aiohttp.web.StreamResponse:
-        labels, fields = label_selector(query.get("labelSelector")), field_selector(query.get("fieldSelector"))
+    async def _watch(
+        self, raw: aiohttp.web.BaseRequest, rtype: ResourceType, ns: str | None, query: Any
+    ) -> aiohttp.web.StreamResponse:
+        labels, fields = (
+            label_selector(query.get("labelSelector")),
+            field_selector(query.get("fieldSelector")),
+        )
 
         def matches(obj: Body) -> bool:
             return labels(obj["metadata"].get("labels") or {}) and fields(obj)
@@ -627,10 +728,8 @@ class Handler(kmock.RawHandler):
             pass
         finally:
             self.store.unsubscribe(rtype, watcher)
-        try:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
             await response.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            pass
         return response
 
     @staticmethod
@@ -644,17 +743,32 @@ class Handler(kmock.RawHandler):
         store = self.store
         groups = store.groups()
         if path == "/version":
-            return {"major": "1", "minor": "32", "gitVersion": "v1.32.0-dgemma-emulator", "platform": "linux/amd64"}
+            return {
+                "major": "1",
+                "minor": "32",
+                "gitVersion": "v1.32.0-dgemma-emulator",
+                "platform": "linux/amd64",
+            }
         if path == "/api":
-            return {"kind": "APIVersions", "versions": ["v1"],
-                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+            }
         if path == "/apis":
-            return {"kind": "APIGroupList", "apiVersion": "v1",
-                    "groups": [_group(name, versions) for name, versions in sorted(groups.items()) if name]}
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [_group(name, versions) for name, versions in sorted(groups.items()) if name],
+            }
         if path.startswith("/openapi/v2"):
             # Empty: kubectl then skips client-side validation (it would need the real schemas).
-            return {"swagger": "2.0", "info": {"title": "dgemma emulator", "version": "v1.32.0"},
-                    "paths": {}, "definitions": {}}
+            return {
+                "swagger": "2.0",
+                "info": {"title": "dgemma emulator", "version": "v1.32.0"},
+                "paths": {},
+                "definitions": {},
+            }
         if path.startswith("/openapi/v3"):
             return {"paths": {}}
         if path in ("/healthz", "/livez", "/readyz"):
@@ -668,8 +782,12 @@ class Handler(kmock.RawHandler):
             rtypes = [t for (g, v, _), t in store.types.items() if g == group and v == version]
             if not rtypes:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": rtypes[0].api_version,
-                    "resources": [entry for t in rtypes for entry in t.discovery()]}
+            return {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": rtypes[0].api_version,
+                "resources": [entry for t in rtypes for entry in t.discovery()],
+            }
         return None
 
 
@@ -703,18 +821,31 @@ def _table(rtype: ResourceType, body: Body) -> Body:
     """A meta.k8s.io/v1 Table, so `kubectl get` shows the CRD's printer columns."""
     columns: list[Body] = [{"name": "Name", "type": "string", "format": "name", "priority": 0}]
     extra: Iterable[Body] = rtype.printer_columns or (
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},)
-    columns += [{"name": c["name"], "type": c.get("type", "string"), "format": "", "priority": c.get("priority", 0)}
-                for c in extra]
-    items = body["items"] if "items" in body else [body]
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+    columns += [
+        {"name": c["name"], "type": c.get("type", "string"), "format": "", "priority": c.get("priority", 0)}
+        for c in extra
+    ]
+    items = body.get("items", [body])
     rows = []
     for item in items:
         cells: list[Any] = [item["metadata"]["name"]]
         for column in extra:
             value = _jsonpath(item, column["jsonPath"])
-            cells.append(_age(value) if column.get("type") == "date" else ("<none>" if value is None else value))
-        partial = {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": item["metadata"]}
+            cells.append(
+                _age(value) if column.get("type") == "date" else ("<none>" if value is None else value)
+            )
+        partial = {
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": item["metadata"],
+        }
         rows.append({"cells": cells, "object": partial})
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion", "")},
-            "columnDefinitions": columns, "rows": rows}
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion", "")},
+        "columnDefinitions": columns,
+        "rows": rows,
+    }

@@ -163,7 +163,9 @@ def _delete_path(doc: dict[str, Any], path: tuple[str, ...]) -> None:
             del parent[key]
 
 
-def apply(current: dict[str, Any], previous_applied: dict[str, Any] | None, applied: dict[str, Any]) -> dict[str, Any]:
+def apply(
+    current: dict[str, Any], previous_applied: dict[str, Any] | None, applied: dict[str, Any]
+) -> dict[str, Any]:
     """Server-side apply for one field manager: its fields are set, fields it stopped applying are removed.
 
     Approximation: lists are atomic (real SSA merges lists with merge keys across managers).

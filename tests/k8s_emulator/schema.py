@@ -105,7 +105,9 @@ def _cel_errors(value: Any, schema: dict[str, Any], path: str) -> list[str]:
         return errors
     for rule in schema.get("x-kubernetes-validations") or []:
         if not evaluate_cel(rule["rule"], value):
-            errors.append(f"{path or '<root>'}: Invalid value: \"object\": {rule.get('message') or rule['rule']}")
+            errors.append(
+                f'{path or "<root>"}: Invalid value: "object": {rule.get("message") or rule["rule"]}'
+            )
     if isinstance(value, dict):
         for name, sub in (schema.get("properties") or {}).items():
             if name in value:
@@ -120,8 +122,12 @@ def validate(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     """Field errors in the API server's wording; empty when valid."""
     body = {k: v for k, v in obj.items() if k != "metadata"}
     errors = []
-    validator = jsonschema.Draft7Validator({**schema, "properties": {
-        k: v for k, v in (schema.get("properties") or {}).items() if k != "metadata"}})
+    validator = jsonschema.Draft7Validator(
+        {
+            **schema,
+            "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "metadata"},
+        }
+    )
     for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path)):
         where = _path(error.absolute_path) or "<root>"
         if error.validator == "required":

@@ -70,7 +70,17 @@ def mark_ready(k8s: EmulatorThread, deployment: str, ready: int) -> None:
     dep = get(k8s, "deployment", deployment)
     status = {
         "observedGeneration": dep["metadata"]["generation"],
-        "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready, "availableReplicas": ready,
+        "replicas": ready,
+        "updatedReplicas": ready,
+        "readyReplicas": ready,
+        "availableReplicas": ready,
     }
-    k8s.kubectl("patch", "deployment", deployment, "--subresource=status", "--type=merge",
-                "-p", json.dumps({"status": status}))
+    k8s.kubectl(
+        "patch",
+        "deployment",
+        deployment,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )

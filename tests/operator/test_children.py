@@ -52,15 +52,26 @@ def test_each_profile_selects_its_gpu_architecture_dtype_and_prior(
 
 
 def test_every_profile_default_can_be_overridden() -> None:
-    s = spec(gpu={
-        "profile": "h100", "product": "NVIDIA-H100-NVL", "count": 2, "architecture": "arm64", "dtype": "bf16",
-        "nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}],
-        "affinity": {"nodeAffinity": {}}, "resources": {"limits": {"memory": "100Gi"}},
-        "tokensPerSecondPrior": 999,
-    })
+    s = spec(
+        gpu={
+            "profile": "h100",
+            "product": "NVIDIA-H100-NVL",
+            "count": 2,
+            "architecture": "arm64",
+            "dtype": "bf16",
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "resources": {"limits": {"memory": "100Gi"}},
+            "tokensPerSecondPrior": 999,
+        }
+    )
     p = pod(s)
     assert p["nodeSelector"] == {
-        "nvidia.com/gpu.product": "NVIDIA-H100-NVL", "kubernetes.io/arch": "arm64", "pool": "gpu"}
+        "nvidia.com/gpu.product": "NVIDIA-H100-NVL",
+        "kubernetes.io/arch": "arm64",
+        "pool": "gpu",
+    }
     assert p["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     assert p["affinity"] == {"nodeAffinity": {}}
     limits = p["containers"][0]["resources"]["limits"]
@@ -70,14 +81,27 @@ def test_every_profile_default_can_be_overridden() -> None:
 
 
 def test_worker_gets_the_contract_command_ports_and_environment() -> None:
-    s = spec(worker={"maxActive": 3, "maxQueue": 17, "drainGraceSeconds": 40},
-             generation={"maxDenoisingSteps": 24, "tMin": 0.1, "tMax": 1.5, "entropyBound": 2.0,
-                         "stabilityThreshold": 3, "confidenceThreshold": 0.9},
-             model={"huggingFace": {"id": "google/diffusiongemma-26B-A4B-it", "revision": "abc123"},
-                    "tokenSecret": {"name": "hf"}})
+    s = spec(
+        worker={"maxActive": 3, "maxQueue": 17, "drainGraceSeconds": 40},
+        generation={
+            "maxDenoisingSteps": 24,
+            "tMin": 0.1,
+            "tMax": 1.5,
+            "entropyBound": 2.0,
+            "stabilityThreshold": 3,
+            "confidenceThreshold": 0.9,
+        },
+        model={
+            "huggingFace": {"id": "google/diffusiongemma-26B-A4B-it", "revision": "abc123"},
+            "tokenSecret": {"name": "hf"},
+        },
+    )
     container = pod(s)["containers"][0]
     assert container["command"] == ["dgemma", "worker"]
-    assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {("grpc", 50051), ("metrics", 9090)}
+    assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
+        ("grpc", 50051),
+        ("metrics", 9090),
+    }
     assert env(s) == {
         "DGEMMA_MODEL": "google/diffusiongemma-26B-A4B-it",
         "DGEMMA_MODEL_REVISION": "abc123",
@@ -143,7 +167,8 @@ def test_a_pvc_source_is_mounted_read_only_and_needs_no_fetch() -> None:
     assert "initContainers" not in p
     assert env(s)["DGEMMA_MODEL"] == "/model-source/gemma"
     assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in (
-        p["volumes"])
+        p["volumes"]
+    )
 
 
 def test_a_url_source_is_downloaded_into_the_cache() -> None:
@@ -164,9 +189,16 @@ def test_labels_let_the_gateway_find_workers_and_owner_references_collect_them()
             "dgemma.io/variant": "gemma",
             "dgemma.io/model": "google-gemma-it",
         }
-        assert child["metadata"]["ownerReferences"] == [{
-            "apiVersion": "dgemma.io/v1alpha1", "kind": "DiffusionGemma", "name": "gemma", "uid": "1234",
-            "controller": True, "blockOwnerDeletion": True}]
+        assert child["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "dgemma.io/v1alpha1",
+                "kind": "DiffusionGemma",
+                "name": "gemma",
+                "uid": "1234",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
     deployment = children.deployment(OWNER, spec())
     assert deployment["spec"]["template"]["metadata"]["labels"]["dgemma.io/variant"] == "gemma"
     assert children.endpoint("gemma", "ml") == "gemma-worker.ml.svc:50051"
@@ -177,15 +209,21 @@ def test_the_service_is_headless_with_named_ports_and_the_pdb_allows_one_disrupt
     assert svc["spec"]["clusterIP"] == "None"
     assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("grpc", 50051), ("metrics", 9090)]
     pdb = children.pod_disruption_budget(OWNER, spec())
-    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": children.selector_labels("gemma")}}
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": children.selector_labels("gemma")},
+    }
 
 
 @pytest.mark.parametrize("profile", ["h100", "rtx-pro-6000", "dgx-spark", "dgx-station"])
-@pytest.mark.parametrize("source", [
-    {"huggingFace": {"id": "a/b"}, "tokenSecret": {"name": "hf"}},
-    {"pvc": {"claimName": "w"}},
-    {"url": "s3://bucket/model.tar"},
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"huggingFace": {"id": "a/b"}, "tokenSecret": {"name": "hf"}},
+        {"pvc": {"claimName": "w"}},
+        {"url": "s3://bucket/model.tar"},
+    ],
+)
 def test_children_are_valid_kubernetes_objects(profile: str, source: dict[str, Any]) -> None:
     s = spec(gpu={"profile": profile}, model=source, cache={"claimName": "cache"})
     for child in children.children(OWNER, s):
@@ -199,11 +237,14 @@ def test_offline_validation_is_not_vacuous() -> None:
         kubernetes_validate.validate(broken, "1.33", strict=True)
 
 
-@pytest.mark.parametrize(("overrides", "problem"), [
-    ({"gpu": {"profile": "custom"}}, "custom"),
-    ({"gpu": {"count": 2, "resources": {"limits": {"nvidia.com/gpu": 1}}}}, "contradicts"),
-    ({"model": {"pvc": {"claimName": "w"}}, "cache": {"claimName": "w"}}, "must differ"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"gpu": {"profile": "custom"}}, "custom"),
+        ({"gpu": {"count": 2, "resources": {"limits": {"nvidia.com/gpu": 1}}}}, "contradicts"),
+        ({"model": {"pvc": {"claimName": "w"}}, "cache": {"claimName": "w"}}, "must differ"),
+    ],
+)
 def test_semantic_problems_are_reported(overrides: dict[str, Any], problem: str) -> None:
     assert problem in " ".join(children.semantic_problems("gemma", spec(**overrides)))
 
@@ -218,15 +259,22 @@ def test_status_reports_ready_only_from_observed_replicas() -> None:
     owner = {**OWNER, "metadata": {**OWNER["metadata"], "generation": 3}}
     missing = status.observed(owner, s, None, "t0")
     assert [c["status"] for c in missing["conditions"]] == ["False", "True", "False"]
-    dep = {"metadata": {"generation": 1},
-           "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1}}
+    dep = {
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
+    }
     partial = status.observed(owner, s, dep, "t1")
     assert partial["conditions"][0]["reason"] == "PartiallyReady" and partial["readyReplicas"] == 1
     dep["status"]["readyReplicas"] = 2
     ready = status.observed({**owner, "status": partial}, s, dep, "t2")
     assert ready["conditions"][0] == {
-        "type": "Ready", "status": "True", "reason": "AllReplicasReady", "message": "2/2 replicas ready",
-        "lastTransitionTime": "t1", "observedGeneration": 3}
+        "type": "Ready",
+        "status": "True",
+        "reason": "AllReplicasReady",
+        "message": "2/2 replicas ready",
+        "lastTransitionTime": "t1",
+        "observedGeneration": 3,
+    }
     assert ready["conditions"][1]["status"] == "False"
     assert ready["endpoint"] == "gemma-worker.ml.svc:50051" and ready["observedGeneration"] == 3
     assert ready["selector"] == "app.kubernetes.io/name=dgemma-worker,app.kubernetes.io/instance=gemma"
