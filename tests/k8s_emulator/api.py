@@ -614,6 +614,9 @@ class Handler(kmock.RawHandler):
             return aiohttp.web.Response(
                 body=b"", content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
             )
+        if "protobuf" in raw.headers.get("Content-Type", "") or "cbor" in raw.headers.get("Content-Type", ""):
+            # JSON only; client-go falls back to JSON when a server answers 415 to other encodings.
+            raise ApiError(415, "UnsupportedMediaType", "the emulator speaks JSON only")
         if raw.method == "GET" and (answer := self._discovery(path)) is not None:
             return aiohttp.web.json_response(answer)
         match = _PATH_RE.match(raw.path)
