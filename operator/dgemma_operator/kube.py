@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version
 from typing import Any
 
 import kubernetes
-from kubernetes.client.exceptions import ApiException
 
 from dgemma_operator import models
 from dgemma_operator.children import MANAGER
@@ -28,7 +28,9 @@ def load_config() -> kubernetes.client.ApiClient:
         kubernetes.config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
         )
-    return kubernetes.client.ApiClient(configuration)
+    client = kubernetes.client.ApiClient(configuration)
+    client.user_agent = f"{MANAGER}/{version('dgemma')}"
+    return client
 
 
 class Kube:
@@ -61,18 +63,6 @@ class Kube:
             response = self.policy.patch_namespaced_pod_disruption_budget(name, namespace, child, **common)
         else:
             raise ValueError(f"the operator does not manage {kind}")
-        return self._json(response)
-
-    def read_deployment(self, namespace: str, name: str) -> Body | None:
-        """The Deployment as observed, or None if it does not exist."""
-        try:
-            response = self.apps.read_namespaced_deployment(
-                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
         return self._json(response)
 
     def patch_status(self, namespace: str, name: str, status: Body) -> None:

@@ -97,27 +97,25 @@ def _split_selector(text: str) -> list[str]:
     return [p.strip() for p in [*parts, current] if p.strip()]
 
 
+def _label_term(term: str) -> Callable[[dict[str, str]], bool]:
+    if m := _SET_RE.match(term):
+        key, negate, values = m.group(1), m.group(2) == "notin", {v.strip() for v in m.group(3).split(",")}
+        return lambda labels: (labels.get(key) in values) != negate
+    if "!=" in term:
+        key, value = (s.strip() for s in term.split("!=", 1))
+        return lambda labels: labels.get(key) != value
+    if "=" in term:
+        key, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
+        return lambda labels: labels.get(key) == value
+    if term.startswith("!"):
+        absent = term[1:].strip()
+        return lambda labels: absent not in labels
+    return lambda labels: term in labels
+
+
 def label_selector(text: str | None) -> Callable[[dict[str, str]], bool]:
     """A predicate over labels for a labelSelector string (=, ==, !=, in, notin, exists, !exists)."""
-    tests: list[Callable[[dict[str, str]], bool]] = []
-    for term in _split_selector(text or ""):
-        if m := _SET_RE.match(term):
-            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
-            if op == "in":
-                tests.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
-            else:
-                tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
-        elif "!=" in term:
-            key, value = (s.strip() for s in term.split("!=", 1))
-            tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
-        elif "=" in term:
-            key, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
-            tests.append(lambda labels, k=key, v=value: labels.get(k) == v)
-        elif term.startswith("!"):
-            absent = term[1:].strip()
-            tests.append(lambda labels, k=absent: k not in labels)
-        else:
-            tests.append(lambda labels, k=term: k in labels)
+    tests = [_label_term(term) for term in _split_selector(text or "")]
     return lambda labels: all(test(labels) for test in tests)
 
 
@@ -128,16 +126,15 @@ def _field(obj: Body, path: str) -> str:
     return "" if node is None else str(node)
 
 
+def _field_term(term: str) -> Callable[[Body], bool]:
+    negate = "!=" in term
+    key, value = (part.strip() for part in term.replace("!=", "=").replace("==", "=").split("=", 1))
+    return lambda obj: (_field(obj, key) == value) != negate
+
+
 def field_selector(text: str | None) -> Callable[[Body], bool]:
     """A predicate over objects for a fieldSelector string (=, ==, !=)."""
-    tests: list[Callable[[Body], bool]] = []
-    for term in _split_selector(text or ""):
-        if "!=" in term:
-            key, value = (part.strip() for part in term.split("!=", 1))
-            tests.append(lambda obj, k=key, v=value: _field(obj, k) != v)
-        else:
-            key, value = (part.strip() for part in term.replace("==", "=").split("=", 1))
-            tests.append(lambda obj, k=key, v=value: _field(obj, k) == v)
+    tests = [_field_term(term) for term in _split_selector(text or "")]
     return lambda obj: all(test(obj) for test in tests)
 
 
@@ -201,7 +198,7 @@ class Store:
             raise _not_found(rtype, name)
         return self._present(rtype, obj)
 
-    def list(
+    def select(
         self, rtype: ResourceType, namespace: str | None, labels: str | None = None, fields: str | None = None
     ) -> list[Body]:
         match_labels, match_fields = label_selector(labels), field_selector(fields)
@@ -501,7 +498,7 @@ class Store:
         if since and since != "0":
             backlog = [(event, obj) for rv, event, obj in self.history[rtype.key] if rv > int(since)]
         else:
-            backlog = [("ADDED", obj) for obj in self.list(rtype, namespace)]
+            backlog = [("ADDED", obj) for obj in self.select(rtype, namespace)]
         backlog = [
             (event, obj)
             for event, obj in backlog
@@ -636,7 +633,7 @@ class Handler(kmock.RawHandler):
         if raw.method == "GET" and not name:
             if query.get("watch") in ("1", "true"):
                 return await self._watch(raw, rtype, ns, query)
-            items = store.list(rtype, ns, query.get("labelSelector"), query.get("fieldSelector"))
+            items = store.select(rtype, ns, query.get("labelSelector"), query.get("fieldSelector"))
             body = {
                 "kind": f"{rtype.kind}List",
                 "apiVersion": rtype.api_version,
@@ -645,8 +642,7 @@ class Handler(kmock.RawHandler):
             }
             return self._respond(raw, rtype, body)
         if raw.method == "GET" and name and query.get("watch") in ("1", "true"):
-            query = {**query, "fieldSelector": f"metadata.name={name}"}
-            return await self._watch(raw, rtype, ns, query)
+            return await self._watch(raw, rtype, ns, {**query, "fieldSelector": f"metadata.name={name}"})
         if name is None and raw.method != "POST":
             raise ApiError(405, "MethodNotAllowed", f"{raw.method} is not supported on collections")
         if sub not in (None, "status", "scale"):

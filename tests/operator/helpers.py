@@ -47,15 +47,20 @@ def exists(k8s: EmulatorThread, kind: str, name: str) -> bool:
 
 
 def eventually(check: Callable[[], T], timeout: float = 15, interval: float = 0.1) -> T:
-    """The first result of `check` that raises no AssertionError, or its last AssertionError."""
+    """The first truthy result of `check`; a falsy result or an AssertionError means "not yet"."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check()
+            result = check()
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(interval)
+        else:
+            if result or result is None:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still {result!r} after {timeout} s")
+        time.sleep(interval)
 
 
 def condition(resource: dict[str, Any], kind: str) -> dict[str, Any]:
