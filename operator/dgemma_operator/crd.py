@@ -13,6 +13,7 @@ from dgemma_operator import models
 CRD_PATH = "deploy/crds/dgemma.io_diffusiongemmas.yaml"
 
 _DROPPED_KEYS = {"title"}
+_EXCLUSIVE_BOUNDS = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -41,6 +42,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out["x-kubernetes-preserve-unknown-fields"] = True
         elif key == "items" and value == {}:
             out[key] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        elif key in _EXCLUSIVE_BOUNDS and not isinstance(value, bool):
+            # JSON Schema's numeric form (pydantic gt/lt); apiextensions/v1 (OpenAPI 3.0) wants the bound
+            # in minimum/maximum and exclusiveMinimum/exclusiveMaximum as a boolean, or rejects the CRD.
+            out[_EXCLUSIVE_BOUNDS[key]] = value
+            out[key] = True
         else:
             out[key] = _structural(value, defs)
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:

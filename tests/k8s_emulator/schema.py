@@ -118,10 +118,24 @@ def _cel_errors(value: Any, schema: dict[str, Any], path: str) -> list[str]:
     return errors
 
 
+def _draft7(node: Any) -> Any:
+    """OpenAPI 3.0 boolean exclusiveMinimum/exclusiveMaximum (beside minimum/maximum) as draft 7 numbers."""
+    if isinstance(node, list):
+        return [_draft7(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _draft7(value) for key, value in node.items()}
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(exclusive), bool) and out.pop(exclusive) and bound in out:
+            out[exclusive] = out.pop(bound)
+    return out
+
+
 def validate(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     """Field errors in the API server's wording; empty when valid."""
     body = {k: v for k, v in obj.items() if k != "metadata"}
     errors = []
+    schema = _draft7(schema)
     validator = jsonschema.Draft7Validator(
         {
             **schema,
