@@ -20,6 +20,7 @@ OUTPUT = ROOT / "charts" / "dgemma" / "files" / "dashboards" / "dgemma.json"
 UID = "dgemma-overview"
 GW = 'variant=~"$variant"'
 WK = 'dgemma_io_variant=~"$variant"'
+DECODER = WK + ', kind="decoder"'
 
 # (title, unit, [(legend, expr)]); rows of panels in the order shown, two per row.
 Panel = tuple[str, str, list[tuple[str, str]]]
@@ -27,90 +28,204 @@ ROWS: list[tuple[str, list[Panel]]] = [
     (
         "Service",
         [
-            ("Ready replicas per variant", "short", [
-                ("{{variant}} ready", f"sum by (variant) (dgemma_gateway_endpoints_ready{{{GW}}})"),
-                ("{{variant}} known", f"sum by (variant) (dgemma_gateway_endpoints{{{GW}}})"),
-            ]),
-            ("Requests per second by outcome", "reqps", [
-                ("{{variant}} {{outcome}}",
-                 f"sum by (variant, outcome) (rate(dgemma_gateway_requests_total{{{GW}}}[$__rate_interval]))"),
-            ]),
-            ("End-to-end latency (p50, p95)", "s", [
-                ("{{variant}} p50", "histogram_quantile(0.5, sum by (le, variant) "
-                 f"(rate(dgemma_gateway_request_duration_seconds_bucket{{{GW}}}[$__rate_interval])))"),
-                ("{{variant}} p95", "histogram_quantile(0.95, sum by (le, variant) "
-                 f"(rate(dgemma_gateway_request_duration_seconds_bucket{{{GW}}}[$__rate_interval])))"),
-            ]),
-            ("Latency targets missed", "percentunit", [
-                ("{{variant}}", "sum by (variant) (rate(dgemma_gateway_latency_target_total"
-                 f'{{{GW}, result="missed"}}[$__rate_interval])) / sum by (variant) '
-                 f"(rate(dgemma_gateway_latency_target_total{{{GW}}}[$__rate_interval]))"),
-            ]),
-            ("Time to first event (p95)", "s", [
-                ("{{variant}}", "histogram_quantile(0.95, sum by (le, variant) "
-                 f"(rate(dgemma_gateway_time_to_first_event_seconds_bucket{{{GW}}}[$__rate_interval])))"),
-            ]),
-            ("Retries and ejections", "short", [
-                ("retry {{reason}}", "sum by (reason) (rate(dgemma_gateway_retries_total[$__rate_interval]))"),
-                ("ejected {{variant}}",
-                 f"sum by (variant) (rate(dgemma_gateway_ejections_total{{{GW}}}[$__rate_interval]))"),
-            ]),
+            (
+                "Ready replicas per variant",
+                "short",
+                [
+                    ("{{variant}} ready", f"sum by (variant) (dgemma_gateway_endpoints_ready{{{GW}}})"),
+                    ("{{variant}} known", f"sum by (variant) (dgemma_gateway_endpoints{{{GW}}})"),
+                ],
+            ),
+            (
+                "Requests per second by outcome",
+                "reqps",
+                [
+                    (
+                        "{{variant}} {{outcome}}",
+                        "sum by (variant, outcome) "
+                        f"(rate(dgemma_gateway_requests_total{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "End-to-end latency (p50, p95)",
+                "s",
+                [
+                    (
+                        "{{variant}} p50",
+                        "histogram_quantile(0.5, sum by (le, variant) "
+                        f"(rate(dgemma_gateway_request_duration_seconds_bucket{{{GW}}}[$__rate_interval])))",
+                    ),
+                    (
+                        "{{variant}} p95",
+                        "histogram_quantile(0.95, sum by (le, variant) "
+                        f"(rate(dgemma_gateway_request_duration_seconds_bucket{{{GW}}}[$__rate_interval])))",
+                    ),
+                ],
+            ),
+            (
+                "Latency targets missed",
+                "percentunit",
+                [
+                    (
+                        "{{variant}}",
+                        "sum by (variant) (rate(dgemma_gateway_latency_target_total"
+                        f'{{{GW}, result="missed"}}[$__rate_interval])) / sum by (variant) '
+                        f"(rate(dgemma_gateway_latency_target_total{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "Time to first event (p95)",
+                "s",
+                [
+                    (
+                        "{{variant}}",
+                        "histogram_quantile(0.95, sum by (le, variant) "
+                        f"(rate(dgemma_gateway_time_to_first_event_seconds_bucket{{{GW}}}[$__rate_interval])))",
+                    ),
+                ],
+            ),
+            (
+                "Retries and ejections",
+                "short",
+                [
+                    (
+                        "retry {{reason}}",
+                        "sum by (reason) (rate(dgemma_gateway_retries_total[$__rate_interval]))",
+                    ),
+                    (
+                        "ejected {{variant}}",
+                        f"sum by (variant) (rate(dgemma_gateway_ejections_total{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
         ],
     ),
     (
         "Capacity and demand",
         [
-            ("Tokens/s: asked for vs delivered", "short", [
-                ("{{variant}} demand", f"sum by (variant) (dgemma_gateway_demand_tokens_per_second{{{GW}}})"),
-                ("{{variant}} delivered", "sum by (variant) (rate(dgemma_gateway_completion_tokens_total"
-                 f"{{{GW}}}[$__rate_interval]))"),
-            ]),
-            ("Capacity per ready replica (tokens/s)", "short", [
-                ("{{variant}}", "max by (variant) "
-                 f"(dgemma_gateway_delivered_tokens_per_second_per_replica{{{GW}}})"),
-            ]),
-            ("Canvases and requests asked for", "short", [
-                ("{{variant}} canvases/s",
-                 f"sum by (variant) (dgemma_gateway_demand_canvases_per_second{{{GW}}})"),
-                ("{{variant}} requests/s",
-                 f"sum by (variant) (dgemma_gateway_demand_requests_per_second{{{GW}}})"),
-            ]),
-            ("Requests waiting at the workers", "short", [
-                ("{{variant}}", f"sum by (variant) (dgemma_gateway_requests_waiting{{{GW}}})"),
-            ]),
+            (
+                "Tokens/s: asked for vs delivered",
+                "short",
+                [
+                    (
+                        "{{variant}} demand",
+                        f"sum by (variant) (dgemma_gateway_demand_tokens_per_second{{{GW}}})",
+                    ),
+                    (
+                        "{{variant}} delivered",
+                        "sum by (variant) (rate(dgemma_gateway_completion_tokens_total"
+                        f"{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "Capacity per ready replica (tokens/s)",
+                "short",
+                [
+                    (
+                        "{{variant}}",
+                        f"max by (variant) (dgemma_gateway_delivered_tokens_per_second_per_replica{{{GW}}})",
+                    ),
+                ],
+            ),
+            (
+                "Canvases and requests asked for",
+                "short",
+                [
+                    (
+                        "{{variant}} canvases/s",
+                        f"sum by (variant) (dgemma_gateway_demand_canvases_per_second{{{GW}}})",
+                    ),
+                    (
+                        "{{variant}} requests/s",
+                        f"sum by (variant) (dgemma_gateway_demand_requests_per_second{{{GW}}})",
+                    ),
+                ],
+            ),
+            (
+                "Requests waiting at the workers",
+                "short",
+                [
+                    ("{{variant}}", f"sum by (variant) (dgemma_gateway_requests_waiting{{{GW}}})"),
+                ],
+            ),
         ],
     ),
     (
         "Workers",
         [
-            ("Tokens/s per worker", "short", [
-                ("{{pod}}", f"dgemma_worker_tokens_per_second{{{WK}}}"),
-            ]),
-            ("Active and queued requests", "short", [
-                ("{{pod}} active", f"dgemma_worker_active_requests{{{WK}}}"),
-                ("{{pod}} queued", f"dgemma_worker_queue_depth{{{WK}}}"),
-                ("{{pod}} capacity", f"dgemma_worker_capacity{{{WK}}}"),
-            ]),
-            ("Decoder step latency (p50, p95)", "s", [
-                ("{{dgemma_io_variant}} p50", "histogram_quantile(0.5, sum by (le, dgemma_io_variant) "
-                 f'(rate(dgemma_worker_step_latency_seconds_bucket{{{WK}, kind="decoder"}}[$__rate_interval])))'),
-                ("{{dgemma_io_variant}} p95", "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
-                 f'(rate(dgemma_worker_step_latency_seconds_bucket{{{WK}, kind="decoder"}}[$__rate_interval])))'),
-            ]),
-            ("Worker requests by outcome", "reqps", [
-                ("{{dgemma_io_variant}} {{outcome}}", "sum by (dgemma_io_variant, outcome) "
-                 f"(rate(dgemma_worker_requests_total{{{WK}}}[$__rate_interval]))"),
-            ]),
-            ("Queue wait and time to first commit (p95)", "s", [
-                ("{{dgemma_io_variant}} queue wait", "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
-                 f"(rate(dgemma_worker_queue_wait_seconds_bucket{{{WK}}}[$__rate_interval])))"),
-                ("{{dgemma_io_variant}} first commit", "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
-                 f"(rate(dgemma_worker_time_to_first_commit_seconds_bucket{{{WK}}}[$__rate_interval])))"),
-            ]),
-            ("Decoder passes per second", "short", [
-                ("{{dgemma_io_variant}}", "sum by (dgemma_io_variant) "
-                 f"(rate(dgemma_worker_decoder_passes_total{{{WK}}}[$__rate_interval]))"),
-            ]),
+            (
+                "Tokens/s per worker",
+                "short",
+                [
+                    ("{{pod}}", f"dgemma_worker_tokens_per_second{{{WK}}}"),
+                ],
+            ),
+            (
+                "Active and queued requests",
+                "short",
+                [
+                    ("{{pod}} active", f"dgemma_worker_active_requests{{{WK}}}"),
+                    ("{{pod}} queued", f"dgemma_worker_queue_depth{{{WK}}}"),
+                    ("{{pod}} capacity", f"dgemma_worker_capacity{{{WK}}}"),
+                ],
+            ),
+            (
+                "Decoder step latency (p50, p95)",
+                "s",
+                [
+                    (
+                        "{{dgemma_io_variant}} p50",
+                        "histogram_quantile(0.5, sum by (le, dgemma_io_variant) "
+                        f"(rate(dgemma_worker_step_latency_seconds_bucket{{{DECODER}}}[$__rate_interval])))",
+                    ),
+                    (
+                        "{{dgemma_io_variant}} p95",
+                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        f"(rate(dgemma_worker_step_latency_seconds_bucket{{{DECODER}}}[$__rate_interval])))",
+                    ),
+                ],
+            ),
+            (
+                "Worker requests by outcome",
+                "reqps",
+                [
+                    (
+                        "{{dgemma_io_variant}} {{outcome}}",
+                        "sum by (dgemma_io_variant, outcome) "
+                        f"(rate(dgemma_worker_requests_total{{{WK}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "Queue wait and time to first commit (p95)",
+                "s",
+                [
+                    (
+                        "{{dgemma_io_variant}} queue wait",
+                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        f"(rate(dgemma_worker_queue_wait_seconds_bucket{{{WK}}}[$__rate_interval])))",
+                    ),
+                    (
+                        "{{dgemma_io_variant}} first commit",
+                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        f"(rate(dgemma_worker_time_to_first_commit_seconds_bucket{{{WK}}}[$__rate_interval])))",
+                    ),
+                ],
+            ),
+            (
+                "Decoder passes per second",
+                "short",
+                [
+                    (
+                        "{{dgemma_io_variant}}",
+                        "sum by (dgemma_io_variant) "
+                        f"(rate(dgemma_worker_decoder_passes_total{{{WK}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
         ],
     ),
 ]
@@ -118,7 +233,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
 WIDTH, HEIGHT = 12, 8
 
 
-def _panel(panel_id: int, title: str, unit: str, queries: list[tuple[str, str]], x: int, y: int) -> dict[str, Any]:
+def _panel(
+    panel_id: int, title: str, unit: str, queries: list[tuple[str, str]], x: int, y: int
+) -> dict[str, Any]:
     return {
         "id": panel_id,
         "type": "timeseries",
@@ -140,8 +257,16 @@ def dashboard() -> dict[str, Any]:
     y = 0
     panel_id = 1
     for row_title, row_panels in ROWS:
-        panels.append({"id": panel_id, "type": "row", "title": row_title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "id": panel_id,
+                "type": "row",
+                "title": row_title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         panel_id += 1
         y += 1
         for index, (title, unit, queries) in enumerate(row_panels):
@@ -153,7 +278,7 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": UID,
         "title": "dgemma: DiffusionGemma serving",
-        "description": "Gateway routing, latency targets, demand and capacity per variant, and worker internals.",
+        "description": "Routing, latency targets, demand and capacity per variant; worker internals.",
         "tags": ["dgemma", "llm", "inference"],
         "timezone": "browser",
         "editable": True,
@@ -163,14 +288,32 @@ def dashboard() -> dict[str, Any]:
         "time": {"from": "now-3h", "to": "now"},
         "templating": {
             "list": [
-                {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-                 "current": {}, "hide": 0},
-                {"name": "variant", "label": "Variant", "type": "query",
-                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                 "query": {"query": "label_values(dgemma_gateway_endpoints, variant)", "refId": "variants"},
-                 "definition": "label_values(dgemma_gateway_endpoints, variant)",
-                 "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
-                 "current": {"text": "All", "value": "$__all"}, "hide": 0},
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                },
+                {
+                    "name": "variant",
+                    "label": "Variant",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": {
+                        "query": "label_values(dgemma_gateway_endpoints, variant)",
+                        "refId": "variants",
+                    },
+                    "definition": "label_values(dgemma_gateway_endpoints, variant)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "refresh": 2,
+                    "sort": 1,
+                    "current": {"text": "All", "value": "$__all"},
+                    "hide": 0,
+                },
             ]
         },
         "annotations": {"list": []},

@@ -14,7 +14,6 @@ from typing import Any
 
 import helm_python as helm
 import yaml
-
 from _files import ROOT, write_or_check
 
 CHART = ROOT / "charts" / "dgemma"
@@ -62,7 +61,9 @@ def render(values: dict[str, Any]) -> dict[str, str]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -139,8 +140,11 @@ def outputs() -> dict[pathlib.Path, str]:
             files[overlay / _file_name(template)] = cleaned
             extra.append(_file_name(template))
         changed = [
-            t for t, text in rendered.items()
-            if t not in templates and t not in BASE_SKIP and (base / _file_name(t)) in files
+            t
+            for t, text in rendered.items()
+            if t not in templates
+            and t not in BASE_SKIP
+            and (base / _file_name(t)) in files
             and files.get(base / _file_name(t)) != _clean(t, text)
         ]
         patches = ""
