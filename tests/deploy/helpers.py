@@ -48,29 +48,37 @@ EVERYTHING: Body = {
 
 
 @functools.cache
-def _render(values_json: str, namespace: str) -> dict[str, str]:
+def _render(values_json: str, namespace: str, upgrade: bool) -> dict[str, str]:
     with helm.Chart.load(CHART) as chart:
-        return chart.render(json.loads(values_json), name=RELEASE, namespace=namespace, is_install=True)
+        return chart.render(
+            json.loads(values_json),
+            name=RELEASE,
+            namespace=namespace,
+            is_install=not upgrade,
+            is_upgrade=upgrade,
+        )
 
 
-def render_templates(values: Body | None = None, namespace: str = NAMESPACE) -> dict[str, str]:
-    """Rendered text by template path (`dgemma/templates/...`)."""
-    return _render(json.dumps(values or {}, sort_keys=True), namespace)
+def render_templates(
+    values: Body | None = None, namespace: str = NAMESPACE, upgrade: bool = False
+) -> dict[str, str]:
+    """Rendered text by template path (`dgemma/templates/...`), as for an install (or an upgrade)."""
+    return _render(json.dumps(values or {}, sort_keys=True), namespace, upgrade)
 
 
-def render(values: Body | None = None, namespace: str = NAMESPACE) -> list[Body]:
-    """Every object the chart renders (tests and NOTES left out)."""
+def render(values: Body | None = None, namespace: str = NAMESPACE, upgrade: bool = False) -> list[Body]:
+    """Every object the chart renders, NOTES left out (as for an install, or an upgrade)."""
     objects: list[Body] = []
-    for path, text in sorted(render_templates(values, namespace).items()):
+    for path, text in sorted(render_templates(values, namespace, upgrade).items()):
         if path.endswith("NOTES.txt"):
             continue
         objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return objects
 
 
-def notes(values: Body | None = None) -> str:
+def notes(values: Body | None = None, upgrade: bool = False) -> str:
     """The rendered NOTES.txt."""
-    return render_templates(values)["dgemma/templates/NOTES.txt"]
+    return render_templates(values, upgrade=upgrade)["dgemma/templates/NOTES.txt"]
 
 
 def find(objects: list[Body], kind: str, name: str | None = None) -> list[Body]:

@@ -47,9 +47,10 @@ SETUPS: dict[str, Body] = {
 }
 
 
+@pytest.mark.parametrize("upgrade", [False, True], ids=["install", "upgrade"])
 @pytest.mark.parametrize("setup", SETUPS)
-def test_every_rendered_object_is_valid_for_kubernetes(setup: str) -> None:
-    objects = render(SETUPS[setup])
+def test_every_rendered_object_is_valid_for_kubernetes(setup: str, upgrade: bool) -> None:
+    objects = render(SETUPS[setup], upgrade=upgrade)
     assert objects
     for obj in objects:
         if obj["kind"] in CUSTOM_KINDS:
@@ -111,7 +112,7 @@ def test_every_pod_runs_under_the_restricted_pod_security_standard() -> None:
 
 
 def test_image_tags_default_to_the_app_version_and_digests_pin() -> None:
-    objects = render({"worker": {"image": {"tag": "0.2.0"}}, "examples": {"enabled": True}})
+    objects = render({"worker": {"image": {"tag": "0.2.0"}}, "examples": {"enabled": True}}, upgrade=True)
     assert (
         one(objects, "Deployment", "dgemma-operator")["spec"]["template"]["spec"]["containers"][0]["image"]
         == "ghcr.io/dgemma/dgemma-control:0.1.0"
@@ -312,8 +313,17 @@ def test_service_monitors_select_the_gateway_and_the_operators_worker_services()
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["a"]}
 
 
+def test_examples_wait_for_an_upgrade_when_the_same_install_creates_their_crd() -> None:
+    examples = {"examples": {"enabled": True}}
+    assert not find(render(examples), "DiffusionGemma")
+    assert "--reuse-values" in notes(examples)
+    assert find(render(examples, upgrade=True), "DiffusionGemma")
+    assert "kubectl -n dgemma-system get dgm" in notes(examples, upgrade=True)
+    assert find(render({**examples, "crds": {"install": False}}), "DiffusionGemma"), "CRD applied beforehand"
+
+
 def test_example_variants_merge_the_common_spec_and_take_the_worker_image() -> None:
-    variants = find(render({"examples": {"enabled": True}}), "DiffusionGemma")
+    variants = find(render({"examples": {"enabled": True}}, upgrade=True), "DiffusionGemma")
     assert {v["metadata"]["name"] for v in variants} == {"gemma-h100-fp8", "gemma-rtx-pro-6000"}
     for variant in variants:
         assert variant["spec"]["servedModelName"] == "google/diffusiongemma-26B-A4B-it"
@@ -333,5 +343,5 @@ def test_template_failures_name_the_value_to_fix() -> None:
     with helm.Chart.load(CHART) as chart:
         values: dict[str, Any] = copy.deepcopy(chart.values)
         values["gateway"]["ingress"]["enabled"] = True
-        with pytest.raises(helm.HelmError, match=r"gateway\.ingress\.hosts"):
+        with pytest.raises(helm.HelmError, match=r"gateway[./]ingress[./]hosts"):
             chart.render(values, name=RELEASE, namespace=NAMESPACE)

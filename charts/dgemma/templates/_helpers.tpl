@@ -103,3 +103,9 @@ priorityClassName: {{ . }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end }}
+
+{{/* Non-empty when the example variants render now: enabled, and their CRD already served (see examples.yaml). */}}
+{{- define "dgemma.examplesNow" -}}
+{{- $crdPending := and .Values.crds.install .Release.IsInstall (not (.Capabilities.APIVersions.Has "dgemma.io/v1alpha1/DiffusionGemma")) }}
+{{- if and .Values.examples.enabled (not $crdPending) }}true{{ end }}
+{{- end }}
