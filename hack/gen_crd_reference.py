@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import yaml
-
 from _files import ROOT, write_or_check
 
 CRD = ROOT / "deploy" / "crds" / "dgemma.io_diffusiongemmas.yaml"
@@ -111,12 +110,14 @@ def render() -> str:
 # DiffusionGemma reference
 
 `{spec["group"]}/{version["name"]}`, kind `{names["kind"]}` (plural `{names["plural"]}`, short name
-`{", ".join(names.get("shortNames", []))}`, categories `{", ".join(names.get("categories", []))}`), namespaced.
+`{", ".join(names.get("shortNames", []))}`, categories
+`{", ".join(names.get("categories", []))}`), namespaced.
 {schema.get("description", "")}
 
 One resource is one *variant*: a model on one GPU profile with one set of serving settings and a cost.
-The operator turns it into a worker Deployment, a headless Service (`<name>-worker`, gRPC 50051, metrics 9090)
-and a PodDisruptionBudget. Several variants may serve the same `servedModelName`; the gateway routes among them.
+The operator turns it into a worker Deployment, a headless Service (`<name>-worker`, gRPC 50051,
+metrics 9090) and a PodDisruptionBudget. Several variants may serve the same `servedModelName`; the
+gateway routes among them.
 
 Subresources: `status`, and `scale` (`{scale["specReplicasPath"]}` / `{scale["statusReplicasPath"]}`, selector
 `{scale["labelSelectorPath"]}`), so `kubectl scale dgm/NAME --replicas=N`, HPA and KEDA work.

@@ -1,4 +1,4 @@
-"""The example DiffusionGemmas (one per GPU profile, and the chart's) are valid for the CRD and the operator."""
+"""The example DiffusionGemmas (one per GPU profile, and the chart's) are valid for the CRD and operator."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import pathlib
 
 import pytest
-
 from dgemma_operator import children, models
+
 from tests.deploy.helpers import ROOT, find, load_yaml_documents, render
 from tests.k8s_emulator import EmulatorThread
 

@@ -1,4 +1,4 @@
-"""values.yaml documents every value and values.schema.json validates them: bad values fail before rendering."""
+"""values.yaml documents every value; values.schema.json validates them, so bad values fail up front."""
 
 from __future__ import annotations
 
