@@ -1,0 +1,161 @@
+"""kopf handlers: small, typed, and thin over the pure builders in children/status and reconcile."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, cast
+
+import kopf
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from dgemma_operator import children, models, reconcile
+from dgemma_operator.kube import Kube, load_config
+
+RESOURCE = (models.GROUP, models.VERSION, models.PLURAL)
+MANAGED = {"app.kubernetes.io/managed-by": children.MANAGER}
+RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+RESYNC_INTERVAL_S = 60.0
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+def backoff(retry: int) -> float:
+    """Exponential backoff for transient errors: 1, 2, 4 ... 60 seconds."""
+    return float(min(BACKOFF_BASE_S * 2**retry, BACKOFF_MAX_S))
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Operator-wide settings and the API client the handlers share."""
+    settings.persistence.finalizer = f"{models.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=models.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=models.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+    memo.kube = Kube(load_config())
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else the kubeconfig that KUBECONFIG names at this moment."""
+    return kopf.login_with_service_account(settings=settings, **kwargs) or kopf.login_with_kubeconfig(
+        settings=settings, **kwargs
+    )
+
+
+def _body(raw: dict[str, Any]) -> kopf.Body:
+    return kopf.Body(cast(kopf.RawBody, raw))
+
+
+def _transient(error: Exception, retry: int) -> kopf.TemporaryError | None:
+    if isinstance(error, ApiException) and error.status in RETRYABLE_STATUS:
+        message = f"API answered {error.status} {error.reason}; retrying"
+        return kopf.TemporaryError(message, delay=backoff(retry))
+    if isinstance(error, urllib3.exceptions.HTTPError | TimeoutError | ConnectionError):
+        message = f"API unreachable ({type(error).__name__}); retrying"
+        return kopf.TemporaryError(message, delay=backoff(retry))
+    return None
+
+
+@kopf.index(*RESOURCE)
+def variants(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """Every resource by (namespace, name), so child events find their owner without an API call."""
+    return {(namespace, name): copy.deepcopy(dict(body))}
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE)
+def reconcile_variant(
+    body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, logger: kopf.Logger, **_: Any
+) -> None:
+    """Make the children match the spec and record the observed state."""
+    raw = copy.deepcopy(dict(body))
+    try:
+        reconcile.converge(memo.kube, raw)
+    except reconcile.InvalidSpec as e:
+        try:
+            reconcile.record_invalid(memo.kube, raw, e)
+        except ApiException as status_error:
+            raise _transient(status_error, retry) or status_error from e
+        kopf.warn(_body(raw), reason=e.reason, message=e.message)
+        raise kopf.PermanentError(f"{e.reason}: {e.message}") from e
+    except Exception as e:
+        temporary = _transient(e, retry)
+        if temporary is None:
+            raise
+        kopf.warn(_body(raw), reason="ApiError", message=str(temporary))
+        raise temporary from e
+    verb = {"create": "Created", "update": "Updated", "resume": "Verified"}.get(reason, "Reconciled")
+    message = f"{verb} Deployment, Service and PodDisruptionBudget"
+    kopf.info(_body(raw), reason=f"{verb}Workers", message=message)
+    logger.info("Children applied (%s).", reason)
+
+
+@kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
+def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Level-based safety net: re-apply children and refresh the status periodically."""
+    raw = copy.deepcopy(dict(body))
+    try:
+        reconcile.converge(memo.kube, raw)
+    except reconcile.InvalidSpec as e:
+        reconcile.record_invalid(memo.kube, raw, e)
+
+
+@kopf.on.delete(*RESOURCE)
+def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """Nothing to clean up by hand: the children go with their ownerReferences; the finalizer is released."""
+    kopf.info(body, reason="Deleting", message="workers are garbage-collected with the resource")
+    logger.info("Released; the garbage collector removes the children.")
+
+
+def _owner(body: kopf.Body) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == models.KIND and ref.get("controller") and ref.get("apiVersion", "").startswith(
+            f"{models.GROUP}/"
+        ):
+            return str(ref["name"])
+    return None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)  # type: ignore[arg-type]
+def child_changed(  # kopf's WatchingFn protocol does not know index kwargs such as `variants`
+
+    type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, variants: kopf.Index[Any, Any],
+    logger: kopf.Logger, **_: Any,
+) -> None:
+    """A child changed: restore it if it drifted or vanished; refresh status when the Deployment moves."""
+    owner_name = _owner(body)
+    if owner_name is None or (namespace, owner_name) not in variants:
+        return
+    owner = next(iter(variants[namespace, owner_name]))
+    if owner["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        spec = reconcile.parse_spec(owner)
+    except reconcile.InvalidSpec:
+        return  # the owner's handler has reported it
+    kind = body.get("kind")
+    desired = next(c for c in children.children(owner, spec) if c["kind"] == kind)
+    drifted = type == "DELETED" or not reconcile.is_subset(
+        {k: desired[k] for k in ("metadata", "spec")}, dict(body)
+    )
+    if drifted:
+        logger.info("%s %s drifted (%s); restoring it.", kind, body["metadata"]["name"], type or "listed")
+        how = "deleted" if type == "DELETED" else "changed"
+        message = f"{kind} {body['metadata']['name']} was {how} by hand; restored"
+        kopf.warn(_body(owner), reason="DriftCorrected", message=message)
+        reconcile.converge(memo.kube, owner)
+    elif kind == "Deployment":
+        reconcile.refresh_status(memo.kube, owner, spec, dict(body))
+

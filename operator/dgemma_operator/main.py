@@ -1,0 +1,52 @@
+"""`dgemma operator`: run the kopf operator (called by the dgemma CLI)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+LIVENESS_PATH = "/healthz"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `dgemma operator` command line."""
+    p = argparse.ArgumentParser(prog="dgemma operator", description="Run the DiffusionGemma operator.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; globs allowed, e.g. 'team-*')")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch the whole cluster")
+    p.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: none)")
+    peering = p.add_mutually_exclusive_group()
+    peering.add_argument("--peering", metavar="NAME", default=None,
+                         help="KopfPeering/ClusterKopfPeering used so that one instance is active at a time")
+    peering.add_argument("--standalone", action="store_true", help="no peering: assume a single instance")
+    p.add_argument("--priority", type=int, default=0, help="peering priority of this instance")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def kopf_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for kopf.run from parsed command-line arguments."""
+    options: dict[str, Any] = {
+        "standalone": bool(args.standalone),
+        "priority": args.priority,
+        "clusterwide": bool(args.all_namespaces or not args.namespace),
+        "namespaces": list(args.namespace),
+    }
+    if args.peering:
+        options["peering_name"] = args.peering
+    if args.liveness_port:
+        options["liveness_endpoint"] = f"http://0.0.0.0:{args.liveness_port}{LIVENESS_PATH}"
+    return options
+
+
+def run(argv: list[str]) -> int:
+    """Run the operator until it is stopped; returns the exit status."""
+    args = parser().parse_args(argv)
+    import kopf
+
+    from dgemma_operator import handlers  # noqa: F401  # registers the handlers
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
+    kopf.run(**kopf_options(args))
+    return 0

@@ -1,0 +1,321 @@
+"""The DiffusionGemma custom resource as typed models: the one source of truth for the CRD schema.
+
+Attribute docstrings become the schema's descriptions (so `kubectl explain` helps), field bounds
+and literals become bounds and enums, and `x-kubernetes-validations` carry the CEL rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from dgemma_operator.profiles import Architecture, Dtype, ProfileName
+
+GROUP = "dgemma.io"
+VERSION = "v1alpha1"
+KIND = "DiffusionGemma"
+PLURAL = "diffusiongemmas"
+SINGULAR = "diffusiongemma"
+SHORT_NAMES = ["dgm"]
+CATEGORIES = ["dgemma", "all-models"]
+
+
+def _config(*rules: tuple[str, str]) -> ConfigDict:
+    extra: dict[str, Any] = {}
+    if rules:
+        extra["x-kubernetes-validations"] = [{"rule": rule, "message": message} for rule, message in rules]
+    return ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        extra="ignore",
+        frozen=True,
+        json_schema_extra=extra or None,
+    )
+
+
+def _object_default() -> Any:
+    # The API server applies nested defaults only when the parent object exists; `{}` makes it exist.
+    return {"default": {}}
+
+
+class HuggingFaceSource(BaseModel):
+    """A model on the Hugging Face Hub."""
+
+    model_config = _config()
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$")
+    """Repository id, e.g. google/diffusiongemma-26B-A4B-it."""
+    revision: str = Field(default="main", min_length=1, max_length=100)
+    """Branch, tag or commit to pin."""
+
+
+class PvcSource(BaseModel):
+    """Weights already present on a PersistentVolumeClaim (mounted read-only)."""
+
+    model_config = _config()
+    claim_name: str = Field(min_length=1, max_length=253)
+    """Name of the PersistentVolumeClaim in the resource's namespace."""
+    path: str = Field(default="/", max_length=1024)
+    """Directory inside the claim that holds config.json and the safetensors files."""
+
+
+class SecretKeyRef(BaseModel):
+    """A key of a Secret in the resource's namespace."""
+
+    model_config = _config()
+    name: str = Field(min_length=1, max_length=253)
+    """Secret name."""
+    key: str = Field(default="token", min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
+class ModelSource(BaseModel):
+    """Where the weights come from: exactly one of huggingFace, pvc or url."""
+
+    model_config = _config(
+        (
+            "has(self.huggingFace) || has(self.pvc) || has(self.url)",
+            "one of huggingFace, pvc or url is required",
+        ),
+        (
+            "!(has(self.huggingFace) && has(self.pvc)) && !(has(self.huggingFace) && has(self.url))"
+            " && !(has(self.pvc) && has(self.url))",
+            "only one of huggingFace, pvc or url may be set",
+        ),
+    )
+    hugging_face: HuggingFaceSource | None = None
+    """Fetch from the Hugging Face Hub."""
+    pvc: PvcSource | None = None
+    """Load from a PersistentVolumeClaim."""
+    url: str | None = Field(default=None, pattern=r"^(https?|s3|gs)://.+", max_length=2048)
+    """Fetch an archive of the checkpoint from this URL (http, https, s3 or gs)."""
+    token_secret: SecretKeyRef | None = None
+    """Secret holding the Hub token (becomes HF_TOKEN); needed for gated models."""
+
+
+class CacheSpec(BaseModel):
+    """The model cache: weights are fetched once by an init container into it and shared by the pods."""
+
+    model_config = _config()
+    claim_name: str | None = Field(default=None, max_length=253)
+    """PersistentVolumeClaim (ReadWriteMany) shared by all replicas; empty: a per-pod emptyDir."""
+    mount_path: str = Field(default="/models", pattern=r"^/.*", max_length=1024)
+    """Where the cache is mounted; HF_HOME points below it."""
+    size_limit: str = Field(default="200Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$")
+    """Size limit of the emptyDir when no claim is given."""
+
+
+class GpuSpec(BaseModel):
+    """Which GPUs to run on: a named profile whose every default can be overridden."""
+
+    model_config = _config()
+    profile: ProfileName = "h100"
+    """GPU profile: rtx-pro-6000, h100, dgx-spark, dgx-station or custom."""
+    product: str | None = Field(default=None, max_length=63)
+    """Override of the nvidia.com/gpu.product node label (GPU Feature Discovery); required for custom."""
+    count: int = Field(default=1, ge=1, le=8)
+    """GPUs per replica (nvidia.com/gpu)."""
+    architecture: Architecture | None = None
+    """CPU architecture (kubernetes.io/arch); default from the profile."""
+    dtype: Dtype | None = None
+    """Weights dtype/quantization; default from the profile (h100 fp8, dgx-spark nvfp4, others bf16)."""
+    node_selector: dict[str, str] | None = None
+    """Extra node selector terms, merged over the profile's."""
+    tolerations: list[dict[str, Any]] | None = None
+    """Tolerations replacing the profile's (default: tolerate nvidia.com/gpu taints)."""
+    affinity: dict[str, Any] | None = None
+    """Pod affinity/anti-affinity (core/v1 Affinity)."""
+    resources: dict[str, Any] | None = None
+    """Container resources (core/v1 ResourceRequirements) merged over the profile's."""
+    tokens_per_second_prior: float | None = Field(default=None, gt=0, le=100000)
+    """Expected tokens/s per replica, used for routing and scaling until measured."""
+
+
+class GenerationDefaults(BaseModel):
+    """Generation defaults the workers apply when a request does not say."""
+
+    model_config = _config(
+        ("!has(self.tMin) || !has(self.tMax) || self.tMin <= self.tMax", "tMin must not exceed tMax"),
+    )
+    canvas_length: int = Field(default=256, ge=16, le=4096)
+    """Tokens per canvas (block)."""
+    max_denoising_steps: int = Field(default=48, ge=1, le=512)
+    """Upper bound on denoising steps per canvas."""
+    t_min: float | None = Field(default=None, ge=0, le=10)
+    """Final sampling temperature of the schedule."""
+    t_max: float | None = Field(default=None, ge=0, le=10)
+    """Initial sampling temperature of the schedule."""
+    entropy_bound: float | None = Field(default=None, ge=0)
+    """Entropy bound for accepting tokens per step."""
+    stability_threshold: int | None = Field(default=None, ge=1, le=512)
+    """Steps the argmax canvas must stay unchanged before a row stops."""
+    confidence_threshold: float | None = Field(default=None, ge=0, le=1)
+    """Confidence a row needs before it may stop."""
+
+
+class WorkerSpec(BaseModel):
+    """Per-replica serving limits and lifecycle."""
+
+    model_config = _config()
+    max_active: int = Field(default=4, ge=1, le=256)
+    """Sequences denoised concurrently by one replica."""
+    max_queue: int = Field(default=64, ge=0, le=100000)
+    """Requests waiting per replica before RESOURCE_EXHAUSTED."""
+    drain_grace_seconds: int = Field(default=30, ge=0, le=3600)
+    """How long a terminating replica finishes in-flight requests."""
+    startup_timeout_seconds: int = Field(default=1800, ge=60, le=7200)
+    """Time allowed for fetching and loading the weights before the pod is restarted."""
+    log_format: Literal["json", "text"] = "json"
+    """Worker log format."""
+
+
+class AutoscalingSpec(BaseModel):
+    """How the autoscaler (not this operator) may change spec.replicas."""
+
+    model_config = _config()
+    enabled: bool = False
+    """Let the dgemma autoscaler set spec.replicas between minReplicas and maxReplicas."""
+    target_utilization: float = Field(default=0.8, gt=0, le=1)
+    """Fraction of measured capacity a replica should run at."""
+    scale_up_stabilization_seconds: int = Field(default=0, ge=0, le=3600)
+    """Window over which scale-up decisions take the highest recommendation."""
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
+    """Window over which scale-down decisions take the highest recommendation."""
+    scale_to_zero: bool = False
+    """Allow zero replicas when idle (the gateway holds requests while one starts)."""
+
+
+class DiffusionGemmaSpec(BaseModel):
+    """One variant: a model on one GPU profile with one set of serving settings and a cost."""
+
+    model_config = _config(
+        ("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
+        (
+            "self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas",
+            "replicas must lie between minReplicas and maxReplicas",
+        ),
+    )
+    served_model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    """Model name clients ask for (OpenAI `model`); several variants may serve the same name."""
+    model: ModelSource
+    """Where the weights come from."""
+    image: str = Field(min_length=1, max_length=512)
+    """Worker container image (runs `dgemma worker`)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy."""
+    cache: CacheSpec = Field(default_factory=CacheSpec, json_schema_extra=_object_default())
+    """Model cache shared by the replicas."""
+    gpu: GpuSpec = Field(default_factory=GpuSpec, json_schema_extra=_object_default())
+    """GPU profile and overrides."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Desired replicas (the scale subresource writes this)."""
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    """Lower bound for scaling."""
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    """Upper bound for scaling."""
+    cost_weight: float = Field(default=1.0, gt=0, le=1000)
+    """Relative cost of one replica-second; the gateway prefers cheaper variants that meet the target."""
+    latency_target_ms: int = Field(default=2000, ge=1, le=600000)
+    """Default end-to-end latency target for requests that carry none."""
+    generation: GenerationDefaults = Field(
+        default_factory=GenerationDefaults, json_schema_extra=_object_default()
+    )
+    """Generation defaults."""
+    worker: WorkerSpec = Field(default_factory=WorkerSpec, json_schema_extra=_object_default())
+    """Worker limits and lifecycle."""
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
+    """Autoscaling settings."""
+    service_account_name: str | None = Field(default=None, max_length=253)
+    """Service account of the worker pods."""
+
+
+class Condition(BaseModel):
+    """A standard condition (metav1.Condition)."""
+
+    model_config = _config()
+    type: str
+    """Ready, Progressing or Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    """Condition status."""
+    reason: str = ""
+    """Machine-readable CamelCase reason."""
+    message: str = ""
+    """Human-readable detail."""
+    last_transition_time: str | None = None
+    """When the status last changed."""
+    observed_generation: int | None = None
+    """The generation this condition was computed for."""
+
+
+class Measured(BaseModel):
+    """Measurements reported by the gateway/autoscaler."""
+
+    model_config = _config()
+    tokens_per_second: float | None = None
+    """Tokens/s delivered across ready replicas."""
+    latency_p95_ms: float | None = None
+    """95th percentile end-to-end latency."""
+    tokens_per_second_per_replica: float | None = None
+    """Capacity of one replica at its latency target."""
+    time: str | None = None
+    """When measured."""
+
+
+class ScalingDecision(BaseModel):
+    """A scaling decision with its reasons."""
+
+    model_config = _config()
+    desired_replicas: int
+    """Replicas decided."""
+    reason: str = ""
+    """Why."""
+    inputs: dict[str, Any] | None = None
+    """Measured inputs the decision used."""
+    time: str | None = None
+    """When decided."""
+
+
+class AutoscalingStatus(BaseModel):
+    """What the autoscaler last did."""
+
+    model_config = _config()
+    last_decision: ScalingDecision | None = None
+    """Last scaling decision."""
+
+
+class DiffusionGemmaStatus(BaseModel):
+    """Observed state, written by the operator (and measurements by the autoscaler)."""
+
+    model_config = _config()
+    observed_generation: int | None = None
+    """The spec generation the status describes."""
+    conditions: list[Condition] | None = None
+    """Ready, Progressing and Degraded."""
+    replicas: int | None = None
+    """Replicas that exist (the scale subresource reads this)."""
+    ready_replicas: int | None = None
+    """Replicas that pass their readiness probe."""
+    updated_replicas: int | None = None
+    """Replicas running the current spec."""
+    selector: str | None = None
+    """Label selector of the pods (for the scale subresource and HPA)."""
+    endpoint: str | None = None
+    """In-cluster gRPC address of the workers' Service (host:port)."""
+    tokens_per_second_prior: float | None = None
+    """Expected tokens/s per replica from the GPU profile (until measured)."""
+    measured: Measured | None = None
+    """Measurements."""
+    autoscaling: AutoscalingStatus | None = None
+    """Autoscaler state."""
+
+
+class DiffusionGemma(BaseModel):
+    """A DiffusionGemma variant served by dgemma workers."""
+
+    model_config = _config()
+    spec: DiffusionGemmaSpec
+    """Desired state."""
+    status: DiffusionGemmaStatus | None = None
+    """Observed state."""

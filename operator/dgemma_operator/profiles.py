@@ -1,0 +1,43 @@
+"""GPU profiles: what each named profile means for scheduling, resources, dtype and capacity."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+ProfileName = Literal["rtx-pro-6000", "h100", "dgx-spark", "dgx-station", "custom"]
+Dtype = Literal["bf16", "fp16", "fp32", "fp8", "nvfp4"]
+Architecture = Literal["amd64", "arm64"]
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuProfile:
+    """Defaults a profile brings; every field can be overridden in the resource spec."""
+
+    name: ProfileName
+    gpu_product: str | None  # the GPU Feature Discovery product label; None: no product pinning
+    architecture: Architecture
+    dtype: Dtype
+    tokens_per_second_prior: float  # per replica, used until measurements exist
+    memory: str  # container memory request/limit: host RAM for loading and the tokenizer
+    cpu: str
+
+
+PROFILES: dict[str, GpuProfile] = {
+    "h100": GpuProfile("h100", "NVIDIA-H100-80GB-HBM3", "amd64", "fp8", 1100.0, "64Gi", "8"),
+    "rtx-pro-6000": GpuProfile(
+        "rtx-pro-6000", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "amd64", "bf16", 700.0, "96Gi", "8"
+    ),
+    "dgx-spark": GpuProfile("dgx-spark", "NVIDIA-GB10", "arm64", "nvfp4", 150.0, "32Gi", "4"),
+    "dgx-station": GpuProfile("dgx-station", "NVIDIA-GB300", "arm64", "bf16", 800.0, "128Gi", "16"),
+    # A custom profile pins nothing: the spec must say which GPU it wants (see validation).
+    "custom": GpuProfile("custom", None, "amd64", "bf16", 500.0, "64Gi", "8"),
+}
+
+
+def profile(name: str) -> GpuProfile:
+    """The profile of that name; the schema's enum guarantees it exists."""
+    return PROFILES[name]
