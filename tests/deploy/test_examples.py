@@ -6,8 +6,8 @@ import json
 import pathlib
 
 import pytest
-from dgemma_operator import children, models
 
+from dgemma_operator import children, models
 from tests.deploy.helpers import ROOT, find, load_yaml_documents, render
 from tests.k8s_emulator import EmulatorThread
 

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 
 import pytest
-from dgemma_operator import children
 
+from dgemma_operator import children
 from tests.deploy.helpers import ROOT, one, render
 
 IMAGES = {
