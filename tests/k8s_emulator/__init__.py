@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import pathlib
 import subprocess
@@ -47,6 +48,8 @@ class KubernetesEmulator:
         return f"http://127.0.0.1:{self._server.port}"
 
     async def __aenter__(self) -> Self:
+        # One access-log line per request drowns test output and slows the server down.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         await self.handler.__aenter__()
         await self._server.__aenter__()
         self.directory.mkdir(parents=True, exist_ok=True)

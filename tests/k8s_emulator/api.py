@@ -768,8 +768,53 @@ class Handler(kmock.RawHandler):
                 "paths": {},
                 "definitions": {},
             }
-        if path.startswith("/openapi/v3"):
-            return {"paths": {}}
+        if path == "/openapi/v3":
+            # Custom resources only: `kubectl explain` reads them; built-in kinds have no schemas here.
+            return {
+                "paths": {
+                    f"apis/{t.group}/{t.version}": {
+                        "serverRelativeURL": f"/openapi/v3/apis/{t.group}/{t.version}?hash={store.revision}"
+                    }
+                    for t in store.types.values()
+                    if t.schema is not None
+                }
+            }
+        if m := re.fullmatch(r"/openapi/v3/apis/([^/]+)/([^/]+)", path):
+            schemas = {
+                f"{'.'.join(reversed(t.group.split('.')))}.{t.version}.{t.kind}": {
+                    **t.schema,
+                    "x-kubernetes-group-version-kind": [
+                        {"group": t.group, "version": t.version, "kind": t.kind}
+                    ],
+                }
+                for t in store.types.values()
+                if t.schema is not None and (t.group, t.version) == (m[1], m[2])
+            }
+            if not schemas:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            paths = {}
+            for t in store.types.values():
+                if t.schema is None or (t.group, t.version) != (m[1], m[2]):
+                    continue
+                ref = f"#/components/schemas/{'.'.join(reversed(t.group.split('.')))}.{t.version}.{t.kind}"
+                scope = "/namespaces/{namespace}" if t.namespaced else ""
+                paths[f"/apis/{t.group}/{t.version}{scope}/{t.plural}/{{name}}"] = {
+                    "get": {
+                        "x-kubernetes-action": "get",
+                        "x-kubernetes-group-version-kind": {
+                            "group": t.group,
+                            "version": t.version,
+                            "kind": t.kind,
+                        },
+                        "responses": {"200": {"content": {"application/json": {"schema": {"$ref": ref}}}}},
+                    }
+                }
+            return {
+                "openapi": "3.0.0",
+                "info": {"title": "dgemma emulator", "version": "v1.32.0"},
+                "paths": paths,
+                "components": {"schemas": schemas},
+            }
         if path in ("/healthz", "/livez", "/readyz"):
             return {"status": "ok"}
         if m := re.fullmatch(r"/apis/([^/]+)", path):

@@ -87,3 +87,12 @@ def test_a_spec_without_required_fields_is_rejected(k8s: EmulatorThread) -> None
     body = sample("bad")
     del body["spec"]["image"]
     assert "Required value" in apply(k8s, body, check=False)
+
+
+def test_kubectl_explain_shows_the_descriptions_and_enums(k8s: EmulatorThread) -> None:
+    k8s.kubectl("apply", "-f", CRD_PATH)
+    k8s.kubectl("api-resources")  # refreshes kubectl's discovery cache, as it would after its TTL
+    explained = k8s.kubectl("explain", "dgm.spec.gpu").stdout
+    assert "GPU profile and overrides." in explained
+    assert "enum: rtx-pro-6000, h100, dgx-spark, dgx-station" in explained
+    assert "Override of the nvidia.com/gpu.product node label" in explained

@@ -260,3 +260,40 @@ def test_injected_faults_take_precedence_over_the_stateful_api(k8s: EmulatorThre
     assert k8s.kubectl("get", "configmap", "a", check=False).returncode != 0
     core.create_namespaced_config_map("default", configmap("a"))
     assert get(k8s, "configmap", "a")["data"] == {"k": "v"}
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind", "plural", "extra"),
+    [
+        (
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            "endpointslices.discovery.k8s.io",
+            {
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}],
+                "ports": [{"name": "grpc", "port": 50051}],
+            },
+        ),
+        ("v1", "Pod", "pods", {"spec": {"containers": [{"name": "c", "image": "i"}]}}),
+        ("coordination.k8s.io/v1", "Lease", "leases", {"spec": {"holderIdentity": "me"}}),
+        (
+            "events.k8s.io/v1",
+            "Event",
+            "events.events.k8s.io",
+            {"reason": "Test", "eventTime": "2025-01-01T00:00:00Z"},
+        ),
+        ("v1", "Event", "events", {"reason": "Test", "involvedObject": {"kind": "Pod", "name": "x"}}),
+        ("policy/v1", "PodDisruptionBudget", "pdb", {"spec": {"maxUnavailable": 1}}),
+    ],
+)
+def test_the_kinds_other_components_need_are_served(
+    k8s: EmulatorThread, api_version: str, kind: str, plural: str, extra: dict[str, Any]
+) -> None:
+    apply(
+        k8s,
+        {"apiVersion": api_version, "kind": kind, "metadata": {"name": "x", "labels": {"app": "a"}}, **extra},
+    )
+    listed = json.loads(k8s.kubectl("get", plural, "-l", "app=a", "-o", "json").stdout)
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["x"]
+    assert listed["items"][0]["apiVersion"] == api_version and listed["items"][0]["kind"] == kind
