@@ -6,6 +6,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+
 from dgemma_operator import children, models, status
 
 OWNER = {"metadata": {"name": "gemma", "namespace": "ml", "uid": "1234", "generation": 3}}

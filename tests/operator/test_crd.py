@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
-from dgemma_operator import crd
 
+from dgemma_operator import crd
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.helpers import CRD_PATH, apply, get, sample
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import kopf
 import pytest
 import urllib3.exceptions
-from dgemma_operator.handlers import _transient, backoff
 from kubernetes.client.exceptions import ApiException
+
+from dgemma_operator.handlers import _transient, backoff
 
 
 @pytest.mark.parametrize("status", [409, 429, 500, 502, 503, 504])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dgemma_operator.main import kopf_options, parser
 
 
