@@ -676,6 +676,7 @@ class Engine:
             entropy_bounds=torch.tensor([r.params.entropy_bound for r in rows], device=device),
             vocab_size=self.loaded.vocab_size,
             generators=[r.generator for r in rows],
+            overwrite_logits=True,
         )
         sc_dtype = model.model.decoder.embed_tokens.weight.dtype
         if whole:

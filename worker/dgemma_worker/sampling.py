@@ -38,24 +38,26 @@ class Distribution:
 
     weights: torch.Tensor  # (B, L, V) exp(x - max): sampling weights, proportional to the probabilities
     entropy: torch.Tensor  # (B, L)
+    argmax: torch.Tensor  # (B, L) the most likely token at each position
 
     def probs(self) -> torch.Tensor:
         return self.weights / self.weights.sum(-1, keepdim=True)
 
 
 def distribution(processed_logits: torch.Tensor) -> Distribution:
-    """Entropy and sampling weights of softmax(x) in four passes over x (Categorical takes about ten).
+    """Entropy, argmax and sampling weights of softmax(x) in five passes over x (stock takes about twelve).
 
     H = log Z - sum(p * (x - m)) with shifted weights e = exp(x - m), Z = sum(e), p = e / Z.
     Equal to `Categorical(logits=x).entropy()` up to float rounding (tested to 1e-4 absolute).
     """
-    peak = processed_logits.amax(dim=-1, keepdim=True)
+    # One pass gives both the maximum (for a stable exp) and its position (the draft token).
+    peak, argmax = processed_logits.max(dim=-1, keepdim=True)
     shifted = processed_logits - peak
     weights = shifted.exp()
     total = weights.sum(-1)
     # A batched dot product per position: one fused read of both matrices, no (B, L, V) temporary.
     dot = torch.einsum("blv,blv->bl", weights, shifted)
-    return Distribution(weights=weights, entropy=total.log() - dot / total)
+    return Distribution(weights=weights, entropy=total.log() - dot / total, argmax=argmax.squeeze(-1))
 
 
 def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
@@ -83,12 +85,15 @@ def denoise_step(
     entropy_bounds: torch.Tensor,
     vocab_size: int,
     generators: list[torch.Generator | None],
+    overwrite_logits: bool = False,
 ) -> StepResult:
     """Accept, sample and renoise one step for each row, each row with its own settings and generator."""
-    processed = logits / temperatures.view(-1, 1, 1).to(logits.dtype)
+    scale = temperatures.view(-1, 1, 1).to(logits.dtype)
+    # The model's fresh logits are not needed afterwards: dividing in place saves a pass and a copy.
+    processed = logits.div_(scale) if overwrite_logits else logits / scale
     dist = distribution(processed)
     entropy = dist.entropy
-    argmax_canvas = processed.argmax(dim=-1)
+    argmax_canvas = dist.argmax
     accepted = acceptance_mask(entropy, entropy_bounds)
     next_canvas = current_canvas.clone()
     for row, generator in enumerate(generators):
