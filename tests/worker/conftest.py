@@ -23,7 +23,7 @@ from dgemma_worker.worker_config import WorkerConfig
 T = TypeVar("T")
 
 # Long enough to still be running when a test acts on it, short enough to finish quickly if it does.
-LONG = pb.GenerationParams(max_new_tokens=4096, max_denoising_steps=64)
+LONG = pb.GenerationParams(max_new_tokens=4096, max_denoising_steps=64, ignore_eos=True)
 
 
 class RunningWorker:

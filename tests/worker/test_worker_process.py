@@ -92,7 +92,7 @@ def test_a_second_sigterm_exits_at_once(process: tuple[subprocess.Popen[bytes], 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['port']}")
     assert wait_until(lambda: _serving(channel), timeout=60), log_file.read_text()
     stream = pb_grpc.DenoiserStub(channel).Generate(
-        text_request(params=pb.GenerationParams(max_new_tokens=8000, max_denoising_steps=64))
+        text_request(params=pb.GenerationParams(max_new_tokens=8000, max_denoising_steps=64, ignore_eos=True))
     )
     assert next(stream).HasField("commit")
     proc.send_signal(signal.SIGTERM)
