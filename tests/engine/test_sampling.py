@@ -195,3 +195,25 @@ def test_each_row_uses_only_its_own_generator() -> None:
     first, second = run(1, 2), run(1, 99)
     assert torch.equal(first[0], second[0])
     assert not torch.equal(first[1], second[1])
+
+
+def test_the_in_place_step_decides_the_same_and_conditions_the_model_the_same() -> None:
+    """overwrite_logits + scratch (the engine's path) vs the copying path, on the same logits."""
+    for seed in range(4):
+        logits = random_logits(seed, batch=2, scale=3.0 + seed)
+        canvas = torch.zeros(2, 64, dtype=torch.long)
+        kwargs = {"temperatures": torch.tensor([0.6, 0.9]), "entropy_bounds": torch.tensor([0.3, 1.0]),
+                  "vocab_size": 500}
+        copying = denoise_step(logits, canvas, generators=[torch.Generator().manual_seed(1)] * 2, **kwargs)
+        scratch = torch.empty_like(logits)
+        fresh = logits.clone()
+        in_place = denoise_step(fresh, canvas, generators=[torch.Generator().manual_seed(1)] * 2,
+                                overwrite_logits=True, scratch=scratch, **kwargs)
+        assert torch.equal(in_place.argmax_canvas, copying.argmax_canvas)
+        assert torch.equal(in_place.accepted, copying.accepted)
+        assert torch.equal(in_place.entropy, copying.entropy)
+        assert torch.equal(in_place.next_canvas, copying.next_canvas)
+        assert in_place.processed_logits.data_ptr() == fresh.data_ptr()  # no copy was made
+        # The decoder only takes softmax(self-conditioning logits): a shift by the maximum changes nothing.
+        assert torch.allclose(in_place.processed_logits.softmax(-1), copying.processed_logits.softmax(-1),
+                              rtol=0, atol=1e-7)

@@ -195,6 +195,7 @@ class Engine:
         self._queue: deque[_Request] = deque()
         self._active: list[_Request] = []  # admitted requests, in groups
         self._groups: list[_Group] = []
+        self._scratch: torch.Tensor | None = None  # owned by the step thread
         self._rr = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -677,6 +678,7 @@ class Engine:
             vocab_size=self.loaded.vocab_size,
             generators=[r.generator for r in rows],
             overwrite_logits=True,
+            scratch=self._scratch_like(logits),
         )
         sc_dtype = model.model.decoder.embed_tokens.weight.dtype
         if whole:
@@ -700,6 +702,12 @@ class Engine:
         for i in going:
             if group.rows[i].params.stream_drafts and not group.rows[i].canvas_done:
                 self._maybe_draft(group.rows[i], group.argmax[i])
+
+    def _scratch_like(self, logits: torch.Tensor) -> torch.Tensor:
+        """A (B, L, V) work buffer reused across steps (reallocated when the batch shape changes)."""
+        if self._scratch is None or self._scratch.shape != logits.shape or self._scratch.dtype != logits.dtype:
+            self._scratch = torch.empty_like(logits)
+        return self._scratch
 
     def _maybe_draft(self, req: _Request, argmax: torch.Tensor) -> None:
         now = time.monotonic()
