@@ -241,7 +241,8 @@ class Engine:
     def start(self, warmup: bool = True) -> None:
         """Start the step thread, warm the model up, then report ready (blocking)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(target=self._run, args=(threads,), name="dgemma-engine", daemon=True)
             self._thread.start()
         if warmup:
             self._warm_up()
@@ -448,7 +449,10 @@ class Engine:
 
     # ---- the step thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, threads: int) -> None:
+        # OpenMP's thread count is per thread: without this the step thread would use every core,
+        # whatever the process was configured with (oversubscribing a node shared with other work).
+        torch.set_num_threads(threads)
         try:
             while True:
                 group = self._next_group()
