@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -23,14 +22,7 @@ from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_worker import kserve
-from dgemma_worker.kserve import (
-    _ALIASES,
-    _TRANSPORT_PARAMETERS,
-    SAMPLING_PARAMETERS,
-    _one_string,
-    _parameter_value,
-    _tensor_values,
-)
+from dgemma_worker.kserve import client_settings, parameter_value
 from dgemma_worker.params import Limits, ParamError, params_from_mapping
 from dgemma_worker.types import CommitEvent, FinalEvent, RequestStats, StopReason
 
@@ -38,28 +30,6 @@ log = logging.getLogger(__name__)
 
 _STOP = {pb.STOP_REASON_EOS: StopReason.EOS, pb.STOP_REASON_STOP_STRING: StopReason.STOP_STRING,
          pb.STOP_REASON_LENGTH: StopReason.LENGTH}
-
-
-def client_settings(request: kpb.ModelInferRequest) -> dict[str, Any]:
-    """The generation settings a KServe request names (sampling_parameters, then request parameters)."""
-    settings: dict[str, Any] = {}
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name == SAMPLING_PARAMETERS:
-            try:
-                loaded = json.loads(_one_string(SAMPLING_PARAMETERS, _tensor_values(request, i)))
-            except ValueError as exc:
-                raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from exc
-            if not isinstance(loaded, dict):
-                raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object")
-            settings.update(loaded)
-    for key, value in request.parameters.items():
-        if key.startswith("triton_") or key in _TRANSPORT_PARAMETERS:
-            continue
-        settings[key] = _parameter_value(value)
-    for alias, name in _ALIASES.items():
-        if alias in settings:
-            settings.setdefault(name, settings.pop(alias))
-    return settings
 
 
 def _prompt_pb(req: kserve.InferRequest) -> pb.Prompt:
@@ -108,7 +78,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self._check_model(request.model_name, request.model_version)
         target: Any = None
         if "latency_target_ms" in request.parameters:  # a routing hint, not a generation setting
-            target = _parameter_value(request.parameters["latency_target_ms"])
+            target = parameter_value(request.parameters["latency_target_ms"])
             request = kpb.ModelInferRequest.FromString(request.SerializeToString())
             del request.parameters["latency_target_ms"]
         try:
@@ -189,27 +159,8 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """Decoupled streaming: per request, one response per canvas, then a final one (or an error)."""
-        out: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(self._stream_one(request, out))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await out.get()) is not None:
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+        async for response in kserve.decoupled_stream(request_iterator, self._stream_one):
+            yield response
 
     async def _stream_one(self, request: kpb.ModelInferRequest,
                           out: asyncio.Queue[kpb.ModelStreamInferResponse | None]) -> None:

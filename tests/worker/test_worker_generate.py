@@ -8,10 +8,11 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import LONG, RunningWorker, text_request, wait_until
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+
+from .conftest import LONG, RunningWorker, text_request, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import RunningWorker, text_request, wait_until, worker_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_worker.server import load_engine
+
+from .conftest import RunningWorker, text_request, wait_until, worker_config
 
 pytestmark = pytest.mark.timeout(120)
 SERVICES = ("", "dgemma.v1.Denoiser", "inference.GRPCInferenceService")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from conftest import RunningWorker, text_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+
+from .conftest import RunningWorker, text_request
 
 pytestmark = pytest.mark.timeout(60)
 

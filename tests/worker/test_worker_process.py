@@ -14,12 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import text_request, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir
+
+from .conftest import text_request, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from conftest import RunningWorker
 from tritonclient.utils import InferenceServerException
+
+from .conftest import RunningWorker
 
 pytestmark = pytest.mark.timeout(120)
 PARAMS = {"max_new_tokens": 40, "max_denoising_steps": 3, "ignore_eos": True}

@@ -17,9 +17,10 @@ Request `parameters` may carry any generation setting too (they override samplin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +132,72 @@ def _one_string(name: str, values: Sequence[Any]) -> str:
         raise ParamError(name, "must be UTF-8 text") from exc
 
 
-def _parameter_value(p: kpb.InferParameter) -> Any:
+def parameter_value(p: kpb.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     return None if kind is None else getattr(p, kind)
+
+
+def client_settings(request: kpb.ModelInferRequest) -> dict[str, Any]:
+    """The generation settings a request names: its sampling_parameters tensor, then its parameters."""
+    sampling = next(
+        (_tensor_values(request, i) for i, t in enumerate(request.inputs) if t.name == SAMPLING_PARAMETERS), None
+    )
+    return _settings(request, sampling)
+
+
+def _settings(request: kpb.ModelInferRequest, sampling: list[Any] | None) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if sampling is not None:
+        try:
+            loaded = json.loads(_one_string(SAMPLING_PARAMETERS, sampling))
+        except ValueError as exc:
+            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from exc
+        if not isinstance(loaded, dict):
+            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object")
+        settings.update(loaded)
+    for key, value in request.parameters.items():
+        if key.startswith("triton_") or key in _TRANSPORT_PARAMETERS:
+            continue
+        settings[key] = parameter_value(value)
+    for alias, name in _ALIASES.items():
+        if alias in settings:
+            settings.setdefault(name, settings.pop(alias))
+    return settings
+
+
+StreamOut = asyncio.Queue[kpb.ModelStreamInferResponse | None]
+
+
+async def decoupled_stream(
+    requests: AsyncIterator[kpb.ModelInferRequest],
+    handle: Callable[[kpb.ModelInferRequest, StreamOut], Coroutine[Any, Any, None]],
+) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+    """ModelStreamInfer's fan-in: each request handled concurrently, its responses merged as they come.
+
+    When the client half-closes, the requests in flight finish and the call ends; when the call ends
+    early (the client went away), what is still running is cancelled, so its engine work stops.
+    """
+    out: StreamOut = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def read() -> None:
+        async for request in requests:
+            task = asyncio.create_task(handle(request, out))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        await out.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await out.get()) is not None:
+            yield item
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(reader, *tasks, return_exceptions=True)
 
 
 def _prompt_from_inputs(tensors: Mapping[str, list[Any]]) -> Prompt:
@@ -161,23 +225,7 @@ def request_from_infer(
         if tensor.name not in {n for n, _, _, _ in INPUTS}:
             raise ParamError(tensor.name, f"unknown input; inputs are {[n for n, _, _, _ in INPUTS]}")
         tensors[tensor.name] = _tensor_values(request, i)
-    settings: dict[str, Any] = {}
-    if SAMPLING_PARAMETERS in tensors:
-        try:
-            loaded = json.loads(_one_string(SAMPLING_PARAMETERS, tensors[SAMPLING_PARAMETERS]))
-        except ValueError as exc:
-            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from exc
-        if not isinstance(loaded, dict):
-            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object")
-        settings.update(loaded)
-    for key, value in request.parameters.items():
-        if key.startswith("triton_") or key in _TRANSPORT_PARAMETERS:
-            continue
-        settings[key] = _parameter_value(value)
-    for alias, name in _ALIASES.items():
-        if alias in settings:
-            value = settings.pop(alias)
-            settings.setdefault(name, value)
+    settings = _settings(request, tensors.get(SAMPLING_PARAMETERS))
     outputs = frozenset(o.name for o in request.outputs) or OUTPUT_NAMES
     unknown = sorted(outputs - OUTPUT_NAMES)
     if unknown:

@@ -193,32 +193,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """Decoupled streaming: per request, one response per commit, then a final one (or an error)."""
-        out: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(self._stream_one(request, out))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            # The client half-closed: finish the requests in flight, then end the call.
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    break
-                yield item
-        finally:
-            # The call ended or the client went away: cancel what is still running (engine work stops).
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+        async for response in kserve.decoupled_stream(request_iterator, self._stream_one):
+            yield response
 
     async def _stream_one(
         self, request: kpb.ModelInferRequest, out: asyncio.Queue[kpb.ModelStreamInferResponse | None]
