@@ -14,6 +14,7 @@ from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
+from dgemma_worker.envflags import fill_from_env
 
 
 @dataclass(frozen=True)
@@ -114,17 +115,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
     env = os.environ if env is None else env
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    for dest, var in ENV.items():
-        if getattr(args, dest, None) is None and env.get(var, "") != "":
-            action = next(a for a in parser._actions if a.dest == dest)
-            if dest == "kubernetes":
-                args.kubernetes = env[var].strip().lower() in ("1", "true", "yes", "on")
-                continue
-            convert = action.type if callable(action.type) else str
-            try:
-                setattr(args, dest, convert(env[var]))
-            except ValueError as exc:
-                parser.error(f"{var}={env[var]!r}: {exc}")
+    fill_from_env(parser, args, ENV, env)
     endpoints: list[EndpointSpec] = []
     try:
         endpoints += [parse_endpoint(e, args.model or "") for e in args.endpoint]

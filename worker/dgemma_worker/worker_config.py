@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgemma_worker.envflags import fill_from_env
 from dgemma_worker.params import GenerationParams, Limits
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
@@ -142,16 +143,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
     env = os.environ if env is None else env
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    for dest, var in ENV_VARS.items():
-        if getattr(args, dest, None) is None and env.get(var, "") != "":
-            action = next(a for a in parser._actions if a.dest == dest)
-            convert = action.type if callable(action.type) else str
-            try:
-                setattr(args, dest, convert(env[var]))
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"{var}={env[var]!r}: {exc}")
-            if action.choices is not None and getattr(args, dest) not in action.choices:
-                parser.error(f"{var}={env[var]!r}: must be one of {list(action.choices)}")
+    fill_from_env(parser, args, ENV_VARS, env)
     if not args.model:
         parser.error("--model (or DGEMMA_MODEL) is required")
 
