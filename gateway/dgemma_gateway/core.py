@@ -85,9 +85,9 @@ class Gateway:
             watch_interval_s=self.settings.watch_interval_s,
         )
         self.demand = DemandTracker(self.settings.demand_window_s)
+        self._held: dict[str, tuple[int, float]] = {}  # per variant: requests and canvases held for a replica
         self.metrics = GatewayMetrics(self.demand_snapshot)
         self._seq = itertools.count()
-        self._held: dict[str, tuple[int, float]] = {}  # per variant: requests and canvases held for a replica
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ def policy_from_spec(spec: models.DiffusionGemmaSpec) -> AutoscalingPolicy:
         max_scale_up_step=a.max_scale_up_step,
         max_scale_down_step=a.max_scale_down_step,
         scale_to_zero_idle_s=float(a.scale_to_zero_idle_seconds) if a.scale_to_zero else None,
+        # After missed targets, no scale-down for a while; never longer than the scale-down window itself.
+        panic_window_s=min(60.0, float(a.scale_down_stabilization_seconds)),
     )
 
 
