@@ -2,7 +2,8 @@
 
 Without --model the bundled tiny random-weight model is used (made on first use), so it runs on any
 laptop; the text is gibberish, the serving path is the real one. `--demo` starts everything, sends
-one streamed chat request through the gateway, prints it as it arrives and exits.
+one streamed chat request through the gateway, prints it as it arrives and exits. `--autoscale` lets the
+operator's decision function start and retire workers as demand changes (local_autoscale.py).
 """
 
 from __future__ import annotations
