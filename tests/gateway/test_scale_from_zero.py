@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 
 import openai
@@ -78,6 +79,9 @@ def test_a_held_request_is_counted_as_demand_and_released_to_the_first_ready_end
         reply = pool_of_one.submit(client.chat.completions.with_raw_response.create, model=MODEL, max_tokens=16,
                                    messages=[{"role": "user", "content": "Hi"}])
         eventually(lambda: held(gw) == 1)
+        metrics = urllib.request.urlopen(f"{gw.url}/metrics", timeout=5).read().decode()
+        assert 'dgemma_gateway_requests_held{variant="idle"} 1.0' in metrics
+        assert 'dgemma_gateway_endpoints_ready{variant="idle"} 0.0' in metrics
         time.sleep(0.5)
         assert not reply.done()  # still held: no replica yet
         address = pool.fast[0].address
