@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterator
 
 import pytest
 
 from tests.k8s_emulator import EmulatorThread
+
+# The operator's autoscaler timer interval is fixed when kopf registers the handlers (at import), so the
+# tests choose a short one before anything imports them. Only resources with autoscaling on use it.
+os.environ.setdefault("DGEMMA_AUTOSCALE_INTERVAL_S", "0.5")
 
 # --- Kubernetes API emulator (operator; reusable by gateway and end-to-end tests) ------------------
 

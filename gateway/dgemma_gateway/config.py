@@ -42,7 +42,10 @@ ENV = {
     "max_body_bytes": "DGEMMA_MAX_BODY_BYTES", "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
     "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY",
+    "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
 }
+# With --kubernetes, variants may scale to zero: hold their requests this long for a first replica.
+KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
 
 
 def parse_endpoint(text: str, model: str = "") -> EndpointSpec:
@@ -107,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-n", "max_n", "largest n (default 4)", type=int)
     add("--max-streams-per-key", "max_streams_per_key", "concurrent requests per API key (default 64; 0: no limit)",
         type=int)
+    add("--hold-for-replica-s", "hold_for_replica_s",
+        "hold a request up to this long while a model's first replica starts (scale from zero); 0: off "
+        f"(default {KUBERNETES_HOLD_FOR_REPLICA_S:g} with --kubernetes, else 0)", type=float)
+    add("--demand-window-s", "demand_window_s", "window of the demand measurements for the autoscaler (default 60)",
+        type=float)
     return p
 
 
@@ -134,7 +142,14 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
     )
-    core = GatewaySettings(request_timeout_s=args.request_timeout_s or GatewaySettings().request_timeout_s)
+    hold = args.hold_for_replica_s
+    if hold is None:
+        hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
+    if hold < 0 or (args.demand_window_s is not None and args.demand_window_s <= 0):
+        parser.error("--hold-for-replica-s must be >= 0 and --demand-window-s > 0")
+    core = GatewaySettings(request_timeout_s=args.request_timeout_s or GatewaySettings().request_timeout_s,
+                           hold_for_replica_s=hold,
+                           demand_window_s=args.demand_window_s or GatewaySettings().demand_window_s)
     return GatewayConfig(
         host=args.host or "0.0.0.0",
         port=8000 if args.port is None else args.port,

@@ -62,6 +62,9 @@ class GatewaySettings:
     eject_base_s: float = 1.0
     eject_max_s: float = 30.0
     demand_window_s: float = 60.0
+    # Scale from zero: how long a request may wait for a first replica of a model that has none ready (0: off).
+    hold_for_replica_s: float = 0.0
+    hold_poll_s: float = 0.1
 
 
 class Gateway:
@@ -82,6 +85,7 @@ class Gateway:
             watch_interval_s=self.settings.watch_interval_s,
         )
         self.demand = DemandTracker(self.settings.demand_window_s)
+        self._held: dict[str, tuple[int, float]] = {}  # per variant: requests and canvases held for a replica
         self.metrics = GatewayMetrics(self.demand_snapshot)
         self._seq = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,9 +145,55 @@ class Gateway:
         """Per variant: demand and delivered tokens/s per replica (for the autoscaler, in-process or JSON)."""
         now = self.registry.clock()
         snap = snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
-                        self.settings.stale_after_s)
+                        self.settings.stale_after_s, held=dict(self._held))
         snap["time_unix_s"] = time.time()
         return snap
+
+    # ---- scale from zero ------------------------------------------------------------------------
+
+    def _hold_variant(self, model: str) -> str | None:
+        """The variant a request for `model` waits for when none of its replicas is ready, or None (no hold).
+
+        Holding applies to a model whose variants may have no replica (scale from zero) or whose replicas are
+        still starting; the held request counts as demand on the cheapest such variant, so the autoscaler
+        starts one there.
+        """
+        if self.settings.hold_for_replica_s <= 0 or self.ready_count(model) > 0:
+            return None
+        starting = {c.variant.name for c in self.registry.candidates() if c.variant.model == model}
+        options = [v for v in self.registry.variants.values()
+                   if v.model == model and (v.scale_from_zero or v.name in starting)]
+        if not options:
+            return None
+        return min(options, key=lambda v: (v.cost_weight, v.name)).name
+
+    async def _hold(self, req: GatewayRequest, variant: str, deadline: float) -> bool:
+        """Wait for a ready endpoint of the request's model, up to the hold bound; True when one is ready.
+
+        A client that goes away cancels this wait (aiohttp cancels its handler), and the request is dropped.
+        """
+        canvas = self.registry.variants[variant].canvas_length if variant in self.registry.variants else 256
+        canvases = float(canvases_for(req.max_tokens, canvas))
+        start = self.registry.clock()
+        until = min(deadline, start + self.settings.hold_for_replica_s)
+        n, c = self._held.get(variant, (0, 0.0))
+        self._held[variant] = (n + 1, c + canvases)
+        req.trace.update(held_for=variant)
+        log.info("request %s: no ready endpoint for %r; holding it up to %.0f s for a replica of %s",
+                 req.request_id, req.model, until - start, variant)
+        try:
+            while self.registry.clock() < until:
+                if self.ready_count(req.model) > 0:
+                    return True
+                await asyncio.sleep(self.settings.hold_poll_s)
+            return self.ready_count(req.model) > 0
+        finally:
+            n, c = self._held.get(variant, (1, canvases))
+            if n <= 1:
+                self._held.pop(variant, None)
+            else:
+                self._held[variant] = (n - 1, max(0.0, c - canvases))
+            req.trace.update(held_ms=round((self.registry.clock() - start) * 1000, 3))
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -189,9 +239,16 @@ class Gateway:
         deadline = started + timeout
         tried: set[str] = set()
         attempt = 0
+        held = False
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
+            if chosen is None and not tried and not held:
+                hold_for = self._hold_variant(req.model)
+                if hold_for is not None:
+                    held = True
+                    if await self._hold(req, hold_for, deadline):
+                        continue
             if chosen is None:
                 error = self._refusal(req, decision, tried)
                 self.metrics.requests.labels(req.api, "", str(error.status)).inc()

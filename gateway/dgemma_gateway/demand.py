@@ -8,11 +8,11 @@ function of the tracker and the endpoints' canonical loads, so the autoscaler ca
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dgemma_gateway.types import Candidate, Variant
+from dgemma_gateway.types import Candidate, EndpointLoad, Variant
 
 
 @dataclass
@@ -94,11 +94,48 @@ class DemandTracker:
             v.missed.add(now, 1)
 
 
+def replica_canvases_per_s(load: EndpointLoad, steps_per_canvas: float) -> float | None:
+    """Canvases/s one replica finishes, from its own load report; None until it has measured a step.
+
+    The interleaving engine gives its active requests one decoder step at a time, so a replica finishes
+    one canvas per (expected steps x step latency + encoder pass), however many requests share it.
+    """
+    if load.step_latency_s <= 0:
+        return None
+    return 1.0 / (max(1.0, steps_per_canvas) * load.step_latency_s + max(0.0, load.encoder_latency_s))
+
+
+def measured_capacity(ready: Sequence[Candidate]) -> dict[str, Any]:
+    """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did."""
+    rates: list[float] = []
+    tokens: list[float] = []
+    steps_seen: list[float] = []
+    for c in ready:
+        if c.load is None:
+            continue
+        steps = c.variant.max_denoising_steps * min(1.0, max(0.0, c.step_fraction))
+        rate = replica_canvases_per_s(c.load, steps)
+        if rate is None:
+            continue
+        rates.append(rate)
+        tokens.append(rate * (c.load.canvas_length or c.variant.canvas_length))
+        steps_seen.append(max(1.0, steps))
+    if not rates:
+        return {"canvases_per_s_per_replica": None, "tokens_per_s_per_replica": None, "steps_per_canvas": None,
+                "replicas_measured": 0}
+    n = len(rates)
+    return {"canvases_per_s_per_replica": sum(rates) / n, "tokens_per_s_per_replica": sum(tokens) / n,
+            "steps_per_canvas": sum(steps_seen) / n, "replicas_measured": n}
+
+
 def snapshot(
     tracker: DemandTracker, variants: Sequence[Variant], candidates: Sequence[Candidate], now: float,
-    stale_after_s: float = 5.0,
+    stale_after_s: float = 5.0, held: Mapping[str, tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
-    """The autoscaler's view: per variant, demand and what each ready replica delivers."""
+    """The autoscaler's view: per variant, demand and what each ready replica delivers.
+
+    `held`: per variant, (requests, canvases) the gateway holds while no replica is ready (scale from zero).
+    """
     out: dict[str, Any] = {"window_s": tracker.window_s, "variants": {}, "unroutable": dict(tracker.unroutable)}
     for variant in sorted(variants, key=lambda v: v.name):
         mine = [c for c in candidates if c.variant.name == variant.name]
@@ -137,6 +174,9 @@ def snapshot(
                 "requests_total": v.requests_total,
                 "targets_met_total": v.targets_met_total,
                 "targets_missed_total": v.targets_missed_total,
+                # Held at the gateway for a replica to start: waiting demand the workers cannot see.
+                "requests_held": (held or {}).get(variant.name, (0, 0.0))[0],
+                "canvases_held": (held or {}).get(variant.name, (0, 0.0))[1],
             },
             "delivered": {
                 "tokens_per_s": delivered,
@@ -144,5 +184,7 @@ def snapshot(
                 "completion_tokens_per_s": v.delivered.rate(now),
                 "canvases_per_s_per_replica": v.delivered_canvases.rate(now) / len(ready) if ready else 0.0,
             },
+            # What one ready replica can finish, from the workers' own step timings (None until measured).
+            "capacity": measured_capacity(ready),
         }
     return out

@@ -36,7 +36,11 @@ class EndpointSpec:
     variant: Variant
 
 
-Sink = Callable[[str, Sequence[EndpointSpec]], None]
+class Sink(Protocol):
+    """Where a source reports: its name, its endpoints, and optionally every variant it knows, endpoints or not."""
+
+    def __call__(self, source: str, specs: Sequence[EndpointSpec], variants: Sequence[Variant] | None = None) -> None:
+        ...
 
 
 class EndpointSource(Protocol):
@@ -143,6 +147,7 @@ class Registry:
         self.ejection = ejection or Ejection()
         self.watch_interval_s = watch_interval_s
         self._by_source: dict[str, dict[str, EndpointSpec]] = {}
+        self._variants_by_source: dict[str, dict[str, Variant]] = {}
         self.endpoints: dict[str, EndpointState] = {}
         self.variants: dict[str, Variant] = {}
         self.step_fraction: dict[str, float] = {}  # per variant, learned from finished requests
@@ -152,13 +157,17 @@ class Registry:
 
     # ---- membership -----------------------------------------------------------------------------
 
-    def apply(self, source: str, specs: Sequence[EndpointSpec]) -> None:
-        """A source's current endpoints: start watching new ones, forget removed ones."""
+    def apply(self, source: str, specs: Sequence[EndpointSpec], variants: Sequence[Variant] | None = None) -> None:
+        """A source's current endpoints (and variants, also those with none): watch new ones, forget removed ones."""
         self._by_source[source] = {s.endpoint_id: s for s in specs}
+        self._variants_by_source[source] = {v.name: v for v in variants or ()}
         wanted: dict[str, EndpointSpec] = {}
         for by_id in self._by_source.values():
             wanted.update(by_id)
-        self.variants = {s.variant.name: s.variant for s in wanted.values()}
+        known: dict[str, Variant] = {}
+        for by_name in self._variants_by_source.values():
+            known.update(by_name)
+        self.variants = {**known, **{s.variant.name: s.variant for s in wanted.values()}}
         for endpoint_id in list(self.endpoints):
             state = self.endpoints[endpoint_id]
             if endpoint_id not in wanted or wanted[endpoint_id].address != state.spec.address:

@@ -48,6 +48,10 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
     profile = str(gpu.get("profile", "h100"))
     prior = gpu.get("tokensPerSecondPrior") or (obj.get("status") or {}).get("tokensPerSecondPrior") \
         or PROFILE_PRIORS.get(profile, 500.0)
+    autoscaling = spec.get("autoscaling") or {}
+    # Zero replicas is a normal state when the autoscaler may go there, or when minReplicas allows it.
+    from_zero = int(spec.get("minReplicas", 1)) == 0 and (
+        bool(autoscaling.get("enabled")) or int(spec.get("replicas", 1)) == 0)
     return Variant(
         name=str(meta.get("name", "")),
         model=str(spec.get("servedModelName", meta.get("name", ""))),
@@ -57,6 +61,7 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
         canvas_length=int(gen.get("canvasLength", 256)),
         max_denoising_steps=int(gen.get("maxDenoisingSteps", 48)),
         tokens_per_s_prior=float(prior),
+        scale_from_zero=from_zero,
     )
 
 
@@ -159,7 +164,7 @@ class KubernetesSource:
         async with aiohttp.ClientSession(self.config.server, headers=headers, connector=connector) as session:
 
             def report() -> None:
-                sink(self.name, endpoints_from(self.resources, self.slices))
+                sink(self.name, endpoints_from(self.resources, self.slices), list(self.resources.values()))
 
             async def follow(path: str, params: dict[str, str], store: dict[Key, Any], convert: Any) -> None:
                 async for kind, obj in watch(session, path, params):

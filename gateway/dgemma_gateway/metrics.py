@@ -40,8 +40,18 @@ class _StateCollector(Collector):
         delivered = GaugeMetricFamily(
             "dgemma_gateway_delivered_tokens_per_second_per_replica", "Tokens/s one ready replica delivers",
             labels=["variant"])
+        capacity = GaugeMetricFamily(
+            "dgemma_gateway_capacity_tokens_per_second_per_replica",
+            "Tokens/s one ready replica can finish, from its measured step latency (absent until measured)",
+            labels=["variant"])
+        held = GaugeMetricFamily(
+            "dgemma_gateway_requests_held", "Requests held for a first replica (scale from zero)", labels=["variant"])
         for name, v in snap["variants"].items():
             ready.add_metric([name], v["replicas_ready"])
+            measured = (v.get("capacity") or {}).get("tokens_per_s_per_replica")
+            if measured is not None:
+                capacity.add_metric([name], measured)
+            held.add_metric([name], v["demand"].get("requests_held", 0))
             total.add_metric([name], v["replicas"])
             for key, g in gauges.items():
                 g.add_metric([name], v["demand"][key])
@@ -50,6 +60,8 @@ class _StateCollector(Collector):
         yield total
         yield from gauges.values()
         yield delivered
+        yield capacity
+        yield held
 
 
 class GatewayMetrics:

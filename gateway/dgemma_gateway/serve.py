@@ -2,7 +2,8 @@
 
 Without --model the bundled tiny random-weight model is used (made on first use), so it runs on any
 laptop; the text is gibberish, the serving path is the real one. `--demo` starts everything, sends
-one streamed chat request through the gateway, prints it as it arrives and exits.
+one streamed chat request through the gateway, prints it as it arrives and exits. `--autoscale` lets the
+operator's decision function start and retire workers as demand changes (local_autoscale.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -17,15 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig
-from dgemma_gateway.endpoints import EndpointSpec, StaticSource
+from dgemma_gateway.core import GatewaySettings
+from dgemma_gateway.endpoints import EndpointSpec
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
+from dgemma_operator.autoscaler import AutoscalingPolicy
 
 
 @dataclass
@@ -37,6 +41,7 @@ class LocalWorker:
     port_file: Path
     log_path: Path
     port: int | None = None
+    stopping: bool = False  # SIGTERM sent: draining, then gone
 
     @property
     def address(self) -> str:
@@ -55,34 +60,57 @@ class LocalWorkers:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: Path | None = None
     workers: list[LocalWorker] = field(default_factory=list)
+    _index: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     def start(self) -> None:
         """Spawn the processes (they bind at once and load the model in the background)."""
+        for _ in range(self.replicas):
+            self.spawn()
+
+    def spawn(self) -> LocalWorker:
+        """Start one more worker process (on a free port; it loads the model in the background)."""
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="dgemma-serve-"))
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.env}
-        for i in range(self.replicas):
-            port_file = self.workdir / f"worker-{i}.json"
-            port_file.unlink(missing_ok=True)
-            log_path = self.workdir / f"worker-{i}.log"
-            cmd = [sys.executable, "-m", "dgemma_worker.server", "--model", self.model, "--host", "127.0.0.1",
-                   "--port", "0", "--metrics-port", "off", "--port-file", str(port_file), "--drain-grace-s", "5",
-                   *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
-                   *self.extra_args]
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
-            self.workers.append(LocalWorker(i, proc, port_file, log_path))
+        i = next(self._index)
+        port_file = self.workdir / f"worker-{i}.json"
+        port_file.unlink(missing_ok=True)
+        log_path = self.workdir / f"worker-{i}.log"
+        cmd = [sys.executable, "-m", "dgemma_worker.server", "--model", self.model, "--host", "127.0.0.1",
+               "--port", "0", "--metrics-port", "off", "--port-file", str(port_file), "--drain-grace-s", "5",
+               *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
+               *self.extra_args]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
+        worker = LocalWorker(i, proc, port_file, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def poll_bound(self, w: LocalWorker) -> bool:
+        """Whether the worker has written its port file (reads the port once it has)."""
+        if w.port is None and w.port_file.exists():
+            w.port = int(json.loads(w.port_file.read_text())["port"])
+        return w.port is not None
+
+    def retire(self, w: LocalWorker) -> None:
+        """SIGTERM one worker: it stops taking requests, finishes those in flight, exits (see reap)."""
+        w.stopping = True
+        if w.process.poll() is None:
+            w.process.send_signal(signal.SIGTERM)
+
+    def reap(self) -> list[LocalWorker]:
+        """Forget the workers whose process has exited; returns them."""
+        gone = [w for w in self.workers if w.process.poll() is not None]
+        self.workers = [w for w in self.workers if w.process.poll() is None]
+        return gone
 
     def wait_bound(self, timeout: float = 120.0) -> None:
         """Wait until every worker has written its port file."""
         deadline = time.monotonic() + timeout
         for w in self.workers:
-            while w.port is None:
-                if w.port_file.exists():
-                    w.port = int(json.loads(w.port_file.read_text())["port"])
-                    break
+            while not self.poll_bound(w):
                 if w.process.poll() is not None:
                     raise RuntimeError(f"worker {w.index} exited with {w.process.returncode}:\n{self.log_tail(w)}")
                 if time.monotonic() > deadline:
@@ -97,8 +125,9 @@ class LocalWorkers:
             return ""
 
     def endpoints(self, variant: Variant) -> list[EndpointSpec]:
-        """The workers as static endpoints of one variant."""
-        return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant) for w in self.workers]
+        """The (bound) workers as static endpoints of one variant."""
+        return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant) for w in self.workers
+                if w.port is not None]
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (drain), then SIGKILL whatever is left after the timeout."""
@@ -131,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="send one streamed request through the gateway, print it and exit")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long the workers may take to load")
+    a = p.add_argument_group("autoscaling", "scale the local workers with the operator's decision function")
+    a.add_argument("--autoscale", action="store_true", help="start and stop workers as demand changes")
+    a.add_argument("--min-replicas", type=int, default=1, help="fewest workers (0: scale to zero when idle)")
+    a.add_argument("--max-replicas", type=int, default=4, help="most workers")
+    a.add_argument("--autoscale-interval-s", type=float, default=2.0, help="seconds between decisions (default 2)")
+    a.add_argument("--target-utilization", type=float, default=0.7, help="of measured capacity (default 0.7)")
+    a.add_argument("--scale-up-window-s", type=float, default=0.0, help="scale-up stabilization window (0)")
+    a.add_argument("--scale-down-window-s", type=float, default=30.0, help="scale-down stabilization window (30)")
+    a.add_argument("--scale-to-zero-idle-s", type=float, default=60.0,
+                   help="with --min-replicas 0: idle this long before the last worker stops (60)")
+    a.add_argument("--demand-window-s", type=float, default=10.0, help="demand measurement window (10)")
+    a.add_argument("--hold-for-replica-s", type=float, default=120.0,
+                   help="hold requests this long while a first worker starts (120; 0: off)")
     return p
 
 
@@ -178,12 +220,34 @@ async def demo_request(url: str, model: str, out: object = sys.stdout) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    if args.autoscale:
+        if not 0 <= args.min_replicas <= args.max_replicas or args.max_replicas < 1:
+            return "--min-replicas and --max-replicas need 0 <= min <= max and max >= 1"
+        if args.autoscale_interval_s <= 0 or args.demand_window_s <= 0 or not 0 < args.target_utilization <= 1:
+            return "--autoscale-interval-s and --demand-window-s must be > 0, --target-utilization in (0, 1]"
+    elif args.replicas < 1:
+        return "--replicas must be >= 1"
+    return None
+
+
+def _policy(args: argparse.Namespace) -> AutoscalingPolicy:
+    return AutoscalingPolicy(
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas, target_utilization=args.target_utilization,
+        scale_up_window_s=args.scale_up_window_s, scale_down_window_s=args.scale_down_window_s,
+        scale_to_zero_idle_s=args.scale_to_zero_idle_s if args.min_replicas == 0 else None,
+        # After missed targets, no scale-down for a while; never longer than the scale-down window itself.
+        panic_window_s=min(60.0, args.scale_down_window_s), backlog_drain_s=max(1.0, args.demand_window_s))
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Start workers and the gateway; serve until a signal, or run the demo."""
+    from dgemma_gateway.local_autoscale import LocalAutoscaler, LocalScalingSettings, LocalSource
     from dgemma_worker.model import tiny_model_dir
 
-    if args.replicas < 1:
-        print("dgemma serve: --replicas must be >= 1", file=sys.stderr)
+    problem = _check(args)
+    if problem is not None:
+        print(f"dgemma serve: {problem}", file=sys.stderr)
         return 2
     if args.model is None:
         print("dgemma serve: no --model given: using the bundled tiny random-weight model (gibberish output)",
@@ -192,8 +256,10 @@ async def serve(args: argparse.Namespace) -> int:
     served = args.served_model_name or Path(model.rstrip("/")).name or model
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
-    workers = LocalWorkers(model, args.replicas, served, extra)
+    initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
+    workers = LocalWorkers(model, initial, served, extra)
     server: GatewayServer | None = None
+    scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,17 +267,21 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         workers.start()
         await asyncio.to_thread(workers.wait_bound)
-        variant = Variant(name="local", model=served, gpu_profile="custom")
+        variant = Variant(name="local", model=served, gpu_profile="custom",
+                          scale_from_zero=args.autoscale and args.min_replicas == 0)
+        source = LocalSource(workers, variant)
+        core = GatewaySettings(demand_window_s=args.demand_window_s,
+                               hold_for_replica_s=args.hold_for_replica_s if args.autoscale else 0.0)
         config = GatewayConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
                                routing_profile=args.routing_profile, api_keys_file=args.api_keys_file,
-                               limits=ApiLimits())
-        server = GatewayServer(config, [StaticSource(workers.endpoints(variant))])
+                               limits=ApiLimits(), core=core)
+        server = GatewayServer(config, [source])
         await server.start()
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         url = f"http://{shown}:{server.port}"
         print(f"dgemma serve: gateway at {url} (OpenAI API under {url}/v1, KServe gRPC on port "
-              f"{server.grpc_port}); loading {args.replicas} worker(s) of {served!r}...", flush=True)
-        waiting = asyncio.create_task(server.gateway.wait_ready(args.ready_timeout_s, args.replicas))
+              f"{server.grpc_port}); loading {initial} worker(s) of {served!r}...", flush=True)
+        waiting = asyncio.create_task(server.gateway.wait_ready(args.ready_timeout_s, initial))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
@@ -223,6 +293,11 @@ async def serve(args: argparse.Namespace) -> int:
                 print(f"worker {w.index} log:\n{workers.log_tail(w)}", file=sys.stderr)
             print("dgemma serve: the workers did not become ready in time", file=sys.stderr)
             return 1
+        if args.autoscale:
+            settings = LocalScalingSettings(_policy(args), args.autoscale_interval_s)
+            scaler = asyncio.create_task(LocalAutoscaler(server.gateway, workers, source, settings).run())
+            print(f"dgemma serve: autoscaling between {args.min_replicas} and {args.max_replicas} workers",
+                  flush=True)
         print(f"dgemma serve: ready. Try:\n\n{_example(url, served)}\n", flush=True)
         if args.demo:
             return await demo_request(url, served)
@@ -231,6 +306,9 @@ async def serve(args: argparse.Namespace) -> int:
         print("\ndgemma serve: stopping...", flush=True)
         return 0
     finally:
+        if scaler is not None:
+            scaler.cancel()
+            await asyncio.gather(scaler, return_exceptions=True)
         if server is not None:
             await server.stop(grace_s=2.0)
         await asyncio.to_thread(workers.stop)

@@ -22,6 +22,7 @@ class Variant:
     canvas_length: int = 256
     max_denoising_steps: int = 48
     tokens_per_s_prior: float = 500.0
+    scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import time
 from typing import Any, cast
 
+import aiohttp
 import kopf
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from dgemma_operator import children, models, reconcile
+from dgemma_operator import autoscale as scaling
+from dgemma_operator import children, gateway_client, models, reconcile, settings
+from dgemma_operator.autoscaler import ScalerState
 from dgemma_operator.kube import Kube, load_config
 
 RESOURCE = (models.GROUP, models.VERSION, models.PLURAL)
@@ -19,6 +24,8 @@ RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
 RESYNC_INTERVAL_S = 60.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+# The interval is read once, at import: kopf needs it when the timer is registered.
+AUTOSCALE_INTERVAL_S = settings.from_environment().autoscale_interval_s
 
 
 def backoff(retry: int) -> float:
@@ -39,6 +46,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
     memo.kube = Kube(load_config())
+
+
+@kopf.on.startup()
+async def open_gateway_client(memo: kopf.Memo, **_: Any) -> None:
+    """One HTTP session for the autoscaler's calls to the gateway."""
+    memo.http = aiohttp.ClientSession()
+
+
+@kopf.on.cleanup()
+async def close_gateway_client(memo: kopf.Memo, **_: Any) -> None:
+    """Close the autoscaler's HTTP session."""
+    await memo.http.close()
 
 
 @kopf.on.login()
@@ -159,3 +178,34 @@ def child_changed(  # kopf's WatchingFn protocol does not know index kwargs such
     elif kind == "Deployment":
         reconcile.refresh_status(memo.kube, owner, spec, dict(body))
 
+
+
+def autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    """Only resources with spec.autoscaling.enabled are scaled; others are left to humans, HPA or KEDA."""
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.timer(*RESOURCE, interval=AUTOSCALE_INTERVAL_S, when=autoscaling_enabled)
+async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger,
+                    **_: Any) -> None:
+    """Decide the replicas from the gateway's measurements; set them through the scale subresource."""
+    raw = copy.deepcopy(dict(body))
+    if raw["metadata"].get("deletionTimestamp") or namespace is None:
+        return
+    try:
+        spec = reconcile.parse_spec(raw)
+    except reconcile.InvalidSpec:
+        return  # the reconcile handler has reported it
+    where = settings.from_environment()
+    variant, problem = await gateway_client.fetch_variant(memo.http, where.demand_url, name, where.gateway_timeout_s)
+    # The state lives in this resource's memo; after a restart it is read back from the status.
+    state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(raw.get("status"))
+    step = scaling.plan(spec, raw.get("status"), variant, problem, state, time.time(), reconcile.now())
+    memo.scaler_state = step.state
+    if step.replicas is not None:
+        await asyncio.to_thread(memo.kube.scale, namespace, name, step.replicas)
+        logger.info("Scaled %s -> %s replicas.", spec.replicas, step.replicas)
+    await asyncio.to_thread(memo.kube.patch_status, namespace, name, step.status)
+    if step.event is not None:
+        kind, reason, message = step.event
+        (kopf.warn if kind == "Warning" else kopf.info)(_body(raw), reason=reason, message=message)

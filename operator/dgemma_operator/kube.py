@@ -65,6 +65,13 @@ class Kube:
             raise ValueError(f"the operator does not manage {kind}")
         return self._json(response)
 
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set spec.replicas through the resource's scale subresource (as `kubectl scale` and HPA do)."""
+        self.custom.patch_namespaced_custom_object_scale(
+            models.GROUP, models.VERSION, namespace, models.PLURAL, name, {"spec": {"replicas": replicas}},
+            _content_type=MERGE, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S,
+        )
+
     def patch_status(self, namespace: str, name: str, status: Body) -> None:
         """Merge the given fields into the resource's status (other writers' fields are kept)."""
         self.custom.patch_namespaced_custom_object_status(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
+
+from dgemma_operator import settings
 
 LIVENESS_PATH = "/healthz"
 
@@ -22,7 +25,23 @@ def parser() -> argparse.ArgumentParser:
     peering.add_argument("--standalone", action="store_true", help="no peering: assume a single instance")
     p.add_argument("--priority", type=int, default=0, help="peering priority of this instance")
     p.add_argument("--verbose", action="store_true", help="debug logging")
+    default_gateway = settings.DEFAULT_GATEWAY.format(namespace="$POD_NAMESPACE")
+    p.add_argument("--gateway-url", default=None,
+                   help="the gateway whose demand measurements the autoscaler reads "
+                        f"[env {settings.GATEWAY_URL_ENV}; default {default_gateway}]")
+    p.add_argument("--autoscale-interval-s", type=float, default=None,
+                   help=f"seconds between autoscaling decisions [env {settings.AUTOSCALE_INTERVAL_ENV}; default 15]")
     return p
+
+
+def export_settings(args: argparse.Namespace) -> None:
+    """Hand the autoscaler's flags to the handlers module through its environment variables (flags win)."""
+    if args.gateway_url:
+        os.environ[settings.GATEWAY_URL_ENV] = args.gateway_url
+    if args.autoscale_interval_s is not None:
+        if args.autoscale_interval_s <= 0:
+            raise SystemExit("dgemma operator: --autoscale-interval-s must be > 0")
+        os.environ[settings.AUTOSCALE_INTERVAL_ENV] = str(args.autoscale_interval_s)
 
 
 def kopf_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,6 +62,7 @@ def kopf_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(argv: list[str]) -> int:
     """Run the operator until it is stopped; returns the exit status."""
     args = parser().parse_args(argv)
+    export_settings(args)
     import kopf
 
     from dgemma_operator import handlers  # noqa: F401  # registers the handlers

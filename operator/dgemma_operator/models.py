@@ -184,7 +184,13 @@ class AutoscalingSpec(BaseModel):
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
     """Window over which scale-down decisions take the highest recommendation."""
     scale_to_zero: bool = False
-    """Allow zero replicas when idle (the gateway holds requests while one starts)."""
+    """Allow zero replicas when idle (needs minReplicas 0; the gateway holds requests while one starts)."""
+    scale_to_zero_idle_seconds: int = Field(default=600, ge=0, le=604800)
+    """With scaleToZero: no demand for this long before the last replica goes."""
+    max_scale_up_step: int = Field(default=4, ge=1, le=1000)
+    """Replicas added per decision at most."""
+    max_scale_down_step: int = Field(default=1, ge=1, le=1000)
+    """Replicas removed per decision at most."""
 
 
 class DiffusionGemmaSpec(BaseModel):
@@ -277,12 +283,38 @@ class ScalingDecision(BaseModel):
     """When decided."""
 
 
+class Recommendation(BaseModel):
+    """One past recommendation of the autoscaler."""
+
+    model_config = _config()
+    time: float
+    """When (seconds since the epoch)."""
+    replicas: int
+    """Replicas recommended."""
+
+
+class ScalerMemory(BaseModel):
+    """What the autoscaler remembers between decisions, kept here so that an operator restart keeps it."""
+
+    model_config = _config()
+    recommendations: list[Recommendation] | None = None
+    """Recommendations within the stabilization windows."""
+    panic_until: float | None = None
+    """No scale-down before this time (seconds since the epoch): targets were being missed."""
+    last_demand_at: float | None = None
+    """When demand was last seen (seconds since the epoch)."""
+    first_seen: float | None = None
+    """When the autoscaler first decided for this resource (seconds since the epoch)."""
+
+
 class AutoscalingStatus(BaseModel):
     """What the autoscaler last did."""
 
     model_config = _config()
     last_decision: ScalingDecision | None = None
     """Last scaling decision."""
+    memory: ScalerMemory | None = None
+    """The decision function's state."""
 
 
 class DiffusionGemmaStatus(BaseModel):

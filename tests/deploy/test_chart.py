@@ -345,3 +345,14 @@ def test_template_failures_name_the_value_to_fix() -> None:
         values["gateway"]["ingress"]["enabled"] = True
         with pytest.raises(helm.HelmError, match=r"gateway[./]ingress[./]hosts"):
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_the_operators_autoscaler_reads_this_releases_gateway_even_behind_a_network_policy() -> None:
+    objects = render({"networkPolicy": {"gatewayFrom": [{"podSelector": {"matchLabels": {"role": "client"}}}]}})
+    (container,) = one(objects, "Deployment", "dgemma-operator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DGEMMA_GATEWAY_URL"] == f"http://dgemma-gateway.{NAMESPACE}.svc:8000"
+    rules = one(objects, "NetworkPolicy", "dgemma-gateway")["spec"]["ingress"]
+    operator_pods = [r for r in rules if any("podSelector" in p and p["podSelector"]["matchLabels"].get(
+        "app.kubernetes.io/component") == "operator" for p in r.get("from", []))]
+    assert len(operator_pods) == 1 and _ports(operator_pods[0]) == {8000}

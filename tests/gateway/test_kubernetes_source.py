@@ -141,3 +141,10 @@ def test_the_gateway_follows_resources_and_endpoint_slices_through_watches(
     while g.gateway.models() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert g.gateway.models() == []
+
+
+def test_a_resource_that_may_have_no_replica_is_a_variant_that_scales_from_zero() -> None:
+    autoscaled = resource("a", minReplicas=0, replicas=1, autoscaling={"enabled": True})
+    assert variant_from_resource(autoscaled).scale_from_zero
+    assert variant_from_resource(resource("b", minReplicas=0, replicas=0)).scale_from_zero
+    assert not variant_from_resource(resource("c", autoscaling={"enabled": True})).scale_from_zero  # minReplicas 1

@@ -8,7 +8,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from tests.k8s_emulator import EmulatorThread
-from tests.operator.helpers import CRD_PATH
+from tests.operator.helpers import CRD_PATH, DemandStub
 
 OPERATOR_ARGS = ["run", "--standalone", "--namespace", "default", "-m", "dgemma_operator.handlers"]
 
@@ -25,3 +25,14 @@ def operator(k8s: EmulatorThread, crd: None) -> Iterator[KopfRunner]:
     with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
         yield runner
     assert runner.exit_code == 0, runner.output[-5000:]
+
+
+@pytest.fixture
+def demand(monkeypatch: pytest.MonkeyPatch) -> Iterator[DemandStub]:
+    """A stand-in for the gateway's demand JSON; the operator's autoscaler reads it (DGEMMA_GATEWAY_URL)."""
+    stub = DemandStub()
+    monkeypatch.setenv("DGEMMA_GATEWAY_URL", stub.url)
+    try:
+        yield stub
+    finally:
+        stub.close()

@@ -89,3 +89,50 @@ def mark_ready(k8s: EmulatorThread, deployment: str, ready: int) -> None:
         "-p",
         json.dumps({"status": status}),
     )
+
+
+class DemandStub:
+    """The gateway's demand endpoint as a fixed JSON answer on 127.0.0.1 (tests of the operator alone)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        stub = self
+        self.variants: dict[str, Any] = {}
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stub.requests += 1
+                body = json.dumps({"window_s": 60, "variants": stub.variants}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="demand-stub", daemon=True)
+        self.thread.start()
+
+    def demand(self, name: str, canvases_per_s: float, capacity: float | None = 1.0, held: int = 0) -> None:
+        """Report this demand for a variant (canvas 256)."""
+        self.variants[name] = {
+            "canvas_length": 256,
+            "demand": {"canvases_per_s": canvases_per_s, "tokens_per_s": canvases_per_s * 256,
+                       "requests_waiting": 0, "canvases_waiting": 0.0, "target_miss_ratio": 0.0,
+                       "requests_held": held, "canvases_held": float(held)},
+            "delivered": {"tokens_per_s": 0.0},
+            "capacity": {"canvases_per_s_per_replica": capacity,
+                         "tokens_per_s_per_replica": None if capacity is None else capacity * 256},
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

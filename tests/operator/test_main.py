@@ -36,3 +36,16 @@ def test_peering_names_the_kopf_peering_object() -> None:
 def test_contradictory_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(argv)
+
+
+def test_autoscaler_flags_reach_the_handlers_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dgemma_operator import settings
+    from dgemma_operator.main import export_settings
+
+    monkeypatch.delenv(settings.GATEWAY_URL_ENV, raising=False)
+    monkeypatch.setenv("POD_NAMESPACE", "ops")
+    assert settings.from_environment().demand_url == "http://dgemma-gateway.ops.svc:8000/v1/dgemma/demand"
+    monkeypatch.setenv(settings.AUTOSCALE_INTERVAL_ENV, "15")
+    export_settings(parser().parse_args(["--gateway-url", "http://gw:8000/", "--autoscale-interval-s", "2"]))
+    current = settings.from_environment()
+    assert (current.demand_url, current.autoscale_interval_s) == ("http://gw:8000/v1/dgemma/demand", 2.0)

@@ -11,7 +11,7 @@ from kopf.testing import KopfRunner
 
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.conftest import OPERATOR_ARGS
-from tests.operator.helpers import apply, eventually, exists, mark_ready, sample
+from tests.operator.helpers import DemandStub, apply, eventually, exists, get, mark_ready, sample
 
 RBAC = pathlib.Path("deploy/rbac")
 
@@ -56,7 +56,7 @@ def test_namespaced_and_clusterwide_rbac_grant_the_same_namespaced_rights() -> N
     assert namespaced <= cluster
 
 
-def test_every_call_of_a_full_lifecycle_is_granted(k8s: EmulatorThread, crd: None) -> None:
+def test_every_call_of_a_full_lifecycle_is_granted(k8s: EmulatorThread, crd: None, demand: DemandStub) -> None:
     k8s.kubectl("apply", "-f", "deploy/crds/kopf-peering.yaml")
     apply(k8s, {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "dgemma"}})
     args = [a for a in OPERATOR_ARGS if a != "--standalone"] + ["--peering", "dgemma"]
@@ -70,6 +70,10 @@ def test_every_call_of_a_full_lifecycle_is_granted(k8s: EmulatorThread, crd: Non
             )
         )
         mark_ready(k8s, "gemma-worker", 2)
+        demand.demand("scaled", canvases_per_s=2.0)  # the autoscaler: demand wants more than one replica
+        apply(k8s, sample("scaled", autoscaling={"enabled": True}))
+        eventually(lambda: get(k8s, "dgm", "scaled")["spec"]["replicas"] > 1, timeout=20)
+        k8s.kubectl("delete", "dgm", "scaled", "--timeout=20s")
         k8s.kubectl("delete", "service", "gemma-worker")
         eventually(lambda: exists(k8s, "service", "gemma-worker"))
         k8s.kubectl("delete", "dgm", "gemma", "--timeout=20s")
