@@ -196,8 +196,12 @@ def simulate(
     controller: Controller | None = None,
     control_interval_s: float = 15.0,
     model: str = "m",
+    count_from_s: float = 0.0,
 ) -> SimResult:
-    """Run the trace through the pipeline; every decision is the gateway's `route`."""
+    """Run the trace through the pipeline; every decision is the gateway's `route`.
+
+    `count_from_s`: replica-seconds are counted from this time on (a warm-up before it is not scored).
+    """
     rng = random.Random(seed)
     workers: list[_Worker] = []
     counters = {sv.variant.name: 0 for sv in variants}
@@ -253,10 +257,11 @@ def simulate(
         t_next = min(t_arrival, t_done, next_report if arrivals else math.inf,
                      next_control if controller and arrivals else math.inf)
         dt = max(0.0, min(t_next, end_t) - clock)
+        counted = max(0.0, min(t_next, end_t) - max(clock, count_from_s))
         for w in workers:
             w.advance(t_next)
             if dt > 0:
-                replica_s[w.sv.variant.name] += dt
+                replica_s[w.sv.variant.name] += counted
                 if not w.retired and t_next >= w.ready_at:
                     ready_s[w.sv.variant.name] += dt
                     busy_s[w.sv.variant.name] += dt * w.in_system
