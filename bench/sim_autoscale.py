@@ -48,7 +48,7 @@ def traces() -> list[TraceSpec]:
 def table(reports: list[Report]) -> str:
     """A markdown table: per trace, the controllers side by side with the fixed fleet as reference."""
     head = ("| trace | controller | targets met | replica-hours (vs fixed) | cost (vs fixed) | scaling actions "
-            "| reversals at constant load | replica-hours H100 / RTX / Spark |")
+            "| reversals at constant load (most per variant and phase) | replica-hours H100 / RTX / Spark |")
     lines = [head, "|" + "---|" * 8]
     for trace in dict.fromkeys(r.trace for r in reports):
         mine = [r for r in reports if r.trace == trace]
@@ -58,7 +58,7 @@ def table(reports: list[Report]) -> str:
             lines.append(
                 f"| {trace} | {r.controller} | {r.attainment * 100:.1f}% | {r.replica_hours:.1f} "
                 f"({r.replica_hours / ref.replica_hours * 100:.0f}%) | {r.cost:.1f} ({r.cost / ref.cost * 100:.0f}%) "
-                f"| {r.actions} | {r.reversals} | {split} |")
+                f"| {r.actions} | {r.reversals} ({r.max_reversals}) | {split} |")
     return "\n".join(lines)
 
 

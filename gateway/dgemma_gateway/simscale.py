@@ -257,19 +257,20 @@ class Report:
     cost: float  # replica-hours x cost weight
     actions: int  # per variant, each change of desired replicas
     reversals: int  # direction changes of a variant's replicas within constant-load phases
+    max_reversals: int  # the most of one variant in one phase: 1 is an overshoot that settles, 2+ a flip-flop
     by_variant: dict[str, float]  # replica-hours
 
 
-def reversals(log: Sequence[tuple[float, Mapping[str, int]]], spans: Sequence[tuple[float, float]]) -> int:
-    """Direction changes (up then down, or down then up) of any variant's replicas within each span."""
-    total = 0
+def reversals(log: Sequence[tuple[float, Mapping[str, int]]], spans: Sequence[tuple[float, float]]) -> list[int]:
+    """Per variant and span: direction changes (up then down, or down then up) of its replicas."""
+    out = []
     names = sorted({n for _, r in log for n in r})
     for lo, hi in spans:
         for name in names:
             series = [r[name] for t, r in log if lo <= t < hi and name in r]
             deltas = [b - a for a, b in itertools.pairwise(series) if b != a]
-            total += sum(1 for a, b in itertools.pairwise(deltas) if (a > 0) != (b > 0))
-    return total
+            out.append(sum(1 for a, b in itertools.pairwise(deltas) if (a > 0) != (b > 0)))
+    return out
 
 
 def actions(log: Sequence[tuple[float, Mapping[str, int]]], start: Mapping[str, int]) -> int:
@@ -288,11 +289,12 @@ def report(trace: TraceSpec, name: str, fleet: Fleet, result: SimResult, warmup_
     hours = {k: v / 3600 for k, v in result.replica_seconds.items()}
     log = [(t - warmup_s, r) for t, r in result.replicas_log if t >= warmup_s]
     start = next((r for t, r in reversed(result.replicas_log) if t < warmup_s), log[0][1] if log else {})
+    flips = reversals(log, trace.constant_spans())
     return Report(
         trace=trace.name, controller=name, requests=len(scored),
         attainment=sum(o.met for o in scored) / len(scored) if scored else math.nan,
         replica_hours=sum(hours.values()), cost=sum(h * weights[k] for k, h in hours.items()),
-        actions=actions(log, start), reversals=reversals(log, trace.constant_spans()), by_variant=hours)
+        actions=actions(log, start), reversals=sum(flips), max_reversals=max(flips, default=0), by_variant=hours)
 
 
 def run(

@@ -116,13 +116,16 @@ def decide(policy: AutoscalingPolicy, m: Measurements, state: ScalerState) -> tu
         # Targets are being missed with work waiting: the capacity estimate is too optimistic.
         raw = max(raw, current + max(1, math.ceil(current * 0.5)))
         needed = math.inf
+    # The window keeps what would carry the demand with the tolerance's headroom on top: a scale-down must
+    # leave the remaining replicas that far below the target, so noise around a boundary cannot flip n <-> n-1.
+    kept = raw if panic else max(raw, math.ceil(needed * (1.0 + policy.tolerance) - 1e-9))
     span = max(policy.scale_up_window_s, policy.scale_down_window_s)
-    history = _window((*state.recommendations, (m.now, raw)), m.now, span)
+    history = _window((*state.recommendations, (m.now, kept)), m.now, span)
     first_seen = m.now if state.first_seen is None else state.first_seen
     # Until a whole down-window has been observed (a new variant, a restarted operator), the current size
     # counts as a recommendation, so a restart never triggers a scale-down on a single sample.
     floor = current if m.now - first_seen < policy.scale_down_window_s else 0
-    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until, needed)
+    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until, needed, raw)
     desired, reason = _scale_to_zero(policy, desired, reason, m, busy, last_demand_at)
     desired, reason = _bound(policy, current, desired, reason)
     decision = Decision(desired, reason, raw, utilization, panic, source)
@@ -149,28 +152,25 @@ def _stabilize(
     floor: int,
     panic_until: float,
     needed: float,
+    raw: int,
 ) -> tuple[int, str]:
     """Fast up (lowest recommendation over the short window), slow down (highest over the long one).
 
-    Up only when the demand exceeds the current replicas' capacity at the target by more than the
-    tolerance: demand measured over a window is noisy, and a scale-up on every excursion just above the
-    target would be undone by the next scale-down (n <-> n+1 under constant load).
+    Up, to what carries the demand at the target, only when the demand exceeds the current replicas'
+    capacity at the target by more than the tolerance; down only to what would carry every demand of the
+    window with the tolerance's headroom. Demand measured over a window is noisy: without this band, an
+    excursion just above a boundary adds a replica that the next scale-down removes (n <-> n+1 under
+    constant load).
     """
-    up = min(r for t, r in history if t >= now - policy.scale_up_window_s)
+    up = min(raw, *(r for t, r in history if t >= now - policy.scale_up_window_s))
     down = max([floor, *(r for t, r in history if t >= now - policy.scale_down_window_s)])
     if up > current and (current == 0 or needed > current * (1.0 + policy.tolerance)):
         return up, "scale up: demand exceeds capacity at the target utilization"
     if down < current:
         if now < panic_until:
             return current, "steady"  # no scale-down while targets were recently missed
-        if current > 0 and _within_tolerance(policy, down, current):
-            return current, "steady"
         return down, "scale down: the remaining replicas carry the demand below the target utilization"
     return current, "steady"
-
-
-def _within_tolerance(policy: AutoscalingPolicy, desired: int, current: int) -> bool:
-    return abs(desired / current - 1.0) <= policy.tolerance
 
 
 def _scale_to_zero(
