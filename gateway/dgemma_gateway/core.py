@@ -197,8 +197,9 @@ class Gateway:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
-        rr = RouteRequest(
+    @staticmethod
+    def _route_request(req: GatewayRequest, seq: int) -> RouteRequest:
+        return RouteRequest(
             model=req.model,
             max_tokens=req.max_tokens,
             max_denoising_steps=req.settings.get("max_denoising_steps"),
@@ -206,9 +207,11 @@ class Gateway:
             strict=req.strict,
             seq=seq,
         )
+
+    def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
         now = self.registry.clock()
         candidates = [c for c in self.registry.candidates(now) if c.endpoint_id not in excluded]
-        return route(self.pipeline, rr, candidates, now)
+        return route(self.pipeline, self._route_request(req, seq), candidates, now)
 
     def _refusal(self, req: GatewayRequest, decision: Decision, tried: set[str]) -> GatewayError:
         self.demand.refused(req.model)
@@ -269,8 +272,9 @@ class Gateway:
                 predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
                 expect_met=decision.expect_met,
             )
+            # With the request itself, so its demand can also be attributed to its preferred variant.
             self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                               canvases_for(req.max_tokens, canvas))
+                               canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
             call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0)
             state.inflight += 1
             sent = False

@@ -2,7 +2,9 @@
 
 `DemandTracker` keeps sliding windows of routed requests and finished ones; `snapshot` is a pure
 function of the tracker and the endpoints' canonical loads, so the autoscaler can call it in-process
-(`Gateway.demand_snapshot()`) or read it as JSON (`GET /v1/dgemma/demand`).
+(`Gateway.demand_snapshot()`) or read it as JSON (`GET /v1/dgemma/demand`). A variant's demand is
+attributed (see attribution.py): what it is preferred for plus the overflow it takes in; what was
+routed to it is reported alongside.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dgemma_gateway.types import Candidate, EndpointLoad, Variant
+from dgemma_gateway.attribution import Shape, attribute, demand_fields
+from dgemma_gateway.routing import Pipeline
+from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
 
 
 @dataclass
@@ -63,19 +67,34 @@ class DemandTracker:
         self.window_s = window_s
         self.variants: dict[str, VariantDemand] = {}
         self.unroutable: dict[str, int] = {}  # per model: requests no endpoint could take
+        # Routed requests in the window, for attribution: (time, variant, shape, max_tokens, canvases there).
+        self.recent: deque[tuple[float, str, Shape | None, int, int]] = deque()
 
     def _v(self, variant: str) -> VariantDemand:
         if variant not in self.variants:
             self.variants[variant] = VariantDemand(self.window_s)
         return self.variants[variant]
 
-    def routed(self, variant: str, now: float, max_tokens: int, canvases: int) -> None:
-        """A request was sent to a replica of this variant."""
+    def routed(
+        self, variant: str, now: float, max_tokens: int, canvases: int, request: RouteRequest | None = None
+    ) -> None:
+        """A request was sent to a replica of this variant; `request` lets its demand be attributed."""
         v = self._v(variant)
         v.requests_total += 1
         v.requests.add(now, 1)
         v.tokens.add(now, max_tokens)
         v.canvases.add(now, canvases)
+        self.recent.append((now, variant, None if request is None else Shape.of(request), max_tokens, canvases))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self.recent and self.recent[0][0] < now - self.window_s:
+            self.recent.popleft()
+
+    def routed_in_window(self, now: float) -> list[tuple[str, Shape | None, int, int]]:
+        """Routed requests of the last window: (variant, shape, max_tokens, canvases)."""
+        self._trim(now)
+        return [(variant, shape, tokens, canvases) for _, variant, shape, tokens, canvases in self.recent]
 
     def refused(self, model: str) -> None:
         """No endpoint could take a request for this model."""
@@ -131,12 +150,16 @@ def measured_capacity(ready: Sequence[Candidate]) -> dict[str, Any]:
 def snapshot(
     tracker: DemandTracker, variants: Sequence[Variant], candidates: Sequence[Candidate], now: float,
     stale_after_s: float = 5.0, held: Mapping[str, tuple[int, float]] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> dict[str, Any]:
     """The autoscaler's view: per variant, demand and what each ready replica delivers.
 
     `held`: per variant, (requests, canvases) the gateway holds while no replica is ready (scale from zero).
+    `pipeline`: the profile attribution asks where a request should go (default: `latency-target`).
     """
     out: dict[str, Any] = {"window_s": tracker.window_s, "variants": {}, "unroutable": dict(tracker.unroutable)}
+    preferred, overflow = attribute(tracker.routed_in_window(now), variants, candidates, now, tracker.window_s,
+                                    pipeline)
     for variant in sorted(variants, key=lambda v: v.name):
         mine = [c for c in candidates if c.variant.name == variant.name]
         ready = [
@@ -162,9 +185,11 @@ def snapshot(
             "replicas": len(mine),
             "replicas_ready": len(ready),
             "demand": {
-                "requests_per_s": v.requests.rate(now),
-                "tokens_per_s": v.tokens.rate(now),
-                "canvases_per_s": v.canvases.rate(now),
+                # Attributed: preferred here plus overflow taken in (what the autoscaler scales on).
+                **demand_fields(preferred, overflow, variant.name),
+                "routed_requests_per_s": v.requests.rate(now),
+                "routed_tokens_per_s": v.tokens.rate(now),
+                "routed_canvases_per_s": v.canvases.rate(now),
                 "requests_waiting": waiting,
                 "canvases_waiting": waiting * canvases_per_request,
                 "requests_in_flight": sum(c.inflight for c in mine),

@@ -26,11 +26,11 @@ class _StateCollector(Collector):
         total = GaugeMetricFamily("dgemma_gateway_endpoints", "Known endpoints per variant", labels=["variant"])
         gauges = {
             "tokens_per_s": GaugeMetricFamily(
-                "dgemma_gateway_demand_tokens_per_second", "Tokens/s requested (max_tokens)", labels=["variant"]),
+                "dgemma_gateway_demand_tokens_per_second", "Tokens/s asked (attributed)", labels=["variant"]),
             "canvases_per_s": GaugeMetricFamily(
-                "dgemma_gateway_demand_canvases_per_second", "Canvases/s requested", labels=["variant"]),
+                "dgemma_gateway_demand_canvases_per_second", "Canvases/s asked (attributed)", labels=["variant"]),
             "requests_per_s": GaugeMetricFamily(
-                "dgemma_gateway_demand_requests_per_second", "Requests/s routed", labels=["variant"]),
+                "dgemma_gateway_demand_requests_per_second", "Requests/s asked (attributed)", labels=["variant"]),
             "requests_waiting": GaugeMetricFamily(
                 "dgemma_gateway_requests_waiting", "Requests queued at the variant's workers", labels=["variant"]),
             "target_miss_ratio": GaugeMetricFamily(

@@ -9,7 +9,8 @@ Routing uses the gateway's real code: each arrival builds the same `Candidate`s 
 (load reports refreshed every `report_interval_s`, the gateway's exact in-flight counts) and calls
 `dgemma_gateway.routing.route` with a real profile. The autoscaler reuses this module: pass a
 `controller` that is called every `control_interval_s` with the demand snapshot and returns replicas
-per variant.
+per variant. A replica it adds is paid for at once but takes `startup_s` (loading the model) before it
+reports ready; one it removes drains its work first. `simscale.py` builds the controllers and traces.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SimVariant:
     capacity: int = 4
     max_queue: int = 8
     noise: float = 0.15  # step times vary by +-noise (uniform)
+    startup_s: float = 0.0  # from scheduling a replica until it reports ready (the model loading)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class _Worker:
     last_t: float = 0.0
     report: EndpointLoad | None = None
     retired: bool = False
+    ready_at: float = 0.0
 
     def advance(self, t: float) -> None:
         n = len(self.active)
@@ -100,6 +103,7 @@ class Outcome:
     target_s: float
     met: bool
     cost: float  # work seconds x the variant's cost weight
+    arrival_s: float = 0.0
 
 
 @dataclass
@@ -108,7 +112,8 @@ class SimResult:
 
     outcomes: list[Outcome]
     duration_s: float
-    replicas_log: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    replicas_log: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # after each control
+    replica_seconds: dict[str, float] = field(default_factory=dict)  # per variant, starting and draining too
 
     def summary(self) -> dict[str, Any]:
         """Attainment, cost and latency percentiles."""
@@ -132,25 +137,49 @@ class SimResult:
         }
 
 
+TOKENS_MIX: tuple[tuple[int, float], ...] = ((256, 0.6), (512, 0.3), (1024, 0.1))
+TARGETS_MIX: tuple[tuple[float | None, float], ...] = ((1500.0, 0.5), (4000.0, 0.35), (15000.0, 0.15))
+
+
 def poisson_trace(
     rate_per_s: float,
     duration_s: float,
     seed: int = 0,
-    tokens_mix: Sequence[tuple[int, float]] = ((256, 0.6), (512, 0.3), (1024, 0.1)),
-    targets_mix: Sequence[tuple[float | None, float]] = ((1500.0, 0.5), (4000.0, 0.35), (15000.0, 0.15)),
+    tokens_mix: Sequence[tuple[int, float]] = TOKENS_MIX,
+    targets_mix: Sequence[tuple[float | None, float]] = TARGETS_MIX,
     steps_range: tuple[int, int] = (12, 20),
 ) -> list[SimRequest]:
     """Poisson arrivals with a mix of lengths and latency targets."""
+    return piecewise_trace([(duration_s, rate_per_s)], seed, tokens_mix, targets_mix, steps_range)
+
+
+def piecewise_trace(
+    segments: Sequence[tuple[float, float]],
+    seed: int = 0,
+    tokens_mix: Sequence[tuple[int, float]] = TOKENS_MIX,
+    targets_mix: Sequence[tuple[float | None, float]] = TARGETS_MIX,
+    steps_range: tuple[int, int] = (12, 20),
+) -> list[SimRequest]:
+    """Poisson arrivals whose rate is constant within each `(duration_s, rate_per_s)` segment, in order.
+
+    An arrival drawn past a segment's end is dropped and drawing restarts at the boundary with the next
+    rate (exact, as the exponential has no memory).
+    """
     rng = random.Random(seed)
     out: list[SimRequest] = []
     t = 0.0
-    while True:
-        t += rng.expovariate(rate_per_s)
-        if t >= duration_s:
-            return out
-        tokens = rng.choices([m for m, _ in tokens_mix], [w for _, w in tokens_mix])[0]
-        target = rng.choices([m for m, _ in targets_mix], [w for _, w in targets_mix])[0]
-        out.append(SimRequest(t, tokens, target, rng.randint(*steps_range)))
+    start = 0.0
+    for duration_s, rate_per_s in segments:
+        end = start + duration_s
+        while rate_per_s > 0:
+            t += rng.expovariate(rate_per_s)
+            if t >= end:
+                break
+            tokens = rng.choices([m for m, _ in tokens_mix], [w for _, w in tokens_mix])[0]
+            target = rng.choices([m for m, _ in targets_mix], [w for _, w in targets_mix])[0]
+            out.append(SimRequest(t, tokens, target, rng.randint(*steps_range)))
+        t = start = end
+    return out
 
 
 Controller = Callable[[float, Mapping[str, Any]], Mapping[str, int]]
@@ -167,25 +196,35 @@ def simulate(
     controller: Controller | None = None,
     control_interval_s: float = 15.0,
     model: str = "m",
+    count_from_s: float = 0.0,
 ) -> SimResult:
-    """Run the trace through the pipeline; every decision is the gateway's `route`."""
+    """Run the trace through the pipeline; every decision is the gateway's `route`.
+
+    `count_from_s`: replica-seconds are counted from this time on (a warm-up before it is not scored).
+    """
     rng = random.Random(seed)
     workers: list[_Worker] = []
     counters = {sv.variant.name: 0 for sv in variants}
     by_name = {sv.variant.name: sv for sv in variants}
 
-    def add(sv: SimVariant, t: float) -> None:
+    def add(sv: SimVariant, t: float, startup_s: float) -> None:
         counters[sv.variant.name] += 1
-        workers.append(_Worker(f"{sv.variant.name}/{counters[sv.variant.name]}", sv, last_t=t))
+        workers.append(_Worker(f"{sv.variant.name}/{counters[sv.variant.name]}", sv, last_t=t,
+                               ready_at=t + startup_s))
 
     for sv in variants:
         for _ in range(sv.replicas):
-            add(sv, 0.0)
+            add(sv, 0.0, 0.0)
     if step_fraction is None:
         step_fraction = (sum(r.steps_per_canvas / r.max_denoising_steps for r in trace) / len(trace)) if trace else 1.0
     tracker = DemandTracker(window_s=60.0)
     outcomes: list[Outcome] = []
     replicas_log: list[tuple[float, dict[str, int]]] = []
+    replica_s = {name: 0.0 for name in by_name}
+    # Since the last control: seconds of ready replicas and of requests in them, for utilization rules.
+    ready_s = {name: 0.0 for name in by_name}
+    busy_s = {name: 0.0 for name in by_name}
+    clock = 0.0
     next_report = 0.0
     next_control = control_interval_s
     arrivals = deque(sorted(trace, key=lambda r: r.arrival_s))
@@ -197,8 +236,8 @@ def simulate(
             w.report = EndpointLoad(
                 queue_depth=len(w.queue), active=len(w.active), capacity=w.sv.capacity, max_queue=w.sv.max_queue,
                 step_latency_s=w.sv.step_s, encoder_latency_s=w.sv.encoder_s, tokens_per_s=0.0,
-                canvas_length=w.sv.variant.canvas_length, model_name=w.sv.variant.model, ready=not w.retired,
-                draining=w.retired, observed_at=t)
+                canvas_length=w.sv.variant.canvas_length, model_name=w.sv.variant.model,
+                ready=not w.retired and t >= w.ready_at, draining=w.retired, observed_at=t)
 
     def candidates() -> list[Candidate]:
         return [Candidate(w.endpoint_id, w.sv.variant, w.report, inflight=w.in_system, step_fraction=step_fraction)
@@ -208,7 +247,7 @@ def simulate(
         latency = t - job.req.arrival_s
         met = latency <= job.target_s
         outcomes.append(Outcome(job.seq, job.variant, latency, job.target_s, met,
-                                job.work_s * w.sv.variant.cost_weight))
+                                job.work_s * w.sv.variant.cost_weight, job.req.arrival_s))
         tracker.finished(job.variant, t, job.req.max_tokens, met,
                          canvases_for(job.req.max_tokens, w.sv.variant.canvas_length))
 
@@ -217,8 +256,16 @@ def simulate(
         t_done = min((w.next_completion() for w in workers), default=math.inf)
         t_next = min(t_arrival, t_done, next_report if arrivals else math.inf,
                      next_control if controller and arrivals else math.inf)
+        dt = max(0.0, min(t_next, end_t) - clock)
+        counted = max(0.0, min(t_next, end_t) - max(clock, count_from_s))
         for w in workers:
             w.advance(t_next)
+            if dt > 0:
+                replica_s[w.sv.variant.name] += counted
+                if not w.retired and t_next >= w.ready_at:
+                    ready_s[w.sv.variant.name] += dt
+                    busy_s[w.sv.variant.name] += dt * w.in_system
+        clock = max(clock, min(t_next, end_t))
         if t_next == t_done:
             for w in workers:
                 done = [j for j in w.active if j.remaining_s <= 1e-9]
@@ -234,14 +281,18 @@ def simulate(
             next_report += report_interval_s
             continue
         if controller is not None and t_next == next_control:
-            snap = snapshot(tracker, [sv.variant for sv in variants], candidates(), t_next)
+            snap = snapshot(tracker, [sv.variant for sv in variants], candidates(), t_next, pipeline=pipeline)
+            _add_sim_measurements(snap, workers, step_fraction, ready_s, busy_s)
             wanted = controller(t_next, snap)
             for name, n in wanted.items():
                 live = [w for w in workers if w.sv.variant.name == name and not w.retired]
                 for _ in range(n - len(live)):
-                    add(by_name[name], t_next)
+                    add(by_name[name], t_next, by_name[name].startup_s)
                 for w in live[n:] if n < len(live) else []:
-                    w.retired = True
+                    w.retired = True  # the newest first: replicas still starting go before serving ones
+            workers[:] = [w for w in workers if not (w.retired and not w.active and not w.queue)]
+            ready_s = dict.fromkeys(ready_s, 0.0)
+            busy_s = dict.fromkeys(busy_s, 0.0)
             replicas_log.append((t_next, {sv.variant.name: sum(1 for w in workers if w.sv is sv and not w.retired)
                                           for sv in variants}))
             next_control += control_interval_s
@@ -263,10 +314,33 @@ def simulate(
                 for _ in range(canvases))
             job = _Job(req, seq, sv.variant.name, work, work,
                        decision.target_s if decision.target_s is not None else target_s, t_next)
-            tracker.routed(sv.variant.name, t_next, req.max_tokens, canvases)
+            tracker.routed(sv.variant.name, t_next, req.max_tokens, canvases, request=rr)
             (w.active if len(w.active) < sv.capacity else w.queue).append(job)
         seq += 1
-    return SimResult(outcomes, end_t, replicas_log)
+    return SimResult(outcomes, end_t, replicas_log, replica_s)
+
+
+def _add_sim_measurements(
+    snap: dict[str, Any], workers: Sequence[_Worker], step_fraction: float, ready_s: Mapping[str, float],
+    busy_s: Mapping[str, float],
+) -> None:
+    """What the simulated fleet measured, added to the demand snapshot for the controllers.
+
+    `capacity`: canvases/s one ready replica finishes (one canvas per expected steps x step latency plus an
+    encoder pass, however many requests interleave), None while no replica of the variant is ready.
+    `sim.slot_utilization`: requests in ready replicas per slot, averaged since the last control (what a
+    utilization rule such as the HPA's reads).
+    """
+    for name, v in snap["variants"].items():
+        ready = [w for w in workers if w.sv.variant.name == name and not w.retired and w.report is not None
+                 and w.report.ready]
+        if "capacity" not in v:  # a gateway that reports capacity itself takes precedence
+            rates = [1.0 / (max(1.0, w.sv.variant.max_denoising_steps * step_fraction) * w.sv.step_s + w.sv.encoder_s)
+                     for w in ready]
+            v["capacity"] = {"canvases_per_s_per_replica": sum(rates) / len(rates) if rates else None}
+        slots = max((w.sv.capacity for w in workers if w.sv.variant.name == name), default=1)
+        v["sim"] = {"slot_utilization": busy_s[name] / (slots * ready_s[name]) if ready_s[name] > 0 else 0.0,
+                    "replicas_ready_s": ready_s[name]}
 
 
 def three_variants(scale: int = 1) -> list[SimVariant]:

@@ -32,7 +32,7 @@ class AutoscalingPolicy:
     scale_down_window_s: float = 300.0  # highest recommendation over this window is used to scale down
     max_scale_up_step: int = 4  # replicas added per decision at most
     max_scale_down_step: int = 1  # replicas removed per decision at most
-    tolerance: float = 0.1  # no change while desired/current capacity is within this ratio of 1
+    tolerance: float = 0.1  # no change while needed/current capacity is within this ratio of 1 (up and down)
     panic_miss_ratio: float = 0.1  # share of requests missing their latency target that means panic
     panic_window_s: float = 60.0  # once in panic, no scale-down for this long
     backlog_drain_s: float = 30.0  # queued work should be gone within this time
@@ -89,12 +89,16 @@ def capacity_per_replica(m: Measurements) -> tuple[float, str]:
     return max(m.prior_canvases_per_s, 1e-9), "prior"
 
 
-def recommend(policy: AutoscalingPolicy, m: Measurements) -> int:
-    """Replicas that would carry the demand, plus the backlog, at the target utilization."""
+def needed_replicas(policy: AutoscalingPolicy, m: Measurements) -> float:
+    """Replicas (fractional) that would carry the demand, plus the backlog, at the target utilization."""
     capacity, _ = capacity_per_replica(m)
     backlog_rate = m.waiting_canvases / policy.backlog_drain_s if policy.backlog_drain_s > 0 else 0.0
-    needed = (m.demand_canvases_per_s + backlog_rate) / (capacity * policy.target_utilization)
-    return math.ceil(needed - 1e-9)
+    return (m.demand_canvases_per_s + backlog_rate) / (capacity * policy.target_utilization)
+
+
+def recommend(policy: AutoscalingPolicy, m: Measurements) -> int:
+    """Replicas that would carry the demand, plus the backlog, at the target utilization."""
+    return math.ceil(needed_replicas(policy, m) - 1e-9)
 
 
 def decide(policy: AutoscalingPolicy, m: Measurements, state: ScalerState) -> tuple[Decision, ScalerState]:
@@ -102,7 +106,8 @@ def decide(policy: AutoscalingPolicy, m: Measurements, state: ScalerState) -> tu
     capacity, source = capacity_per_replica(m)
     current = m.replicas
     utilization = m.demand_canvases_per_s / (capacity * max(current, 1)) if current else math.inf
-    raw = recommend(policy, m)
+    needed = needed_replicas(policy, m)
+    raw = math.ceil(needed - 1e-9)
     busy = m.demand_canvases_per_s > 0 or m.waiting_requests > 0
     last_demand_at = m.now if busy else state.last_demand_at
     panic = m.target_miss_ratio >= policy.panic_miss_ratio and m.waiting_requests > 0
@@ -110,13 +115,17 @@ def decide(policy: AutoscalingPolicy, m: Measurements, state: ScalerState) -> tu
     if panic:
         # Targets are being missed with work waiting: the capacity estimate is too optimistic.
         raw = max(raw, current + max(1, math.ceil(current * 0.5)))
+        needed = math.inf
+    # The window keeps what would carry the demand with the tolerance's headroom on top: a scale-down must
+    # leave the remaining replicas that far below the target, so noise around a boundary cannot flip n <-> n-1.
+    kept = raw if panic else max(raw, math.ceil(needed * (1.0 + policy.tolerance) - 1e-9))
     span = max(policy.scale_up_window_s, policy.scale_down_window_s)
-    history = _window((*state.recommendations, (m.now, raw)), m.now, span)
+    history = _window((*state.recommendations, (m.now, kept)), m.now, span)
     first_seen = m.now if state.first_seen is None else state.first_seen
     # Until a whole down-window has been observed (a new variant, a restarted operator), the current size
     # counts as a recommendation, so a restart never triggers a scale-down on a single sample.
     floor = current if m.now - first_seen < policy.scale_down_window_s else 0
-    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until)
+    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until, needed, raw)
     desired, reason = _scale_to_zero(policy, desired, reason, m, busy, last_demand_at)
     desired, reason = _bound(policy, current, desired, reason)
     decision = Decision(desired, reason, raw, utilization, panic, source)
@@ -142,23 +151,26 @@ def _stabilize(
     current: int,
     floor: int,
     panic_until: float,
+    needed: float,
+    raw: int,
 ) -> tuple[int, str]:
-    """Fast up (lowest recommendation over the short window), slow down (highest over the long one)."""
-    up = min(r for t, r in history if t >= now - policy.scale_up_window_s)
+    """Fast up (lowest recommendation over the short window), slow down (highest over the long one).
+
+    Up, to what carries the demand at the target, only when the demand exceeds the current replicas'
+    capacity at the target by more than the tolerance; down only to what would carry every demand of the
+    window with the tolerance's headroom. Demand measured over a window is noisy: without this band, an
+    excursion just above a boundary adds a replica that the next scale-down removes (n <-> n+1 under
+    constant load).
+    """
+    up = min(raw, *(r for t, r in history if t >= now - policy.scale_up_window_s))
     down = max([floor, *(r for t, r in history if t >= now - policy.scale_down_window_s)])
-    if up > current:
+    if up > current and (current == 0 or needed > current * (1.0 + policy.tolerance)):
         return up, "scale up: demand exceeds capacity at the target utilization"
     if down < current:
         if now < panic_until:
             return current, "steady"  # no scale-down while targets were recently missed
-        if current > 0 and _within_tolerance(policy, down, current):
-            return current, "steady"
         return down, "scale down: the remaining replicas carry the demand below the target utilization"
     return current, "steady"
-
-
-def _within_tolerance(policy: AutoscalingPolicy, desired: int, current: int) -> bool:
-    return abs(desired / current - 1.0) <= policy.tolerance
 
 
 def _scale_to_zero(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import replace
 
 import pytest
@@ -100,8 +101,10 @@ def test_no_oscillation_under_constant_load(demand: float) -> None:
         trace.append(replicas)
     changes = sum(1 for a, b in itertools.pairwise(trace) if a != b)
     assert changes <= 1
-    assert trace[-1] == recommend(POLICY, measure(demand=demand))
-    assert trace[-1] * 1.0 * 0.7 >= demand - 1e-9  # the settled fleet carries the load at the target
+    # The settled fleet carries the load at the target, or within the tolerance of it (0.71 on one replica
+    # is 101 % of the target: no change).
+    assert trace[-1] * 1.0 * 0.7 * (1 + POLICY.tolerance) >= demand - 1e-9
+    assert trace[-1] in (recommend(POLICY, measure(demand=demand)), recommend(POLICY, measure(demand=demand)) - 1)
 
 
 def test_panic_scales_up_beyond_the_estimate_and_blocks_scale_down() -> None:
@@ -138,5 +141,23 @@ def test_without_scale_to_zero_an_idle_variant_keeps_one_replica() -> None:
 
 def test_small_changes_within_tolerance_are_ignored() -> None:
     policy = replace(POLICY, scale_down_window_s=0, max_replicas=20)
-    assert once(measure(replicas=10, demand=6.3 - 0.01), policy).desired_replicas == 10  # wants 9: within 10 %
-    assert once(measure(replicas=10, demand=5.5), policy).desired_replicas == 9  # wants 8: one step down
+    # 8.99 replicas needed: 9 would be loaded within the tolerance of the target, too close to the boundary
+    assert once(measure(replicas=10, demand=6.3 - 0.01), policy).desired_replicas == 10
+    assert once(measure(replicas=10, demand=5.5), policy).desired_replicas == 9  # 7.9 needed: one step down
+
+
+@pytest.mark.parametrize("mean", [0.6, 0.63, 0.66, 0.7, 0.74])
+def test_noisy_constant_load_near_a_boundary_does_not_flip(mean: float) -> None:
+    """Demand measured over a window is noisy (+-15 % here): excursions across the 1 <-> 2 boundary must not
+    add a replica that the next scale-down removes, again and again."""
+    rng = random.Random(7)
+    state = ScalerState()
+    replicas = 1
+    trace = []
+    for t in range(0, 4 * 3600, 15):
+        demand = mean * rng.uniform(0.85, 1.15)
+        d, state = decide(POLICY, measure(now=t, replicas=replicas, demand=demand), state)
+        replicas = d.desired_replicas
+        trace.append(replicas)
+    changes = sum(1 for a, b in itertools.pairwise(trace) if a != b)
+    assert changes <= 1, trace
