@@ -26,6 +26,7 @@ from dgemma_gateway.sim import (
     simulate,
     three_variants,
 )
+from dgemma_operator.autoscale import measurements_from_snapshot
 from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, Measurements, ScalerState, decide
 
 
@@ -108,21 +109,10 @@ def daily_trace(peak: float, hours_per_day: float = 3.0) -> TraceSpec:
 
 
 def measurements(v: Mapping[str, Any], now: float, replicas: int) -> Measurements:
-    """The decision function's inputs from one variant of the demand snapshot; `replicas`: its spec."""
-    demand = v["demand"]
-    capacity = (v.get("capacity") or {}).get("canvases_per_s_per_replica")
-    return Measurements(
-        now=now,
-        replicas=replicas,
-        ready_replicas=v["replicas_ready"],
-        demand_canvases_per_s=demand["canvases_per_s"],
-        demand_tokens_per_s=demand["tokens_per_s"],
-        waiting_requests=demand["requests_waiting"],
-        waiting_canvases=demand["canvases_waiting"],
-        target_miss_ratio=demand["target_miss_ratio"],
-        capacity_canvases_per_s=capacity,
-        prior_canvases_per_s=v["tokens_per_s_prior"] / max(1, v["canvas_length"]),
-    )
+    """The decision function's inputs from one variant of the demand snapshot, built as the operator builds
+    them (`measurements_from_snapshot`); `replicas`: its spec."""
+    prior = v["tokens_per_s_prior"] / max(1, v["canvas_length"])
+    return measurements_from_snapshot(v, replicas, v["replicas_ready"], prior, now)
 
 
 @dataclass

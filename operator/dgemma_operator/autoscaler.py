@@ -189,13 +189,22 @@ def _scale_to_zero(
 
 def _bound(policy: AutoscalingPolicy, current: int, desired: int, reason: str) -> tuple[int, str]:
     """Apply the per-decision steps and the min/max bounds (bounds win)."""
+    target = _clamp(policy, desired)
     if desired > current:
-        desired = min(desired, current + policy.max_scale_up_step)
-    elif desired < current:
-        desired = max(desired, current - policy.max_scale_down_step)
-    bounded = min(max(desired, policy.min_replicas), policy.max_replicas)
-    if bounded != desired:
-        reason = f"{reason} (bounded to [{policy.min_replicas}, {policy.max_replicas}])"
+        stepped = min(desired, current + policy.max_scale_up_step)
+    else:
+        stepped = max(desired, current - policy.max_scale_down_step)
+    bounded = _clamp(policy, stepped)
     if bounded == current:
         return current, "steady"
+    if bounded != target:
+        # Say where it is heading, so "scale to zero" on a 2 -> 1 step does not read as a mistake.
+        step = policy.max_scale_up_step if target > current else policy.max_scale_down_step
+        reason = f"{reason} (towards {target}, {step} replica(s) per decision at most)"
+    elif target != desired:
+        reason = f"{reason} (bounded to [{policy.min_replicas}, {policy.max_replicas}])"
     return bounded, reason
+
+
+def _clamp(policy: AutoscalingPolicy, replicas: int) -> int:
+    return min(max(replicas, policy.min_replicas), policy.max_replicas)

@@ -161,3 +161,14 @@ def test_noisy_constant_load_near_a_boundary_does_not_flip(mean: float) -> None:
         trace.append(replicas)
     changes = sum(1 for a, b in itertools.pairwise(trace) if a != b)
     assert changes <= 1, trace
+
+
+def test_a_step_limited_decision_says_where_it_is_heading() -> None:
+    policy = replace(POLICY, min_replicas=0, scale_to_zero_idle_s=10, scale_down_window_s=0)
+    state = ScalerState()
+    _, state = decide(policy, measure(now=0, replicas=2, demand=0.5), state)
+    d, _ = decide(policy, measure(now=20, replicas=2, demand=0.0), state)
+    assert d.desired_replicas == 1
+    assert d.reason == "scale to zero: no demand for 10 s (towards 0, 1 replica(s) per decision at most)"
+    up = once(measure(replicas=2, demand=20.0))
+    assert up.desired_replicas == 6 and "(towards 10, 4 replica(s) per decision at most)" in up.reason
