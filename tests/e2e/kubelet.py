@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 MANAGED = "app.kubernetes.io/managed-by=dgemma-operator"
 MERGE = "application/merge-patch+json"
 # Environment the stand-in node changes: the tiny model on CPU, free ports, writable caches. The profile's
-# DGEMMA_DTYPE goes too: the worker has no fp8/nvfp4 loading yet (it knows fp32, bf16, fp16 only).
+# DGEMMA_DTYPE goes too: its fp8/nvfp4 weights are quantized at load on a GPU, and this node has none.
 DROPPED = {"DGEMMA_DTYPE", "DGEMMA_MODEL_REVISION", "HF_HUB_OFFLINE"}
 
 

@@ -436,3 +436,23 @@ def test_a_dead_step_thread_fails_pending_requests_and_reports_not_alive(
             engine.submit(HELLO, GenerationParams(), lambda e: None)
     finally:
         engine.shutdown()
+
+
+def test_quantized_weight_formats_of_the_gpu_profiles() -> None:
+    from transformers import FineGrainedFP8Config, NVFP4Config
+
+    from dgemma_worker.model import quantization_for, resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype("fp8", cuda) == torch.bfloat16 and resolve_dtype("nvfp4", cuda) == torch.bfloat16
+    assert isinstance(quantization_for("fp8", cuda, checkpoint_quantized=False), FineGrainedFP8Config)
+    assert isinstance(quantization_for("nvfp4", cuda, checkpoint_quantized=False), NVFP4Config)
+    assert quantization_for("fp8", cuda, checkpoint_quantized=True) is None  # a pre-quantized checkpoint
+    assert quantization_for("bf16", cuda, checkpoint_quantized=False) is None
+    with pytest.raises(ValueError, match="dtype: fp8 weights need a CUDA GPU"):
+        quantization_for("fp8", cpu, checkpoint_quantized=False)
+
+
+def test_loading_fp8_weights_on_a_cpu_fails_with_a_clear_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match="dtype: nvfp4 weights need a CUDA GPU that supports them, not cpu"):
+        load_model(tiny_dir, device="cpu", dtype="nvfp4")

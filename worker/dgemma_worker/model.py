@@ -241,14 +241,32 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Quantized weight formats the GPU profiles name: compute in bf16, weights quantized at load time by
+# transformers (a checkpoint that is already quantized keeps its own quantization config instead).
+QUANTIZED = ("fp8", "nvfp4")
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """An explicit dtype, else bf16 on CUDA and fp32 on CPU (bf16 is ~30x slower on these CPUs)."""
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in QUANTIZED:
+        return torch.bfloat16
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}") from None
+        raise ValueError(f"dtype: must be one of {sorted([*DTYPES, *QUANTIZED])} or 'auto', got {dtype!r}") from None
+
+
+def quantization_for(dtype: str | None, device: torch.device, checkpoint_quantized: bool) -> Any:
+    """The transformers quantization config that `dtype` asks for, or None (plain weights, or pre-quantized)."""
+    if dtype not in QUANTIZED or checkpoint_quantized:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"dtype: {dtype} weights need a CUDA GPU that supports them, not {device.type}")
+    from transformers import FineGrainedFP8Config, NVFP4Config
+
+    return FineGrainedFP8Config() if dtype == "fp8" else NVFP4Config()
 
 
 def load_model(
@@ -260,14 +278,18 @@ def load_model(
     name: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint from a directory or a Hugging Face id (HF_HUB_OFFLINE is respected)."""
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     source = str(model) if model else str(tiny_model_dir())
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
-    log.info("loading %s on %s as %s", source, dev, torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    quantization = quantization_for(dtype, dev, getattr(config, "quantization_config", None) is not None)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    log.info("loading %s on %s as %s (weights: %s)", source, dev, torch_dtype, dtype or "auto")
+    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "revision"})
     net = DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=torch_dtype, **kwargs)
     net = net.to(dev).eval()  # type: ignore[arg-type]
     net.requires_grad_(False)

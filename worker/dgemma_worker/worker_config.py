@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
     add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
     add("--max-queue", "max_queue", "requests waiting beyond --max-active (default 16)", type=int)
-    add("--dtype", "dtype", "weights dtype: float32, bfloat16, float16 (default: the model's)")
+    add("--dtype", "dtype", "weights: float32/fp32, bfloat16/bf16, float16/fp16, or fp8/nvfp4 quantized at load "
+        "on a GPU that supports them (default: bf16 on CUDA, fp32 on CPU)")
     add("--device", "device", "torch device, e.g. cuda:0 or cpu (default: cuda if available)")
     add("--drain-grace-s", "drain_grace_s", "on SIGTERM, how long in-flight requests may run (default 30)",
         type=float)
