@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--endpoints-file", "endpoints_file", "YAML file of variants and their endpoints", type=Path)
     add("--kubernetes", "kubernetes", "discover DiffusionGemma variants and their worker pods in the cluster",
         action="store_true", default=None)
-    add("--namespace", "namespace", "namespace to watch (default: the gateway's own, or all)")
+    add("--namespace", "namespace", "namespace(s) to watch, comma-separated (default: all)")
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body (default 4 MiB)", type=int)

@@ -93,7 +93,12 @@ class KubeConfig:
     server: str
     token: str | None = None
     ssl: ssl.SSLContext | bool = True
-    namespace: str | None = None
+    namespace: str | None = None  # one namespace, or several separated by commas; None or "": all
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """The namespaces to watch; empty means all of them."""
+        return tuple(dict.fromkeys(n.strip() for n in (self.namespace or "").split(",") if n.strip()))
 
 
 def _ssl_context(ca_file: str | None, ca_data: str | None, cert: tuple[str, str] | None) -> ssl.SSLContext:
@@ -104,12 +109,15 @@ def _ssl_context(ca_file: str | None, ca_data: str | None, cert: tuple[str, str]
 
 
 def load_kube_config(namespace: str | None = None) -> KubeConfig:
-    """In-cluster service account if present, else $KUBECONFIG / ~/.kube/config (current context)."""
+    """In-cluster service account if present, else $KUBECONFIG / ~/.kube/config (current context).
+
+    `namespace`: one or several (comma-separated) to watch; none means all namespaces, as the chart's
+    cluster-wide RBAC and the operator assume (a namespaced install names its namespaces).
+    """
     if os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
         host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        ns = namespace or (SA_DIR / "namespace").read_text().strip()
         return KubeConfig(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(),
-                          _ssl_context(str(SA_DIR / "ca.crt"), None, None), ns)
+                          _ssl_context(str(SA_DIR / "ca.crt"), None, None), namespace)
     path = Path(os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))).expanduser()
     cfg = yaml.safe_load(path.read_text())
     ctx_name = cfg.get("current-context")
@@ -135,7 +143,7 @@ def load_kube_config(namespace: str | None = None) -> KubeConfig:
                 cert = (files[0], files[1])
             ssl_opt = _ssl_context(cluster.get("certificate-authority"), cluster.get("certificate-authority-data"),
                                    cert)
-    return KubeConfig(server.rstrip("/"), user.get("token"), ssl_opt, namespace or ctx.get("namespace"))
+    return KubeConfig(server.rstrip("/"), user.get("token"), ssl_opt, namespace)
 
 
 class KubernetesSource:
@@ -152,10 +160,12 @@ class KubernetesSource:
         """From the pod's service account or the local kubeconfig."""
         return cls(load_kube_config(namespace))
 
-    def _path(self, group_version: str, plural: str) -> str:
+    def _paths(self, group_version: str, plural: str) -> list[tuple[str | None, str]]:
+        """(namespace, collection path) per watched namespace; (None, the cluster-wide path) for all."""
         base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-        ns = self.config.namespace
-        return f"{base}/namespaces/{ns}/{plural}" if ns else f"{base}/{plural}"
+        if not self.config.namespaces:
+            return [(None, f"{base}/{plural}")]
+        return [(ns, f"{base}/namespaces/{ns}/{plural}") for ns in self.config.namespaces]
 
     async def run(self, sink: Sink) -> None:
         """Watch both kinds until cancelled; report after every change."""
@@ -166,10 +176,13 @@ class KubernetesSource:
             def report() -> None:
                 sink(self.name, endpoints_from(self.resources, self.slices), list(self.resources.values()))
 
-            async def follow(path: str, params: dict[str, str], store: dict[Key, Any], convert: Any) -> None:
+            async def follow(
+                namespace: str | None, path: str, params: dict[str, str], store: dict[Key, Any], convert: Any
+            ) -> None:
                 async for kind, obj in watch(session, path, params):
-                    if kind == "RESET":
-                        store.clear()
+                    if kind == "RESET":  # a relist replaces what this watch (its namespace) knew
+                        for key in [k for k in store if namespace is None or k[0] == namespace]:
+                            del store[key]
                         continue
                     meta = obj.get("metadata", {})
                     key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -183,10 +196,12 @@ class KubernetesSource:
                             continue
                     report()
 
+            slices = {"labelSelector": SERVICE_NAME_LABEL}
             await asyncio.gather(
-                follow(self._path(f"{GROUP}/{VERSION}", PLURAL), {}, self.resources, variant_from_resource),
-                follow(self._path("discovery.k8s.io/v1", "endpointslices"), {"labelSelector": SERVICE_NAME_LABEL},
-                       self.slices, lambda o: o),
+                *(follow(ns, path, {}, self.resources, variant_from_resource)
+                  for ns, path in self._paths(f"{GROUP}/{VERSION}", PLURAL)),
+                *(follow(ns, path, slices, self.slices, lambda o: o)
+                  for ns, path in self._paths("discovery.k8s.io/v1", "endpointslices")),
             )
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from gateway_harness import MODEL, SLOW_STEP_S, Pool
-
 from dgemma_gateway.serve import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
+from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 from dgemma_gateway.openai_api import ApiLimits
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "sk-test-0123456789"

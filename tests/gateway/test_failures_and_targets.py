@@ -14,10 +14,10 @@ import aiohttp
 import grpc
 import openai
 import pytest
-from gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 

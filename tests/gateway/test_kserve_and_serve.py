@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from gateway_harness import MODEL, Pool, RunningGateway, static, variant
 from tritonclient.utils import InferenceServerException
+
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 

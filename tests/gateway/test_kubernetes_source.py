@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from gateway_harness import MODEL, Pool, RunningGateway
 
 from dgemma_gateway.kube import KubeConfig, KubernetesSource, endpoints_from, variant_from_resource
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,3 +148,38 @@ def test_a_resource_that_may_have_no_replica_is_a_variant_that_scales_from_zero(
     assert variant_from_resource(autoscaled).scale_from_zero
     assert variant_from_resource(resource("b", minReplicas=0, replicas=0)).scale_from_zero
     assert not variant_from_resource(resource("c", autoscaling={"enabled": True})).scale_from_zero  # minReplicas 1
+
+
+def test_the_source_watches_the_namespaces_it_is_given_or_all_of_them(k8s: Any) -> None:
+    """Against the Kubernetes API emulator: 'a,b' sees variants in a and b only; no namespace sees all."""
+    k8s.kubectl("apply", "-f", "deploy/crds/dgemma.io_diffusiongemmas.yaml")
+    for ns in ("a", "b", "c"):
+        k8s.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Namespace",
+                                                         "metadata": {"name": ns}}))
+        doc = resource(f"variant-{ns}")
+        doc["metadata"] = {"name": f"variant-{ns}", "namespace": ns}
+        k8s.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+    def seen(namespace: str | None) -> set[str]:
+        variants: set[str] = set()
+
+        def sink(name: str, endpoints: Any, found: Any = None) -> None:
+            variants.update(v.name for v in found or ())
+
+        async def run() -> None:
+            source = KubernetesSource(KubeConfig(k8s.url, token="emulator", ssl=False, namespace=namespace))
+            task = asyncio.create_task(source.run(sink))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(variants) < (3 if not namespace else 2):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # anything from a namespace it should not see would have come by now
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(run())
+        return variants
+
+    assert seen("a,b") == {"variant-a", "variant-b"}
+    assert seen(" c ") == {"variant-c"}
+    assert seen(None) == {"variant-a", "variant-b", "variant-c"}

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import aiohttp
 import openai
 import pytest
-from gateway_harness import MODEL, Pool, RunningGateway, static, variant
+
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import openai
 import pytest
-from gateway_harness import MODEL, Pool, RunningGateway, variant
 
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.types import Variant
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, variant
 
 pytestmark = pytest.mark.timeout(120)
 
