@@ -28,7 +28,10 @@ class AutoscalingPolicy:
     min_replicas: int = 1
     max_replicas: int = 8
     target_utilization: float = 0.7  # of measured capacity, leaving headroom for bursts
-    scale_up_window_s: float = 0.0  # lowest recommendation over this window is used to scale up
+    # Lowest recommendation over this window is used to scale up: a burst must last this long. Replicas of
+    # a 50 GB model take minutes to start, so chasing a 15 s excursion costs a start-up and a flip; panic and
+    # scale-from-zero do not wait. (Measured: 30 s removes the ramp trace's n <-> n+1 flip, docs/benchmarks.md.)
+    scale_up_window_s: float = 30.0
     scale_down_window_s: float = 300.0  # highest recommendation over this window is used to scale down
     max_scale_up_step: int = 4  # replicas added per decision at most
     max_scale_down_step: int = 1  # replicas removed per decision at most
@@ -125,7 +128,7 @@ def decide(policy: AutoscalingPolicy, m: Measurements, state: ScalerState) -> tu
     # Until a whole down-window has been observed (a new variant, a restarted operator), the current size
     # counts as a recommendation, so a restart never triggers a scale-down on a single sample.
     floor = current if m.now - first_seen < policy.scale_down_window_s else 0
-    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until, needed, raw)
+    desired, reason = _stabilize(policy, history, m.now, current, floor, panic_until, needed, raw, panic)
     desired, reason = _scale_to_zero(policy, desired, reason, m, busy, last_demand_at)
     desired, reason = _bound(policy, current, desired, reason)
     decision = Decision(desired, reason, raw, utilization, panic, source)
@@ -153,6 +156,7 @@ def _stabilize(
     panic_until: float,
     needed: float,
     raw: int,
+    panic: bool,
 ) -> tuple[int, str]:
     """Fast up (lowest recommendation over the short window), slow down (highest over the long one).
 
@@ -162,7 +166,9 @@ def _stabilize(
     excursion just above a boundary adds a replica that the next scale-down removes (n <-> n+1 under
     constant load).
     """
-    up = min(raw, *(r for t, r in history if t >= now - policy.scale_up_window_s))
+    # Panic (targets missed now) and a variant at zero replicas (requests held) do not wait for the window.
+    urgent = panic or current == 0
+    up = raw if urgent else min(raw, *(r for t, r in history if t >= now - policy.scale_up_window_s))
     down = max([floor, *(r for t, r in history if t >= now - policy.scale_down_window_s)])
     if up > current and (current == 0 or needed > current * (1.0 + policy.tolerance)):
         return up, "scale up: demand exceeds capacity at the target utilization"

@@ -179,8 +179,9 @@ class AutoscalingSpec(BaseModel):
     """Let the dgemma autoscaler set spec.replicas between minReplicas and maxReplicas."""
     target_utilization: float = Field(default=0.8, gt=0, le=1)
     """Fraction of measured capacity a replica should run at."""
-    scale_up_stabilization_seconds: int = Field(default=0, ge=0, le=3600)
-    """Window over which scale-up decisions take the highest recommendation."""
+    scale_up_stabilization_seconds: int = Field(default=30, ge=0, le=3600)
+    """Window over which scale-up decisions take the lowest recommendation (a burst must last this long);
+    missed targets and scale-from-zero do not wait for it."""
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
     """Window over which scale-down decisions take the highest recommendation."""
     scale_to_zero: bool = False

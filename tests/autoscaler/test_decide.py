@@ -17,7 +17,9 @@ from dgemma_operator.autoscaler import (
     recommend,
 )
 
-POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=10, target_utilization=0.7, scale_down_window_s=300)
+# Fast up (no window) so that single decisions show the recommendation; the window has its own test.
+POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=10, target_utilization=0.7, scale_up_window_s=0,
+                           scale_down_window_s=300)
 
 
 def measure(now: float = 0.0, replicas: int = 2, demand: float = 1.0, **kw: object) -> Measurements:
@@ -172,3 +174,23 @@ def test_a_step_limited_decision_says_where_it_is_heading() -> None:
     assert d.reason == "scale to zero: no demand for 10 s (towards 0, 1 replica(s) per decision at most)"
     up = once(measure(replicas=2, demand=20.0))
     assert up.desired_replicas == 6 and "(towards 10, 4 replica(s) per decision at most)" in up.reason
+
+
+def test_a_burst_shorter_than_the_scale_up_window_adds_nothing_a_lasting_one_does() -> None:
+    policy = replace(POLICY, scale_up_window_s=30)
+    state = ScalerState()
+    trace = []
+    for t, demand in [(0, 1.0), (10, 3.0), (20, 1.0), (30, 1.0), (40, 3.0), (50, 3.0), (60, 3.0), (70, 3.0)]:
+        d, state = decide(policy, measure(now=t, replicas=trace[-1] if trace else 2, demand=demand), state)
+        trace.append(d.desired_replicas)
+    assert trace[:7] == [2] * 7  # the 10 s burst, and the lasting one until it has filled the window
+    assert trace[7] == 5  # 3.0 canvases/s at every sample of the last 30 s (t=40..70) -> 5 replicas
+
+
+def test_panic_and_scale_from_zero_do_not_wait_for_the_scale_up_window() -> None:
+    policy = replace(POLICY, scale_up_window_s=300, min_replicas=0)
+    _, state = decide(policy, measure(now=0, replicas=4, demand=1.0), ScalerState())
+    d, _ = decide(policy, measure(now=10, replicas=4, demand=1.0, target_miss_ratio=0.5, waiting_requests=8), state)
+    assert d.panic and d.desired_replicas == 6
+    zero = once(measure(now=0, replicas=0, demand=0.2, waiting_requests=1), policy)
+    assert zero.desired_replicas == 1

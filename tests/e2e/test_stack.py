@@ -56,7 +56,8 @@ RESOURCE = {
         "latencyTargetMs": 5000,
         "generation": {"canvasLength": 16, "maxDenoisingSteps": 8},
         "worker": {"maxActive": 2, "maxQueue": 16, "drainGraceSeconds": 2},
-        "autoscaling": {"enabled": True, "targetUtilization": 0.5, "scaleDownStabilizationSeconds": 4,
+        "autoscaling": {"enabled": True, "targetUtilization": 0.5, "scaleUpStabilizationSeconds": 0,
+                        "scaleDownStabilizationSeconds": 4,
                         "scaleToZero": True, "scaleToZeroIdleSeconds": 4},
     },
 }

@@ -10,7 +10,7 @@ from kopf.testing import KopfRunner
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.helpers import DemandStub, apply, eventually, get, mark_ready, sample
 
-FAST = {"enabled": True, "targetUtilization": 0.5, "scaleDownStabilizationSeconds": 2}
+FAST = {"enabled": True, "targetUtilization": 0.5, "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 2}
 
 
 def decision(k8s: EmulatorThread, name: str = "gemma") -> dict[str, object]:
