@@ -351,7 +351,10 @@ def test_the_operators_autoscaler_reads_this_releases_gateway_even_behind_a_netw
     objects = render({"networkPolicy": {"gatewayFrom": [{"podSelector": {"matchLabels": {"role": "client"}}}]}})
     (container,) = one(objects, "Deployment", "dgemma-operator")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["DGEMMA_GATEWAY_URL"] == f"http://dgemma-gateway.{NAMESPACE}.svc:8000"
+    assert env["DGEMMA_GATEWAY_URL"] == f"http://dgemma-gateway-pods.{NAMESPACE}.svc:8000"
+    headless = one(objects, "Service", "dgemma-gateway-pods")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["selector"] == one(objects, "Service", "dgemma-gateway")["spec"]["selector"]
     rules = one(objects, "NetworkPolicy", "dgemma-gateway")["spec"]["ingress"]
     operator_pods = [r for r in rules if any("podSelector" in p and p["podSelector"]["matchLabels"].get(
         "app.kubernetes.io/component") == "operator" for p in r.get("from", []))]
