@@ -40,6 +40,12 @@ PROFILE_PRIORS = {"h100": 1100.0, "rtx-pro-6000": 700.0, "dgx-spark": 150.0, "dg
 Key = tuple[str, str]  # namespace, name
 
 
+def variant_name(meta: Mapping[str, Any]) -> str:
+    """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
+    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", "") or "")
+    return f"{namespace}/{name}" if namespace else name
+
+
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
     """A DiffusionGemma resource as a routing variant (spec field names as in the CRD)."""
     meta, spec = obj.get("metadata", {}), obj.get("spec", {})
@@ -53,7 +59,7 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
     from_zero = int(spec.get("minReplicas", 1)) == 0 and (
         bool(autoscaling.get("enabled")) or int(spec.get("replicas", 1)) == 0)
     return Variant(
-        name=str(meta.get("name", "")),
+        name=variant_name(meta),
         model=str(spec.get("servedModelName", meta.get("name", ""))),
         gpu_profile=profile,
         cost_weight=float(spec.get("costWeight", 1.0)),
@@ -81,7 +87,7 @@ def endpoints_from(resources: Mapping[Key, Variant], slices: Mapping[Key, Mappin
                 continue
             for address in (ep.get("addresses") or [])[:1]:
                 host = f"[{address}]" if ":" in address else address
-                endpoint_id = f"{ns}/{variant.name}/{address}:{port}"
+                endpoint_id = f"{variant.name}/{address}:{port}"
                 out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", variant)
     return sorted(out.values(), key=lambda e: e.endpoint_id)
 

@@ -197,7 +197,10 @@ async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kop
     except reconcile.InvalidSpec:
         return  # the reconcile handler has reported it
     where = settings.from_environment()
-    variant, problem = await gateway_client.fetch_variant(memo.http, where.demand_url, name, where.gateway_timeout_s)
+    # The gateway names a variant after its resource as namespace/name (kube.variant_name).
+    variant, problem = await gateway_client.fetch_variant(
+        memo.http, where.demand_url, f"{namespace}/{name}", where.gateway_timeout_s
+    )
     # The state lives in this resource's memo; after a restart it is read back from the status.
     state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(raw.get("status"))
     step = scaling.plan(spec, raw.get("status"), variant, problem, state, time.time(), reconcile.now())

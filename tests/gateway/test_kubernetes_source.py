@@ -36,7 +36,7 @@ def endpoint_slice(name: str, service: str, addresses: list[tuple[str, bool]], p
 def test_a_resource_becomes_a_variant_with_its_cost_target_profile_and_canvas() -> None:
     v = variant_from_resource(resource("spark", gpu={"profile": "dgx-spark"}, costWeight=0.3, latencyTargetMs=900,
                                        generation={"canvasLength": 128, "maxDenoisingSteps": 32}))
-    assert (v.name, v.model, v.gpu_profile, v.cost_weight, v.latency_target_ms) == ("spark", MODEL, "dgx-spark",
+    assert (v.name, v.model, v.gpu_profile, v.cost_weight, v.latency_target_ms) == ("ml/spark", MODEL, "dgx-spark",
                                                                                       0.3, 900.0)
     assert (v.canvas_length, v.max_denoising_steps, v.tokens_per_s_prior) == (128, 32, 150.0)
 
@@ -49,7 +49,8 @@ def test_ready_pods_of_each_variants_worker_service_become_endpoints() -> None:
         ("ml", "other"): endpoint_slice("other", "unrelated", [("10.0.0.9", True)]),
     }
     eps = endpoints_from(resources, slices)
-    assert [(e.address, e.variant.name) for e in eps] == [("10.0.0.1:50051", "a"), ("10.0.0.3:6000", "b")]
+    assert [(e.address, e.variant.name) for e in eps] == [("10.0.0.1:50051", "ml/a"), ("10.0.0.3:6000", "ml/b")]
+    assert [e.endpoint_id for e in eps] == ["ml/a/10.0.0.1:50051", "ml/b/10.0.0.3:6000"]
 
 
 class FakeApiServer:
@@ -126,7 +127,7 @@ def test_the_gateway_follows_resources_and_endpoint_slices_through_watches(
         async with aiohttp.ClientSession() as s, s.post(f"{g.url}/v1/completions", json=body) as r:
             return r.status, r.headers.get("x-dgemma-variant", "")
 
-    assert asyncio.run(ask()) == (200, "cpu")
+    assert asyncio.run(ask()) == (200, "ml/cpu")
     # The pod goes unready: the slice changes, the endpoint goes.
     host, port = endpoint.spec.address.split(":")
     g.loop.call_soon_threadsafe(api.send, "endpointslices", "MODIFIED",
@@ -180,6 +181,6 @@ def test_the_source_watches_the_namespaces_it_is_given_or_all_of_them(k8s: Any) 
         asyncio.run(run())
         return variants
 
-    assert seen("a,b") == {"variant-a", "variant-b"}
-    assert seen(" c ") == {"variant-c"}
-    assert seen(None) == {"variant-a", "variant-b", "variant-c"}
+    assert seen("a,b") == {"a/variant-a", "b/variant-b"}
+    assert seen(" c ") == {"c/variant-c"}
+    assert seen(None) == {"a/variant-a", "b/variant-b", "c/variant-c"}

@@ -25,7 +25,7 @@ def reasons(k8s: EmulatorThread, name: str = "gemma") -> list[str]:
 def test_demand_scales_the_resource_through_its_scale_subresource_up_and_back_down(
     k8s: EmulatorThread, operator: KopfRunner, demand: DemandStub
 ) -> None:
-    demand.demand("gemma", canvases_per_s=1.6, capacity=1.0)  # 1.6 / (1.0 x 0.5) -> 4 replicas
+    demand.demand("default/gemma", canvases_per_s=1.6, capacity=1.0)  # 1.6 / (1.0 x 0.5) -> 4 replicas
     apply(k8s, sample(replicas=1, maxReplicas=3, autoscaling=FAST))
     eventually(lambda: get(k8s, "deployment", "gemma-worker")["spec"]["replicas"] == 3, timeout=20)
     d = decision(k8s)
@@ -37,7 +37,7 @@ def test_demand_scales_the_resource_through_its_scale_subresource_up_and_back_do
     assert scale_calls, "replicas are set through the scale subresource"
     mark_ready(k8s, "gemma-worker", 3)
 
-    demand.demand("gemma", canvases_per_s=0.4, capacity=1.0)  # 0.4 / 0.5 -> 1 replica, one step at a time
+    demand.demand("default/gemma", canvases_per_s=0.4, capacity=1.0)  # 0.4 / 0.5 -> 1 replica, one step at a time
     eventually(lambda: get(k8s, "dgm", "gemma")["spec"]["replicas"] == 1, timeout=30)
     assert "ScaledDown" in reasons(k8s)
 
@@ -46,7 +46,7 @@ def test_without_measurements_the_replicas_stay_and_the_reason_is_recorded(
     k8s: EmulatorThread, operator: KopfRunner, demand: DemandStub
 ) -> None:
     apply(k8s, sample(replicas=2, autoscaling=FAST))  # the gateway does not know the variant
-    eventually(lambda: "does not know variant 'gemma'" in str(decision(k8s)["reason"]), timeout=20)
+    eventually(lambda: "does not know variant 'default/gemma'" in str(decision(k8s)["reason"]), timeout=20)
     assert decision(k8s)["desiredReplicas"] == 2 and get(k8s, "dgm", "gemma")["spec"]["replicas"] == 2
     assert "NoMeasurements" in reasons(k8s)
 
@@ -54,7 +54,7 @@ def test_without_measurements_the_replicas_stay_and_the_reason_is_recorded(
 def test_with_autoscaling_off_the_replicas_are_never_touched(
     k8s: EmulatorThread, operator: KopfRunner, demand: DemandStub
 ) -> None:
-    demand.demand("gemma", canvases_per_s=10.0)
+    demand.demand("default/gemma", canvases_per_s=10.0)
     apply(k8s, sample(replicas=1, autoscaling={"enabled": False}))
     eventually(lambda: get(k8s, "deployment", "gemma-worker")["spec"]["replicas"] == 1)
     k8s.kubectl("scale", "dgm/gemma", "--replicas=2")  # a human (or HPA/KEDA) is in charge
@@ -68,13 +68,13 @@ def test_a_restarted_operator_carries_on_from_the_state_in_the_status(
 ) -> None:
     from tests.operator.conftest import OPERATOR_ARGS
 
-    demand.demand("gemma", canvases_per_s=1.0, capacity=1.0)
+    demand.demand("default/gemma", canvases_per_s=1.0, capacity=1.0)
     slow_down = {**FAST, "scaleDownStabilizationSeconds": 3600}
     apply(k8s, sample(replicas=1, maxReplicas=3, autoscaling=slow_down))
     with KopfRunner(OPERATOR_ARGS, timeout=30):
         eventually(lambda: get(k8s, "dgm", "gemma")["spec"]["replicas"] == 2, timeout=20)
     remembered = get(k8s, "dgm", "gemma")["status"]["autoscaling"]["memory"]
-    demand.demand("gemma", canvases_per_s=0.0, capacity=1.0)
+    demand.demand("default/gemma", canvases_per_s=0.0, capacity=1.0)
     with KopfRunner(OPERATOR_ARGS, timeout=30):
         eventually(lambda: get(k8s, "dgm", "gemma")["status"]["autoscaling"]["memory"] != remembered, timeout=20)
         time.sleep(1.0)

@@ -70,7 +70,7 @@ def test_every_call_of_a_full_lifecycle_is_granted(k8s: EmulatorThread, crd: Non
             )
         )
         mark_ready(k8s, "gemma-worker", 2)
-        demand.demand("scaled", canvases_per_s=2.0)  # the autoscaler: demand wants more than one replica
+        demand.demand("default/scaled", canvases_per_s=2.0)  # the autoscaler: demand wants more than one replica
         apply(k8s, sample("scaled", autoscaling={"enabled": True}))
         eventually(lambda: get(k8s, "dgm", "scaled")["spec"]["replicas"] > 1, timeout=20)
         k8s.kubectl("delete", "dgm", "scaled", "--timeout=20s")
