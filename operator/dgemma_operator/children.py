@@ -62,6 +62,16 @@ def endpoint(resource_name: str, namespace: str) -> str:
     return f"{child_name(resource_name)}.{namespace}.svc:{GRPC_PORT}"
 
 
+def child_metadata(owner: Body, labels: Body) -> Body:
+    """Name, namespace, labels and owner of a child object (every child shares the resource's name)."""
+    return {
+        "name": child_name(owner["metadata"]["name"]),
+        "namespace": owner["metadata"]["namespace"],
+        "labels": labels,
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
 def owner_reference(owner: Body) -> Body:
     """An ownerReference that makes the children garbage-collected with the resource."""
     return {
@@ -331,12 +341,7 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": child_name(name),
-            "namespace": owner["metadata"]["namespace"],
-            "labels": labels,
-            "ownerReferences": [owner_reference(owner)],
-        },
+        "metadata": child_metadata(owner, labels),
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
@@ -355,12 +360,7 @@ def service(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": child_name(name),
-            "namespace": owner["metadata"]["namespace"],
-            "labels": worker_labels(name, spec),
-            "ownerReferences": [owner_reference(owner)],
-        },
+        "metadata": child_metadata(owner, worker_labels(name, spec)),
         "spec": {
             "clusterIP": "None",
             "selector": selector_labels(name),
@@ -381,12 +381,7 @@ def pod_disruption_budget(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {
-            "name": child_name(name),
-            "namespace": owner["metadata"]["namespace"],
-            "labels": worker_labels(name, spec),
-            "ownerReferences": [owner_reference(owner)],
-        },
+        "metadata": child_metadata(owner, worker_labels(name, spec)),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
     }
 
