@@ -195,7 +195,7 @@ class Engine:
         self._queue: deque[_Request] = deque()
         self._active: list[_Request] = []  # admitted requests, in groups
         self._groups: list[_Group] = []
-        self._scratch: torch.Tensor | None = None  # owned by the step thread
+        self._scratch: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}  # owned by the step thread
         self._rr = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -708,10 +708,15 @@ class Engine:
                 self._maybe_draft(group.rows[i], group.argmax[i])
 
     def _scratch_like(self, logits: torch.Tensor) -> torch.Tensor:
-        """A (B, L, V) work buffer reused across steps (reallocated when the batch shape changes)."""
-        if self._scratch is None or self._scratch.shape != logits.shape or self._scratch.dtype != logits.dtype:
-            self._scratch = torch.empty_like(logits)
-        return self._scratch
+        """A (B, L, V) work buffer reused across steps, one per shape: with batching, groups of different
+        sizes take turns, and a single buffer would be reallocated at every turn."""
+        key = (tuple(logits.shape), logits.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            if len(self._scratch) >= self.config.max_batch + 1:
+                self._scratch.clear()  # bounded: at most one buffer per batch size (plus one spare)
+            buffer = self._scratch[key] = torch.empty_like(logits)
+        return buffer
 
     def _maybe_draft(self, req: _Request, argmax: torch.Tensor) -> None:
         now = time.monotonic()
