@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from dgemma_worker.engine import Engine, EngineConfig, cut_canvas
+from dgemma_worker.commits import cut_canvas
+from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import EOS_ID, LoadedModel, load_model, make_tiny_model
 from dgemma_worker.params import GenerationParams, Limits, ParamError
 from dgemma_worker.types import (
