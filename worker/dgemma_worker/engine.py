@@ -23,11 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .model import LoadedModel
-from .params import GenerationParams, Limits, ParamError
-from .sampling import StabilityTracker, denoise_step, temperature
-from .textstream import TextAssembler
-from .types import (
+from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.types import (
     CommitEvent,
     Counters,
     DraftEvent,
@@ -41,6 +38,10 @@ from .types import (
     RequestStats,
     StopReason,
 )
+
+from .model import LoadedModel
+from .sampling import StabilityTracker, denoise_step, temperature
+from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
 
