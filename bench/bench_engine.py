@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from dgemma_common.params import GenerationParams
+from dgemma_common.types import FinalEvent, Prompt
 from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel, TinyModelSpec, load_model, make_tiny_model
-from dgemma_worker.params import GenerationParams
-from dgemma_worker.types import FinalEvent, Prompt
 
 MODERATE = TinyModelSpec(
     hidden_size=512,

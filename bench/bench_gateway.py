@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 import grpc
 
-from dgemma_gateway.serve import LocalWorkers
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 
 MODEL = "tiny"
@@ -123,7 +123,7 @@ def main() -> None:
         address = workers.workers[0].address
         port_file = workdir / "gateway.json"
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "dgemma_worker.cli", "gateway", "--endpoint", address, "--model", MODEL,
+            [sys.executable, "-m", "dgemma_cli.main", "gateway", "--endpoint", address, "--model", MODEL,
              "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", "--port-file", str(port_file),
              "--max-streams-per-key", "0"],
             stdout=subprocess.DEVNULL, env={**os.environ})

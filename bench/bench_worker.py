@@ -24,10 +24,10 @@ from typing import Any
 
 import grpc
 
+from dgemma_common.params import GenerationParams
+from dgemma_common.types import CommitEvent, Prompt
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
-from dgemma_worker.params import GenerationParams
-from dgemma_worker.types import CommitEvent, Prompt
 
 PROMPT = "Why is the sky blue?"
 # One torch thread in both the worker and the in-process engine: same settings, and less noise from

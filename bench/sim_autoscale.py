@@ -1,7 +1,7 @@
 """Trace-driven autoscaling simulation: dgemma's autoscaler vs an HPA-style utilization rule vs a fixed
 maximum fleet, side by side on a step, a ramp and a daily-shaped trace over three variants (H100, RTX
 PRO 6000, DGX Spark priors). Every arrival is routed by the gateway's own `route`; our controller is
-the operator's own `decide` on the gateway's demand snapshot (`dgemma_gateway.simscale`).
+the operator's own `decide` on the gateway's demand snapshot (`dgemma_sim.scaling`).
 
     python bench/sim_autoscale.py          # table to stdout, JSON to bench/out/, plot to docs/
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dgemma_gateway.routing import load_profile_file
-from dgemma_gateway.sim import SimResult
-from dgemma_gateway.simscale import (
+from dgemma_sim.routing import SimResult
+from dgemma_sim.scaling import (
     ControllerFactory,
     Report,
     TraceSpec,

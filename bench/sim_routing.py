@@ -1,6 +1,6 @@
 """Trace-driven routing simulation: latency-target attainment and cost of the latency-target policy vs
 least-loaded and round-robin across three variants (H100, RTX PRO 6000, DGX Spark priors) under rising
-load. The decisions are the gateway's own (`dgemma_gateway.sim` calls `routing.route`).
+load. The decisions are the gateway's own (`dgemma_sim.routing` calls `routing.route`).
 
     python bench/sim_routing.py            # table to stdout, JSON to bench/out/, plot to docs/
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dgemma_gateway.routing import load_profile_file
-from dgemma_gateway.sim import run_sweep, three_variants
+from dgemma_sim.routing import run_sweep, three_variants
 
 POLICIES = ("latency-target", "least-loaded", "round-robin")
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from dgemma_common.envflags import fill_from_env
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
-from dgemma_worker.envflags import fill_from_env
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The KServe v2 / Triton GRPCInferenceService on the gateway (:8001), from tritonclient's stubs.
 
 A `tritonclient.grpc` user points at the gateway instead of one worker: requests are decoded with the
-worker's own KServe conversions (`dgemma_worker.kserve`), routed like any other request, and answered
+worker's own KServe conversions (`dgemma_common.kserve`), routed like any other request, and answered
 in the same tensors. Only settings the client gave are forwarded, so each variant's defaults apply.
 """
 
@@ -18,13 +18,13 @@ import grpc
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common import kserve
+from dgemma_common.kserve import client_settings, parameter_value
+from dgemma_common.params import Limits, ParamError, params_from_mapping
+from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_worker import kserve
-from dgemma_worker.kserve import client_settings, parameter_value
-from dgemma_worker.params import Limits, ParamError, params_from_mapping
-from dgemma_worker.types import CommitEvent, FinalEvent, RequestStats, StopReason
 
 log = logging.getLogger(__name__)
 

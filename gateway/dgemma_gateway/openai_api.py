@@ -21,12 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
+from dgemma_common.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
 from dgemma_gateway.auth import ApiKeys, StreamLimiter
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError, bad_request
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_worker.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
 
 log = logging.getLogger(__name__)
 

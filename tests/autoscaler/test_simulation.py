@@ -8,10 +8,10 @@ import itertools
 import pytest
 
 from dgemma_gateway.routing import load_profile_file
-from dgemma_gateway.sim import SimVariant, piecewise_trace, simulate
-from dgemma_gateway.simscale import Fleet, Phase, TraceSpec, default_fleet, fixed, ours, run, step_trace
 from dgemma_gateway.types import Variant
 from dgemma_operator.autoscaler import AutoscalingPolicy
+from dgemma_sim.routing import SimVariant, piecewise_trace, simulate
+from dgemma_sim.scaling import Fleet, Phase, TraceSpec, default_fleet, fixed, ours, run, step_trace
 
 PIPELINE = load_profile_file("latency-target")
 

@@ -139,3 +139,26 @@ def test_image_users_match_the_pod_security_contexts() -> None:
 def test_the_build_context_leaves_out_what_the_images_do_not_need() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_images_copy_every_package_folder_the_project_installs(name: str) -> None:
+    import tomllib
+
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["where"]
+    instructions, _ = parse(IMAGES[name].read_text())
+    copied = {i.args.split()[0] for i in instructions if i.keyword == "COPY" and "--from" not in i.args}
+    assert set(folders) <= copied
+
+
+def test_the_control_image_installs_the_core_without_the_model_stack() -> None:
+    instructions, _ = parse(IMAGES["control"].read_text())
+    installs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert "pip install /src " in installs and "[worker]" not in installs
+    assert "torch" not in installs.replace("find_spec('torch') is None", "")
+
+
+def test_the_worker_image_installs_the_worker_extra() -> None:
+    instructions, _ = parse(IMAGES["worker"].read_text())
+    installs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert 'pip install "/src[worker]"' in installs

@@ -92,7 +92,7 @@ def operator(k8s: EmulatorThread, tmp_path: pathlib.Path, gateway: RunningGatewa
     """`dgemma operator` as a process, deciding every second from the gateway's demand."""
     log = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": k8s.kubeconfig}
-    cmd = [sys.executable, "-m", "dgemma_worker.cli", "operator", "--standalone", "--namespace", "default",
+    cmd = [sys.executable, "-m", "dgemma_cli.main", "operator", "--standalone", "--namespace", "default",
            "--liveness-port", "0", "--gateway-url", gateway.url, "--autoscale-interval-s", "1"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from dgemma_common.params import GenerationParams
+from dgemma_common.types import CommitEvent, Event, FinalEvent, Prompt, StopReason
 from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel
-from dgemma_worker.params import GenerationParams
-from dgemma_worker.types import CommitEvent, Event, FinalEvent, Prompt, StopReason
 
 
 @pytest.fixture

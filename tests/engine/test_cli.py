@@ -10,7 +10,7 @@ from pathlib import Path
 
 def dgemma(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dgemma_worker.cli", *args],
+        [sys.executable, "-m", "dgemma_cli.main", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,11 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from dgemma_worker.commits import cut_canvas
-from dgemma_worker.engine import Engine, EngineConfig
-from dgemma_worker.model import EOS_ID, LoadedModel, load_model, make_tiny_model
-from dgemma_worker.params import GenerationParams, Limits, ParamError
-from dgemma_worker.types import (
+from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
     DraftEvent,
@@ -29,6 +26,9 @@ from dgemma_worker.types import (
     PromptTooLongError,
     StopReason,
 )
+from dgemma_worker.commits import cut_canvas
+from dgemma_worker.engine import Engine, EngineConfig
+from dgemma_worker.model import EOS_ID, LoadedModel, load_model, make_tiny_model
 
 HELLO = Prompt.of_messages([ChatMessage("user", "Hello there")])
 LONG = GenerationParams(max_new_tokens=16 * 40, max_denoising_steps=64, seed=1, ignore_eos=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dgemma_worker.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
 
 BAD_VALUES: list[tuple[str, Any, str]] = [
     ("max_new_tokens", 0, "[1, 8192]"),

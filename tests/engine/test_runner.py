@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dgemma_common.params import GenerationParams
 from dgemma_worker.model import LoadedModel
-from dgemma_worker.params import GenerationParams
 from dgemma_worker.runner import RowSpec, StepRunner
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dgemma_common.types import OverloadedError, StopReason
 from dgemma_worker.scheduler import Scheduler, SchedulerLimits, Turn
-from dgemma_worker.types import OverloadedError, StopReason
 
 
 @dataclass(eq=False)

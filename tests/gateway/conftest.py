@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dgemma_gateway.serve import LocalWorkers
+from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool
 

@@ -15,8 +15,8 @@ from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSource, EndpointSpec, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
-from dgemma_gateway.serve import LocalWorker, LocalWorkers
 from dgemma_gateway.types import Variant
+from dgemma_serve.workers import LocalWorker, LocalWorkers
 
 T = TypeVar("T")
 MODEL = "tiny"

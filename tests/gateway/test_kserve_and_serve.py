@@ -73,7 +73,7 @@ def test_tritonclient_streams_one_response_per_canvas_through_the_gateway(gw: Ru
 
 def test_dgemma_serve_demo_starts_streams_one_reply_and_exits_zero() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dgemma_worker.cli", "serve", "--demo", "--port", "0",
+    out = subprocess.run([sys.executable, "-m", "dgemma_cli.main", "serve", "--demo", "--port", "0",
                           "--grpc-port", "0"], capture_output=True, text=True, timeout=150, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dgemma serve: gateway at http://127.0.0.1:" in out.stdout

@@ -205,7 +205,7 @@ def test_cost_compares_what_serving_the_request_costs_not_the_hourly_price_alone
 
 
 def test_the_simulation_runs_the_real_pipeline_and_the_target_policy_beats_round_robin() -> None:
-    from dgemma_gateway.sim import poisson_trace, simulate, three_variants
+    from dgemma_sim.routing import poisson_trace, simulate, three_variants
 
     trace = poisson_trace(3.0, 120.0, seed=1)
     ours = simulate(LT, three_variants(), trace).summary()

@@ -38,7 +38,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subproc
 
 def test_serve_autoscale_adds_a_worker_under_load_and_retires_it_when_idle() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DGEMMA_DEBUG_STEP_DELAY_S": STEP_DELAY_S}
-    cmd = [sys.executable, "-m", "dgemma_worker.cli", "serve", "--autoscale", "--min-replicas", "1",
+    cmd = [sys.executable, "-m", "dgemma_cli.main", "serve", "--autoscale", "--min-replicas", "1",
            "--max-replicas", "2", "--port", "0", "--grpc-port", "-1", "--max-active", "2",
            "--autoscale-interval-s", "0.5", "--scale-down-window-s", "3", "--demand-window-s", "3",
            "--target-utilization", "0.5"]

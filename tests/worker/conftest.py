@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from dgemma_common.params import Limits
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir
-from dgemma_worker.params import Limits
 from dgemma_worker.server import EngineFactory, WorkerServer, load_engine
 from dgemma_worker.worker_config import WorkerConfig
 

@@ -67,8 +67,8 @@ def test_health_is_not_serving_until_warm_then_serving_then_not_serving_while_dr
 
 
 def test_health_goes_not_serving_when_the_engine_dies() -> None:
-    from dgemma_worker.params import GenerationParams
-    from dgemma_worker.types import Prompt
+    from dgemma_common.params import GenerationParams
+    from dgemma_common.types import Prompt
 
     worker = RunningWorker(worker_config())
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dgemma_common.types import StopReason
+
 from .textstream import TextAssembler
-from .types import StopReason
 
 
 def cut_canvas(canvas_ids: list[int], room: int, eos_ids: Sequence[int]) -> tuple[list[int], StopReason | None]:

@@ -23,14 +23,8 @@ from typing import Protocol
 
 import torch
 
-from .commits import commit_canvas
-from .meter import RateMeter
-from .model import LoadedModel
-from .params import GenerationParams, Limits, ParamError
-from .runner import RowSpec, StepRunner
-from .scheduler import Clock, Group, Scheduler, SchedulerLimits, interrupt_reason
-from .textstream import TextAssembler
-from .types import (
+from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.types import (
     CommitEvent,
     Counters,
     DraftEvent,
@@ -43,6 +37,13 @@ from .types import (
     RequestStats,
     StopReason,
 )
+
+from .commits import commit_canvas
+from .meter import RateMeter
+from .model import LoadedModel
+from .runner import RowSpec, StepRunner
+from .scheduler import Clock, Group, Scheduler, SchedulerLimits, interrupt_reason
+from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
 

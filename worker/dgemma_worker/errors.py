@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from dgemma_worker.params import ParamError
-from dgemma_worker.types import (
+from dgemma_common.params import ParamError
+from dgemma_common.types import (
     FinalEvent,
     NotReadyError,
     OverloadedError,

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dgemma_worker.types import LoadSnapshot, RequestStats, StopReason
+from dgemma_common.types import LoadSnapshot, RequestStats, StopReason
 
 PREFIX = "dgemma_worker"
 # Decoder steps range from ~1 ms (tiny models) to ~1 s (large models on small GPUs).

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from dgemma_common.params import GenerationParams
+
 from .model import LoadedModel
-from .params import GenerationParams
 from .sampling import StabilityTracker, denoise_step, temperature
 
 

@@ -15,10 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
-from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
-from dgemma_worker.metrics import WorkerMetrics
-from dgemma_worker.params import GenerationParams
-from dgemma_worker.types import (
+from dgemma_common.params import GenerationParams
+from dgemma_common.types import (
     CommitEvent,
     Event,
     FinalEvent,
@@ -26,6 +24,8 @@ from dgemma_worker.types import (
     NotReadyError,
     Prompt,
 )
+from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
+from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.worker_config import WorkerConfig
 
 log = logging.getLogger("dgemma_worker.requests")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from .types import OverloadedError, StopReason
+from dgemma_common.types import OverloadedError, StopReason
 
 Clock = Callable[[], float]
 

@@ -17,13 +17,13 @@ import grpc
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common import convert, kserve
+from dgemma_common.params import ParamError
+from dgemma_common.types import CommitEvent, FinalEvent
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
-from dgemma_worker import convert, kserve
 from dgemma_worker.errors import RpcError, UnknownModelError, status_for_exception
-from dgemma_worker.params import ParamError
 from dgemma_worker.runtime import RequestFailed, WorkerRuntime, monotonic_deadline, new_request_id
-from dgemma_worker.types import CommitEvent, FinalEvent
 
 log = logging.getLogger(__name__)
 

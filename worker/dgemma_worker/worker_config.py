@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgemma_worker.envflags import fill_from_env
-from dgemma_worker.params import GenerationParams, Limits
+from dgemma_common.envflags import fill_from_env
+from dgemma_common.params import GenerationParams, Limits
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
 # prompts and KServe tensors while refusing absurd messages in the transport, before any tokenizing.
@@ -171,7 +171,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         )
         if getattr(args, f"default_{name}") is not None
     }
-    from dgemma_worker.params import ParamError, params_from_mapping
+    from dgemma_common.params import ParamError, params_from_mapping
 
     try:
         defaults = params_from_mapping(overrides, GenerationParams(), limits)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dgemma_gateway.routing import Pipeline
-from dgemma_gateway.sim import (
+from dgemma_operator.autoscale import measurements_from_snapshot
+from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, Measurements, ScalerState, decide
+from dgemma_sim.routing import (
     Controller,
     SimRequest,
     SimResult,
@@ -26,8 +28,6 @@ from dgemma_gateway.sim import (
     simulate,
     three_variants,
 )
-from dgemma_operator.autoscale import measurements_from_snapshot
-from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, Measurements, ScalerState, decide
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_worker.params import GenerationParams, Limits, ParamError, params_from_mapping
-from dgemma_worker.types import (
+from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
     DraftEvent,
@@ -17,6 +16,7 @@ from dgemma_worker.types import (
     RequestStats,
     StopReason,
 )
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 _OPTIONAL_PARAMS = (
     "max_new_tokens",

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from dgemma_gateway.core import Gateway
 from dgemma_gateway.endpoints import Sink
-from dgemma_gateway.serve import LocalWorker, LocalWorkers
 from dgemma_gateway.types import Variant
 from dgemma_operator.autoscale import measurements_from_snapshot
 from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, ScalerState, decide
+from dgemma_serve.workers import LocalWorker, LocalWorkers
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Routing uses the gateway's real code: each arrival builds the same `Candidate`s 
 `dgemma_gateway.routing.route` with a real profile. The autoscaler reuses this module: pass a
 `controller` that is called every `control_interval_s` with the demand snapshot and returns replicas
 per variant. A replica it adds is paid for at once but takes `startup_s` (loading the model) before it
-reports ready; one it removes drains its work first. `simscale.py` builds the controllers and traces.
+reports ready; one it removes drains its work first. `dgemma_sim.scaling` builds the controllers and traces.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kpb
 
-from dgemma_worker.convert import validate_prompt
-from dgemma_worker.params import GenerationParams, Limits, ParamError, params_from_mapping
-from dgemma_worker.types import ChatMessage, CommitEvent, FinalEvent, Prompt, RequestStats
+from dgemma_common.convert import validate_prompt
+from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt, RequestStats
 
 PLATFORM = "dgemma"
 TEXT_INPUT = "text_input"

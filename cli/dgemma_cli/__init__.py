@@ -1,0 +1,1 @@
+"""dgemma_cli: the `dgemma` command."""
