@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any
 
+from dgemma_common.dtypes import dtype_problem
 from dgemma_operator import models
 from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
@@ -100,6 +101,11 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
             f"gpu.resources.limits[{GPU_RESOURCE!r}]={limits[GPU_RESOURCE]} "
             f"contradicts gpu.count={spec.gpu.count}"
         )
+    gpu = profile(spec.gpu.profile)
+    if spec.gpu.product is None and gpu.gpu_product is not None:
+        trouble = dtype_problem(dtype(spec), gpu.compute_capability, f"profile {gpu.name} ({gpu.gpu_product})")
+        if trouble is not None:
+            problems.append(f"gpu.dtype: {trouble}")
     if spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
         problems.append(
             "cache.claimName must differ from model.pvc.claimName (the source is mounted read-only)"

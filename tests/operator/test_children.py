@@ -244,10 +244,18 @@ def test_offline_validation_is_not_vacuous() -> None:
         ({"gpu": {"profile": "custom"}}, "custom"),
         ({"gpu": {"count": 2, "resources": {"limits": {"nvidia.com/gpu": 1}}}}, "contradicts"),
         ({"model": {"pvc": {"claimName": "w"}}, "cache": {"claimName": "w"}}, "must differ"),
+        ({"gpu": {"profile": "h100", "dtype": "nvfp4"}},
+         "gpu.dtype: dtype nvfp4 needs an NVIDIA GPU of compute capability 10.0 or newer; "
+         "profile h100 (NVIDIA-H100-80GB-HBM3) has 9.0"),
     ],
 )
 def test_semantic_problems_are_reported(overrides: dict[str, Any], problem: str) -> None:
     assert problem in " ".join(children.semantic_problems("gemma", spec(**overrides)))
+
+
+def test_every_profile_can_run_its_own_default_dtype() -> None:
+    for name in ("h100", "rtx-pro-6000", "dgx-spark", "dgx-station"):
+        assert children.semantic_problems("gemma", spec(gpu={"profile": name})) == [], name
 
 
 def test_a_name_too_long_for_a_service_is_a_semantic_problem() -> None:
