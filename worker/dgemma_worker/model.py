@@ -79,6 +79,7 @@ class TinyModelSpec:
     bpe_vocab_size: int = 384
     sliding_window: int = 128
     model_vocab_size: int | None = None  # a larger embedding than the tokenizer needs (benchmarks)
+    full_attention_every: int = 0  # the real checkpoint's 5 sliding : 1 full is 6; 0 = only the last is full
 
 
 @dataclass
@@ -147,6 +148,15 @@ def _fast_tokenizer(raw: Any) -> Any:
     return tokenizer
 
 
+def layer_types(spec: TinyModelSpec) -> list[str]:
+    """Sliding-window layers with full-attention ones every `full_attention_every` (always the last)."""
+    every = spec.full_attention_every
+    kinds = ["full_attention" if every and (i + 1) % every == 0 else "sliding_attention"
+             for i in range(spec.num_hidden_layers)]
+    kinds[-1] = "full_attention"
+    return kinds
+
+
 def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
     """A DiffusionGemmaConfig for the tiny checkpoint (with a tiny vision tower, see the notes)."""
     from transformers import DiffusionGemmaConfig
@@ -166,7 +176,7 @@ def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
         top_k_experts=spec.top_k_experts,
         moe_intermediate_size=spec.moe_intermediate_size,
         sliding_window=spec.sliding_window,
-        layer_types=["sliding_attention"] * (spec.num_hidden_layers - 1) + ["full_attention"],
+        layer_types=layer_types(spec),
         max_position_embeddings=8192,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
