@@ -79,17 +79,22 @@ def _table(node: dict[str, Any], path: str) -> str:
 
 
 def _profiles() -> str:
-    from dgemma_operator.profiles import PROFILES
+    from dgemma_operator.models import GenerationDefaults, WorkerSpec
+    from dgemma_operator.profiles import PROFILES, worker_memory_gib
 
     lines = [
         "| profile | `nvidia.com/gpu.product` | arch | default dtype | tokens/s prior | memory | cpu |",
         "|---|---|---|---|---|---|---|",
     ]
+    active, canvas = WorkerSpec().max_active, GenerationDefaults().canvas_length
     for p in PROFILES.values():
         product = f"`{p.gpu_product}`" if p.gpu_product else "(set `gpu.product` or `gpu.nodeSelector`)"
+        memory = f"{worker_memory_gib(p, p.dtype, active, canvas)}Gi"
+        if p.unified_memory:
+            memory += f" (unified memory: with the weights; at maxActive {active}, canvas {canvas})"
         lines.append(
             f"| `{p.name}` | {product} | {p.architecture} | {p.dtype} | {p.tokens_per_second_prior:g} "
-            f"| {p.memory} | {p.cpu} |"
+            f"| {memory} | {p.cpu} |"
         )
     return "\n".join(lines) + "\n"
 

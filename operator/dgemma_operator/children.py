@@ -8,7 +8,7 @@ from typing import Any
 
 from dgemma_common.dtypes import dtype_problem
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
+from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile, worker_memory_gib
 
 MANAGER = "dgemma-operator"
 GRPC_PORT = 50051
@@ -106,6 +106,14 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
         trouble = dtype_problem(dtype(spec), gpu.compute_capability, f"profile {gpu.name} ({gpu.gpu_product})")
         if trouble is not None:
             problems.append(f"gpu.dtype: {trouble}")
+        given = _given_memory(spec)
+        if gpu.node_memory_gib is not None and given is None and worker_memory(spec) > gpu.node_memory_gib:
+            problems.append(
+                f"worker.maxActive: {spec.worker.max_active} requests in {dtype(spec)} need {worker_memory(spec)}Gi "
+                f"of unified memory, more than a {gpu.name} node's {gpu.node_memory_gib}Gi "
+                "(lower worker.maxActive or generation.canvasLength, pick a smaller dtype, or set "
+                "gpu.resources for a smaller model)"
+            )
     if spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
         problems.append(
             "cache.claimName must differ from model.pvc.claimName (the source is mounted read-only)"
@@ -116,6 +124,12 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
 def dtype(spec: models.DiffusionGemmaSpec) -> str:
     """The dtype/quantization in effect."""
     return spec.gpu.dtype or profile(spec.gpu.profile).dtype
+
+
+def worker_memory(spec: models.DiffusionGemmaSpec) -> int:
+    """The worker's memory request and limit in GiB (on unified memory it holds the weights too)."""
+    gpu = profile(spec.gpu.profile)
+    return worker_memory_gib(gpu, dtype(spec), spec.worker.max_active, spec.generation.canvas_length)
 
 
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
@@ -224,12 +238,24 @@ def _fetch_container(name: str, spec: models.DiffusionGemmaSpec, mounts: list[Bo
     }
 
 
+def _given_memory(spec: models.DiffusionGemmaSpec) -> str | None:
+    """A memory quantity the spec sets under gpu.resources (requests first), replacing the derived one."""
+    given = spec.gpu.resources or {}
+    for section in ("requests", "limits"):
+        values = given.get(section)
+        if isinstance(values, dict) and values.get("memory") is not None:
+            return str(values["memory"])
+    return None
+
+
 def _resources(spec: models.DiffusionGemmaSpec) -> Body:
     prof = profile(spec.gpu.profile)
     gpus = str(spec.gpu.count)
+    # One given quantity stands for both: a limit below the derived request would be refused by the API.
+    memory = _given_memory(spec) or f"{worker_memory(spec)}Gi"
     base: Body = {
-        "requests": {"cpu": prof.cpu, "memory": prof.memory, GPU_RESOURCE: gpus},
-        "limits": {"memory": prof.memory, GPU_RESOURCE: gpus},
+        "requests": {"cpu": prof.cpu, "memory": memory, GPU_RESOURCE: gpus},
+        "limits": {"memory": memory, GPU_RESOURCE: gpus},
     }
     for section, values in (spec.gpu.resources or {}).items():
         if isinstance(values, dict):

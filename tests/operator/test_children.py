@@ -33,7 +33,7 @@ def env(s: models.DiffusionGemmaSpec) -> dict[str, Any]:
 PROFILES = [
     ("h100", "NVIDIA-H100-80GB-HBM3", "amd64", "fp8", 1100.0),
     ("rtx-pro-6000", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "amd64", "bf16", 700.0),
-    ("dgx-spark", "NVIDIA-GB10", "arm64", "nvfp4", 150.0),
+    ("dgx-spark", "NVIDIA-GB10", "arm64", "bf16", 150.0),
     ("dgx-station", "NVIDIA-GB300", "arm64", "bf16", 800.0),
 ]
 

@@ -320,8 +320,9 @@ def torchao_config(dtype: str) -> Any:
         # carry: the worker image builds them in (images/worker/Dockerfile).
         if importlib.util.find_spec("mslk") is None:
             raise ValueError(
-                "dtype: nvfp4 needs the MSLK kernels for the MoE experts, which are built into the worker "
-                "image (images/worker/Dockerfile); this environment has no 'mslk' package"
+                "dtype: nvfp4 needs the MSLK kernels for the MoE experts, and this environment has no 'mslk' "
+                "package (PyPI does not carry it): build the worker image with --build-arg MSLK_SOURCE=... "
+                "(images/worker/Dockerfile, docs/engine.md), or serve bf16 or fp8"
             )
         return NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False)
     raise ValueError(f"dtype: {dtype} is not a quantized dtype")
