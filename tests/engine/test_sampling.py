@@ -53,6 +53,9 @@ def test_entropy_and_argmax_are_bitwise_transformers_and_probabilities_its_softm
         assert torch.equal(ours.argmax, torch.argmax(processed, dim=-1))
         assert torch.equal(ours.probs, stock.probs)
         assert torch.allclose(ours.log_probs.softmax(-1), processed.softmax(-1), rtol=0, atol=1e-7)
+    tied = random_logits(7)
+    tied[..., 5] = tied[..., 9] = tied.amax(-1) + 1  # argmax takes the first of equal maxima
+    assert torch.equal(categorical(tied.clone(), **buffers(tied)).argmax, torch.argmax(tied, dim=-1))
 
 
 def test_device_temperatures_are_the_stock_schedule_to_the_bit() -> None:
