@@ -1,4 +1,5 @@
-"""The denoising step on a GPU: transformers' own generate() vs the engine's sync-free step, side by side.
+"""The denoising step on a GPU: transformers' own generate() vs the engine's sync-free step, eager and
+compiled (static shapes; CUDA graphs on CUDA), side by side.
 
     python bench/bench_gpu.py                # a GPU: the real layout scaled to ~3.3B parameters, bf16 (+ fp8)
     python bench/bench_gpu.py --smoke        # a CPU: the same table on a small model, in under a minute
@@ -7,7 +8,8 @@ The model is made on the spot with random weights in the real checkpoint's layou
 1 full attention, 128 experts top-8, canvas 256, vocabulary 262144; widths scaled down), so every canvas
 runs exactly `--steps` steps. Per path and batch size: decoder forward ms, sampling ms (the rest of the
 step), host ms per step (time the CPU spends issuing a step), host syncs per step (counted by
-dgemma_worker.syncs.SyncCounter), and tokens/s. Sized for a 10-minute GPU slot.
+dgemma_worker.syncs.SyncCounter), and tokens/s. The compiled step's compile time (its first canvas) is
+printed apart. Sized for a 10-minute GPU slot.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from dgemma_common.params import GenerationParams
 from dgemma_common.types import FinalEvent, Prompt
 from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel, TinyModelSpec, load_model, make_tiny_model
-from dgemma_worker.runner import RowSpec, StepRunner
+from dgemma_worker.runner import Batch, RowSpec, StepRunner
+from dgemma_worker.static import CompiledStepRunner
 from dgemma_worker.syncs import SyncCounter
 
 GPU_SPEC = TinyModelSpec(
@@ -103,9 +106,22 @@ def stock(loaded: LoadedModel, steps: int, batch: int) -> Row:
                counter.total / steps, batch * loaded.canvas_length / elapsed)
 
 
-def engine_step(loaded: LoadedModel, steps: int, batch: int) -> Row:
-    """The engine's step runner: one batch of `batch` rows, one canvas of `steps` steps."""
-    runner, device = StepRunner(loaded, max_batch=batch), loaded.device
+def pause_during_forward(runner: StepRunner, counter: SyncCounter) -> None:
+    """Count no syncs inside the compiled forward: dynamo will not run its graph under the counter's
+    dispatch mode, and the graph cannot hold a sync anyway (SyncCounter.paused). Undo: del the attribute."""
+    run_forward = runner.decoder_forward
+
+    def forward(batch: Batch) -> torch.Tensor:
+        with counter.paused():
+            return run_forward(batch)
+
+    runner.decoder_forward = forward  # type: ignore[method-assign]
+
+
+def engine_step(loaded: LoadedModel, steps: int, batch: int, compiled: bool = False) -> Row:
+    """The engine's step runner, eager or compiled: one batch of `batch` rows, one canvas of `steps` steps."""
+    device = loaded.device
+    runner = CompiledStepRunner(loaded, max_batch=batch) if compiled else StepRunner(loaded, max_batch=batch)
     params = GenerationParams(max_denoising_steps=steps, confidence_threshold=1e-9)
 
     def canvas(measure: str) -> tuple[float, float, float, int]:
@@ -116,6 +132,8 @@ def engine_step(loaded: LoadedModel, steps: int, batch: int) -> Row:
             runner.encode(b)
             sync(device)
             counter = SyncCounter()
+            if measure == "syncs" and compiled:
+                pause_during_forward(runner, counter)
             start = time.perf_counter()
             for _ in range(steps):
                 t0 = time.perf_counter()
@@ -136,16 +154,22 @@ def engine_step(loaded: LoadedModel, steps: int, batch: int) -> Row:
                 host += time.perf_counter() - t0
             runner.settle(b)
             sync(device)
+            if "decoder_forward" in vars(runner):
+                del runner.decoder_forward
             return time.perf_counter() - start, forward, host, counter.total
 
-    canvas("time")  # warm-up
+    started = time.perf_counter()
+    canvas("time")  # warm-up (and, compiled, the compilation of this batch size's graph)
+    if compiled:
+        print(f"compiled step, batch {batch}: first canvas (compiling) {time.perf_counter() - started:.1f} s")
     elapsed, _, host, _ = canvas("time")
     _, forward, _, _ = canvas("forward")
     _, _, _, syncs = canvas("syncs")
     per_step = elapsed / steps
     fwd = forward / steps
-    return Row("engine step (eager)", batch, fwd * 1e3, (per_step - fwd) * 1e3, host / steps * 1e3,
-               syncs / steps, batch * loaded.canvas_length / elapsed)
+    name = f"engine step ({'compiled' if compiled else 'eager'})"
+    return Row(name, batch, fwd * 1e3, (per_step - fwd) * 1e3, host / steps * 1e3, syncs / steps,
+               batch * loaded.canvas_length / elapsed)
 
 
 def engine_interleaved(loaded: LoadedModel, steps: int, active: int) -> Row:
@@ -199,12 +223,13 @@ def main() -> int:
             print(f"\n{dtype} on {device}: {params / 1e9:.2f}B parameters, canvas {loaded.canvas_length}, "
                   f"vocabulary {loaded.vocab_size}, {steps} steps per canvas")
             with torch.inference_mode():
-                rows = [stock(loaded, steps, 1), engine_step(loaded, steps, 1),
-                        stock(loaded, steps, args.max_active), engine_step(loaded, steps, args.max_active)]
+                rows = [stock(loaded, steps, 1), engine_step(loaded, steps, 1), engine_step(loaded, steps, 1, True),
+                        stock(loaded, steps, args.max_active), engine_step(loaded, steps, args.max_active),
+                        engine_step(loaded, steps, args.max_active, True)]
             rows.append(engine_interleaved(loaded, steps, args.max_active))
             print(table(rows))
-            engine_row = rows[1]
-            print(f"host syncs per step: {engine_row.syncs_per_step:g}")
+            print(f"host syncs per step: {rows[1].syncs_per_step:g}")
+            print(f"compiled host syncs per step: {rows[2].syncs_per_step:g}")
             print(f"stock host syncs per step: {rows[0].syncs_per_step:g}")
             results[dtype] = rows
             del loaded

@@ -15,6 +15,7 @@ import torch
 from dgemma_common.params import GenerationParams
 from dgemma_worker.model import LoadedModel, load_model
 from dgemma_worker.runner import RowSpec, StepRunner
+from dgemma_worker.static import CompiledStepRunner
 from dgemma_worker.syncs import SyncCounter
 
 
@@ -51,6 +52,13 @@ def test_a_batch_with_a_stopped_row_riding_along_still_syncs_once(cuda_like: Loa
     assert [c.total for c in counted] == [1] * 5, [dict(c.seen) for c in counted]
 
 
+def test_the_static_shape_step_syncs_once_too(cuda_like: LoadedModel) -> None:
+    """The compiled step's forward, run eagerly under the counter, and everything around it."""
+    runner = CompiledStepRunner(cuda_like, eager=True)
+    counted = steps(runner, [[2, 40, 41]], [GenerationParams(max_denoising_steps=6, seed=0)], 6)
+    assert [c.total for c in counted] == [1] * 6, [dict(c.seen) for c in counted]
+
+
 def test_the_counter_sees_what_would_stall_a_gpu() -> None:
     x = torch.arange(8)
     with SyncCounter() as counter:
@@ -60,4 +68,6 @@ def test_the_counter_sees_what_would_stall_a_gpu() -> None:
         _ = x.tolist()
         _ = torch.tensor([1, 2, 3])
         _ = torch.where(x > 3, x, 0)  # not a sync
+        with counter.paused():
+            _ = int(x.sum())  # around a compiled graph, which dynamo will not run under the counter
     assert counter.total == 5, dict(counter.seen)

@@ -122,6 +122,7 @@ class Batch:
     mask_mapping: Any = None
     positions: torch.Tensor | None = None  # (1, L)
     going: list[bool] = field(default_factory=list)  # host view: rows that took part in the last step
+    slot: Any = None  # the static-shape step's persistent tensors (static.Slot), when compiled
 
     @property
     def seq_len(self) -> int:
@@ -205,9 +206,7 @@ class StepRunner:
         assert batch.pending is not None
         size, seq_len = len(batch.rows), batch.seq_len
         if batch.cache is None:
-            batch.cache = model._prepare_cache_for_generation(
-                generation_config=model.generation_config, batch_size=size, max_length=seq_len
-            )
+            batch.cache = self._new_cache(batch)
         positions = torch.arange(
             seq_len - batch.pending.shape[1], seq_len, dtype=torch.int32, device=self.loaded.device
         ).unsqueeze(0)
@@ -227,6 +226,13 @@ class StepRunner:
         batch.pending = None
         self._start_canvas(batch)
 
+    def _new_cache(self, batch: Batch) -> Any:
+        """The KV cache a batch's encoder fills and its decoder reads: transformers' DynamicCache."""
+        model = self.loaded.model
+        return model._prepare_cache_for_generation(
+            generation_config=model.generation_config, batch_size=len(batch.rows), max_length=batch.seq_len
+        )
+
     def _start_canvas(self, batch: Batch) -> None:
         length, device, vocab = self.canvas_length, self.loaded.device, self.loaded.vocab_size
         canvas = torch.empty(len(batch.rows), length, dtype=torch.long, device=device)
@@ -239,6 +245,10 @@ class StepRunner:
         batch.positions = torch.arange(seq_len, seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
         batch.mask_mapping = self._decoder_mask(batch)
         batch.state.start_canvas()
+        self._canvas_started(batch)
+
+    def _canvas_started(self, batch: Batch) -> None:
+        """A hook for runners that keep the step's tensors elsewhere (a fresh canvas is in `batch`)."""
 
     def _decoder_mask(self, batch: Batch) -> Any:
         assert batch.canvas is not None
@@ -314,13 +324,19 @@ class StepRunner:
         state.remaining.sub_(moving.long())
         state.done.logical_or_(moving & (stop | (state.remaining == 0)))
         state.step.add_(1)
-        batch.canvas, batch.argmax = next_canvas, argmax
-        batch.self_conditioning = self_conditioning.to(self.self_conditioning_dtype)
+        self._keep_step(batch, next_canvas, argmax, self_conditioning)
         state.queue_flags()
         stepped = [i for i, g in enumerate(going) if g]
         for i in stepped:
             batch.rows[i].steps_taken += 1
         return StepReport(stepped, forward_s)
+
+    def _keep_step(
+        self, batch: Batch, canvas: torch.Tensor, argmax: torch.Tensor, self_conditioning: torch.Tensor
+    ) -> None:
+        """Keep a step's results as the batch's next inputs."""
+        batch.canvas, batch.argmax = canvas, argmax
+        batch.self_conditioning = self_conditioning.to(self.self_conditioning_dtype)
 
     def steps_done(self, batch: Batch, i: int) -> int:
         """Denoising steps row `i` has taken in its current canvas."""

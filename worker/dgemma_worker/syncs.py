@@ -10,7 +10,8 @@ is tested without a GPU (`tests/engine/test_step_syncs.py`, `bench/bench_gpu.py 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -81,3 +82,14 @@ class SyncCounter:
     def __exit__(self, *exc: object) -> None:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop counting inside (the counter must be the innermost mode): around a compiled graph, which
+        dynamo will not run under a dispatch mode. A graph compiled with `fullgraph=True` holds no host
+        sync anyway: a value read or a data-dependent shape would have broken it."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
