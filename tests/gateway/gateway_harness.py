@@ -27,20 +27,21 @@ class RunningGateway:
 
     def __init__(self, sources: Sequence[EndpointSource], *, profile: str = "latency-target",
                  keys: Path | None = None, limits: ApiLimits | None = None,
-                 settings: GatewaySettings | None = None, grpc: bool = False) -> None:
+                 settings: GatewaySettings | None = None, grpc: bool = False, **config_fields: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-gateway-loop", daemon=True)
         self.thread.start()
         config = GatewayConfig(host="127.0.0.1", port=0, grpc_port=0 if grpc else -1, routing_profile=profile,
                                api_keys_file=keys, limits=limits or ApiLimits(),
                                core=settings or GatewaySettings(watch_interval_s=0.2))
+        config = replace(config, **config_fields)  # e.g. tls=..., worker_tls=...
 
         async def make() -> GatewayServer:
             return GatewayServer(config, list(sources))
 
         self.server = self.call(make())
         self.call(self.server.start())
-        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.url = f"{'https' if config.tls else 'http'}://127.0.0.1:{self.server.port}"
         self.grpc_address = f"127.0.0.1:{self.server.grpc_port}"
 
     @property
