@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import ssl
 import time
 from typing import Any, cast
 
@@ -50,8 +51,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 @kopf.on.startup()
 async def open_gateway_client(memo: kopf.Memo, **_: Any) -> None:
-    """One HTTP session for the autoscaler's calls to the gateway."""
-    memo.http = aiohttp.ClientSession()
+    """One HTTP session for the autoscaler's calls to the gateway (trusting its CA when it serves HTTPS)."""
+    ca = settings.from_environment().gateway_ca_file
+    memo.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)))
 
 
 @kopf.on.cleanup()
