@@ -181,18 +181,23 @@ async def decoupled_stream(
     tasks: set[asyncio.Task[None]] = set()
 
     async def read() -> None:
-        async for request in requests:
-            task = asyncio.create_task(handle(request, out))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-        await out.put(None)
+        try:
+            async for request in requests:
+                task = asyncio.create_task(handle(request, out))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+        finally:
+            # Also when reading fails (a message that does not parse): the call must end, not wait forever.
+            out.put_nowait(None)
 
     reader = asyncio.create_task(read())
     try:
         while (item := await out.get()) is not None:
             yield item
+        if not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
     finally:
         reader.cancel()
         for task in list(tasks):
