@@ -77,6 +77,7 @@ ENV_VARS = {
     "log_prompts": "DGEMMA_LOG_PROMPTS",
     "max_message_bytes": "DGEMMA_MAX_MESSAGE_BYTES",
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
+    "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bool, nargs="?", const=True)
     add("--max-message-bytes", "max_message_bytes", "largest gRPC message accepted or sent", type=int)
     add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
+    add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
+        "for (default 256)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
@@ -168,7 +171,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
     limits = Limits()
     limits = Limits(
         max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
-        max_denoising_steps=limits.max_denoising_steps,
+        max_denoising_steps=args.max_denoising_steps_limit or limits.max_denoising_steps,
         max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
     )
     overrides = {
