@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,13 @@ class Material:
     cert: bytes
     key: bytes
     ca: bytes | None
+
+
+def add_certificate_flags(add: Callable[..., None], serves: str) -> None:
+    """`--tls-cert-file` and `--tls-key-file`, as every dgemma server takes them (`add(flag, dest, help, **kw)`)."""
+    add("--tls-cert-file", "tls_cert_file", f"serve {serves} over TLS with this PEM certificate (chain); re-read "
+        "when it changes", type=Path)
+    add("--tls-key-file", "tls_key_file", "the PEM key of --tls-cert-file", type=Path)
 
 
 def tls_files(cert: Path | None, key: Path | None, ca: Path | None = None, what: str = "TLS") -> TlsFiles | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from dgemma_common.envflags import fill_from_env
-from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, tls_files
+from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
 from dgemma_gateway.openai_api import ApiLimits
@@ -108,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true", default=None)
     add("--namespace", "namespace", "namespace(s) to watch, comma-separated (default: all)")
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
-    add("--tls-cert-file", "tls_cert_file", "serve HTTPS and gRPC over TLS with this PEM certificate (chain); "
-        "re-read when it changes", type=Path)
-    add("--tls-key-file", "tls_key_file", "the PEM key of --tls-cert-file", type=Path)
+    add_certificate_flags(add, "HTTP and gRPC")
     add("--worker-tls-ca-file", "worker_tls_ca_file", "speak TLS to the workers, whose certificates chain to this "
         "PEM CA", type=Path)
     add("--worker-tls-cert-file", "worker_tls_cert_file", "client certificate presented to the workers (mutual "

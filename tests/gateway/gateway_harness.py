@@ -4,11 +4,15 @@ from a background event loop on 127.0.0.1, reached by real clients over TCP."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+import tritonclient.grpc as tc
 
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig
@@ -62,6 +66,15 @@ class RunningGateway:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def kserve_inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
+    """A tritonclient prompt and its sampling_parameters JSON."""
+    prompt = tc.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    params = tc.InferInput("sampling_parameters", [1], "BYTES")
+    params.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=object))
+    return [prompt, params]
 
 
 def variant(name: str, **kw: Any) -> Variant:

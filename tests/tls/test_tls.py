@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import httpx2
-import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as tc
@@ -33,7 +32,7 @@ from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 from dgemma_worker.worker_config import parse_config as parse_worker_config
-from tests.gateway.gateway_harness import MODEL, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, RunningGateway, kserve_inputs, static, variant
 from tests.tls.certs import CA, Issued
 
 pytestmark = pytest.mark.timeout(180)
@@ -113,17 +112,10 @@ def test_a_client_that_does_not_trust_the_ca_or_speaks_plain_http_gets_no_answer
         plain.models.list()
 
 
-def _inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
-    prompt = tc.InferInput("text_input", [1], "BYTES")
-    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
-    params = tc.InferInput("sampling_parameters", [1], "BYTES")
-    params.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=object))
-    return [prompt, params]
-
-
 def test_tritonclient_with_ssl_infers_through_the_gateways_tls_grpc_port(gateway: RunningGateway, pki: Pki) -> None:
     client = tc.InferenceServerClient(gateway.grpc_address, ssl=True, root_certificates=str(pki.ca.path))
-    result = client.infer(MODEL, _inputs("Hello", {"max_tokens": 16, "max_denoising_steps": 2, "ignore_eos": True}))
+    settings = {"max_tokens": 16, "max_denoising_steps": 2, "ignore_eos": True}
+    result = client.infer(MODEL, kserve_inputs("Hello", settings))
     assert len(result.as_numpy("output_ids")) == 16
     client.close()
     plaintext = tc.InferenceServerClient(gateway.grpc_address)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dgemma_common.envflags import fill_from_env
 from dgemma_common.params import GenerationParams, Limits
-from dgemma_common.tls import TlsFiles, tls_files
+from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
 # prompts and KServe tensors while refusing absurd messages in the transport, before any tokenizing.
@@ -123,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
         type=_port_or_off)
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
-    add("--tls-cert-file", "tls_cert_file", "serve gRPC over TLS with this PEM certificate (chain); re-read when "
-        "it changes", type=Path)
-    add("--tls-key-file", "tls_key_file", "the PEM key of --tls-cert-file", type=Path)
+    add_certificate_flags(add, "gRPC")
     add("--tls-client-ca-file", "tls_client_ca_file", "require client certificates signed by this PEM CA "
         "(mutual TLS; needs --tls-cert-file)", type=Path)
     add("--health-port", "health_port", "plaintext gRPC health-only port for kubelet probes when TLS is on; "
