@@ -189,15 +189,13 @@ async def decoupled_stream(
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
         finally:
-            # Also when reading fails (a message that does not parse): the call must end, not wait forever.
-            out.put_nowait(None)
+            await out.put(None)
 
     reader = asyncio.create_task(read())
     try:
         while (item := await out.get()) is not None:
             yield item
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]
+        await reader  # a request stream that failed (a message that does not parse) ends the call with it
     finally:
         reader.cancel()
         for task in list(tasks):

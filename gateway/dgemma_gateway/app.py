@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import grpc
 from aiohttp import web
 
+from dgemma_common.auth import ApiKeys
 from dgemma_common.tls import ReloadingFiles, grpc_server_credentials, keep_reloaded, server_ssl_context
-from dgemma_gateway.auth import ApiKeys
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
 from dgemma_gateway.endpoints import EndpointSource, Registry, StaticSource, WorkerTls, channel_factory
@@ -33,7 +33,8 @@ class GatewayServer:
             sources = default_sources(config)
         self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core,
                                open_channel=channel_factory(config.worker_tls))
-        self.api = OpenAIApp(self.gateway, ApiKeys(config.api_keys_file), config.limits)
+        self.keys = ApiKeys(config.api_keys_file)  # one checker for both listeners
+        self.api = OpenAIApp(self.gateway, self.keys, config.limits)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -64,8 +65,8 @@ class GatewayServer:
         if cfg.grpc_port >= 0:
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls is not None else None
             self._grpc, self.grpc_port = await start_grpc(
-                self.gateway, cfg.host, cfg.grpc_port, cfg.limits.max_tokens, cfg.limits.default_max_tokens,
-                credentials)
+                self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens,
+                cfg.limits.default_max_tokens, credentials)
         log.info("gateway listening on %s %s:%s, grpc %s", "https" if cfg.tls else "http", cfg.host, self.port,
                  self.grpc_port)
         if cfg.port_file is not None:
