@@ -170,6 +170,11 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
         ("DGEMMA_DEFAULT_STABILITY_THRESHOLD", gen.stability_threshold),
         ("DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD", gen.confidence_threshold),
         ("HF_HOME", _hf_home(spec)),
+        # The compiled step's kernels (worker --compile, on by default with CUDA): kept on the cache volume,
+        # so a restarted replica (or, on a shared claim, the next one) skips most of the compiling; the root
+        # file system is read-only.
+        ("TORCHINDUCTOR_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/torchinductor"),
+        ("TRITON_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/triton"),
         # The init container fetched the weights; the worker must not download them again.
         ("HF_HUB_OFFLINE", "1" if spec.model.hugging_face else None),
     ]

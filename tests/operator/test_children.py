@@ -122,6 +122,8 @@ def test_worker_gets_the_contract_command_ports_and_environment() -> None:
         "DGEMMA_DEFAULT_STABILITY_THRESHOLD": "3",
         "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD": "0.9",
         "HF_HOME": "/models/huggingface",
+        "TORCHINDUCTOR_CACHE_DIR": "/models/torchinductor",
+        "TRITON_CACHE_DIR": "/models/triton",
         "HF_HUB_OFFLINE": "1",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}},
     }
