@@ -73,13 +73,17 @@ PARAMETERS = 26.0e9
 KEPT_BF16_PARAMETERS = 1.3e9
 BITS_PER_PARAMETER: dict[str, float] = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "nvfp4": 4.5}  # nvfp4: +1 byte/16
 VOCABULARY = 262_144
-# Per active request: the KV cache at the longest context (32768 prompt + 8192 new tokens; 5 full-attention
-# layers x 2 KV heads x 512 x K and V, 25 sliding layers capped at their 1024-token window x 8 KV heads x
-# 256, bf16) ~1.0 GiB ...
-KV_CACHE_GIB_PER_REQUEST = 1.0
-# ... and the step's fp32 canvas x vocabulary tensors, an upper bound: the two work buffers and the bf16
-# self-conditioning (2.5 of them) live while the LM head's logits are cast and soft-capped (up to 2.5).
-STEP_TENSORS_PER_REQUEST = 5.0
+# Per active request, with the compiled step (on by default with CUDA): its slot's KV cache at the largest
+# bucket, LARGEST_BUCKET prefix tokens (5 full-attention layers x 2 KV heads x 512, 25 sliding layers x
+# their 1023 kept tokens x 8 KV heads x 256, K and V in bf16: ~1.45 GiB; the dynamic step's at the longest
+# context, 40960 tokens, is ~1.0 GiB) and its bf16 self-conditioning (half a canvas x vocabulary tensor),
+# for the request's own slot and one idle slot kept for reuse (the worker keeps --max-active of them) ...
+LARGEST_BUCKET = 65536  # dgemma_worker.static.BUCKETS[-1]
+KV_CACHE_GIB_PER_SLOT = 1.5
+SLOTS_PER_REQUEST = 2
+# ... and the step's fp32 canvas x vocabulary tensors: two work buffers, and up to 2.5 more while the LM
+# head's logits are cast and soft-capped.
+STEP_TENSORS_PER_REQUEST = 4.5
 # One encoder pass over a 32k-token prompt: attention mask, expert activations, hidden-state copies.
 ENCODER_SCRATCH_GIB = 4.0
 
@@ -96,6 +100,6 @@ def worker_memory_gib(gpu: GpuProfile, dtype: str, max_active: int, canvas_lengt
     """The worker container's memory request and limit, in whole GiB."""
     if not gpu.unified_memory:
         return HOST_MEMORY_GIB
-    step = STEP_TENSORS_PER_REQUEST * canvas_length * VOCABULARY * 4 / GIB
-    per_request = KV_CACHE_GIB_PER_REQUEST + step
+    canvas = canvas_length * VOCABULARY * 4 / GIB  # one fp32 canvas x vocabulary tensor
+    per_request = SLOTS_PER_REQUEST * (KV_CACHE_GIB_PER_SLOT + canvas / 2) + STEP_TENSORS_PER_REQUEST * canvas
     return math.ceil(HOST_MEMORY_GIB + weights_gib(dtype) + max_active * per_request + ENCODER_SCRATCH_GIB)

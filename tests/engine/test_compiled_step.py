@@ -19,6 +19,7 @@ from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel, load_model
 from dgemma_worker.runner import Batch, RowSpec, StepRunner
 from dgemma_worker.static import (
+    BUCKETS,
     CompiledStepRunner,
     bucket_for,
     compile_mode,
@@ -159,6 +160,12 @@ def test_finished_batches_return_their_slots_for_the_next_ones(cuda_like: Loaded
         assert second.slot is slot and runner.pool.idle == 0
         del second  # a batch dropped without keep_rows (an error path) still returns its slot
         assert runner.pool.idle == 1
+
+
+def test_the_operators_pod_memory_reserves_the_largest_bucket() -> None:
+    from dgemma_operator.profiles import LARGEST_BUCKET
+
+    assert max(BUCKETS) == LARGEST_BUCKET
 
 
 def test_buckets_hold_the_prompt_and_every_canvas_but_the_last() -> None:

@@ -49,7 +49,7 @@ def test_a_dgx_spark_pod_reserves_the_bf16_weights_on_top_of_the_host_allowance(
     r = resources(gpu={"profile": "dgx-spark"})
     weights = 52e9  # the 26B checkpoint in bf16
     assert gib(r["requests"]["memory"]) * GIB >= profiles.HOST_MEMORY_GIB * GIB + weights
-    assert r["requests"]["memory"] == "78Gi"  # the default: bf16, maxActive 4, canvas 256 (docs/operator.md)
+    assert r["requests"]["memory"] == "86Gi"  # the default: bf16, maxActive 4, canvas 256 (docs/operator.md)
 
 
 def test_unified_memory_grows_with_active_requests_and_the_canvas_and_shrinks_with_the_dtype() -> None:
@@ -58,17 +58,18 @@ def test_unified_memory_grows_with_active_requests_and_the_canvas_and_shrinks_wi
                              **worker_gen)["requests"]["memory"])
 
     one, four = memory(worker={"maxActive": 1}), memory(worker={"maxActive": 4})
-    assert four - one >= 3 * profiles.KV_CACHE_GIB_PER_REQUEST  # every active request brings its KV cache
+    assert four - one >= 3 * profiles.KV_CACHE_GIB_PER_SLOT  # every active request brings its KV cache
     assert memory(generation={"canvasLength": 1024}) > memory(generation={"canvasLength": 256})
     by_dtype = [memory(dtype=d) for d in ("nvfp4", "fp8", "bf16", "fp32")]
     assert by_dtype == sorted(by_dtype) and len(set(by_dtype)) == 4
 
 
-def test_the_kv_allowance_holds_the_longest_context_of_the_checkpoints_layers() -> None:
-    context, window, bf16 = 32768 + 8192, 1024, 2
-    full = 5 * context * 2 * 2 * 512 * bf16  # 5 full-attention layers, 2 KV heads x 512, K and V
-    sliding = 25 * window * 2 * 8 * 256 * bf16  # 25 sliding layers keep their last 1024 tokens, 8 KV heads x 256
-    assert (full + sliding) / GIB <= profiles.KV_CACHE_GIB_PER_REQUEST < 1.1 * (full + sliding) / GIB
+def test_the_kv_allowance_holds_the_largest_buckets_cache_of_the_checkpoints_layers() -> None:
+    bf16 = 2
+    full = 5 * profiles.LARGEST_BUCKET * 2 * 2 * 512 * bf16  # 5 full-attention layers, 2 KV heads x 512, K and V
+    sliding = 25 * 1023 * 2 * 8 * 256 * bf16  # 25 sliding layers keep their last 1023 tokens, 8 KV heads x 256
+    assert (full + sliding) / GIB <= profiles.KV_CACHE_GIB_PER_SLOT < 1.1 * (full + sliding) / GIB
+    assert profiles.LARGEST_BUCKET >= 32768 + 8192  # the longest context the worker accepts fits it
 
 
 def test_weights_in_each_dtype_keep_the_unquantized_parts_in_bf16() -> None:
@@ -82,7 +83,7 @@ def test_weights_in_each_dtype_keep_the_unquantized_parts_in_bf16() -> None:
 def test_a_unified_memory_spec_larger_than_the_node_is_a_problem_unless_the_memory_is_given() -> None:
     big = {"gpu": {"profile": "dgx-spark", "dtype": "fp32"}, "worker": {"maxActive": 16}}
     (problem,) = children.semantic_problems("gemma", spec(**big))
-    assert problem.startswith("worker.maxActive: 16 requests in fp32 need 153Gi of unified memory, more than a "
+    assert problem.startswith("worker.maxActive: 16 requests in fp32 need 187Gi of unified memory, more than a "
                               "dgx-spark node's 119Gi")
     given = {**big, "gpu": {**big["gpu"], "resources": {"limits": {"memory": "100Gi"}}}}
     assert children.semantic_problems("gemma", spec(**given)) == []
