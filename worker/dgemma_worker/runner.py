@@ -27,6 +27,28 @@ from .model import LoadedModel
 from .sampling import denoise_step, stop_rule, temperatures
 
 
+def decoder_logits(
+    model: Any,
+    canvas: torch.Tensor,
+    self_conditioning: torch.Tensor | None,
+    self_conditioning_mask: torch.Tensor | None,
+    masks: Any,
+    cache: Any,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """One decoder forward through transformers' own entry (self-conditioning included): fp32 logits."""
+    out = model(
+        decoder_input_ids=canvas,
+        self_conditioning_logits=self_conditioning,
+        self_conditioning_mask=self_conditioning_mask,
+        decoder_attention_mask=masks,
+        past_key_values=cache,
+        decoder_position_ids=positions,
+    )
+    logits: torch.Tensor = out.logits
+    return logits
+
+
 @dataclass(frozen=True)
 class RowSpec:
     """What the runner needs of one request: its prompt, settings and random generator."""
@@ -268,15 +290,9 @@ class StepRunner:
 
     def decoder_forward(self, batch: Batch) -> torch.Tensor:
         """The decoder's logits (B, L, V, float32) for the batch's current canvas and self-conditioning."""
-        out = self.loaded.model(
-            decoder_input_ids=batch.canvas,
-            self_conditioning_logits=batch.self_conditioning,
-            decoder_attention_mask=batch.mask_mapping,
-            past_key_values=batch.cache,
-            decoder_position_ids=batch.positions,
-        )
-        logits: torch.Tensor = out.logits
-        return logits
+        assert batch.canvas is not None and batch.positions is not None
+        return decoder_logits(self.loaded.model, batch.canvas, batch.self_conditioning, None, batch.mask_mapping,
+                              batch.cache, batch.positions)
 
     def _draw(self, batch: Batch) -> None:
         """This step's random numbers, each row from its own generator (launches only, no sync)."""

@@ -39,7 +39,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .model import LoadedModel
-from .runner import Batch, StepRunner
+from .runner import Batch, StepRunner, decoder_logits
 
 log = logging.getLogger(__name__)
 
@@ -309,16 +309,8 @@ class CompiledDecoder:
 
     def forward(self, slot: Slot) -> torch.Tensor:
         """The logits (B, L, V, float32) of the slot's canvas: traced by dynamo, also callable eagerly."""
-        out = self.model(
-            decoder_input_ids=slot.canvas,
-            self_conditioning_logits=slot.self_conditioning,
-            self_conditioning_mask=slot.use_self_conditioning,
-            decoder_attention_mask=slot.masks,
-            past_key_values=slot.cache,
-            decoder_position_ids=slot.positions,
-        )
-        logits: torch.Tensor = out.logits
-        return logits
+        return decoder_logits(self.model, slot.canvas, slot.self_conditioning, slot.use_self_conditioning,
+                              slot.masks, slot.cache, slot.positions)
 
     def __call__(self, slot: Slot, *, compiled: bool = True) -> torch.Tensor:
         """The logits of the slot's canvas, from the compiled forward (or the same forward run eagerly)."""
