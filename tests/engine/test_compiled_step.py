@@ -102,11 +102,11 @@ def test_the_decoder_step_traces_as_one_graph_without_breaks(compiled: CompiledS
 def test_compiled_logits_equal_the_dynamic_ones_and_a_bucket_compiles_once(
     cuda_like: LoadedModel, compiled: CompiledStepRunner
 ) -> None:
-    """Two requests of different lengths (one past the window) in the same bucket, three canvases each:
-    one graph for both, the second request reusing the first one's slot."""
+    """Two requests of different lengths (one past the window) in the same bucket, three canvases each, the
+    second in a slot of its own (the first one's is held, as by a request still running): one graph."""
     dynamic = StepRunner(cuda_like)
     graphs = counters["stats"]["unique_graphs"]
-    slots = []
+    slots, held = [], []
     for length in (40, 150):
         batches = new_batches([dynamic, compiled], prompts(length), max_new_tokens=48)
         logits = same_steps([dynamic, compiled], batches, canvases=3)
@@ -114,9 +114,13 @@ def test_compiled_logits_equal_the_dynamic_ones_and_a_bucket_compiles_once(
         assert batches[1].slot.capacity == 256
         for want, got in zip(logits[0::2], logits[1::2], strict=True):
             torch.testing.assert_close(got, want, **CLOSE)
-        del batches  # the batch ends: its slot goes back to the pool
+        del batches  # the request ends: its slot goes back to the pool ...
+        with torch.inference_mode():
+            held.append(compiled.pool.acquire(1, 256))  # ... and is taken, so the next request gets another
     assert counters["stats"]["unique_graphs"] - graphs == 1
-    assert slots[0] is slots[1]
+    assert slots[0] is not slots[1] and held[0] is slots[0]
+    for slot in held:
+        compiled.pool.release(slot)
 
 
 def test_an_engine_on_the_compiled_step_generates_what_the_eager_engine_does(
