@@ -2,7 +2,7 @@
 compiled (static shapes; CUDA graphs on CUDA), side by side.
 
     python bench/bench_gpu.py                # a GPU: the real layout scaled to ~3.3B parameters, bf16 (+ fp8)
-    python bench/bench_gpu.py --smoke        # a CPU: the same table on a small model, in under a minute
+    python bench/bench_gpu.py --smoke        # a CPU: the same table on a small model (~3 min: two compiles)
 
 The model is made on the spot with random weights in the real checkpoint's layout (30 layers, 5 sliding :
 1 full attention, 128 experts top-8, canvas 256, vocabulary 262144; widths scaled down), so every canvas
@@ -202,7 +202,8 @@ def table(rows: list[Row]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a small model on the CPU, in under a minute")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a small model on the CPU (~3 minutes, most of it compiling)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (16; smoke 8)")
     parser.add_argument("--max-active", type=int, default=4, help="the profile's concurrent requests")
     parser.add_argument("--dtype", action="append", default=None, help="bf16 and/or fp8 (GPU: both)")
