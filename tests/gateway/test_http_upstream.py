@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,14 +315,18 @@ def test_a_request_fails_over_from_a_dead_upstream_before_its_first_byte(pool: P
 
 
 def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_the_target(
-        pool: Pool, serve: str) -> None:
+        pool: Pool, serve: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("open-key\nclosed-key no-overflow\n")
+
     def front_with(allow: bool) -> RunningGateway:
         local = static((pool.fast[0].address, variant("local", allow_overflow=allow)))
         hosted = overflow_spec(f"{serve}/v1", SERVED, MODEL, max_concurrency=4)
-        return RunningGateway([local, StaticSource([hosted], name="overflow")])
+        return RunningGateway([local, StaticSource([hosted], name="overflow")], keys=keys)
 
-    def served_by(g: RunningGateway, target_ms: int) -> str:
-        raw = client(g).chat.completions.with_raw_response.create(
+    def served_by(g: RunningGateway, target_ms: int, key: str = "open-key") -> str:
+        c = openai.OpenAI(base_url=f"{g.url}/v1", api_key=key, max_retries=0, timeout=120)
+        raw = c.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
             extra_headers={"x-dgemma-latency-target-ms": str(target_ms)})
         return str(raw.headers["x-dgemma-variant"])
@@ -331,6 +336,7 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
         open_.wait_ready(2)
         assert served_by(open_, 120_000) == "local"  # the worker meets a loose target (48 steps: ~1 s here)
         assert served_by(open_, 300) == "overflow"  # not a tight one
+        assert served_by(open_, 300, key="closed-key") == "local"  # ... unless the caller's key forbids it
         # The overflowed request is demand for the local variant it preferred.
         snap = open_.gateway.demand_snapshot()["variants"]
         assert snap["local"]["demand"]["preferred_requests_per_s"] > snap["local"]["demand"]["routed_requests_per_s"]

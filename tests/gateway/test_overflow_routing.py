@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from dgemma_common.auth import parse_key_lines
 from dgemma_gateway.attribution import Shape, attribute
 from dgemma_gateway.openai_upstream import HttpTarget, request_body, retry_after_s
 from dgemma_gateway.request import GatewayRequest
@@ -108,3 +109,8 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_bounded() -> None:
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
     assert retry_after_s("-3") == 0.0 and retry_after_s("1e9") == 3600.0
     assert retry_after_s("soon") is None and retry_after_s(None) is None and retry_after_s("nan") is None
+
+
+def test_a_keys_file_line_may_forbid_overflow_for_its_key() -> None:
+    assert parse_key_lines("a\nb no-overflow\n# c no-overflow\nd e f\n") == [
+        ("a", frozenset()), ("b", frozenset({"no-overflow"})), ("d e f", frozenset())]
