@@ -97,13 +97,13 @@ def _profiles() -> str:
 
 
 def _vllm_defaults() -> str:
-    from dgemma_operator.profiles import VLLM_DEFAULTS
+    from dgemma_common.vllm import RECIPE
 
     lines = [
         "| profile | dtype | `--max-num-seqs` | `--gpu-memory-utilization` | more arguments | tokens/s prior |",
         "|---|---|---|---|---|---|",
     ]
-    for name, d in VLLM_DEFAULTS.items():
+    for name, d in RECIPE.items():
         extra = " ".join(f"`{a}`" for a in d.extra_args) or ""
         prior = f"{d.tokens_per_second_prior:g}" if d.tokens_per_second_prior else "the profile's"
         lines.append(f"| `{name}` | {d.dtype} | {d.max_num_seqs} | {d.gpu_memory_utilization:g} | {extra} | {prior} |")

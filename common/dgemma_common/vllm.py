@@ -18,6 +18,8 @@ A change of version is a change of this module and of the fixture `tests/fixture
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 VERSION = "0.24.0"
 IMAGE = f"vllm/vllm-openai:v{VERSION}"
 PORT = 8000
@@ -54,8 +56,30 @@ SERVER_LEVEL = {
     "seed": "its DiffusionGemma sampler draws from one engine-wide random generator",
 }
 
-# The recipe's per-GPU settings (DiffusionGemma 26B-A4B on one GPU): `--max-num-seqs 4` is required on an
-# 80 GB GPU (the diffusion state buffers grow with sequences x canvas x vocabulary), 0.85 of GPU memory leaves
-# room for activations; DGX Spark (GB10, NVFP4 checkpoint) runs 8 sequences at 0.8 with Triton attention.
-DEFAULT_MAX_NUM_SEQS = 4
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """What vLLM's DiffusionGemma recipe sets for one GPU (vllm-project/recipes,
+    models/Google/diffusiongemma-26B-A4B-it.yaml)."""
+
+    dtype: str  # a GPU profile dtype: bf16 runs the checkpoint as is; nvfp4 needs an NVFP4 checkpoint
+    max_num_seqs: int
+    gpu_memory_utilization: float
+    extra_args: tuple[str, ...] = ()
+    tokens_per_second_prior: float | None = None  # per-request generation tokens/s at concurrency 1, if published
+
+
+# One 80 GB H100/H200 runs the bf16 checkpoint with `--max-num-seqs 4` (required: the diffusion state buffers
+# grow with sequences x canvas x vocabulary) at 0.85 of GPU memory, and measured 1282 tokens/s per request at
+# concurrency 1 (SPEED-Bench); DGX Spark (GB10) runs nvidia/diffusiongemma-26B-A4B-it-NVFP4 with 8 sequences at
+# 0.8 and Triton attention. Other GPUs: the 80 GB settings.
+_DEFAULT = RecipeSettings("bf16", 4, 0.85)
+RECIPE: dict[str, RecipeSettings] = {
+    "h100": replace(_DEFAULT, tokens_per_second_prior=1282.0),
+    "rtx-pro-6000": _DEFAULT,
+    "dgx-spark": RecipeSettings("nvfp4", 8, 0.8, ("--attention-backend", "TRITON_ATTN")),
+    "dgx-station": _DEFAULT,
+    "custom": _DEFAULT,
+}
+DEFAULT_MAX_NUM_SEQS = _DEFAULT.max_num_seqs

@@ -14,7 +14,7 @@ from typing import Any
 
 from dgemma_common import vllm
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, VLLM_DEFAULTS, VllmDefaults, profile
+from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
 MANAGER = "dgemma-operator"
 RUNTIME_LABEL = "dgemma.io/runtime"
@@ -151,9 +151,9 @@ def _snake(camel: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
 
 
-def vllm_defaults(spec: models.DiffusionGemmaSpec) -> VllmDefaults:
+def vllm_defaults(spec: models.DiffusionGemmaSpec) -> vllm.RecipeSettings:
     """The recipe's settings for the variant's GPU profile."""
-    return VLLM_DEFAULTS[spec.gpu.profile]
+    return vllm.RECIPE[spec.gpu.profile]
 
 
 def dtype(spec: models.DiffusionGemmaSpec) -> str:

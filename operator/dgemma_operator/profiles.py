@@ -38,31 +38,6 @@ PROFILES: dict[str, GpuProfile] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class VllmDefaults:
-    """What vLLM's DiffusionGemma recipe sets per GPU (vllm-project/recipes,
-    models/Google/diffusiongemma-26B-A4B-it.yaml): one 80 GB H100/H200 runs the bf16 checkpoint at 4 sequences
-    and 0.85 of its memory; DGX Spark runs an NVFP4 checkpoint (nvidia/diffusiongemma-26B-A4B-it-NVFP4) at 8
-    sequences, 0.8, with Triton attention."""
-
-    dtype: Dtype
-    max_num_seqs: int
-    gpu_memory_utilization: float
-    extra_args: tuple[str, ...] = ()
-    # Per-request generation tokens/s at concurrency 1, where the recipe measured it (H100, SPEED-Bench).
-    tokens_per_second_prior: float | None = None
-
-
-_VLLM_RECIPE = VllmDefaults("bf16", 4, 0.85)
-VLLM_DEFAULTS: dict[str, VllmDefaults] = {
-    "h100": dataclasses.replace(_VLLM_RECIPE, tokens_per_second_prior=1282.0),
-    "rtx-pro-6000": _VLLM_RECIPE,
-    "dgx-spark": VllmDefaults("nvfp4", 8, 0.8, ("--attention-backend", "TRITON_ATTN")),
-    "dgx-station": _VLLM_RECIPE,
-    "custom": _VLLM_RECIPE,
-}
-
-
 def profile(name: str) -> GpuProfile:
     """The profile of that name; the schema's enum guarantees it exists."""
     return PROFILES[name]
