@@ -24,6 +24,8 @@ VLLM_USER = 2000  # the `vllm` user of vLLM's image
 WORKER_USER = 1000
 GRPC_PORT = 50051
 METRICS_PORT = 9090
+HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
+TLS_MOUNT = "/etc/dgemma/tls"
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -140,6 +142,9 @@ def _runtime_problems(spec: models.DiffusionGemmaSpec) -> list[str]:
         problems.append("the vllm section is for runtime vllm")
     if spec.runtime == "external" and spec.autoscaling.enabled:
         problems.append("an external variant has no replicas to autoscale")
+    if spec.runtime != "dgemma" and spec.worker.tls_secret:
+        # The gateway reaches vLLM over plain HTTP inside the cluster (the NetworkPolicy admits only it).
+        problems.append("worker.tlsSecret is for runtime dgemma")
     fixed = [f for f in models.VLLM_FIXED_SETTINGS if getattr(spec.generation, _snake(f)) is not None]
     if spec.runtime == "vllm" and fixed:
         problems.append(f"generation.{', '.join(fixed)} cannot be set for runtime vllm: vLLM {vllm.VERSION} reads "
@@ -203,6 +208,7 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
         ("DGEMMA_DEVICE", "cuda"),
         ("DGEMMA_DRAIN_GRACE_S", spec.worker.drain_grace_seconds),
         ("DGEMMA_LOG_FORMAT", spec.worker.log_format),
+        *_tls_env(spec),
         ("DGEMMA_DEFAULT_MAX_DENOISING_STEPS", gen.max_denoising_steps),
         ("DGEMMA_DEFAULT_T_MIN", gen.t_min),
         ("DGEMMA_DEFAULT_T_MAX", gen.t_max),
@@ -214,6 +220,13 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
     env: list[Body] = [{"name": key, "value": str(value)} for key, value in values if value is not None]
     env.extend(_token_env(spec))
     return env
+
+
+def _tls_env(spec: models.DiffusionGemmaSpec) -> list[tuple[str, object | None]]:
+    if spec.worker.tls_secret is None:
+        return []
+    return [("DGEMMA_TLS_CERT_FILE", f"{TLS_MOUNT}/tls.crt"), ("DGEMMA_TLS_KEY_FILE", f"{TLS_MOUNT}/tls.key"),
+            ("DGEMMA_TLS_CLIENT_CA_FILE", f"{TLS_MOUNT}/ca.crt"), ("DGEMMA_HEALTH_PORT", HEALTH_PORT)]
 
 
 def _hf_home(spec: models.DiffusionGemmaSpec) -> str:
@@ -332,6 +345,9 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
     if pvc is not None:
         claim = {"claimName": pvc.claim_name, "readOnly": True}
         volumes.append({"name": "model-source", "persistentVolumeClaim": claim})
+    if spec.worker.tls_secret is not None:
+        # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
+        volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
     return volumes
 
 
@@ -344,6 +360,12 @@ def _mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
     if _source(spec).pvc is not None:
         mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
     return mounts
+
+
+def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """The server container's mounts: the shared ones and a worker's TLS Secret (the init container needs no key)."""
+    tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
+    return [*_mounts(spec), *tls]
 
 
 def _probes(spec: models.DiffusionGemmaSpec, action: Body) -> Body:
@@ -378,9 +400,11 @@ def _worker_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
         "env": _env(name, spec),
-        **_probes(spec, {"grpc": {"port": GRPC_PORT}}),
+        # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
+        **_probes(spec, {"grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT}}),
     }
 
 
@@ -445,7 +469,7 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
         # The sleep lets endpoints drop the pod before SIGTERM starts the server's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "securityContext": _restricted_container_security(),
-        "volumeMounts": mounts,
+        "volumeMounts": _worker_mounts(spec),
     }
     user = VLLM_USER if spec.runtime == "vllm" else WORKER_USER
     pod_spec: Body = {

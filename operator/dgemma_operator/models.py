@@ -174,6 +174,11 @@ class WorkerSpec(BaseModel):
     """Time allowed for fetching and loading the weights before the pod is restarted."""
     log_format: Literal["json", "text"] = "json"
     """Worker log format."""
+    tls_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """Secret (type kubernetes.io/tls with tls.crt, tls.key and ca.crt, as cert-manager writes it) that makes the
+    worker serve mutual TLS: its certificate, and the CA that clients' certificates must chain to. The gateway needs
+    a client certificate from that CA (the chart's internalTLS issues both). Probes move to a plaintext
+    health-only port."""
 
 
 class VllmSpec(BaseModel):
@@ -250,6 +255,7 @@ class DiffusionGemmaSpec(BaseModel):
         ("!has(self.external) || self.runtime == 'external'", "the external section is for runtime external"),
         ("!has(self.vllm) || self.runtime == 'vllm'", "the vllm section is for runtime vllm"),
         ("self.runtime != 'external' || !self.autoscaling.enabled", "an external variant has no replicas to scale"),
+        ("self.runtime == 'dgemma' || !has(self.worker.tlsSecret)", "worker.tlsSecret is for runtime dgemma"),
         (
             "self.runtime != 'vllm' || ("
             + " && ".join(f"!has(self.generation.{name})" for name in VLLM_FIXED_SETTINGS) + ")",
