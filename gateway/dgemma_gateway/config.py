@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags,
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
 from dgemma_gateway.openai_api import ApiLimits
-from dgemma_gateway.openai_upstream import HttpTarget
+from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
 from dgemma_gateway.types import RUNTIMES, Variant
 
 
@@ -66,14 +65,6 @@ HTTP_SCHEMES = ("http://", "https://")
 EXTERNAL_TOKENS_PER_S_PRIOR = 1000.0
 DEFAULT_OVERFLOW_COST = 5.0
 DEFAULT_OVERFLOW_CONCURRENCY = 16
-
-
-def http_base_url(text: str) -> str:
-    """An OpenAI-compatible API root (http or https, with a host), without a trailing slash."""
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
-        raise ValueError(f"{text!r} is not an http(s) base URL such as http://10.0.0.7:8000/v1")
-    return text.rstrip("/")
 
 
 def http_spec(variant: Variant, url: str, target: HttpTarget) -> EndpointSpec:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,14 @@ class HttpTarget:
         """The server's root, where vLLM serves /metrics and /health (the API root without its /v1)."""
         base = self.base_url.rstrip("/")
         return base[: -len(vllm.API_PREFIX)] if base.endswith(vllm.API_PREFIX) else base
+
+
+def http_base_url(text: str) -> str:
+    """An OpenAI-compatible API root (http or https, with a host), without a trailing slash."""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ValueError(f"{text!r} is not an http(s) base URL such as http://10.0.0.7:8000/v1")
+    return text.rstrip("/")
 
 
 def request_body(req: GatewayRequest, target: HttpTarget, variant: Variant) -> tuple[str, dict[str, Any]]:

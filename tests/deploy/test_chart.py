@@ -205,6 +205,15 @@ def test_gateway_rbac_is_read_only_discovery() -> None:
     }
 
 
+def test_the_gateway_may_read_exactly_the_secrets_named_for_external_api_keys() -> None:
+    for setup in ({}, {"watchNamespaces": ["a"]}):
+        objects = render({**setup, "gateway": {"externalApiKeySecrets": ["hosted-key", "other-key"]}})
+        role = one(objects, "ClusterRole" if not setup else "Role", "dgemma-gateway")
+        (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+        assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hosted-key", "other-key"],
+                        "verbs": ["get"]}
+
+
 def test_gateway_runs_several_replicas_with_keys_from_a_secret_and_discovery_on() -> None:
     objects = render()
     deployment = one(objects, "Deployment", "dgemma-gateway")

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dgemma_gateway.kube import KubeConfig, KubernetesSource, endpoints_from, variant_from_resource
+from dgemma_gateway.kube import KubeConfig, KubernetesSource, endpoints_from, resource_from, variant_from_resource
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,7 +42,7 @@ def test_a_resource_becomes_a_variant_with_its_cost_target_profile_and_canvas() 
 
 
 def test_ready_pods_of_each_variants_worker_service_become_endpoints() -> None:
-    resources = {("ml", "a"): variant_from_resource(resource("a")), ("ml", "b"): variant_from_resource(resource("b"))}
+    resources = {("ml", "a"): resource_from(resource("a")), ("ml", "b"): resource_from(resource("b"))}
     slices = {
         ("ml", "a-worker-x1"): endpoint_slice("a-worker-x1", "a-worker", [("10.0.0.1", True), ("10.0.0.2", False)]),
         ("ml", "b-worker-x1"): endpoint_slice("b-worker-x1", "b-worker", [("10.0.0.3", True)], port=6000),
