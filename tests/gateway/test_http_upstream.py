@@ -1,6 +1,6 @@
 """A gateway in front of OpenAI-compatible HTTP upstreams, with real servers and real clients: `dgemma serve`
-and `dgemma gateway` processes (the same OpenAI server a vLLM pod stands for here; nothing can run vLLM
-itself on these machines) and in-process gateways over the test workers.
+processes, and the same OpenAI server in-process over the test workers, standing in for vLLM pods (nothing can
+run vLLM itself on these machines).
 
 Streams pass through chunk by chunk with usage, errors keep the gateway's shapes, settings vLLM fixes per
 server are refused by name, a 429 is passed on and pauses the upstream, a slow upstream loses traffic or
@@ -268,26 +268,26 @@ def test_a_slow_upstream_loses_the_traffic_and_misses_a_short_deadline(pool: Poo
         slow.close()
 
 
-def test_an_upstream_that_dies_mid_stream_ends_the_stream_with_an_error_and_is_ejected(pool: Pool) -> None:
-    upstream = Process(["gateway", "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1",
-                        "--endpoint", f"{pool.fast[1].address}=up:{MODEL}"])
+def test_a_dgemma_serve_that_dies_mid_stream_ends_the_stream_with_an_error_and_is_ejected() -> None:
+    upstream = Process(["serve", "--port", "0", "--grpc-port", "-1"])
     front = None
     try:
-        url = upstream.wait_for(r"dgemma gateway: (http://\S+) ", 60).group(1)
-        front = RunningGateway([http(url)])
+        upstream.wait_for(r"ready\. Try", 180)
+        url = upstream.wait_for(r"gateway at (http://\S+)", 1).group(1)
+        front = RunningGateway([http(url, model=SERVED)])
         front.wait_ready(1, timeout=30)
         stream = client(front).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=256, stream=True,
+            model=SERVED, messages=[{"role": "user", "content": "x"}], max_tokens=256, stream=True,
             extra_body={"ignore_eos": True})
         chunks = iter(stream)
         while not (next(chunks).choices[0].delta.content or ""):
             pass  # the role chunk, then the first canvas
-        upstream.kill()
+        upstream.kill()  # the gateway process and its worker, at once
         with pytest.raises(openai.APIError, match="connection broke mid-stream"):
             for _ in chunks:
                 pass
         with pytest.raises(openai.APIStatusError) as err:
-            client(front).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+            client(front).chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 503
     finally:
         if front is not None:
