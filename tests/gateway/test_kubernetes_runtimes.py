@@ -5,6 +5,7 @@ with kubectl creating the objects and the OpenAI SDK going through the gateway t
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import pathlib
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from dgemma_gateway.kube import KubeConfig, KubernetesSource, endpoints_from, resource_from
+from dgemma_gateway.kube import KubernetesSource, endpoints_from, from_kubeconfig, resource_from
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 from tests.k8s_emulator import EmulatorThread
 
@@ -89,7 +90,7 @@ def test_a_gateway_in_kubernetes_serves_a_vllm_variant_and_overflows_with_the_se
         ]
         for obj in objects:
             k8s.kubectl("apply", "-f", "-", input=json.dumps(obj))
-        source = KubernetesSource(KubeConfig(k8s.url, token="emulator", ssl=False, namespace="default"))
+        source = KubernetesSource(functools.partial(from_kubeconfig, k8s.kubeconfig), "default")
         gateway = RunningGateway([source])
         until(lambda: len(gateway.gateway.registry.endpoints) == 2, 30, "both endpoints")
         gateway.wait_ready(2, timeout=30)
