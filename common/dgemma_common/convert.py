@@ -13,6 +13,7 @@ from dgemma_common.types import (
     FinalEvent,
     LoadSnapshot,
     Prompt,
+    PromptTooLongError,
     RequestStats,
     StopReason,
 )
@@ -29,6 +30,8 @@ _OPTIONAL_PARAMS = (
     "seed",
     "draft_interval_s",
 )
+
+MAX_CHAT_MESSAGES = 4096
 
 STOP_REASONS: dict[StopReason, int] = {
     StopReason.EOS: pb.STOP_REASON_EOS,
@@ -58,14 +61,22 @@ def validate_prompt(prompt: Prompt) -> Prompt:
     return prompt
 
 
-def prompt_from_pb(msg: pb.Prompt) -> Prompt:
-    """The engine prompt for a protobuf prompt; exactly one kind must be set."""
+def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
+    """The engine prompt for a protobuf prompt; exactly one kind must be set.
+
+    Counts are checked before anything is copied out of the message, so a message full of token ids or
+    messages costs no Python objects beyond the limit.
+    """
     kind = msg.WhichOneof("kind")
     if kind == "text":
         prompt = Prompt.of_text(msg.text)
     elif kind == "chat":
+        if len(msg.chat.messages) > MAX_CHAT_MESSAGES:
+            raise ParamError("prompt.chat", f"at most {MAX_CHAT_MESSAGES} messages, got {len(msg.chat.messages)}")
         prompt = Prompt.of_messages([ChatMessage(m.role, m.content) for m in msg.chat.messages])
     elif kind == "tokens":
+        if len(msg.tokens.ids) > limits.max_prompt_tokens:
+            raise PromptTooLongError(len(msg.tokens.ids), limits.max_prompt_tokens)
         prompt = Prompt.of_tokens(list(msg.tokens.ids))
     else:
         raise ParamError("prompt", "set one of prompt.text, prompt.chat or prompt.tokens")
@@ -149,8 +160,10 @@ def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadR
     )
 
 
-def token_ids_from_pb(ids: Any, field: str = "token_ids") -> list[int]:
-    """Token ids from a repeated field, refusing negative ones."""
+def token_ids_from_pb(ids: Any, field: str = "token_ids", limit: int | None = None) -> list[int]:
+    """Token ids from a repeated field, refusing negative ones (and more than `limit`, before copying)."""
+    if limit is not None and len(ids) > limit:
+        raise ParamError(field, f"at most {limit} ids, got {len(ids)}")
     out = [int(i) for i in ids]
     if out and min(out) < 0:
         raise ParamError(field, "token ids must be >= 0")

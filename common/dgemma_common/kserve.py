@@ -78,13 +78,15 @@ class InferRequest:
     settings: Mapping[str, Any]  # what the client set itself (a gateway forwards only these)
 
 
-def deserialize_bytes(raw: bytes, count: int | None = None, name: str = "inputs") -> list[bytes]:
+def deserialize_bytes(raw: bytes, count: int | None = None, name: str = "inputs") -> list[memoryview]:
     """Triton's BYTES tensor wire format: each element is a 4-byte little-endian length, then the bytes.
 
     With `count`, exactly that many elements must fill `raw`; parsing stops there, so a tensor that
-    declares one element costs one element's work whatever else it carries.
+    declares one element costs one element's work whatever else it carries. The elements are views, not
+    copies: a prompt is checked by its size before its bytes are copied or decoded.
     """
-    items: list[bytes] = []
+    view = memoryview(raw)
+    items: list[memoryview] = []
     offset = 0
     while offset < len(raw) and (count is None or len(items) < count):
         if offset + 4 > len(raw):
@@ -93,7 +95,7 @@ def deserialize_bytes(raw: bytes, count: int | None = None, name: str = "inputs"
         offset += 4
         if offset + n > len(raw):
             raise ParamError(name, "malformed BYTES tensor: an element is longer than the data")
-        items.append(raw[offset : offset + n])
+        items.append(view[offset : offset + n])
         offset += n
     if count is not None and (len(items) != count or offset != len(raw)):
         raise ParamError(name, f"the BYTES data does not hold exactly the {count} element(s) its shape declares")
@@ -167,11 +169,14 @@ def _tensor_values(request: kpb.ModelInferRequest, index: int, limits: Limits) -
     return list(values)
 
 
-def _one_string(name: str, values: Sequence[Any]) -> str:
-    if len(values) != 1 or not isinstance(values[0], bytes):
+def _one_string(name: str, values: Sequence[Any], max_bytes: int | None = None) -> str:
+    """The one UTF-8 element of a BYTES tensor; with `max_bytes`, refused by its size before it is decoded."""
+    if len(values) != 1 or not isinstance(values[0], bytes | memoryview):
         raise ParamError(name, "must hold exactly one BYTES element")
+    if max_bytes is not None and len(values[0]) > max_bytes:
+        raise ParamError(name, f"{len(values[0])} bytes exceeds the limit of {max_bytes} bytes before tokenizing")
     try:
-        return values[0].decode("utf-8")
+        return str(values[0], "utf-8")
     except UnicodeDecodeError as exc:
         raise ParamError(name, "must be UTF-8 text") from exc
 
@@ -245,12 +250,12 @@ async def decoupled_stream(
         await asyncio.gather(reader, *tasks, return_exceptions=True)
 
 
-def _prompt_from_inputs(tensors: Mapping[str, list[Any]]) -> Prompt:
+def _prompt_from_inputs(tensors: Mapping[str, list[Any]], limits: Limits) -> Prompt:
     given = [n for n in (TEXT_INPUT, MESSAGES, INPUT_IDS) if n in tensors]
     if len(given) != 1:
         raise ParamError(TEXT_INPUT, f"give exactly one of {TEXT_INPUT}, {MESSAGES} or {INPUT_IDS}")
     if TEXT_INPUT in tensors:
-        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT])))
+        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT], limits.prompt_byte_limit)))
     if INPUT_IDS in tensors:
         return validate_prompt(Prompt.of_tokens([int(i) for i in tensors[INPUT_IDS]]))
     shape = 'must be a JSON list of {"role": "...", "content": "..."} with string values'
@@ -295,7 +300,7 @@ def request_from_infer(
         raise ParamError("outputs", f"unknown output {unknown[0]!r}; outputs are {sorted(OUTPUT_NAMES)}")
     return InferRequest(
         request_id=request.id,
-        prompt=_prompt_from_inputs(tensors),
+        prompt=_prompt_from_inputs(tensors, limits),
         params=params_from_mapping(settings, defaults, limits),
         outputs=outputs,
         settings=settings,
