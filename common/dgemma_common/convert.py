@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
@@ -18,18 +19,6 @@ from dgemma_common.types import (
     StopReason,
 )
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-
-_OPTIONAL_PARAMS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-    "seed",
-    "draft_interval_s",
-)
 
 MAX_CHAT_MESSAGES = 4096
 
@@ -83,16 +72,21 @@ def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
     return validate_prompt(prompt)
 
 
+def settings_from_pb(msg: pb.GenerationParams) -> GenerationSettings:
+    """The settings a protobuf message sets (unset optional fields, an empty stop list and false flags are not)."""
+    values: dict[str, Any] = {f.name: list(v) if f.name == "stop" else v for f, v in msg.ListFields()}
+    return GenerationSettings.parse(values)
+
+
+def settings_to_pb(given: Mapping[str, Any]) -> pb.GenerationParams:
+    """Protobuf params for validated settings (`GenerationSettings.given()`); the receiver's defaults fill the rest."""
+    values: dict[str, Any] = {k: list(v) if k == "stop" else v for k, v in given.items()}
+    return pb.GenerationParams(**values)
+
+
 def params_from_pb(msg: pb.GenerationParams, defaults: GenerationParams, limits: Limits) -> GenerationParams:
     """Request params: the set fields over the server defaults, validated against the limits."""
-    values: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
-    if msg.stop:
-        values["stop"] = list(msg.stop)
-    if msg.stream_drafts:
-        values["stream_drafts"] = True
-    if msg.ignore_eos:
-        values["ignore_eos"] = True
-    return params_from_mapping(values, defaults, limits)
+    return settings_from_pb(msg).resolve(defaults, limits)
 
 
 def stats_to_pb(stats: RequestStats) -> pb.RequestStats:

@@ -30,7 +30,8 @@ from tritonclient.grpc import service_pb2 as kpb
 
 from dgemma_common.convert import validate_prompt
 from dgemma_common.logsafe import clip
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.openai_models import parse_messages_json
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt, RequestStats
 
 PLATFORM = "dgemma"
@@ -258,15 +259,8 @@ def _prompt_from_inputs(tensors: Mapping[str, list[Any]], limits: Limits) -> Pro
         return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT], limits.prompt_byte_limit)))
     if INPUT_IDS in tensors:
         return validate_prompt(Prompt.of_tokens([int(i) for i in tensors[INPUT_IDS]]))
-    shape = 'must be a JSON list of {"role": "...", "content": "..."} with string values'
-    try:
-        raw = json.loads(_one_string(MESSAGES, tensors[MESSAGES]))
-    except (ValueError, RecursionError):
-        raise ParamError(MESSAGES, shape) from None
-    if not isinstance(raw, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in raw):
-        raise ParamError(MESSAGES, shape)
-    return validate_prompt(Prompt.of_messages([ChatMessage(m["role"], m["content"]) for m in raw]))
+    messages = parse_messages_json(_one_string(MESSAGES, tensors[MESSAGES]), MESSAGES)
+    return validate_prompt(Prompt.of_messages([ChatMessage(m.template_role, m.text()) for m in messages]))
 
 
 def decode_inputs(request: kpb.ModelInferRequest, limits: Limits) -> dict[str, list[Any]]:
@@ -291,7 +285,7 @@ def request_from_infer(
 ) -> InferRequest:
     """Decode a ModelInferRequest into a prompt and validated params; ParamError names the bad part."""
     tensors = decode_inputs(request, limits)
-    settings = _settings(request, tensors.get(SAMPLING_PARAMETERS))
+    settings = GenerationSettings.parse(_settings(request, tensors.get(SAMPLING_PARAMETERS)))
     if len(request.outputs) > MAX_REQUESTED_OUTPUTS:
         raise ParamError("outputs", f"at most {MAX_REQUESTED_OUTPUTS} requested outputs")
     outputs = frozenset(o.name for o in request.outputs) or OUTPUT_NAMES
@@ -301,9 +295,9 @@ def request_from_infer(
     return InferRequest(
         request_id=request.id,
         prompt=_prompt_from_inputs(tensors, limits),
-        params=params_from_mapping(settings, defaults, limits),
+        params=settings.resolve(defaults, limits),
         outputs=outputs,
-        settings=settings,
+        settings=settings.given(),
     )
 
 

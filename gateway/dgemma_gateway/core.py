@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from dgemma_common.convert import settings_to_pb
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, Registry
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
@@ -35,7 +36,7 @@ class GatewayRequest:
 
     model: str
     prompt: pb.Prompt
-    settings: Mapping[str, Any]  # validated GenerationParams fields the client set (max_new_tokens always)
+    settings: Mapping[str, Any]  # GenerationSettings.given(): validated settings the client set (max_new_tokens always)
     latency_target_ms: float | None = None
     strict: bool | None = None
     timeout_s: float | None = None
@@ -227,13 +228,8 @@ class Gateway:
                             code="no_capacity", retry_after_s=retry)
 
     def _pb_request(self, req: GatewayRequest, timeout_s: float) -> pb.GenerateRequest:
-        params = pb.GenerationParams()
-        for key, value in req.settings.items():
-            if key == "stop":
-                params.stop.extend([value] if isinstance(value, str) else list(value))
-            else:
-                setattr(params, key, value)
-        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=params, timeout_s=timeout_s)
+        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=settings_to_pb(req.settings),
+                                  timeout_s=timeout_s)
 
     async def generate(self, req: GatewayRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event."""

@@ -22,7 +22,7 @@ from dgemma_common import kserve
 from dgemma_common.auth import ApiKeys
 from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import parameter_value
-from dgemma_common.params import Limits, ParamError, params_from_mapping
+from dgemma_common.params import GenerationParams, Limits, ParamError
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
@@ -84,7 +84,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             request = kpb.ModelInferRequest.FromString(request.SerializeToString())
             del request.parameters["latency_target_ms"]
         try:
-            decoded = kserve.request_from_infer(request, params_from_mapping({}), self.limits)
+            decoded = kserve.request_from_infer(request, GenerationParams(), self.limits)
         except ParamError as exc:
             raise GatewayError(400, str(exc), param=exc.field) from None
         keep = {k: v for k, v in decoded.settings.items() if v is not None}

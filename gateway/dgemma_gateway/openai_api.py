@@ -22,7 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from dgemma_common.auth import ApiKeys
-from dgemma_common.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
+from dgemma_common.logsafe import clip
+from dgemma_common.openai_models import ChatCompletionRequest, ChatMessage, CompletionRequest, parse_json
+from dgemma_common.params import MAX_SEED, ParamError
 from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError, bad_request
@@ -34,21 +36,8 @@ log = logging.getLogger(__name__)
 LATENCY_HEADER = "x-dgemma-latency-target-ms"
 DRAFT_EVENT = "dgemma.draft"
 FINISH_REASONS = {pb.STOP_REASON_EOS: "stop", pb.STOP_REASON_STOP_STRING: "stop", pb.STOP_REASON_LENGTH: "length"}
-# DiffusionGemma's own knobs, accepted as extra body fields (and `seed`, `stop` from OpenAI itself).
-DGEMMA_FIELDS = (
-    "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold",
-    "draft_interval_s", "ignore_eos", "stream_drafts",
-)
-# Autoregressive sampling knobs have no meaning for a diffusion model: accepted (clients send them) and ignored.
-IGNORED_FIELDS = frozenset({
-    "temperature", "top_p", "frequency_penalty", "presence_penalty", "user", "logit_bias", "top_k", "min_p",
-    "repetition_penalty", "parallel_tool_calls", "metadata", "store", "service_tier", "reasoning_effort",
-    "modalities", "prediction", "audio", "web_search_options", "echo", "best_of", "suffix", "min_tokens",
-    "top_logprobs", "response_format", "tool_choice", "functions", "function_call", "safety_identifier",
-    "prompt_cache_key", "verbosity",
-})
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSET = object()
+MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "chat": ChatCompletionRequest, "text": CompletionRequest}
 
 
 @dataclass(frozen=True)
@@ -74,159 +63,77 @@ class Parsed:
     model: str
 
 
-def _int_field(body: Mapping[str, Any], name: str, lo: int, hi: int, default: Any = UNSET) -> Any:
-    value = body.get(name, default)
-    if value is UNSET or value is None:
-        return default if default is not UNSET else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise bad_request(name, f"must be in [{lo}, {hi}], got {value}")
+def _latency_target(body: ChatCompletionRequest | CompletionRequest, header: str | None) -> float | None:
+    if body.latency_target_ms is not None or header is None:
+        return body.latency_target_ms
+    try:
+        value = float(header)
+    except ValueError:
+        raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds, got {clip(header, 64)!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 3_600_000:
+        raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds in (0, 3600000], got {value!r}")
     return value
 
 
-def _bool_field(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(name, f"must be a boolean, got {value!r}")
-    return value
-
-
-def _latency_target(body: Mapping[str, Any], header: str | None) -> float | None:
-    value: Any = body.get("latency_target_ms")
-    name = "latency_target_ms"
-    if value is None and header is not None:
-        name = LATENCY_HEADER
-        try:
-            value = float(header)
-        except ValueError:
-            raise bad_request(name, f"must be a number of milliseconds, got {header!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 < value <= 3_600_000:
-        raise bad_request(name, f"must be a number of milliseconds in (0, 3600000], got {value!r}")
-    return float(value)
-
-
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}[{i}]", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    if value is None:
-        return ""
-    raise bad_request(where, "must be a string or a list of text parts")
-
-
-def chat_prompt(messages: Any) -> pb.Prompt:
+def chat_prompt(messages: Sequence[ChatMessage]) -> pb.Prompt:
     """OpenAI chat messages as a chat prompt (the worker applies the model's template)."""
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages", "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        role = ROLES.get(m.get("role"))  # type: ignore[arg-type]
-        if role is None:
-            raise bad_request(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {m.get('role')!r}")
-        out.append(pb.ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
-    return pb.Prompt(chat=pb.ChatMessages(messages=out))
+    return pb.Prompt(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(role=m.template_role, content=m.text()) for m in messages]))
 
 
-def text_prompt(prompt: Any) -> pb.Prompt:
+def text_prompt(prompt: str | list[str] | list[int]) -> pb.Prompt:
     """A completions prompt: a string, a list of one string, or a list of token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
     if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("prompt", "must not be empty")
         return pb.Prompt(text=prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if min(prompt) < 0:
-            raise bad_request("prompt", "token ids must be >= 0")
-        return pb.Prompt(tokens=pb.TokenIds(ids=prompt))
-    raise bad_request("prompt", "must be a non-empty string or a list of token ids (one prompt per request)")
+    if all(isinstance(p, str) for p in prompt):
+        return pb.Prompt(text=str(prompt[0]))
+    return pb.Prompt(tokens=pb.TokenIds(ids=[int(t) for t in prompt]))
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body."""
+def check_content_type(header: str | None, content_type: str) -> None:
+    """A body is JSON: a request that says it is something else is refused before the body is read (a request
+    without the header is read as JSON, as many clients send none)."""
+    if header is not None and content_type != "application/json":
+        raise GatewayError(415, f"Content-Type must be application/json, got {clip(content_type, 64)!r}",
+                           param="Content-Type", code="unsupported_media_type")
+
+
+def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str | None = None) -> Parsed:
+    """Validate an OpenAI chat ('chat') or completions ('text') body into gateway requests (one per choice).
+
+    The body is parsed and validated in one pass by the request model (`dgemma_common.openai_models`); the
+    limits this gateway was configured with are checked after.
+    """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "the body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def parse_request(
-    body: Mapping[str, Any], kind: str, limits: ApiLimits, latency_header: str | None = None
-) -> Parsed:
-    """Validate an OpenAI chat ('chat') or completions ('text') body into gateway requests (one per choice)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("model", "is required and must be a string")
-    prompt = chat_prompt(body.get("messages")) if kind == "chat" else text_prompt(body.get("prompt"))
-    if body.get("tools"):
-        raise bad_request("tools", "tool calling is not supported")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad_request("logprobs", "log probabilities are not supported")
-    token_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int_field(body, token_field, 1, limits.max_tokens, limits.default_max_tokens)
-    n = _int_field(body, "n", 1, limits.max_n, 1)
-    stream = _bool_field(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("stream_options", "must be an object")
-    include_usage = bool((options or {}).get("include_usage", False))
-    timeout_s = body.get("timeout_s")
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
-                                  or not 0 < timeout_s <= 3600):
-        raise bad_request("timeout_s", f"must be a number of seconds in (0, 3600], got {timeout_s!r}")
-    strict = body.get("latency_strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad_request("latency_strict", f"must be a boolean, got {strict!r}")
-    settings: dict[str, Any] = {"max_new_tokens": max_tokens}
-    for name in (*DGEMMA_FIELDS, "seed", "stop"):
-        if body.get(name) is not None:
-            settings[name] = body[name]
-    try:
-        # The worker checks again against its own limits; this catches bad values before routing.
-        params_from_mapping(settings, limits=Limits(max_new_tokens=limits.max_tokens))
+        body = parse_json(MODELS[kind], raw)
     except ParamError as exc:
-        raise bad_request(token_field if exc.field == "max_new_tokens" else exc.field, exc.reason) from None
-    unknown = sorted(set(body) - KNOWN_FIELDS[kind])
-    if unknown:
-        raise bad_request(unknown[0], "unknown field")
+        if exc.field == "body":
+            raise GatewayError(400, f"the body is not a valid JSON object: {exc.reason}", code="invalid_json") from None
+        raise bad_request(exc.field, exc.reason) from None
+    token_field = body.token_field
+    max_tokens = body.requested_tokens
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif max_tokens > limits.max_tokens:
+        raise bad_request(token_field, f"must be in [1, {limits.max_tokens}], got {max_tokens}")
+    n = body.n or 1
+    if n > limits.max_n:
+        raise bad_request("n", f"must be in [1, {limits.max_n}], got {n}")
+    settings = body.generation_settings(max_tokens).given()
     target = _latency_target(body, latency_header)
+    prompt = chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest) else text_prompt(body.prompt)
     names = {"max_new_tokens": token_field, "prompt": "messages" if kind == "chat" else "prompt"}
     requests = []
     for i in range(n):
         s = dict(settings)
         if n > 1 and "seed" in s:
-            s["seed"] = s["seed"] + i  # distinct but reproducible choices
+            s["seed"] = (s["seed"] + i) % (MAX_SEED + 1)  # distinct but reproducible choices
         requests.append(GatewayRequest(
-            model=model, prompt=prompt, settings=s, latency_target_ms=target, strict=strict,
-            timeout_s=float(timeout_s) if timeout_s is not None else None, param_names=names,
+            model=body.model, prompt=prompt, settings=s, latency_target_ms=target, strict=body.latency_strict,
+            timeout_s=body.timeout_s, param_names=names,
         ))
-    return Parsed(requests, stream, include_usage, bool(settings.get("stream_drafts")), model)
-
-
-_COMMON = {"model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "seed", "stop",
-           "latency_target_ms", "latency_strict", "timeout_s", "tools", "logprobs", *DGEMMA_FIELDS}
-KNOWN_FIELDS = {
-    "chat": frozenset(_COMMON | {"messages"} | IGNORED_FIELDS),
-    "text": frozenset(_COMMON | {"prompt"} | IGNORED_FIELDS),
-}
-assert set(DGEMMA_FIELDS) <= FIELD_NAMES
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Parsed(requests, bool(body.stream), include_usage, bool(body.stream_drafts), body.model)
 
 
 async def merge(
@@ -380,8 +287,8 @@ class OpenAIApp:
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         key = self._authenticate(request)
-        parsed = parse_request(parse_body(await request.read()), kind, self.limits,
-                               request.headers.get(LATENCY_HEADER))
+        check_content_type(request.headers.get("Content-Type"), request.content_type)
+        parsed = parse_request(await request.read(), kind, self.limits, request.headers.get(LATENCY_HEADER))
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")

@@ -71,7 +71,7 @@ BAD_REQUESTS = [
     (_raw(HELLO, (Tensor(name="messages", datatype="BYTES", shape=[1]),
                   _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "text_input: give exactly one"),
     (_raw((Tensor(name="messages", datatype="BYTES", shape=[1]),
-           _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "messages: must be a JSON list"),
+           _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "messages[0].role: Input should be"),
     (_raw(HELLO, outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="text_output")] * 100), "outputs"),
 ]
 

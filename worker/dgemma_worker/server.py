@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.guard import RequestGuard
 from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import grpc_server_credentials
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -100,7 +101,9 @@ class WorkerServer:
                 ("grpc.so_reuseport", 0),  # a second worker on the same port must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
+            # Bytes that are not a request message are INVALID_ARGUMENT, not grpcio's UNKNOWN.
+            interceptors=[RequestGuard()],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
