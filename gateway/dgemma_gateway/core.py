@@ -18,9 +18,10 @@ from typing import Any
 import grpc
 
 from dgemma_common.convert import settings_to_pb
+from dgemma_common.logsafe import clip
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, Registry
-from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
+from dgemma_gateway.errors import FAILING, GatewayError, from_upstream, retryable
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.routing import Decision, Pipeline, route
 from dgemma_gateway.routing.predict import canvases_for
@@ -240,6 +241,7 @@ class Gateway:
         tried: set[str] = set()
         attempt = 0
         held = False
+        upstream: GatewayError | None = None  # why the last endpoint tried refused the request
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
@@ -250,7 +252,9 @@ class Gateway:
                     if await self._hold(req, hold_for, deadline):
                         continue
             if chosen is None:
-                error = self._refusal(req, decision, tried)
+                # Every endpoint that could take it was tried: the client hears the last one's reason, not the
+                # router's "nothing left to try".
+                error = upstream if upstream is not None else self._refusal(req, decision, tried)
                 self.metrics.requests.labels(req.api, "", str(error.status)).inc()
                 raise error
             state = self.registry.endpoints.get(chosen.endpoint_id)
@@ -286,17 +290,18 @@ class Gateway:
                     yield response
             except grpc.aio.AioRpcError as err:
                 code = err.code()
+                error = from_upstream(code, err.details() or "", dict(req.param_names))
                 if code in FAILING:
                     self.registry.record_failure(chosen.endpoint_id)
                     self.metrics.ejections.labels(variant.name).inc()
-                if not sent and code in RETRYABLE and attempt + 1 < self.settings.max_attempts:
+                if not sent and retryable(code, error) and attempt + 1 < self.settings.max_attempts:
                     attempt += 1
                     tried.add(chosen.endpoint_id)
+                    upstream = error
                     self.metrics.retries.labels(code.name.lower()).inc()
                     log.info("request %s: %s failed before its first event (%s); retrying elsewhere",
-                             req.request_id, chosen.endpoint_id, code.name)
+                             clip(req.request_id, 64), chosen.endpoint_id, code.name)
                     continue
-                error = from_upstream(code, err.details() or "", dict(req.param_names))
                 self.metrics.requests.labels(req.api, variant.name, str(error.status)).inc()
                 raise error from None
             finally:
