@@ -21,6 +21,8 @@ from dgemma_common.types import (
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 MAX_CHAT_MESSAGES = 4096
+# A client's request id is echoed in every response and written to logs: bounded, so it cannot multiply either.
+MAX_REQUEST_ID_CHARS = 256
 
 STOP_REASONS: dict[StopReason, int] = {
     StopReason.EOS: pb.STOP_REASON_EOS,
@@ -30,6 +32,13 @@ STOP_REASONS: dict[StopReason, int] = {
     StopReason.DEADLINE: pb.STOP_REASON_DEADLINE,
     StopReason.ERROR: pb.STOP_REASON_ERROR,
 }
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """A client's request id, refused if longer than MAX_REQUEST_ID_CHARS (logs escape what it contains)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ParamError(field, f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    return request_id
 
 
 def validate_prompt(prompt: Prompt) -> Prompt:

@@ -28,7 +28,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kpb
 
-from dgemma_common.convert import validate_prompt
+from dgemma_common.convert import check_request_id, validate_prompt
 from dgemma_common.logsafe import clip
 from dgemma_common.openai_models import parse_messages_json
 from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
@@ -284,6 +284,7 @@ def request_from_infer(
     request: kpb.ModelInferRequest, defaults: GenerationParams, limits: Limits
 ) -> InferRequest:
     """Decode a ModelInferRequest into a prompt and validated params; ParamError names the bad part."""
+    check_request_id(request.id, "id")
     tensors = decode_inputs(request, limits)
     settings = GenerationSettings.parse(_settings(request, tensors.get(SAMPLING_PARAMETERS)))
     if len(request.outputs) > MAX_REQUESTED_OUTPUTS:

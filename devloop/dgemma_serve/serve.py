@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dgemma_common import logsafe
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import GatewaySettings
@@ -205,4 +206,5 @@ async def serve(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma serve ...`."""
     args = build_parser().parse_args(list(argv))
+    logsafe.install()  # the gateway runs in this process: client strings in its logs are escaped and bounded
     return asyncio.run(serve(args))

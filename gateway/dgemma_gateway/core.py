@@ -183,7 +183,7 @@ class Gateway:
         self._held[variant] = (n + 1, c + canvases)
         req.trace.update(held_for=variant)
         log.info("request %s: no ready endpoint for %r; holding it up to %.0f s for a replica of %s",
-                 req.request_id, req.model, until - start, variant)
+                 clip(req.request_id, 64), clip(req.model, 64), until - start, variant)
         try:
             while self.registry.clock() < until:
                 if self.ready_count(req.model) > 0:

@@ -230,7 +230,7 @@ class OpenAIApp:
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
+            log.exception("unhandled error in %s %s", clip(request.method, 16), clip(request.path, 256))
             internal = GatewayError(500, "internal error in the gateway", code="internal_error")
             return web.json_response(internal.body(), status=500)
 

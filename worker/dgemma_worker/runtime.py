@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
+from dgemma_common.logsafe import clip
 from dgemma_common.params import GenerationParams, ParamError
 from dgemma_common.types import (
     CommitEvent,
@@ -221,7 +222,7 @@ class WorkerRuntime:
         fields: dict[str, object] = {
             "event": "request",
             "rpc": rpc,
-            "request_id": request_id,
+            "request_id": clip(request_id),
             "outcome": outcome,
             "code": error.code.name if error else ("CANCELLED" if outcome == "cancelled" else "OK"),
             "wall_s": round(time.monotonic() - started, 6),
@@ -234,7 +235,7 @@ class WorkerRuntime:
         if self.config.log_prompts and prompt is not None:
             fields["prompt"] = _prompt_text(prompt)
             fields["completion"] = "".join(committed)
-        log.info("request %s %s", request_id, outcome, extra={"fields": fields})
+        log.info("request %s %s", clip(request_id), outcome, extra={"fields": fields})
 
 
 def _prompt_text(prompt: Prompt) -> object:

@@ -49,6 +49,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         rid = request.request_id or new_request_id()
         cfg = self._rt.config
         try:
+            convert.check_request_id(rid)
             prompt = convert.prompt_from_pb(request.prompt, cfg.limits)
             params = convert.params_from_pb(request.params, cfg.defaults, cfg.limits)
             if request.timeout_s < 0:
