@@ -3,7 +3,9 @@ health, metrics, the demand JSON and the OpenAPI document.
 
 Handlers only translate: a body becomes `GatewayRequest`s (validated here, 400 naming the field),
 `Gateway.generate` does the work, and its events become OpenAI JSON or server-sent events. Headers of
-a stream are sent with its first event, so anything that fails before it is a plain HTTP error.
+a stream are sent with its first event or, if that takes longer than `sse_keepalive_s`, with the first
+keep-alive comment: failures known sooner (a strict 429, no endpoint) stay plain HTTP errors, and a request
+that waits (held for a replica, queued, retried) is never silent long enough for a read timeout.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -32,6 +34,7 @@ from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENCY_HEADER = "x-dgemma-latency-target-ms"
 DRAFT_EVENT = "dgemma.draft"
@@ -50,6 +53,7 @@ class ApiLimits:
     default_max_tokens: int = 256
     max_n: int = 4
     max_streams_per_key: int = 64
+    sse_keepalive_s: float = 2.0  # a stream silent this long gets its headers (if not yet sent) and a comment
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,30 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
         ))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Parsed(requests, bool(body.stream), include_usage, bool(body.stream_drafts), body.model)
+
+
+async def heartbeat(source: AsyncIterator[T], interval_s: float) -> AsyncGenerator[T | None, None]:
+    """The items of `source`, and None each time `interval_s` passes without one (a keep-alive tick)."""
+    items = aiter(source)
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})
 
 
 async def merge(
@@ -347,6 +375,7 @@ class OpenAIApp:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         finals: list[pb.Final | None] = [None] * n
         ended = 0
+        role_sent = False
 
         def chunk(i: int, delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
             if kind == "chat":
@@ -363,16 +392,30 @@ class OpenAIApp:
             head = f"event: {event}\n" if event else ""
             await response.write(f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
 
+        async def start() -> web.StreamResponse:
+            started = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no", **_trace_headers(parsed.requests[0].trace)})
+            await started.prepare(request)
+            return started
+
         events = merge([self.gateway.generate(r) for r in parsed.requests])
         try:
-            async for i, event in events:
+            async for item in heartbeat(events, self.limits.sse_keepalive_s):
+                if item is None:
+                    # Nothing for a while (held for a replica, queued at a worker, retried after a failure):
+                    # headers now if not yet sent, then an SSE comment, which OpenAI clients skip but which
+                    # keeps read timeouts and proxies from giving up on a request that is still coming.
+                    response = response or await start()
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                i, event = item
                 if response is None:
-                    # The first event: only now is anything sent, so earlier failures were retried or
-                    # reported as plain HTTP errors.
-                    response = web.StreamResponse(headers={
-                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no", **_trace_headers(parsed.requests[0].trace)})
-                    await response.prepare(request)
+                    # The first event, before any keep-alive: failures until now were retried or reported as
+                    # plain HTTP errors.
+                    response = await start()
+                if not role_sent:
+                    role_sent = True
                     if kind == "chat":
                         for j in range(n):
                             await send(chunk(j, None, None, role=True))
