@@ -25,7 +25,14 @@ from aiohttp import web
 
 from dgemma_common.auth import ApiKeys
 from dgemma_common.logsafe import clip
-from dgemma_common.openai_models import ChatCompletionRequest, ChatMessage, CompletionRequest, parse_json
+from dgemma_common.openai_models import (
+    MAX_JSON_VALUES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    json_values,
+    parse_json,
+)
 from dgemma_common.params import MAX_SEED, ParamError
 from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest
@@ -108,6 +115,10 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
     The body is parsed and validated in one pass by the request model (`dgemma_common.openai_models`); the
     limits this gateway was configured with are checked after.
     """
+    values = json_values(raw)
+    if values > max(MAX_JSON_VALUES, 2 * limits.max_prompt_tokens):  # refused before parsing, not after
+        raise GatewayError(413, f"the body holds up to {values} JSON values; the limit is {MAX_JSON_VALUES}",
+                           code="body_too_large")
     try:
         body = parse_json(MODELS[kind], raw)
     except ParamError as exc:

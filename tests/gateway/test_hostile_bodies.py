@@ -153,3 +153,13 @@ def test_bytes_that_are_not_a_message_are_invalid_argument_on_the_worker(
         # The worker is unharmed.
         load = channel.unary_unary("/dgemma.v1.Denoiser/GetLoad", response_deserializer=pb.LoadReport.FromString)
         assert load(pb.GetLoadRequest().SerializeToString(), timeout=10).model_name == MODEL
+
+
+@pytest.mark.parametrize("body", [
+    {"model": MODEL, "prompt": [1] * 1_000_000},  # 2 MB of token ids: ~0.5 s of parsing on the event loop
+    {"model": MODEL, "prompt": "x", "logit_bias": {str(i): 1 for i in range(200_000)}},
+    {"model": MODEL, "prompt": "x", "metadata": {"a": [[0] * 8] * 60_000}},
+])
+def test_a_body_of_a_million_tiny_values_is_refused_before_parsing(gw: RunningGateway, body: dict[str, Any]) -> None:
+    status, error = post(gw, json.dumps(body).encode(), path="/v1/completions")
+    assert status == 413 and error["error"]["code"] == "body_too_large", error
