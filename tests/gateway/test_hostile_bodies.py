@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -15,25 +14,13 @@ import pytest
 
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, fast_gateway
 
 pytestmark = pytest.mark.timeout(180)
 USER = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
-
-
-@pytest.fixture
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=60)
+gw = pytest.fixture(scope="module", name="gw")(fast_gateway)
 
 
 def post(gw: RunningGateway, data: bytes, content_type: str | None = "application/json",

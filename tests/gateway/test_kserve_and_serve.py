@@ -6,7 +6,6 @@ import os
 import queue
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,20 +13,13 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, kserve_inputs, static, variant
+from tests.gateway.gateway_harness import MODEL, RunningGateway, fast_gateway, kserve_inputs
 from tests.procmem import peak_rss_growth
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
+gw = pytest.fixture(scope="module", name="gw")(fast_gateway)
 
 
 def test_tritonclient_infers_through_the_gateway(gw: RunningGateway) -> None:
