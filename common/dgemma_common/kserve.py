@@ -59,9 +59,11 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     (STOP_REASON, "BYTES", [1]),
 )
 OUTPUT_NAMES = frozenset(name for name, _, _ in OUTPUTS)
-# Request parameters that belong to Triton or KServe rather than to generation.
+LATENCY_TARGET = "latency_target_ms"  # read by the gateway's router; a worker has nothing to route
+# Request parameters that belong to Triton, KServe or routing rather than to generation.
 _TRANSPORT_PARAMETERS = frozenset(
-    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers"}
+    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers",
+     LATENCY_TARGET}
 )
 _ALIASES = {"max_tokens": "max_new_tokens"}  # vLLM's name for the same limit
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "INT64": mc.TYPE_INT64, "BOOL": mc.TYPE_BOOL}

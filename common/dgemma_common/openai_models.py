@@ -23,6 +23,8 @@ MAX_MESSAGES = 4096
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 JsonObject = dict[str, Any]
+LatencyTargetMs = Annotated[float, Field(gt=0.0, le=3_600_000.0)]
+_LATENCY_TARGET: TypeAdapter[float] = TypeAdapter(LatencyTargetMs, config=ConfigDict(strict=True, allow_inf_nan=False))
 # Roles as the chat template knows them: OpenAI's `developer` is the template's `system`.
 TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -103,7 +105,7 @@ class _CompletionBase(DenoisingKnobs):
     stream: bool | None = None
     """Reply as server-sent events."""
     stream_options: StreamOptions | None = None
-    latency_target_ms: Annotated[float, Field(gt=0.0, le=3_600_000.0)] | None = None
+    latency_target_ms: LatencyTargetMs | None = None
     """End-to-end latency target; also the header x-dgemma-latency-target-ms."""
     latency_strict: bool | None = None
     """429 instead of routing a request that is predicted to miss its target."""
@@ -279,3 +281,11 @@ def parse_messages_json(raw: str | bytes, field: str = "messages") -> list[ChatM
         name = field if error.field == "body" else f"{field}{error.field}" if error.field.startswith("[") \
             else f"{field}.{error.field}"
         raise ParamError(name, error.reason) from None
+
+
+def latency_target_ms(value: Any, field: str = "latency_target_ms") -> float:
+    """A latency target from outside a request body (a header, a KServe parameter), checked like the body's field."""
+    try:
+        return _LATENCY_TARGET.validate_python(value)
+    except ValidationError as exc:
+        raise ParamError(field, param_error(exc).reason) from None

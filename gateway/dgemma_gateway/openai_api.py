@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from dgemma_common.openai_models import (
     ChatMessage,
     CompletionRequest,
     json_values,
+    latency_target_ms,
     parse_json,
 )
 from dgemma_common.params import MAX_SEED, ParamError
@@ -78,12 +78,11 @@ def _latency_target(body: ChatCompletionRequest | CompletionRequest, header: str
     if body.latency_target_ms is not None or header is None:
         return body.latency_target_ms
     try:
-        value = float(header)
-    except ValueError:
+        return latency_target_ms(float(header), LATENCY_HEADER)
+    except ValueError as exc:
+        if isinstance(exc, ParamError):
+            raise bad_request(LATENCY_HEADER, exc.reason) from None
         raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds, got {clip(header, 64)!r}") from None
-    if not math.isfinite(value) or not 0 < value <= 3_600_000:
-        raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds in (0, 3600000], got {value!r}")
-    return value
 
 
 def chat_prompt(messages: Sequence[ChatMessage]) -> pb.Prompt:

@@ -150,3 +150,31 @@ def test_bytes_that_are_not_a_message_are_invalid_argument_on_the_worker(
 def test_a_body_of_a_million_tiny_values_is_refused_before_parsing(gw: RunningGateway, body: dict[str, Any]) -> None:
     status, error = post(gw, json.dumps(body).encode(), path="/v1/completions")
     assert status == 413 and error["error"]["code"] == "body_too_large", error
+
+
+@pytest.mark.parametrize("target", [float("nan"), -5.0, 1e12, "fast", True])
+def test_a_bad_kserve_latency_target_is_invalid_argument_not_ignored(gw: RunningGateway, target: Any) -> None:
+    from tritonclient.grpc import service_pb2 as kpb
+
+    request = kpb.ModelInferRequest(model_name=MODEL)
+    p = request.parameters["latency_target_ms"]
+    if isinstance(target, bool):
+        p.bool_param = target
+    elif isinstance(target, str):
+        p.string_param = target
+    else:
+        p.double_param = target
+    with grpc.insecure_channel(gw.grpc_address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(request.SerializeToString(), timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("latency_target_ms:")
+
+
+@pytest.mark.parametrize("header", ["nan", "inf", "-1", "soon"])
+def test_a_bad_latency_target_header_is_400_naming_it(client: openai.OpenAI, header: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4,
+                                       extra_headers={"x-dgemma-latency-target-ms": header})
+    assert info.value.body["param"] == "x-dgemma-latency-target-ms"  # type: ignore[index]
