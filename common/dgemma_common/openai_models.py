@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
-from dgemma_common.params import DenoisingKnobs, GenerationSettings, ParamError, param_error
+from dgemma_common.params import MAX_COUNT, DenoisingKnobs, GenerationSettings, ParamError, param_error
 
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True, use_attribute_docstrings=True)
 MAX_MESSAGES = 4096
@@ -98,9 +98,9 @@ class _CompletionBase(DenoisingKnobs):
     model_config = STRICT
     model: Name
     """The served model name."""
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     """Completion budget in tokens (the gateway's --max-tokens bounds it)."""
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     """Choices to generate (the gateway's --max-n bounds it)."""
     stream: bool | None = None
     """Reply as server-sent events."""
@@ -125,13 +125,13 @@ class _CompletionBase(DenoisingKnobs):
     """Accepted and ignored."""
     user: ShortText | None = None
     """Accepted and ignored."""
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_COUNT)] | None = None
     """Accepted (vLLM's knob) and ignored."""
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Accepted (vLLM's knob) and ignored."""
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     """Accepted (vLLM's knob) and ignored."""
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     """Accepted (vLLM's knob) and ignored."""
 
     def generation_settings(self, max_new_tokens: int) -> GenerationSettings:
@@ -145,7 +145,7 @@ class ChatCompletionRequest(_CompletionBase):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     """The conversation; the worker applies the model's chat template."""
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool | None = None
     """Log probabilities are not supported: must be false."""
@@ -215,7 +215,7 @@ class ChatCompletionRequest(_CompletionBase):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_COUNT)]], Field(min_length=1)]
 
 
 class CompletionRequest(_CompletionBase):

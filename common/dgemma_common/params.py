@@ -22,6 +22,8 @@ from dgemma_common.logsafe import brief
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
+# Counts travel as protobuf int64 and are compared with server limits far below this: a type bound, not a limit.
+MAX_COUNT = 2**31 - 1
 # A prompt is refused by its size before tokenizing: real tokenizers average ~4 bytes per token; 16 leaves room
 # for long runs of whitespace or repeated characters without letting a client buy unbounded tokenizer time.
 BYTES_PER_TOKEN = 16
@@ -79,7 +81,7 @@ class DenoisingKnobs(BaseModel):
 
     model_config = STRICT
 
-    max_denoising_steps: Annotated[int, Field(ge=1)] | None = None
+    max_denoising_steps: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     """Upper bound on decoder steps per canvas (the server's limit applies)."""
     t_min: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     """Final sampling temperature of the schedule."""
@@ -111,7 +113,7 @@ class DenoisingKnobs(BaseModel):
 class GenerationSettings(DenoisingKnobs):
     """Every generation setting a client may give; unset (None) fields take the server's defaults."""
 
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     """Completion budget in tokens (the server's limit applies)."""
 
     @classmethod

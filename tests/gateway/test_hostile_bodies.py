@@ -178,3 +178,15 @@ def test_a_bad_latency_target_header_is_400_naming_it(client: openai.OpenAI, hea
         client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4,
                                        extra_headers={"x-dgemma-latency-target-ms": header})
     assert info.value.body["param"] == "x-dgemma-latency-target-ms"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("field", "value", "path"), [
+    ("prompt", [2**63], "/v1/completions"),  # found by the fuzz suite: a 500 when put in the int64 protobuf field
+    ("max_denoising_steps", 2**63, "/v1/chat/completions"),
+    ("max_tokens", 2**70, "/v1/chat/completions"),
+])
+def test_integers_past_int64_are_400_not_500(gw: RunningGateway, field: str, value: Any, path: str) -> None:
+    body = {"model": MODEL, "max_tokens": 4, **({"prompt": "x"} if "completions" in path and "chat" not in path
+                                                 else {"messages": USER}), field: value}
+    status, error = post(gw, json.dumps(body).encode(), path=path)
+    assert status == 400 and error["error"]["param"].startswith(field), error
