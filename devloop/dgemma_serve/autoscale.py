@@ -98,16 +98,20 @@ class LocalAutoscaler:
                                        self.settings.prior_canvases_per_s, self.clock())
         decision, self.state = decide(self.settings.policy, m, self.state)
         self.decisions.append(decision)
+        target = current
         if decision.desired_replicas > current:
             for _ in range(decision.desired_replicas - current):
                 self.workers.spawn()
+            target = decision.desired_replicas
         elif decision.desired_replicas < current:
             # Only idle workers are retired: a busy one would cut its streams at the end of its drain grace.
             # The decision stands, so the next ticks retire the others as they go idle.
-            for w in retirable(self.live, current - decision.desired_replicas, self._busy):
+            retired = retirable(self.live, current - decision.desired_replicas, self._busy)
+            for w in retired:
                 self.workers.retire(w)
-        if decision.desired_replicas != current:
-            self.say(f"dgemma serve: {current} -> {decision.desired_replicas} workers: {decision.reason} "
+            target = current - len(retired)
+        if target != current:
+            self.say(f"dgemma serve: {current} -> {target} workers: {decision.reason} "
                      f"(demand {m.demand_canvases_per_s:.2f} canvases/s, waiting {m.waiting_requests}, "
                      f"capacity {decision.capacity_source})")
             self.source.report()

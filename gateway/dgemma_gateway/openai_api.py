@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -327,6 +328,9 @@ class OpenAIApp:
         key = self._authenticate(request)
         check_content_type(request.headers.get("Content-Type"), request.content_type)
         parsed = parse_request(await request.read(), kind, self.limits, request.headers.get(LATENCY_HEADER))
+        if not self.keys.allows_overflow(key):
+            parsed = dataclasses.replace(
+                parsed, requests=[dataclasses.replace(r, allow_overflow=False) for r in parsed.requests])
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")
