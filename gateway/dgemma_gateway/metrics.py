@@ -85,6 +85,8 @@ class GatewayMetrics:
                                registry=r)
         self.ejections = Counter("dgemma_gateway_ejections", "Endpoints ejected after failures", ["variant"],
                                  registry=r)
+        self.throttled = Counter("dgemma_gateway_upstream_throttled", "Upstream answers of 429 (the endpoint pauses)",
+                                 ["variant"], registry=r)
         self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
                               registry=r)
         self.auth_failures = Counter(

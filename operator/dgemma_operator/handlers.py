@@ -104,7 +104,7 @@ def reconcile_variant(
     """Make the children match the spec and record the observed state."""
     raw = copy.deepcopy(dict(body))
     try:
-        reconcile.converge(memo.kube, raw)
+        spec = reconcile.converge(memo.kube, raw)
     except reconcile.InvalidSpec as e:
         try:
             reconcile.record_invalid(memo.kube, raw, e)
@@ -119,7 +119,10 @@ def reconcile_variant(
         kopf.warn(_body(raw), reason="ApiError", message=str(temporary))
         raise temporary from e
     verb = {"create": "Created", "update": "Updated", "resume": "Verified"}.get(reason, "Reconciled")
-    message = f"{verb} Deployment, Service and PodDisruptionBudget"
+    if spec.runtime == "external":
+        message = f"{verb} the external API variant: nothing runs in the cluster"
+    else:
+        message = f"{verb} {spec.runtime} Deployment, Service and PodDisruptionBudget"
     kopf.info(_body(raw), reason=f"{verb}Workers", message=message)
     logger.info("Children applied (%s).", reason)
 
