@@ -1,6 +1,7 @@
-"""Chaos with real processes: a worker SIGKILLed mid-stream, and SIGTERM drains of a worker and then of the
-gateway. Each asks what a client saw: every request ended (no hang), a stream cut by a dead worker ended with a
-clean error event, requests that had not started were served elsewhere, a drain lost nothing in flight.
+"""Chaos with real processes: a worker SIGKILLed mid-stream, SIGTERM drains of a worker, of the gateway and of
+`dgemma serve`, and a 10 MB prompt beside a live stream. Each asks what a client saw: every request ended (no
+hang), a stream cut by a dead worker ended with a clean error event, requests that had not started were served
+elsewhere, a drain lost nothing in flight, a big prompt stalled nobody.
 Workers carry a per-step delay (DGEMMA_DEBUG_STEP_DELAY_S, as on a slower GPU) so that streams last seconds
 without burning the CPU."""
 
@@ -8,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-from tests.stack import GatewayProcess, record
+from tests.stack import GatewayProcess, HealthProbe, record
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -186,3 +194,108 @@ def test_a_worker_and_then_the_gateway_drain_on_sigterm_and_lose_nothing_in_flig
     assert all(r.endpoint and r.endpoint.endswith(pair.survivor.address) for r in later), later
     record("chaos-drain-stack", {"requests": len(results), "lost": len(_lost(results)),
                                  "completed": sum(isinstance(r, StreamResult) and r.completed for r in results)})
+
+
+def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Path) -> None:
+    """Streams longer than the old hard-coded 5 s worker grace, cut short by nothing."""
+    env = {**os.environ, **SLOW, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dgemma_cli.main", "serve", "--replicas", "1", "--port", "0", "--grpc-port", "-1",
+           "--drain-grace-s", "60"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = _serve_url(log, proc)
+        very_long = {**LONG, "max_tokens": 160}  # 10 canvases x 12 steps x 50 ms: longer than 5 s
+
+        async def scenario() -> list[Any]:
+            async with aiohttp.ClientSession() as session:
+                started = asyncio.Event()
+                tasks = [asyncio.create_task(stream_chat(session, url, very_long, started)) for _ in range(2)]
+                await asyncio.wait_for(started.wait(), 120)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(scenario())
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert all(isinstance(r, StreamResult) and r.completed for r in results), (results, log.read_text()[-3000:])
+    record("chaos-drain-serve", {"requests": len(results), "lost": len(_lost(results))})
+
+
+def _serve_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if "ready. Try" in text:
+            found = re.search(r"gateway at (http://\S+)", text)
+            assert found, text
+            return found.group(1)
+        assert proc.poll() is None, text
+        time.sleep(0.2)
+    raise AssertionError(f"dgemma serve did not become ready:\n{log.read_text()[-3000:]}")
+
+
+def test_a_10_mb_prompt_beside_a_live_stream_never_stalls_it_beyond_one_step(tmp_path: Path) -> None:
+    """The prompt goes to every door: the worker's Generate and Tokenize, and the gateway's HTTP and KServe
+    fronts. The live stream sends a draft every step; its largest gap stays under one step plus 100 ms."""
+    workers = _workers(tmp_path, "worker", 1, ["--max-active", "2", "--max-queue", "4"])
+    try:
+        workers.wait_bound()
+        gateway = _gateway(tmp_path, workers.workers[0])
+        try:
+            asyncio.run(_warm(gateway.url))
+            with HealthProbe(gateway.url, [workers.workers[0].address]) as probe:
+                gaps, refusals = asyncio.run(_stream_beside_a_big_prompt(gateway, workers.workers[0].address))
+        finally:
+            gateway.stop()
+    finally:
+        workers.stop(timeout=5)
+    step = sorted(gaps)[len(gaps) // 2]  # the stream's own step time, measured in the same run
+    record("chaos-big-prompt", {"largest_gap_ms": round(max(gaps) * 1000, 1), "step_ms": round(step * 1000, 1),
+                                "refusals": refusals, "worst_probe_ms": dict(probe.worst_ms),
+                                "worst_worker_probe_ms": probe.worst_worker_ms})
+    assert max(gaps) < step + 0.1, f"largest gap {max(gaps):.3f} s, step {step:.3f} s; refusals {refusals}"
+    assert all(code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "413") for code in refusals.values()), refusals
+    assert not probe.failures, f"health stayed SERVING: {probe.failures[:3]}"
+
+
+async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str) -> tuple[list[float], dict[str, str]]:
+    big = "x" * (10 * 1024 * 1024)
+    refusals: dict[str, str] = {}
+
+    async def worker_rpc(name: str) -> None:
+        async with grpc.aio.insecure_channel(worker, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.DenoiserStub(ch)
+            try:
+                if name == "Generate":
+                    async for _ in stub.Generate(pb.GenerateRequest(prompt=pb.Prompt(text=big)), timeout=60):
+                        pass
+                else:
+                    await stub.Tokenize(pb.TokenizeRequest(prompt=pb.Prompt(text=big)), timeout=60)
+                refusals[f"worker {name}"] = "OK"
+            except grpc.aio.AioRpcError as err:
+                refusals[f"worker {name}"] = err.code().name
+
+    async def gateway_http(session: aiohttp.ClientSession) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 4}
+        async with session.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+            refusals["gateway http"] = str(r.status)
+
+    async with aiohttp.ClientSession() as session:
+        started = asyncio.Event()
+        live = asyncio.create_task(stream_chat(session, gateway.url, {**LONG, "max_tokens": 48, "stream_drafts": True},
+                                               started))
+        await asyncio.wait_for(started.wait(), 60)
+        for name in ("Generate", "Tokenize"):
+            await worker_rpc(name)
+        await gateway_http(session)
+        result = await live
+    assert result.completed, result
+    gaps = [b - a for a, b in zip(result.arrivals, result.arrivals[1:], strict=False)]
+    return gaps, refusals
+
+
