@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Sequence
 
+from dgemma_common import logsafe
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig, parse_config
 
@@ -30,5 +31,6 @@ async def serve(config: GatewayConfig) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma gateway ...`."""
     config = parse_config(argv)
+    logsafe.install()  # client strings (request ids, paths) are escaped and bounded in every log line
     logging.getLogger("dgemma_gateway").setLevel(logging.INFO)
     return asyncio.run(serve(config))
