@@ -25,6 +25,8 @@ from dgemma_gateway.types import Variant
 from dgemma_operator.autoscaler import AutoscalingPolicy
 from dgemma_serve.workers import LocalWorkers
 
+VARIANT = "local"  # the one variant `dgemma serve` routes to (gateway and worker metrics name it alike)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `dgemma serve` parser."""
@@ -140,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
     initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
-    workers = LocalWorkers(model, initial, served, extra)
+    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT)
     server: GatewayServer | None = None
     scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()
@@ -150,7 +152,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         workers.start()
         await asyncio.to_thread(workers.wait_bound)
-        variant = Variant(name="local", model=served, gpu_profile="custom",
+        variant = Variant(name=VARIANT, model=served, gpu_profile="custom",
                           scale_from_zero=args.autoscale and args.min_replicas == 0)
         source = LocalSource(workers, variant)
         core = GatewaySettings(demand_window_s=args.demand_window_s,

@@ -45,6 +45,7 @@ class LocalWorkers:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: Path | None = None
+    variant: str = ""  # the gateway's name for the variant, put on the workers' metrics as `variant`
     workers: list[LocalWorker] = field(default_factory=list)
     _index: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
@@ -66,6 +67,7 @@ class LocalWorkers:
         cmd = [sys.executable, "-m", "dgemma_worker.server", "--model", self.model, "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "off", "--port-file", str(port_file), "--drain-grace-s", "5",
                *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
+               *(["--variant", self.variant] if self.variant else []),
                *self.extra_args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -329,7 +329,9 @@ class Gateway:
         m.latency.labels(variant).observe(elapsed)
         m.tokens.labels(variant).inc(tokens)
         if met is not None:
+            # Both series exist from the first target on: a "missed" ratio reads 0, not blank, until one is missed.
             m.targets.labels(variant, "met" if met else "missed").inc()
+            m.targets.labels(variant, "missed" if met else "met").inc(0)
 
     async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.

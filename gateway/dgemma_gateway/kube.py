@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from dgemma_common import variants
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, Variant
 
@@ -42,8 +43,7 @@ Key = tuple[str, str]  # namespace, name
 
 def variant_name(meta: Mapping[str, Any]) -> str:
     """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
-    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", "") or "")
-    return f"{namespace}/{name}" if namespace else name
+    return variants.variant_name(str(meta.get("namespace", "") or ""), str(meta.get("name", "")))
 
 
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:

@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any
 
+from dgemma_common.variants import variant_name
 from dgemma_operator import models
 from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
@@ -126,9 +127,11 @@ def _model_location(name: str, spec: models.DiffusionGemmaSpec) -> str:
     return f"{spec.cache.mount_path.rstrip('/')}/url/{name}"
 
 
-def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
+def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
     gen = spec.generation
     values: list[tuple[str, object | None]] = [
+        # The gateway's name for this variant: the worker's metrics carry it as their `variant` label.
+        ("DGEMMA_VARIANT", variant_name(namespace, name)),
         ("DGEMMA_MODEL", _model_location(name, spec)),
         ("DGEMMA_MODEL_REVISION", spec.model.hugging_face.revision if spec.model.hugging_face else None),
         ("DGEMMA_SERVED_MODEL_NAME", spec.served_model_name),
@@ -302,7 +305,7 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "env": _env(name, spec),
+        "env": _env(name, owner["metadata"].get("namespace"), spec),
         "resources": _resources(spec),
         # Loading 50 GB of weights takes minutes: the startup probe holds off liveness that long.
         "startupProbe": _grpc_probe(

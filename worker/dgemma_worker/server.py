@@ -74,7 +74,7 @@ class WorkerServer:
     def __init__(self, config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> None:
         self.config = config
         self._factory = engine_factory
-        self.metrics = WorkerMetrics(self._snapshot_if_loaded)
+        self.metrics = WorkerMetrics(self._snapshot_if_loaded, config.variant)
         self.runtime = WorkerRuntime(config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None

@@ -109,3 +109,11 @@ securityContext:
 {{- $crdPending := and .Values.crds.install .Release.IsInstall (not (.Capabilities.APIVersions.Has "dgemma.io/v1alpha1/DiffusionGemma")) }}
 {{- if and .Values.examples.enabled (not $crdPending) }}true{{ end }}
 {{- end }}
+
+{{/*
+The label on the one Service per component that a ServiceMonitor scrapes (other Services may front the
+same pods, e.g. the gateway's headless one).
+*/}}
+{{- define "dgemma.scrapeLabel" -}}
+dgemma.io/scrape: "true"
+{{- end }}
