@@ -10,13 +10,14 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
+from dgemma_common.tracing import current_or_new_request_id, outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
@@ -27,6 +28,7 @@ from dgemma_gateway.types import RouteRequest
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("dgemma_gateway")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class GatewayRequest:
     latency_target_ms: float | None = None
     strict: bool | None = None
     timeout_s: float | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=current_or_new_request_id)  # the client's x-request-id, if valid
     api: str = "openai"
     param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
     # Filled in by the gateway as it routes: endpoint, variant, target and prediction (for headers and logs).
@@ -235,7 +237,27 @@ class Gateway:
         return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=params, timeout_s=timeout_s)
 
     async def generate(self, req: GatewayRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event."""
+        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event.
+
+        One span per request (a child of the front end's), with the routing decision as attributes; its
+        context travels to the worker in the call's metadata.
+        """
+        span = _tracer.start_span("gateway.generate", attributes={
+            "dgemma.request_id": req.request_id, "dgemma.model": req.model, "dgemma.api": req.api,
+            "dgemma.max_tokens": req.max_tokens})
+        try:
+            async for response in self._generate(req, trace.set_span_in_context(span)):
+                yield response
+        except GatewayError as error:
+            span.set_attribute("http.response.status_code", error.status)
+            span.set_status(trace.StatusCode.ERROR, error.message)
+            raise
+        finally:
+            span.set_attributes({f"dgemma.{k}": v for k, v in req.trace.items()
+                                 if isinstance(v, str | bool | int | float)})
+            span.end()
+
+    async def _generate(self, req: GatewayRequest, context: Any) -> AsyncGenerator[pb.GenerateResponse, None]:
         seq = next(self._seq)
         started = self.registry.clock()
         timeout = req.timeout_s or self.settings.request_timeout_s
@@ -275,7 +297,8 @@ class Gateway:
             # With the request itself, so its demand can also be attributed to its preferred variant.
             self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
                                canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
-            call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0)
+            call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0,
+                                       metadata=outgoing_metadata(req.request_id, context))
             state.inflight += 1
             sent = False
             final: pb.Final | None = None

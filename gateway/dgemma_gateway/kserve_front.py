@@ -23,6 +23,7 @@ from dgemma_common.auth import ApiKeys
 from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import client_settings, parameter_value
 from dgemma_common.params import Limits, ParamError, params_from_mapping
+from dgemma_common.tracing import RequestContextInterceptor
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
@@ -189,7 +190,9 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
 
     guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
                          on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard])
+    traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
+                                                          f"/{KSERVE_SERVICE}/ModelStreamInfer"))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         GatewayKServeServicer(gateway, max_tokens, default_max_tokens), server)
     health_servicer = health.aio.HealthServicer()

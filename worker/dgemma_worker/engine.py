@@ -620,7 +620,10 @@ class Engine:
         group.cache = out.past_key_values
         group.pending = None
         self._start_canvas(group)
-        self._record_step("encoder", time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        for req in group.rows:
+            req.stats.encoder_s += elapsed
+        self._record_step("encoder", elapsed)
 
     def _start_canvas(self, group: _Group) -> None:
         length, device = self.canvas_length, self.loaded.device

@@ -25,9 +25,10 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.logs import setup_logging
+from dgemma_common.tracing import RequestContextInterceptor, setup_tracing
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
-from dgemma_worker.logs import setup_logging
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.runtime import EngineAPI, WorkerRuntime
 from dgemma_worker.servicers import DenoiserServicer, KServeServicer
@@ -66,6 +67,12 @@ def _version() -> str:
         return metadata.version("dgemma")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0+unknown"
+# The RPCs that carry one generation: each gets the request id and a server span.
+TRACED_METHODS = (
+    f"/{DENOISER_SERVICE}/Generate",
+    f"/{KSERVE_SERVICE}/ModelInfer",
+    f"/{KSERVE_SERVICE}/ModelStreamInfer",
+)
 
 
 class WorkerServer:
@@ -95,7 +102,9 @@ class WorkerServer:
                 ("grpc.so_reuseport", 0),  # a second worker on the same port must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
+            # Request id and trace context of each generation (from the gateway's metadata).
+            interceptors=[RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -242,6 +251,7 @@ def run(argv: Sequence[str]) -> int:
     """`dgemma worker ...`: parse flags and environment, serve until SIGTERM, return the exit code."""
     config = parse_config(argv)
     setup_logging(config.log_format)
+    setup_tracing("dgemma-worker")
     return asyncio.run(serve(config))
 
 

@@ -1,7 +1,8 @@
-"""Logging for the worker: plain text for people, one JSON object per line for log pipelines.
+"""Logging for every component: plain text for people, one JSON object per line for log pipelines.
 
 Structured fields travel in `extra={"fields": {...}}`; the JSON formatter merges them into the object,
-the text formatter appends them as key=value.
+the text formatter appends them as key=value. Each record of a request carries its `request_id`
+(dgemma_common.tracing.RequestIdFilter).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from dgemma_common.tracing import RequestIdFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +50,7 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Send the root logger to stderr in the given format (json or text)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
