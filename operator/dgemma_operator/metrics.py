@@ -8,11 +8,11 @@ grows while the variant is already at its maximum" or "replicas were asked for t
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import kopf
@@ -136,43 +136,35 @@ def observe_handler(fn: F) -> F:
     """Time a kopf handler (sync or async) and count its failures; the error still reaches kopf.
 
     The metrics are the operator's, in kopf's memo (`memo.metrics`, set at startup); a handler run
-    without them (a test calling it directly) is just run.
+    without them (a test calling it directly) is just run. Cancellation is not a failure.
     """
     label = fn.__name__
 
-    def record(kwargs: dict[str, Any], started: float, error: BaseException | None) -> None:
+    @contextlib.contextmanager
+    def observed(kwargs: dict[str, Any]) -> Iterator[None]:
         metrics: OperatorMetrics | None = getattr(kwargs.get("memo"), "metrics", None)
-        if metrics is None:
-            return
-        metrics.handler_duration.labels(label).observe(time.monotonic() - started)
-        if error is not None:
-            metrics.handler_errors.labels(label, error_kind(error)).inc()
+        started = time.monotonic()
+        try:
+            yield
+        except Exception as e:
+            if metrics is not None:
+                metrics.handler_errors.labels(label, error_kind(e)).inc()
+            raise
+        finally:
+            if metrics is not None:
+                metrics.handler_duration.labels(label).observe(time.monotonic() - started)
 
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def run_async(*args: Any, **kwargs: Any) -> Any:
-            started = time.monotonic()
-            try:
-                result = await fn(*args, **kwargs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                record(kwargs, started, e)
-                raise
-            record(kwargs, started, None)
-            return result
+            with observed(kwargs):
+                return await fn(*args, **kwargs)
 
         return cast(F, run_async)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        started = time.monotonic()
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as e:
-            record(kwargs, started, e)
-            raise
-        record(kwargs, started, None)
-        return result
+        with observed(kwargs):
+            return fn(*args, **kwargs)
 
     return cast(F, run)

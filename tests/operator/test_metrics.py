@@ -35,9 +35,10 @@ def test_decisions_reconciles_and_handler_timings_are_exported(
 ) -> None:
     demand.demand("default/gemma", canvases_per_s=1.6, capacity=1.0)  # -> 4 replicas, bounded to 3
     apply(k8s, sample(replicas=1, maxReplicas=3, autoscaling=FAST))
-    eventually(lambda: value(metrics_port, "dgemma_operator_autoscaler_decisions_total",
-                             variant="default/gemma", reason="scale_up") >= 1, timeout=20)
-    assert value(metrics_port, "dgemma_operator_desired_replicas", variant="default/gemma") == 3
+    eventually(lambda: value(metrics_port, "dgemma_operator_desired_replicas", variant="default/gemma") == 3,
+               timeout=40)
+    assert value(metrics_port, "dgemma_operator_autoscaler_decisions_total", variant="default/gemma",
+                 reason="scale_up") >= 1
     assert value(metrics_port, "dgemma_operator_max_replicas", variant="default/gemma") == 3
     assert value(metrics_port, "dgemma_operator_min_replicas", variant="default/gemma") == 1
     assert value(metrics_port, "dgemma_operator_last_decision", variant="default/gemma", reason="scale_up") == 1
