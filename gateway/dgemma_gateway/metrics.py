@@ -26,7 +26,7 @@ PREFIX = "dgemma_gateway"
 KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "request_duration_seconds", "time_to_first_event_seconds", "latency_target", "retries",
-        "ejections", "completion_tokens")},
+        "ejections", "completion_tokens", "auth_failures")},
     # What this replica routed or holds.
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "demand_tokens_per_second", "demand_canvases_per_second", "demand_requests_per_second",

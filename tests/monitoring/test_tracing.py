@@ -139,6 +139,7 @@ def test_request_ids_are_minted_when_absent_or_unsafe_and_logged_on_both_sides(
 
     caplog.set_level(logging.INFO, logger="dgemma_gateway")
     caplog.handler.addFilter(tracing.RequestIdFilter())  # as dgemma_common.logs.setup_logging does
+    caplog.clear()  # only this request's records
     r = _complete(stack, {"x-request-id": "logged-7"})
     assert r.status == 200
     gateway_records = [rec for rec in caplog.records if rec.name.startswith("dgemma_gateway")]
