@@ -103,3 +103,53 @@ def from_upstream(code: grpc.StatusCode, details: str, param_names: dict[str, st
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return GatewayError(504, "the request's deadline passed upstream", code="upstream_timeout")
     return GatewayError(502, f"upstream error ({code.name})", code="upstream_error")
+
+
+@dataclass
+class UpstreamFailure(Exception):
+    """A failed upstream call: the error the client would see, and what the gateway should do about it."""
+
+    error: GatewayError
+    retryable: bool  # another endpoint may take the request (if nothing has reached the client yet)
+    failing: bool  # the endpoint itself is failing: eject it for a while
+    reason: str  # a short label for metrics: the gRPC code, the HTTP status, "connection"
+    cooldown_s: float | None = None  # the upstream asked for this long a pause (429 with Retry-After)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.error.message)
+
+
+def grpc_failure(code: grpc.StatusCode, details: str, param_names: dict[str, str] | None = None) -> UpstreamFailure:
+    """A worker's gRPC status as an upstream failure."""
+    return UpstreamFailure(from_upstream(code, details, param_names), retryable=code in RETRYABLE,
+                           failing=code in FAILING, reason=code.name.lower())
+
+
+def http_failure(status: int, message: str, param: str | None = None, retry_after_s: float | None = None
+                 ) -> UpstreamFailure:
+    """An OpenAI-compatible upstream's HTTP error as an upstream failure (`param` already in the client's names).
+
+    The client's own mistakes (400, 413, 422) are passed on as such; the upstream refusing the gateway's key or
+    model is the gateway's misconfiguration (502, and the endpoint is ejected); 429 is passed on with its
+    Retry-After and pauses the endpoint without counting as a failure; 5xx is the upstream failing.
+    """
+    shown = f"upstream: {message}" if message else f"upstream answered HTTP {status}"
+    reason = str(status)
+    if status in (400, 413, 422):
+        out = 413 if status == 413 else 400
+        return UpstreamFailure(GatewayError(out, shown, param=param, code="invalid_value"), retryable=False,
+                               failing=False, reason=reason)
+    if status == 429:
+        wait = 1.0 if retry_after_s is None else retry_after_s
+        error = GatewayError(429, f"the upstream is rate limiting: {message or 'HTTP 429'}",
+                             code="upstream_rate_limited", retry_after_s=wait)
+        return UpstreamFailure(error, retryable=True, failing=False, reason=reason, cooldown_s=wait)
+    if status in (401, 403, 404):
+        what = "refused the gateway's credentials" if status != 404 else "does not serve the configured model"
+        return UpstreamFailure(GatewayError(502, f"the upstream {what} (HTTP {status})", code="upstream_misconfigured"),
+                               retryable=True, failing=True, reason=reason)
+    if status in (408, 504):
+        return UpstreamFailure(GatewayError(504, "the upstream timed out", code="upstream_timeout"),
+                               retryable=True, failing=True, reason=reason)
+    return UpstreamFailure(GatewayError(503, f"upstream unavailable: {shown}", code="upstream_unavailable",
+                                        retry_after_s=1.0), retryable=True, failing=status >= 500, reason=reason)

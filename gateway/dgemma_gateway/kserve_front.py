@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -19,7 +20,7 @@ from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import kserve
-from dgemma_common.auth import ApiKeys
+from dgemma_common.auth import ApiKeys, AuthError, metadata_getter
 from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import client_settings, parameter_value
 from dgemma_common.params import Limits, ParamError, params_from_mapping
@@ -64,8 +65,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayErro
 class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService in front of every model the gateway serves."""
 
-    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256) -> None:
+    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256,
+                 keys: ApiKeys | None = None) -> None:
         self.gateway = gateway
+        self.keys = keys
         self.limits = Limits(max_new_tokens=max_tokens)
         self.default_max_tokens = default_max_tokens
         try:
@@ -77,7 +80,18 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         if name not in self.gateway.models() or version not in ("", "1"):
             raise GatewayError(404, f"unknown model {name!r}; served: {self.gateway.models()}", param="model")
 
-    def _request(self, request: kpb.ModelInferRequest) -> tuple[GatewayRequest, kserve.InferRequest]:
+    def _allows_overflow(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """Whether the caller's key lets its requests go to an external API (the guard has checked the key)."""
+        if self.keys is None or not self.keys.enabled:
+            return True
+        try:
+            key = self.keys.check(metadata_getter(context.invocation_metadata()))
+        except AuthError:
+            return False
+        return self.keys.allows_overflow(key)
+
+    def _request(self, request: kpb.ModelInferRequest, allow_overflow: bool = True
+                 ) -> tuple[GatewayRequest, kserve.InferRequest]:
         self._check_model(request.model_name, request.model_version)
         target: Any = None
         if "latency_target_ms" in request.parameters:  # a routing hint, not a generation setting
@@ -94,7 +108,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return GatewayRequest(
             model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
             latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",
-            **({"request_id": request.id} if request.id else {}),
+            allow_overflow=allow_overflow, **({"request_id": request.id} if request.id else {}),
         ), decoded
 
     async def ServerLive(self, request: Any, context: Any) -> kpb.ServerLiveResponse:
@@ -145,7 +159,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelInferResponse:
         """The whole reply at once."""
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = self._request(request, self._allows_overflow(context))
             commits: list[CommitEvent] = []
             final: FinalEvent | None = None
             async for kind, event in self._events(greq):
@@ -162,13 +176,15 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """Decoupled streaming: per request, one response per canvas, then a final one (or an error)."""
-        async for response in kserve.decoupled_stream(request_iterator, self._stream_one):
+        one = functools.partial(self._stream_one, allow_overflow=self._allows_overflow(context))
+        async for response in kserve.decoupled_stream(request_iterator, one):
             yield response
 
     async def _stream_one(self, request: kpb.ModelInferRequest,
-                          out: asyncio.Queue[kpb.ModelStreamInferResponse | None]) -> None:
+                          out: asyncio.Queue[kpb.ModelStreamInferResponse | None], allow_overflow: bool = True
+                          ) -> None:
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = self._request(request, allow_overflow)
             async for kind, event in self._events(greq):
                 if kind == "commit":
                     response = kserve.commit_response(request.model_name, decoded, event)
@@ -196,7 +212,7 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
                                                           f"/{KSERVE_SERVICE}/ModelStreamInfer"))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GatewayKServeServicer(gateway, max_tokens, default_max_tokens), server)
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = KSERVE_SERVICE

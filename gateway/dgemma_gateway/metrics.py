@@ -26,7 +26,7 @@ PREFIX = "dgemma_gateway"
 KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "request_duration_seconds", "time_to_first_event_seconds", "latency_target", "retries",
-        "ejections", "completion_tokens", "auth_failures")},
+        "ejections", "completion_tokens", "auth_failures", "upstream_throttled")},
     # What this replica routed or holds.
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "demand_tokens_per_second", "demand_canvases_per_second", "demand_requests_per_second",
@@ -108,6 +108,8 @@ class GatewayMetrics:
                                registry=r)
         self.ejections = Counter("dgemma_gateway_ejections", "Endpoints ejected after failures", ["variant"],
                                  registry=r)
+        self.throttled = Counter("dgemma_gateway_upstream_throttled", "Upstream answers of 429 (the endpoint pauses)",
+                                 ["variant"], registry=r)
         self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
                               registry=r)
         self.auth_failures = Counter(

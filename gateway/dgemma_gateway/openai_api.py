@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -385,6 +386,9 @@ class OpenAIApp:
         key = self._authenticate(request)
         parsed = parse_request(parse_body(await request.read()), kind, self.limits,
                                request.headers.get(LATENCY_HEADER))
+        if not self.keys.allows_overflow(key):
+            parsed = dataclasses.replace(
+                parsed, requests=[dataclasses.replace(r, allow_overflow=False) for r in parsed.requests])
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")

@@ -65,6 +65,7 @@ def printer_columns() -> list[dict[str, Any]]:
     """Columns `kubectl get dgm` shows."""
     return [
         {"name": "Model", "type": "string", "jsonPath": ".spec.servedModelName"},
+        {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtime"},
         {"name": "Profile", "type": "string", "jsonPath": ".spec.gpu.profile"},
         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
@@ -79,7 +80,8 @@ def printer_columns() -> list[dict[str, Any]]:
 def custom_resource_definition() -> dict[str, Any]:
     """The DiffusionGemma CRD as a dict."""
     schema = openapi_schema(models.DiffusionGemma)
-    schema["description"] = "A DiffusionGemma variant: a model on one GPU profile, served by dgemma workers."
+    schema["description"] = ("A DiffusionGemma variant: a model on one GPU profile, served by dgemma workers or "
+                             "vLLM, or an external API that takes overflow.")
     schema["properties"] = {
         "apiVersion": {"type": "string", "description": "API version of this object."},
         "kind": {"type": "string", "description": "Kind of this object."},

@@ -127,7 +127,7 @@ def reconcile_variant(
         return memo.metrics.reconciles.labels(variant, outcome)
 
     try:
-        reconcile.converge(memo.kube, raw)
+        spec = reconcile.converge(memo.kube, raw)
     except reconcile.InvalidSpec as e:
         counted("invalid").inc()
         try:
@@ -145,7 +145,10 @@ def reconcile_variant(
         raise temporary from e
     counted("applied").inc()
     verb = {"create": "Created", "update": "Updated", "resume": "Verified"}.get(reason, "Reconciled")
-    message = f"{verb} Deployment, Service and PodDisruptionBudget"
+    if spec.runtime == "external":
+        message = f"{verb} the external API variant: nothing runs in the cluster"
+    else:
+        message = f"{verb} {spec.runtime} Deployment, Service and PodDisruptionBudget"
     kopf.info(_body(raw), reason=f"{verb}Workers", message=message)
     logger.info("Children applied (%s).", reason)
 

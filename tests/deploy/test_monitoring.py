@@ -146,10 +146,11 @@ def test_each_service_monitor_scrapes_each_pod_through_exactly_one_service() -> 
     objects = render(EVERYTHING)
     monitors = find(objects, "ServiceMonitor")
     services = find(objects, "Service")
-    # The operator makes one worker Service per DiffusionGemma in the watched namespaces.
-    owner = _resource("team-a", "gemma")
-    spec = reconcile.parse_spec(owner)
-    services += [c for c in children.children(owner, spec) if c["kind"] == "Service"]
+    # The operator makes one worker Service per DiffusionGemma in the watched namespaces: one of each runtime
+    # that runs pods (a dgemma worker's metrics port, a vLLM pod's http port).
+    for owner in (_resource("team-a", "gemma"), _resource("team-a", "fast", runtime="vllm")):
+        spec = reconcile.parse_spec(owner)
+        services += [c for c in children.children(owner, spec) if c["kind"] == "Service"]
     assert {m["metadata"]["name"] for m in monitors} >= {"dgemma-gateway", "dgemma-workers"}
     for monitor in monitors:
         where = monitor["spec"].get("namespaceSelector", {})
@@ -158,18 +159,20 @@ def test_each_service_monitor_scrapes_each_pod_through_exactly_one_service() -> 
             if (where.get("any") or s["metadata"]["namespace"] in where.get("matchNames", [NAMESPACE]))
             and _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
         ]
+        # Each set of pods (a Service's selector) through one Service only, however many variants there are.
+        pods = [tuple(sorted(s["spec"]["selector"].items())) for s in picked]
         names = sorted(s["metadata"]["name"] for s in picked)
-        assert len(picked) == 1, f"ServiceMonitor {monitor['metadata']['name']} selects {names}"
-        ports = {p["name"] for p in picked[0]["spec"]["ports"]}
+        assert picked and len(pods) == len(set(pods)), f"ServiceMonitor {monitor['metadata']['name']} selects {names}"
+        ports = {p["name"] for s in picked for p in s["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
     # The headless gateway Service (same pods) exists, and is the one left out.
     assert one(objects, "Service", "dgemma-gateway-pods")
 
 
-def _resource(namespace: str, name: str) -> dict[str, Any]:
+def _resource(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     from tests.operator.helpers import sample
 
-    owner = sample(name)
+    owner = sample(name, **spec)
     owner["metadata"].update(namespace=namespace, uid="u1")
     return owner
 
