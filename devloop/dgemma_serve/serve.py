@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dgemma_common import logsafe
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig, add_overflow_flags, overflow_from_args
 from dgemma_gateway.core import GatewaySettings
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="send one streamed request through the gateway, print it and exit")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long the workers may take to load")
+    p.add_argument("--drain-grace-s", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, how long in-flight requests may run before the gateway and workers stop "
+                        "(default 30)")
     a = p.add_argument_group("autoscaling", "scale the local workers with the operator's decision function")
     a.add_argument("--autoscale", action="store_true", help="start and stop workers as demand changes")
     a.add_argument("--min-replicas", type=int, default=1, help="fewest workers (0: scale to zero when idle)")
@@ -117,6 +121,8 @@ def _check(args: argparse.Namespace) -> str | None:
             return "--autoscale-interval-s and --demand-window-s must be > 0, --target-utilization in (0, 1]"
     elif args.replicas < 1:
         return "--replicas must be >= 1"
+    if args.drain_grace_s < 0:
+        return "--drain-grace-s must be >= 0"
     return None
 
 
@@ -151,7 +157,7 @@ async def serve(args: argparse.Namespace) -> int:
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
     initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
-    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT)
+    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT, drain_grace_s=args.drain_grace_s)
     server: GatewayServer | None = None
     scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()
@@ -207,9 +213,9 @@ async def serve(args: argparse.Namespace) -> int:
         if scaler is not None:
             scaler.cancel()
             await asyncio.gather(scaler, return_exceptions=True)
-        if server is not None:
-            await server.stop(grace_s=2.0)
-        await asyncio.to_thread(workers.stop)
+        # Together: the workers finish what they hold (their own drain) while the gateway streams it out.
+        await asyncio.gather(*([server.stop(grace_s=args.drain_grace_s)] if server is not None else []),
+                             asyncio.to_thread(workers.stop))
         if workers.workdir is not None:
             with contextlib.suppress(OSError):
                 for f in workers.workdir.iterdir():
@@ -220,4 +226,5 @@ async def serve(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma serve ...`."""
     args = build_parser().parse_args(list(argv))
+    logsafe.install()  # the gateway runs in this process: client strings in its logs are escaped and bounded
     return asyncio.run(serve(args))

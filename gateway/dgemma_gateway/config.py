@@ -46,7 +46,7 @@ ENV = {
     "namespace": "DGEMMA_NAMESPACE", "request_timeout_s": "DGEMMA_REQUEST_TIMEOUT_S",
     "max_body_bytes": "DGEMMA_MAX_BODY_BYTES", "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
-    "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY",
+    "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY", "sse_keepalive_s": "DGEMMA_SSE_KEEPALIVE_S",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
     "overflow_url": "DGEMMA_OVERFLOW_URL", "overflow_model": "DGEMMA_OVERFLOW_MODEL",
     "overflow_api_key_file": "DGEMMA_OVERFLOW_API_KEY_FILE",
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-n", "max_n", "largest n (default 4)", type=int)
     add("--max-streams-per-key", "max_streams_per_key", "concurrent requests per API key (default 64; 0: no limit)",
         type=int)
+    add("--sse-keepalive-s", "sse_keepalive_s",
+        "a stream silent this long gets its headers and an SSE comment, and one more each time again (default 2)",
+        type=float)
     add("--hold-for-replica-s", "hold_for_replica_s",
         "hold a request up to this long while a model's first replica starts (scale from zero); 0: off "
         f"(default {KUBERNETES_HOLD_FOR_REPLICA_S:g} with --kubernetes, else 0)", type=float)
@@ -276,6 +279,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         default_max_tokens=args.default_max_tokens or d.default_max_tokens,
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
+        sse_keepalive_s=args.sse_keepalive_s or d.sse_keepalive_s,
     )
     try:
         tls, worker_tls = _tls(args)
@@ -284,6 +288,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
     hold = args.hold_for_replica_s
     if hold is None:
         hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
+    if limits.sse_keepalive_s < 0.05:
+        parser.error("--sse-keepalive-s must be >= 0.05")
     if hold < 0 or (args.demand_window_s is not None and args.demand_window_s <= 0):
         parser.error("--hold-for-replica-s must be >= 0 and --demand-window-s > 0")
     core = GatewaySettings(request_timeout_s=args.request_timeout_s or GatewaySettings().request_timeout_s,

@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from dgemma_common.convert import settings_to_pb
+from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, EndpointState, Registry, worker_events
@@ -167,7 +169,7 @@ class Gateway:
         self._held[variant] = (n + 1, c + canvases)
         req.trace.update(held_for=variant)
         log.info("request %s: no ready endpoint for %r; holding it up to %.0f s for a replica of %s",
-                 req.request_id, req.model, until - start, variant)
+                 clip(req.request_id, 64), clip(req.model, 64), until - start, variant)
         try:
             while self.registry.clock() < until:
                 if self.ready_count(req.model, local=True) > 0:
@@ -238,13 +240,8 @@ class Gateway:
         return min(s.ejected_until - now for s in ready)
 
     def _pb_request(self, req: GatewayRequest, timeout_s: float) -> pb.GenerateRequest:
-        params = pb.GenerationParams()
-        for key, value in req.settings.items():
-            if key == "stop":
-                params.stop.extend([value] if isinstance(value, str) else list(value))
-            else:
-                setattr(params, key, value)
-        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=params, timeout_s=timeout_s)
+        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=settings_to_pb(req.settings),
+                                  timeout_s=timeout_s)
 
     def _call(self, state: EndpointState, req: GatewayRequest, remaining: float, context: Any
               ) -> AsyncGenerator[pb.GenerateResponse, None]:
@@ -340,7 +337,7 @@ class Gateway:
                     last_error = failure.error
                     self.metrics.retries.labels(failure.reason).inc()
                     log.info("request %s: %s failed before its first event (%s); retrying elsewhere",
-                             req.request_id, chosen.endpoint_id, failure.reason)
+                             clip(req.request_id, 64), chosen.endpoint_id, failure.reason)
                     continue
                 self.metrics.requests.labels(req.api, variant.name, str(failure.error.status)).inc()
                 raise failure.error from None

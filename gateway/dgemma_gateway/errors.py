@@ -11,12 +11,15 @@ from dataclasses import dataclass
 
 import grpc
 
+from dgemma_common.logsafe import clip
+
 # OpenAI error `type` per HTTP status.
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     502: "server_error",
@@ -83,9 +86,14 @@ RETRYABLE = frozenset(
 FAILING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
+def retryable(code: grpc.StatusCode, error: GatewayError) -> bool:
+    """Worth trying on another endpoint: the endpoint failed or was full, not the request itself too large."""
+    return code in RETRYABLE and error.status != 413
+
+
 def from_upstream(code: grpc.StatusCode, details: str, param_names: dict[str, str] | None = None) -> GatewayError:
     """A worker's gRPC status as the error the client sees (worker messages start with the field name)."""
-    details = details or code.name
+    details = clip(details or code.name, 1024)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         field, _, _ = details.partition(":")
         field = field.strip()
@@ -97,6 +105,9 @@ def from_upstream(code: grpc.StatusCode, details: str, param_names: dict[str, st
     if code is grpc.StatusCode.NOT_FOUND:
         return GatewayError(404, details, param="model", code="model_not_found")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in details:  # gRPC's own refusal of a message over the worker's --max-message-bytes
+            return GatewayError(413, f"the request is larger than the worker accepts: {details}",
+                                code="request_too_large")
         return GatewayError(429, f"no capacity: {details}", code="overloaded", retry_after_s=1.0)
     if code is grpc.StatusCode.UNAVAILABLE:
         return GatewayError(503, f"upstream unavailable: {details}", code="upstream_unavailable", retry_after_s=1.0)
@@ -121,8 +132,8 @@ class UpstreamFailure(Exception):
 
 def grpc_failure(code: grpc.StatusCode, details: str, param_names: dict[str, str] | None = None) -> UpstreamFailure:
     """A worker's gRPC status as an upstream failure."""
-    return UpstreamFailure(from_upstream(code, details, param_names), retryable=code in RETRYABLE,
-                           failing=code in FAILING, reason=code.name.lower())
+    error = from_upstream(code, details, param_names)
+    return UpstreamFailure(error, retryable=retryable(code, error), failing=code in FAILING, reason=code.name.lower())
 
 
 def http_failure(status: int, message: str, param: str | None = None, retry_after_s: float | None = None

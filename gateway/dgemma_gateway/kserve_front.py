@@ -22,8 +22,9 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 from dgemma_common import kserve
 from dgemma_common.auth import ApiKeys, AuthError, metadata_getter
 from dgemma_common.guard import RequestGuard
-from dgemma_common.kserve import client_settings, parameter_value
-from dgemma_common.params import Limits, ParamError, params_from_mapping
+from dgemma_common.kserve import parameter_value
+from dgemma_common.openai_models import latency_target_ms
+from dgemma_common.params import GenerationParams, Limits, ParamError
 from dgemma_common.tracing import RequestContextInterceptor
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
@@ -93,21 +94,18 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def _request(self, request: kpb.ModelInferRequest, allow_overflow: bool = True
                  ) -> tuple[GatewayRequest, kserve.InferRequest]:
         self._check_model(request.model_name, request.model_version)
-        target: Any = None
-        if "latency_target_ms" in request.parameters:  # a routing hint, not a generation setting
-            target = parameter_value(request.parameters["latency_target_ms"])
-            request = kpb.ModelInferRequest.FromString(request.SerializeToString())
-            del request.parameters["latency_target_ms"]
         try:
-            decoded = kserve.request_from_infer(request, params_from_mapping({}), self.limits)
-            settings = client_settings(request)
+            target = None
+            if kserve.LATENCY_TARGET in request.parameters:  # a routing hint (kserve skips it as a setting)
+                target = latency_target_ms(parameter_value(request.parameters[kserve.LATENCY_TARGET]))
+            decoded = kserve.request_from_infer(request, GenerationParams(), self.limits)
         except ParamError as exc:
             raise GatewayError(400, str(exc), param=exc.field) from None
-        settings.setdefault("max_new_tokens", self.default_max_tokens)
-        keep = {k: v for k, v in settings.items() if v is not None}
+        keep = {k: v for k, v in decoded.settings.items() if v is not None}
+        keep.setdefault("max_new_tokens", self.default_max_tokens)
         return GatewayRequest(
             model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
-            latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",
+            latency_target_ms=target, api="kserve",
             allow_overflow=allow_overflow, **({"request_id": request.id} if request.id else {}),
         ), decoded
 

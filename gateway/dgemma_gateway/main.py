@@ -32,7 +32,8 @@ async def serve(config: GatewayConfig) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma gateway ...`."""
     config = parse_config(argv)
-    # Text lines with the request id of each request's records (the CLI's level is kept).
+    # Text lines with the request id of each request's records (the CLI's level is kept); client strings
+    # (request ids, paths) are escaped and bounded in every line (logs.TextFormatter is a SafeFormatter).
     setup_logging("text", logging.getLogger().level or logging.INFO)
     logging.getLogger("dgemma_gateway").setLevel(logging.INFO)
     setup_tracing("dgemma-gateway")

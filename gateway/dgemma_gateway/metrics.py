@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.looplag import LAG_BUCKETS
 from dgemma_common.metrics import Kind, add_standard_collectors
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -115,6 +116,9 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "dgemma_gateway_auth_failures", "Requests refused for a missing or wrong API key", ["api", "reason"],
             registry=r)
+        self.loop_lag = Histogram(
+            "dgemma_gateway_event_loop_lag_seconds", "How late the event loop woke from a short sleep (blocked time)",
+            buckets=LAG_BUCKETS, registry=r)
         r.register(_StateCollector(demand))
 
     def render(self) -> bytes:

@@ -25,7 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.guard import RequestGuard
 from dgemma_common.logs import setup_logging
+from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import grpc_server_credentials
 from dgemma_common.tracing import RequestContextInterceptor, setup_tracing
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -91,6 +93,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._drained = asyncio.Event()
+        self._lag_probe: asyncio.Task[None] | None = None
 
     def _snapshot_if_loaded(self) -> Any:
         return self.runtime.load_snapshot()
@@ -106,8 +109,9 @@ class WorkerServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
             ],
-            # Request id and trace context of each generation (from the gateway's metadata).
-            interceptors=[RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
+            # Bytes that are not a request message are INVALID_ARGUMENT, not grpcio's UNKNOWN (the guard is
+            # outermost); then the request id and trace context of each generation (the gateway's metadata).
+            interceptors=[RequestGuard(), RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -125,6 +129,7 @@ class WorkerServer:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._server = server
+        self._lag_probe = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag.observe), name="loop-lag")
         if cfg.health_port != HEALTH_OFF:
             self._health_server, self.health_port = await self._start_health_only(cfg.host, cfg.health_port)
         if cfg.metrics_port != METRICS_OFF:
@@ -206,6 +211,7 @@ class WorkerServer:
                                  else FINAL_STOP_GRACE_S)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
         self._drained.set()
         log.info("stopped (%s)", "drained" if idle else "grace period over",
@@ -228,7 +234,14 @@ class WorkerServer:
         await self._stop_servers(None)
         if self.runtime.engine is not None:
             await asyncio.to_thread(self.runtime.engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
+
+    async def _stop_probe(self) -> None:
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            await asyncio.gather(self._lag_probe, return_exceptions=True)
+            self._lag_probe = None
 
 
 async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> int:
