@@ -28,6 +28,8 @@ from dgemma_gateway.types import Variant
 from dgemma_operator.autoscaler import AutoscalingPolicy
 from dgemma_serve.workers import LocalWorkers
 
+VARIANT = "local"  # the one variant `dgemma serve` routes to (gateway and worker metrics name it alike)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `dgemma serve` parser."""
@@ -155,7 +157,7 @@ async def serve(args: argparse.Namespace) -> int:
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
     initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
-    workers = LocalWorkers(model, initial, served, extra, drain_grace_s=args.drain_grace_s)
+    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT, drain_grace_s=args.drain_grace_s)
     server: GatewayServer | None = None
     scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()
@@ -165,7 +167,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         workers.start()
         await asyncio.to_thread(workers.wait_bound)
-        variant = Variant(name="local", model=served, gpu_profile="custom",
+        variant = Variant(name=VARIANT, model=served, gpu_profile="custom",
                           scale_from_zero=args.autoscale and args.min_replicas == 0,
                           allow_overflow=bool(args.overflow_url))
         source = LocalSource(workers, variant)

@@ -45,6 +45,7 @@ class LocalWorkers:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: Path | None = None
+    variant: str = ""  # the gateway's name for the variant, put on the workers' metrics as `variant`
     drain_grace_s: float = 30.0  # on SIGTERM, how long a worker lets in-flight requests run (its --drain-grace-s)
     workers: list[LocalWorker] = field(default_factory=list)
     _index: Iterator[int] = field(default_factory=itertools.count, repr=False)
@@ -68,6 +69,7 @@ class LocalWorkers:
                "--port", "0", "--metrics-port", "off", "--port-file", str(port_file),
                "--drain-grace-s", f"{self.drain_grace_s:g}",
                *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
+               *(["--variant", self.variant] if self.variant else []),
                *self.extra_args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

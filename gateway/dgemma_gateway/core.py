@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from dgemma_common.convert import settings_to_pb
 from dgemma_common.logsafe import clip
+from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, EndpointState, Registry, worker_events
 from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream
@@ -33,6 +35,7 @@ from dgemma_gateway.types import RouteRequest
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("dgemma_gateway")
 
 
 @dataclass(frozen=True)
@@ -240,15 +243,38 @@ class Gateway:
         return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=settings_to_pb(req.settings),
                                   timeout_s=timeout_s)
 
-    def _call(self, state: EndpointState, req: GatewayRequest, remaining: float
+    def _call(self, state: EndpointState, req: GatewayRequest, remaining: float, context: Any
               ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The request's events from this endpoint, whichever kind it is."""
+        """The request's events from this endpoint, whichever kind it is; the request id and trace context
+        travel with the call (gRPC metadata or HTTP headers)."""
+        metadata = outgoing_metadata(req.request_id, context)
         if state.http is not None:
-            return state.http.generate(req, state.spec.variant, remaining)
-        return worker_events(state.stub, self._pb_request(req, remaining), remaining, dict(req.param_names))
+            return state.http.generate(req, state.spec.variant, remaining, headers=dict(metadata))
+        return worker_events(state.stub, self._pb_request(req, remaining), remaining, dict(req.param_names),
+                             metadata)
 
     async def generate(self, req: GatewayRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event."""
+        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event.
+
+        One span per request (a child of the front end's), with the routing decision as attributes; its
+        context travels to the worker in the call's metadata.
+        """
+        span = _tracer.start_span("gateway.generate", attributes={
+            "dgemma.request_id": req.request_id, "dgemma.model": req.model, "dgemma.api": req.api,
+            "dgemma.max_tokens": req.max_tokens})
+        try:
+            async for response in self._generate(req, trace.set_span_in_context(span)):
+                yield response
+        except GatewayError as error:
+            span.set_attribute("http.response.status_code", error.status)
+            span.set_status(trace.StatusCode.ERROR, error.message)
+            raise
+        finally:
+            span.set_attributes({f"dgemma.{k}": v for k, v in req.trace.items()
+                                 if isinstance(v, str | bool | int | float)})
+            span.end()
+
+    async def _generate(self, req: GatewayRequest, context: Any) -> AsyncGenerator[pb.GenerateResponse, None]:
         self._check_settings(req)
         seq = next(self._seq)
         started = self.registry.clock()
@@ -291,7 +317,7 @@ class Gateway:
             # overflowed request counts as demand for the local variant it would have preferred).
             self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
                                canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
-            events = self._call(state, req, remaining)
+            events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False
             final: pb.Final | None = None
@@ -349,7 +375,9 @@ class Gateway:
         m.latency.labels(variant).observe(elapsed)
         m.tokens.labels(variant).inc(tokens)
         if met is not None:
+            # Both series exist from the first target on: a "missed" ratio reads 0, not blank, until one is missed.
             m.targets.labels(variant, "met" if met else "missed").inc()
+            m.targets.labels(variant, "missed" if met else "met").inc(0)
 
     async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.

@@ -98,10 +98,11 @@ def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
     )
 
 
-async def worker_events(stub: Any, request: pb.GenerateRequest, timeout_s: float,
-                        param_names: dict[str, str]) -> AsyncGenerator[pb.GenerateResponse, None]:
-    """A worker's Generate stream; a failed call raises UpstreamFailure, a closed stream cancels the call."""
-    call = stub.Generate(request, timeout=timeout_s + 1.0)
+async def worker_events(stub: Any, request: pb.GenerateRequest, timeout_s: float, param_names: dict[str, str],
+                        metadata: Sequence[tuple[str, str]] = ()) -> AsyncGenerator[pb.GenerateResponse, None]:
+    """A worker's Generate stream (`metadata`: the request id and trace context); a failed call raises
+    UpstreamFailure, a closed stream cancels the call."""
+    call = stub.Generate(request, timeout=timeout_s + 1.0, metadata=tuple(metadata))
     try:
         async for response in call:
             yield response

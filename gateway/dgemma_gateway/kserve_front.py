@@ -25,6 +25,7 @@ from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import parameter_value
 from dgemma_common.openai_models import latency_target_ms
 from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.tracing import RequestContextInterceptor
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
@@ -205,7 +206,9 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
 
     guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
                          on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard])
+    traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
+                                                          f"/{KSERVE_SERVICE}/ModelStreamInfer"))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys), server)
     health_servicer = health.aio.HealthServicer()

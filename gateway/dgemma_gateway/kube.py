@@ -37,7 +37,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from dgemma_common import vllm
+from dgemma_common import variants, vllm
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
 from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, RUNTIMES, Variant
@@ -62,8 +62,7 @@ Key = tuple[str, str]  # namespace, name
 
 def variant_name(meta: Mapping[str, Any]) -> str:
     """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
-    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", "") or "")
-    return f"{namespace}/{name}" if namespace else name
+    return variants.variant_name(str(meta.get("namespace", "") or ""), str(meta.get("name", "")))
 
 
 @dataclass(frozen=True)

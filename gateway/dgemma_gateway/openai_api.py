@@ -38,6 +38,7 @@ from dgemma_common.params import MAX_SEED, ParamError
 from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError, bad_request
+from dgemma_gateway.observability import echo_request_id, request_context
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
@@ -238,7 +239,9 @@ class OpenAIApp:
         self.keys = keys
         self.limits = limits or ApiLimits()
         self.streams = StreamLimiter(self.limits.max_streams_per_key)
-        self.app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors])
+        self.app = web.Application(client_max_size=self.limits.max_body_bytes,
+                                   middlewares=[request_context, self._errors])
+        self.app.on_response_prepare.append(echo_request_id)
         r = self.app.router
         r.add_post("/v1/chat/completions", self.chat)
         r.add_post("/v1/completions", self.completions)

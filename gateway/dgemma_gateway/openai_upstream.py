@@ -49,6 +49,11 @@ STOP_REASONS = {"length": pb.STOP_REASON_LENGTH}
 Report = Callable[[EndpointLoad | None, float | None], None]  # (load or None, measured step fraction or None)
 
 
+def _trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The W3C trace context of a call (traceparent, tracestate); the request id is set by the endpoint."""
+    return {k: v for k, v in (headers or {}).items() if k.lower() in ("traceparent", "tracestate")}
+
+
 @dataclass(frozen=True)
 class HttpTarget:
     """Where an OpenAI-compatible upstream is and how to use it."""
@@ -180,9 +185,10 @@ class OpenAIUpstream:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    async def generate(self, req: GatewayRequest, variant: Variant, timeout_s: float
-                       ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The request's events: a commit per content chunk, then the final; raises UpstreamFailure."""
+    async def generate(self, req: GatewayRequest, variant: Variant, timeout_s: float,
+                       headers: Mapping[str, str] | None = None) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The request's events: a commit per content chunk, then the final; raises UpstreamFailure. `headers`
+        (the trace context) go with the call; the request id is sent as X-Request-Id either way."""
         path, body = request_body(req, self.target, variant)
         started = self.clock()
         concurrency = self.inflight + 1
@@ -193,7 +199,8 @@ class OpenAIUpstream:
         try:
             try:
                 response = await self.session.post(self.target.base_url.rstrip("/") + path, json=body,
-                                                   headers={**self._headers(req.request_id),
+                                                   headers={**_trace_headers(headers),
+                                                            **self._headers(req.request_id),
                                                             "Accept": "text/event-stream"},
                                                    timeout=timeout)
             except (aiohttp.ClientError, OSError) as exc:

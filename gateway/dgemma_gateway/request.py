@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dgemma_common.tracing import current_or_new_request_id
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 
@@ -20,7 +20,7 @@ class GatewayRequest:
     latency_target_ms: float | None = None
     strict: bool | None = None
     timeout_s: float | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=current_or_new_request_id)  # the client's x-request-id, if valid
     api: str = "openai"
     param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
     allow_overflow: bool = True  # False: the caller's key forbids sending it to an external API

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from dgemma_common import vllm
+from dgemma_common.variants import variant_name
 from dgemma_operator import models
 from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
@@ -193,10 +194,12 @@ def _model_location(name: str, spec: models.DiffusionGemmaSpec) -> str:
     return f"{spec.cache.mount_path.rstrip('/')}/url/{name}"
 
 
-def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
+def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
     gen = spec.generation
     source = _source(spec)
     values: list[tuple[str, object | None]] = [
+        # The gateway's name for this variant: the worker's metrics carry it as their `variant` label.
+        ("DGEMMA_VARIANT", variant_name(namespace, name)),
         ("DGEMMA_MODEL", _model_location(name, spec)),
         ("DGEMMA_MODEL_REVISION", source.hugging_face.revision if source.hugging_face else None),
         ("DGEMMA_SERVED_MODEL_NAME", spec.served_model_name),
@@ -391,7 +394,7 @@ def image(spec: models.DiffusionGemmaSpec) -> str:
     return spec.image
 
 
-def _worker_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
+def _worker_container(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "name": "worker",
         "image": image(spec),
@@ -402,7 +405,7 @@ def _worker_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
-        "env": _env(name, spec),
+        "env": _env(name, namespace, spec),
         # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
         **_probes(spec, {"grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT}}),
     }
@@ -462,9 +465,10 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     name = owner["metadata"]["name"]
     labels = worker_labels(name, spec)
     mounts = _mounts(spec)
-    build = _vllm_container if spec.runtime == "vllm" else _worker_container
+    container = (_vllm_container(name, spec) if spec.runtime == "vllm"
+                 else _worker_container(name, owner["metadata"].get("namespace"), spec))
     server: Body = {
-        **build(name, spec),
+        **container,
         "resources": _resources(spec),
         # The sleep lets endpoints drop the pod before SIGTERM starts the server's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},

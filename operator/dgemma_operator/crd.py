@@ -71,12 +71,8 @@ def printer_columns() -> list[dict[str, Any]]:
         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.measured.tokensPerSecond"},
         {"name": "P95-ms", "type": "number", "jsonPath": ".status.measured.latencyP95Ms"},
-        {
-            "name": "Status",
-            "type": "string",
-            "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
-            "priority": 1,
-        },
+        # Shown by default: "why is it not ready" is the first question (AllReplicasReady, NoReplicasReady, ...).
+        {"name": "Status", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

@@ -104,6 +104,7 @@ def test_worker_gets_the_contract_command_ports_and_environment() -> None:
         ("metrics", 9090),
     }
     assert env(s) == {
+        "DGEMMA_VARIANT": "ml/gemma",  # the gateway's name for the variant, the worker metrics' label
         "DGEMMA_MODEL": "google/diffusiongemma-26B-A4B-it",
         "DGEMMA_MODEL_REVISION": "abc123",
         "DGEMMA_SERVED_MODEL_NAME": "google/diffusiongemma-26B-A4B-it",

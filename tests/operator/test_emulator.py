@@ -148,6 +148,7 @@ def test_created_crds_are_discoverable_with_short_names_and_printer_columns(k8s:
         "DESIRED",
         "TOKENS/S",
         "P95-MS",
+        "STATUS",
         "AGE",
     ]
     assert "google/diffusiongemma-26B-A4B-it" in table and "h100" in table and "dgemma" in table

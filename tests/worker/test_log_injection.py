@@ -14,10 +14,10 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from dgemma_common import logsafe
+from dgemma_common.logs import JsonFormatter, TextFormatter
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_serve.workers import LocalWorker, LocalWorkers
-from dgemma_worker.logs import JsonFormatter, TextFormatter
 from dgemma_worker.model import tiny_model_dir
 
 from .conftest import text_request, wait_until

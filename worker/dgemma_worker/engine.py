@@ -422,9 +422,11 @@ class Engine:
         started = time.perf_counter()
         if group.batch.needs_encoding:
             self.runner.encode(group.batch)
+            elapsed = time.perf_counter() - started
             for req in group.rows:
                 req.stats.encoder_passes += 1
-            self._record_step("encoder", time.perf_counter() - started)
+                req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
+            self._record_step("encoder", elapsed)
             return
         report = self.runner.denoise(group.batch)
         self.counters.decoder_forward_s += report.forward_s

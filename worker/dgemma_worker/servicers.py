@@ -20,11 +20,12 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import convert, kserve
 from dgemma_common.params import ParamError
+from dgemma_common.tracing import current_or_new_request_id
 from dgemma_common.types import CommitEvent, FinalEvent
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.errors import RpcError, UnknownModelError, status_for_exception
-from dgemma_worker.runtime import RequestFailed, WorkerRuntime, monotonic_deadline, new_request_id
+from dgemma_worker.runtime import RequestFailed, WorkerRuntime, monotonic_deadline
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream one request's events."""
-        rid = request.request_id or new_request_id()
+        rid = request.request_id or current_or_new_request_id()
         cfg = self._rt.config
         try:
             convert.check_request_id(rid)
@@ -182,7 +183,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         deadline = monotonic_deadline(context.time_remaining())
         try:
             async for event in self._rt.run(
-                req.prompt, req.params, request_id=req.request_id or new_request_id(), rpc="ModelInfer",
+                req.prompt, req.params, request_id=req.request_id or current_or_new_request_id(), rpc="ModelInfer",
                 deadline=deadline,
             ):
                 if isinstance(event, CommitEvent):
@@ -213,7 +214,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return
         try:
             async for event in self._rt.run(
-                req.prompt, req.params, request_id=req.request_id or new_request_id(), rpc="ModelStreamInfer"
+                req.prompt, req.params, request_id=req.request_id or current_or_new_request_id(), rpc="ModelStreamInfer"
             ):
                 if isinstance(event, CommitEvent):
                     response = kserve.commit_response(self._model, req, event)

@@ -1,9 +1,10 @@
-"""Logging for the worker: plain text for people, one JSON object per line for log pipelines.
+"""Logging for every component: plain text for people, one JSON object per line for log pipelines.
 
 Structured fields travel in `extra={"fields": {...}}`; the JSON formatter merges them into the object,
 the text formatter appends them as key=value. Both escape control characters and bound every string
 (`dgemma_common.logsafe`): request ids, error messages and prompts come from clients, and a newline or
-ESC in one must not forge a log line.
+ESC in one must not forge a log line. Each record of a request carries its `request_id`
+(dgemma_common.tracing.RequestIdFilter).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 from dgemma_common.logsafe import MESSAGE_LIMIT, SafeFormatter, clip, safe_fields
+from dgemma_common.tracing import RequestIdFilter
 
 # Prompts and replies (with --log-prompts) are the longest fields; anything longer is cut with a note.
 FIELD_LIMIT = 65536
@@ -54,6 +56,7 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Send the root logger to stderr in the given format (json or text)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
