@@ -103,3 +103,12 @@ def worker_memory_gib(gpu: GpuProfile, dtype: str, max_active: int, canvas_lengt
     canvas = canvas_length * VOCABULARY * 4 / GIB  # one fp32 canvas x vocabulary tensor
     per_request = SLOTS_PER_REQUEST * (KV_CACHE_GIB_PER_SLOT + canvas / 2) + STEP_TENSORS_PER_REQUEST * canvas
     return math.ceil(HOST_MEMORY_GIB + weights_gib(dtype) + max_active * per_request + ENCODER_SCRATCH_GIB)
+
+
+def vllm_memory_gib(gpu: GpuProfile, gpu_memory_utilization: float) -> int:
+    """A vLLM server container's memory request and limit, in whole GiB: the host side taken as the worker's
+    (HOST_MEMORY_GIB: an estimate, not measured for vLLM) and, on unified memory, the share of the node's memory
+    vLLM takes for the GPU (`--gpu-memory-utilization` of it: weights, activations and KV cache)."""
+    if not gpu.unified_memory or gpu.node_memory_gib is None:
+        return HOST_MEMORY_GIB
+    return math.ceil(HOST_MEMORY_GIB + gpu_memory_utilization * gpu.node_memory_gib)

@@ -1,4 +1,5 @@
-"""A worker pod's memory: host memory on discrete GPUs, the GPU's memory too on unified-memory nodes."""
+"""A worker pod's memory: host memory on discrete GPUs, the GPU's memory too on unified-memory nodes (a vLLM
+server's: its --gpu-memory-utilization share of the node)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from dgemma_operator import children, profiles
 from tests.operator.test_children import pod, spec
+from tests.operator.test_runtimes import spec as vllm_spec
 
 GIB = 2**30
 DISCRETE = ["h100", "rtx-pro-6000", "dgx-station", "custom"]
@@ -90,3 +92,17 @@ def test_a_unified_memory_spec_larger_than_the_node_is_a_problem_unless_the_memo
     r = resources(**given)
     assert r["limits"]["memory"] == r["requests"]["memory"] == "100Gi"  # one given quantity stands for both
     assert children.semantic_problems("gemma", spec(gpu={"profile": "dgx-spark"})) == []
+
+
+def test_a_vllm_server_is_sized_for_vllm_and_the_workers_checks_do_not_apply_to_it() -> None:
+    def memory(**overrides: Any) -> str:
+        return str(pod(vllm_spec(**overrides))["containers"][0]["resources"]["requests"]["memory"])
+
+    assert memory(gpu={"profile": "h100"}) == f"{profiles.HOST_MEMORY_GIB}Gi"
+    # On unified memory vLLM takes --gpu-memory-utilization of the node for the GPU: 16 + 0.8 x 119.
+    assert memory(gpu={"profile": "dgx-spark"}) == "112Gi"
+    assert memory(gpu={"profile": "dgx-spark"}, vllm={"gpuMemoryUtilization": 0.5}) == "76Gi"
+    # vLLM's own kernels decide what a dtype needs; the worker's maxActive does not size a vLLM pod.
+    assert children.semantic_problems("gemma", vllm_spec(gpu={"profile": "h100", "dtype": "nvfp4"})) == []
+    assert children.semantic_problems("gemma", vllm_spec(gpu={"profile": "dgx-spark", "dtype": "fp32"},
+                                                         worker={"maxActive": 16})) == []

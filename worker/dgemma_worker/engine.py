@@ -38,6 +38,7 @@ from dgemma_common.types import (
     StopReason,
 )
 
+from . import prompts
 from .commits import commit_canvas
 from .meter import RateMeter
 from .model import LoadedModel
@@ -224,28 +225,12 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template."""
-        tok = self.loaded.tokenizer
-        if prompt.token_ids is not None:
-            ids = list(prompt.token_ids)
-            bad = next((t for t in ids if not 0 <= t < self.loaded.vocab_size), None)
-            if bad is not None:
-                raise ParamError("prompt.token_ids", f"ids must be in [0, {self.loaded.vocab_size}), got {bad}")
-        elif prompt.messages is not None:
-            if not prompt.messages:
-                raise ParamError("prompt.messages", "must not be empty")
-            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
-            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-        elif prompt.text is not None:
-            ids = list(tok(prompt.text, add_special_tokens=True)["input_ids"])
-        else:
-            raise ParamError("prompt", "one of text, messages or token_ids is required")
-        if not ids:
-            raise ParamError("prompt", "must not be empty")
-        return ids
+    def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
+        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template (prompts.py)."""
+        return prompts.encode(self.loaded.tokenizer, prompt, self.loaded.vocab_size, max_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        prompts.check_ids(ids, self.loaded.vocab_size)
         return str(self.loaded.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def submit(
@@ -437,9 +422,11 @@ class Engine:
         started = time.perf_counter()
         if group.batch.needs_encoding:
             self.runner.encode(group.batch)
+            elapsed = time.perf_counter() - started
             for req in group.rows:
                 req.stats.encoder_passes += 1
-            self._record_step("encoder", time.perf_counter() - started)
+                req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
+            self._record_step("encoder", elapsed)
             return
         going = self.runner.settle(group.batch)
         if not any(going):  # every row's canvas stopped at the previous step

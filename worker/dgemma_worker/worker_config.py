@@ -29,6 +29,7 @@ class WorkerConfig:
     model: str
     model_revision: str | None = None
     served_model_name: str = ""
+    variant: str = ""  # the gateway's name for this variant (`namespace/name`): the `variant` metrics label
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
@@ -62,6 +63,7 @@ ENV_VARS = {
     "model": "DGEMMA_MODEL",
     "model_revision": "DGEMMA_MODEL_REVISION",
     "served_model_name": "DGEMMA_SERVED_MODEL_NAME",
+    "variant": "DGEMMA_VARIANT",
     "host": "DGEMMA_HOST",
     "port": "DGEMMA_PORT",
     "metrics_port": "DGEMMA_METRICS_PORT",
@@ -81,6 +83,7 @@ ENV_VARS = {
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
     "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
     "default_t_min": "DGEMMA_DEFAULT_T_MIN",
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", "model", "checkpoint directory or hub id (required)")
     add("--model-revision", "model_revision", "hub revision of the checkpoint")
     add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
+    add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
+        "metric as the `variant` label")
     add("--host", "host", "bind address (default 0.0.0.0)")
     add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
     add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
@@ -147,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
         "for (default 256)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--max-prompt-bytes", "max_prompt_bytes",
+        "longest text or chat prompt tokenized at all, in UTF-8 bytes (default 16 x --max-prompt-tokens)", type=int)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
         type=int)
@@ -179,6 +186,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
         max_denoising_steps=args.max_denoising_steps_limit or limits.max_denoising_steps,
         max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
     )
     overrides = {
         name: getattr(args, f"default_{name}")
@@ -207,6 +215,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         model=args.model,
         model_revision=args.model_revision,
         served_model_name=args.served_model_name or "",
+        variant=args.variant or "",
         host=args.host or "0.0.0.0",
         port=50051 if args.port is None else args.port,
         metrics_port=9090 if args.metrics_port is None else args.metrics_port,
