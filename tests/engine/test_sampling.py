@@ -19,7 +19,9 @@ from dgemma_worker.sampling import (
     categorical,
     denoise_step,
     sample,
+    samples_every_position,
     stop_rule,
+    take_entropy,
     temperature,
     temperatures,
 )
@@ -35,7 +37,11 @@ def random_logits(seed: int, batch: int = 2, length: int = 64, vocab: int = 512,
 
 
 def buffers(like: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"scratch": torch.empty_like(like), "probs": torch.empty_like(like)}
+    return {"work": torch.empty_like(like)}
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    return take_entropy(categorical(logits.clone(), **buffers(logits)))
 
 
 def draws(batch: int, length: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -49,10 +55,10 @@ def test_entropy_and_argmax_are_bitwise_transformers_and_probabilities_its_softm
         processed = random_logits(seed, scale=1.0 + 10 * seed) / 0.6
         stock = torch.distributions.Categorical(logits=processed)
         ours = categorical(processed.clone(), **buffers(processed))
-        assert torch.equal(ours.entropy, stock.entropy())
         assert torch.equal(ours.argmax, torch.argmax(processed, dim=-1))
         assert torch.equal(ours.probs, stock.probs)
         assert torch.allclose(ours.log_probs.softmax(-1), processed.softmax(-1), rtol=0, atol=1e-7)
+        assert torch.equal(take_entropy(ours), stock.entropy())
     tied = random_logits(7)
     tied[..., 5] = tied[..., 9] = tied.amax(-1) + 1  # argmax takes the first of equal maxima
     assert torch.equal(categorical(tied.clone(), **buffers(tied)).argmax, torch.argmax(tied, dim=-1))
@@ -76,7 +82,7 @@ def test_acceptance_matches_the_stock_sampler_on_the_same_logits() -> None:
             sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 64, 512, 48)
             current = torch.zeros(2, 64, dtype=torch.long)
             sampler.accept_canvas(current, current + 1, logits, cur_step=3)
-            entropy = categorical(logits.clone(), **buffers(logits)).entropy
+            entropy = entropy_of(logits)
             assert torch.equal(acceptance_mask(entropy, bound), sampler.accepted_token_mask)
             assert torch.equal(acceptance_mask(entropy, torch.tensor([bound, bound])), sampler.accepted_token_mask)
 
@@ -92,7 +98,7 @@ def test_the_stop_rule_matches_the_stock_criteria_step_by_step_with_per_row_thre
     for n in range(10):
         sharp = random_logits(n, batch=len(ks), scale=40.0 if n > 4 else 1.0)
         argmax = fixed if n % 4 else torch.randint(0, 512, (len(ks), 64), generator=g)
-        entropy = categorical(sharp.clone(), **buffers(sharp)).entropy
+        entropy = entropy_of(sharp)
         ours = stop_rule(history, step, argmax, entropy, torch.tensor(ks), torch.full((len(ks),), 2.0))
         step += 1
         for r, stock in enumerate(stocks):
@@ -104,13 +110,16 @@ def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_sampled_frequencies_match_transformers_multinomial_by_chi_square() -> None:
-    """Goodness of fit to softmax(x / t), and homogeneity with transformers' own `torch.multinomial` draws."""
+    """Goodness of fit to softmax(x / t), and homogeneity with transformers' own `torch.multinomial` draws,
+    for both formulations of the step (every position sampled, or only the accepted ones)."""
     vocab, n = 6, 20000
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).expand(1, n, vocab).contiguous()
-    step = denoise_step(logits.clone(), temperatures=torch.tensor([0.5]), entropy_bounds=torch.tensor([1e9]),
-                        **draws(1, n, vocab, seed=0), **buffers(logits))
-    assert bool(step.accepted.all())
-    ours = torch.bincount(step.next_canvas[0], minlength=vocab).double()
+    steps = [denoise_step(logits.clone(), temperatures=torch.tensor([0.5]), entropy_bounds=torch.tensor([1e9]),
+                          **draws(1, n, vocab, seed=0), **buffers(logits), every_position=every)
+             for every in (True, False)]
+    assert all(bool(step.accepted.all()) for step in steps)
+    assert torch.equal(steps[0].next_canvas, steps[1].next_canvas)
+    ours = torch.bincount(steps[1].next_canvas[0], minlength=vocab).double()
     probs = torch.softmax(logits[0, 0] / 0.5, -1).double()
     assert chi_square(ours, probs * n) < CHI2_CRITICAL_0_001[5]
     # transformers' sampler: multinomial over softmax(processed), as `_denoising_step` calls it
@@ -155,6 +164,29 @@ def test_rejected_positions_are_renoised_and_accepted_ones_sampled() -> None:
     assert step.accepted[0, :4].all() and int(step.accepted[0, 4:].sum()) == 1
     assert (step.next_canvas[0, :4] == 7).all()
     assert torch.equal(step.next_canvas[~step.accepted], noise[~step.accepted])
+
+
+def test_sampling_only_the_accepted_positions_draws_the_same_tokens_as_sampling_every_one() -> None:
+    """The CPU's formulation (a `nonzero`, then only the accepted positions) and the sync-free one agree
+    bit for bit on everything a step decides, for bounds that accept one, some or every position."""
+    for seed in range(6):
+        logits = random_logits(seed, batch=3, length=64, vocab=1024, scale=2.0 + 4 * seed)
+        for bound in (0.01, 0.5, 5.0, 1e9):
+            results = [
+                denoise_step(logits.clone(), temperatures=torch.tensor([0.8, 0.5, 0.4]),
+                             entropy_bounds=torch.tensor([bound, bound / 2, bound]), **draws(3, 64, 1024, seed),
+                             **buffers(logits), every_position=every)
+                for every in (True, False)
+            ]
+            assert int(results[1].accepted.sum()) >= 3 and (bound < 1e9 or bool(results[1].accepted.all()))
+            for field in ("next_canvas", "argmax_canvas", "accepted", "entropy", "self_conditioning"):
+                assert torch.equal(getattr(results[0], field), getattr(results[1], field)), (seed, bound, field)
+
+
+def test_only_a_cpu_samples_just_the_accepted_positions() -> None:
+    assert samples_every_position(torch.device("cpu")) is False
+    for device in ("cuda", "cuda:1", "mps", "xpu"):
+        assert samples_every_position(torch.device(device)) is True
 
 
 def test_the_step_decides_like_the_stock_step_of_the_real_model(loaded: LoadedModel) -> None:

@@ -24,7 +24,7 @@ import torch
 from dgemma_common.params import GenerationParams
 
 from .model import LoadedModel
-from .sampling import denoise_step, stop_rule, temperatures
+from .sampling import denoise_step, samples_every_position, stop_rule, temperatures
 
 
 def decoder_logits(
@@ -170,7 +170,13 @@ class StepRunner:
 
     loaded: LoadedModel
     max_batch: int = 1
-    _work: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Sample every position (sync-free: accelerators) or only the accepted ones (CPU): the same tokens.
+    every_position: bool | None = None  # None: `samples_every_position` for the model's device
+    _work: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.every_position is None:
+            self.every_position = samples_every_position(self.loaded.device)
 
     @property
     def canvas_length(self) -> int:
@@ -317,15 +323,14 @@ class StepRunner:
         logits = self.decoder_forward(batch)
         forward_s = time.perf_counter() - started
         self._draw(batch)
-        work = self._work_buffers(logits)
         step = denoise_step(
             logits,
             temperatures=temperatures(state.t_min, state.t_max, state.remaining, state.max_steps),
             entropy_bounds=state.entropy_bound,
             uniforms=state.uniforms,
             noise=state.noise,
-            scratch=work[0],
-            probs=work[1],
+            work=self._work_buffer(logits),
+            every_position=bool(self.every_position),
         )
         next_canvas, argmax, self_conditioning = step.next_canvas, step.argmax_canvas, step.self_conditioning
         if not all(going):
@@ -372,15 +377,15 @@ class StepRunner:
         batch.canvas = batch.argmax = batch.self_conditioning = batch.mask_mapping = None
         return [list(row) for row in canvases.tolist()]
 
-    def _work_buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two (B, L, V) work buffers reused across steps, per batch shape: with batching, groups of
-        different sizes take turns, and one pair would be reallocated at every turn."""
+    def _work_buffer(self, logits: torch.Tensor) -> torch.Tensor:
+        """A (B, L, V) work buffer reused across steps, per batch shape: with batching, groups of
+        different sizes take turns, and one buffer would be reallocated at every turn."""
         key = tuple(logits.shape)
         work = self._work.get(key)
         if work is None:
             if len(self._work) >= self.max_batch + 1:
-                self._work.clear()  # bounded: at most one pair per batch size (plus one spare)
-            work = self._work[key] = (torch.empty_like(logits), torch.empty_like(logits))
+                self._work.clear()  # bounded: at most one buffer per batch size (plus one spare)
+            work = self._work[key] = torch.empty_like(logits)
         return work
 
 
