@@ -1,7 +1,7 @@
 """Generate docs/reference.md, the DiffusionGemma reference, from the CRD schema (so it cannot drift).
 
 Every field of spec and status, with its type, default, bounds and description, comes from
-deploy/crds/dgemma.io_diffusiongemmas.yaml; the GPU profile table comes from dgemma_operator.profiles.
+deploy/crds/dgemma.io_diffusiongemmas.yaml; the GPU profile table comes from dgemma_common.profiles.
 Usage: python hack/gen_crd_reference.py [--check]
 """
 
@@ -79,7 +79,7 @@ def _table(node: dict[str, Any], path: str) -> str:
 
 
 def _profiles() -> str:
-    from dgemma_operator.profiles import PROFILES
+    from dgemma_common.profiles import PROFILES
 
     lines = [
         "| profile | `nvidia.com/gpu.product` | arch | default dtype | tokens/s prior | memory | cpu |",

@@ -10,14 +10,15 @@ relist on 410 Gone) through kubernetes_asyncio, so the gateway authenticates as 
 The library keeps client certificates and keys given inline (`client-key-data`) in temporary files for the
 process's life and removes them when it exits.
 
-Each `DiffusionGemma` named N has a worker Service `N-worker` (operator convention); its EndpointSlices
-carry `kubernetes.io/service-name: N-worker` and a port named `grpc`. `endpoints_from` is the pure
-function from the watched objects to endpoints.
+Each `DiffusionGemma` named N has a worker Service `N-worker`; its EndpointSlices carry
+`kubernetes.io/service-name: N-worker` and a port named `grpc` (the names the operator gives, from
+`dgemma_common.naming`). `endpoints_from` is the pure function from the watched objects to endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -32,18 +33,14 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
+from dgemma_common import naming
+from dgemma_common.variants import read_variant
 from dgemma_gateway.endpoints import EndpointSpec, Sink
-from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, Variant
+from dgemma_gateway.types import Variant
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "dgemma.io", "v1alpha1", "diffusiongemmas"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-WORKER_SUFFIX = "-worker"
-GRPC_PORT = 50051
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-# tokens/s per replica until measured, by GPU profile (the operator's profiles.py holds the same priors).
-PROFILE_PRIORS = {"h100": 1100.0, "rtx-pro-6000": 700.0, "dgx-spark": 150.0, "dgx-station": 800.0, "custom": 500.0}
 # The API server ends a watch after this long; the client then resumes from the last resourceVersion.
 WATCH_TIMEOUT_S = 300
 LIST_TIMEOUT_S = 60
@@ -52,47 +49,33 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 Key = tuple[str, str]  # namespace, name
 
 
-def variant_name(meta: Mapping[str, Any]) -> str:
-    """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
-    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", "") or "")
-    return f"{namespace}/{name}" if namespace else name
-
-
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
-    """A DiffusionGemma resource as a routing variant (spec field names as in the CRD)."""
-    meta, spec = obj.get("metadata", {}), obj.get("spec", {})
-    gpu = spec.get("gpu") or {}
-    gen = spec.get("generation") or {}
-    profile = str(gpu.get("profile", "h100"))
-    prior = gpu.get("tokensPerSecondPrior") or (obj.get("status") or {}).get("tokensPerSecondPrior") \
-        or PROFILE_PRIORS.get(profile, 500.0)
-    autoscaling = spec.get("autoscaling") or {}
-    # Zero replicas is a normal state when the autoscaler may go there, or when minReplicas allows it.
-    from_zero = int(spec.get("minReplicas", 1)) == 0 and (
-        bool(autoscaling.get("enabled")) or int(spec.get("replicas", 1)) == 0)
+    """A DiffusionGemma resource as a routing variant (read as `dgemma_common.variants` reads it)."""
+    v = read_variant(obj)
     return Variant(
-        name=variant_name(meta),
-        model=str(spec.get("servedModelName", meta.get("name", ""))),
-        gpu_profile=profile,
-        cost_weight=float(spec.get("costWeight", 1.0)),
-        latency_target_ms=float(spec.get("latencyTargetMs", DEFAULT_LATENCY_TARGET_MS)),
-        canvas_length=int(gen.get("canvasLength", 256)),
-        max_denoising_steps=int(gen.get("maxDenoisingSteps", 48)),
-        tokens_per_s_prior=float(prior),
-        scale_from_zero=from_zero,
+        name=v.name,
+        model=v.served_model_name,
+        gpu_profile=v.gpu_profile,
+        cost_weight=v.cost_weight,
+        latency_target_ms=v.latency_target_ms,
+        canvas_length=v.canvas_length,
+        max_denoising_steps=v.max_denoising_steps,
+        tokens_per_s_prior=v.tokens_per_second_prior,
+        scale_from_zero=v.scale_from_zero,
     )
 
 
 def endpoints_from(resources: Mapping[Key, Variant], slices: Mapping[Key, Mapping[str, Any]]) -> list[EndpointSpec]:
     """Ready endpoints of every variant's worker Service."""
-    by_service = {(ns, f"{name}{WORKER_SUFFIX}"): v for (ns, name), v in resources.items()}
+    by_service = {(ns, naming.worker_service(name)): v for (ns, name), v in resources.items()}
     out: dict[str, EndpointSpec] = {}
     for (ns, _), s in slices.items():
         labels = s.get("metadata", {}).get("labels") or {}
-        variant = by_service.get((ns, labels.get(SERVICE_NAME_LABEL, "")))
+        variant = by_service.get((ns, labels.get(naming.SERVICE_NAME_LABEL, "")))
         if variant is None:
             continue
-        port = next((p.get("port") for p in s.get("ports") or [] if p.get("name") == "grpc"), GRPC_PORT)
+        port = next((p.get("port") for p in s.get("ports") or [] if p.get("name") == naming.GRPC_PORT_NAME),
+                    naming.WORKER_GRPC_PORT)
         for ep in s.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
             if conditions.get("ready") is False or conditions.get("terminating") is True:
@@ -164,14 +147,16 @@ ListFn = Callable[..., Awaitable[Any]]
 
 
 async def list_then_watch(
-    client: ApiClient, list_fn: ListFn, *args: str, timeout_s: int = WATCH_TIMEOUT_S, **params: str,
+    client: ApiClient, list_fn: ListFn, timeout_s: int = WATCH_TIMEOUT_S, **params: str,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """List, then watch from the list's resourceVersion, resuming where each watch ended; on 410 Gone or an
     error, list again (yielding RESET first). Objects come as the API's JSON dicts."""
+    call = list_fn.func if isinstance(list_fn, functools.partial) else list_fn
+    what = f"{getattr(call, '__name__', call)}{getattr(list_fn, 'args', ())}"
     backoff = BACKOFF_MIN_S
     while True:
         try:
-            listed = client.sanitize_for_serialization(await list_fn(*args, **params,
+            listed = client.sanitize_for_serialization(await list_fn(**params,
                                                                      _request_timeout=LIST_TIMEOUT_S))
             yield "RESET", {}
             for item in listed.get("items") or []:
@@ -181,7 +166,7 @@ async def list_then_watch(
             while True:
                 # return_type "object": events stay dicts, not the client's model classes.
                 async with watch.Watch(return_type="object") as w:
-                    stream = w.stream(list_fn, *args, **params, resource_version=version,
+                    stream = w.stream(list_fn, **params, resource_version=version,
                                       allow_watch_bookmarks=True, timeout_seconds=timeout_s,
                                       _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 30))
                     async for event in stream:
@@ -192,12 +177,11 @@ async def list_then_watch(
             raise
         except ApiException as exc:
             if exc.status == 410:  # the resourceVersion is too old: list again
-                log.info("watch %s%s expired; listing again", list_fn.__name__, args)
+                log.info("watch %s expired; listing again", what)
                 continue
-            log.warning("watch %s%s failed: %s %s; retrying in %.1f s", list_fn.__name__, args, exc.status,
-                        exc.reason, backoff)
+            log.warning("watch %s failed: %s %s; retrying in %.1f s", what, exc.status, exc.reason, backoff)
         except (aiohttp.ClientError, TimeoutError, ValueError, ConfigException) as exc:
-            log.warning("watch %s%s failed: %s; retrying in %.1f s", list_fn.__name__, args, exc, backoff)
+            log.warning("watch %s failed: %s; retrying in %.1f s", what, exc, backoff)
         await asyncio.sleep(backoff)
         backoff = min(BACKOFF_MAX_S, backoff * 2)
 
@@ -251,20 +235,22 @@ class KubernetesSource:
 
             # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
             # restarts the source whole.
+            scopes: list[tuple[str | None, ListFn, ListFn]]
+            if self.namespaces:
+                scopes = [(ns, functools.partial(custom.list_namespaced_custom_object, naming.GROUP,
+                                                 naming.VERSION, ns, naming.PLURAL),
+                           functools.partial(discovery.list_namespaced_endpoint_slice, ns))
+                          for ns in self.namespaces]
+            else:
+                scopes = [(None, functools.partial(custom.list_cluster_custom_object, naming.GROUP, naming.VERSION,
+                                                   naming.PLURAL),
+                           functools.partial(discovery.list_endpoint_slice_for_all_namespaces))]
             async with asyncio.TaskGroup() as tasks:
-                if not self.namespaces:
-                    tasks.create_task(follow(None, list_then_watch(
-                        client, custom.list_cluster_custom_object, GROUP, VERSION, PLURAL),
-                        self.resources, variant_from_resource))
-                    tasks.create_task(follow(None, list_then_watch(
-                        client, discovery.list_endpoint_slice_for_all_namespaces, label_selector=SERVICE_NAME_LABEL),
-                        self.slices, keep))
-                for ns in self.namespaces:
-                    tasks.create_task(follow(ns, list_then_watch(
-                        client, custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-                        self.resources, variant_from_resource))
-                    tasks.create_task(follow(ns, list_then_watch(
-                        client, discovery.list_namespaced_endpoint_slice, ns, label_selector=SERVICE_NAME_LABEL),
-                        self.slices, keep))
+                for ns, list_resources, list_slices in scopes:
+                    tasks.create_task(follow(ns, list_then_watch(client, list_resources), self.resources,
+                                             variant_from_resource))
+                    tasks.create_task(follow(ns, list_then_watch(client, list_slices,
+                                                                 label_selector=naming.SERVICE_NAME_LABEL),
+                                             self.slices, keep))
                 if access.renew is not None:
                     tasks.create_task(access.renew())

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_LATENCY_TARGET_MS = 2000.0
+from dgemma_common import variants
+
+DEFAULT_LATENCY_TARGET_MS = float(variants.DEFAULT_LATENCY_TARGET_MS)  # the resource's default
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,8 @@ class Variant:
     gpu_profile: str = "custom"
     cost_weight: float = 1.0
     latency_target_ms: float = DEFAULT_LATENCY_TARGET_MS
-    canvas_length: int = 256
-    max_denoising_steps: int = 48
+    canvas_length: int = variants.DEFAULT_CANVAS_LENGTH
+    max_denoising_steps: int = variants.DEFAULT_MAX_DENOISING_STEPS
     tokens_per_s_prior: float = 500.0
     scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
 

@@ -6,12 +6,13 @@ import math
 import re
 from typing import Any
 
+from dgemma_common import naming, profiles
+from dgemma_common.naming import MANAGER as MANAGER  # re-exported: the operator's field manager
+from dgemma_common.naming import WORKER_GRPC_PORT as GRPC_PORT
+from dgemma_common.naming import WORKER_METRICS_PORT as METRICS_PORT
+from dgemma_common.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
-MANAGER = "dgemma-operator"
-GRPC_PORT = 50051
-METRICS_PORT = 9090
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -24,7 +25,7 @@ Body = dict[str, Any]
 
 def child_name(resource_name: str) -> str:
     """Name shared by the Deployment, Service and PodDisruptionBudget of a resource."""
-    return f"{resource_name}-worker"
+    return naming.worker_service(resource_name)
 
 
 def label_safe(value: str) -> str:
@@ -47,8 +48,8 @@ def worker_labels(resource_name: str, spec: models.DiffusionGemmaSpec) -> dict[s
         **selector_labels(resource_name),
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": MANAGER,
-        "dgemma.io/variant": resource_name,
-        "dgemma.io/model": label_safe(spec.served_model_name),
+        naming.VARIANT_LABEL: resource_name,
+        naming.MODEL_LABEL: label_safe(spec.served_model_name),
     }
 
 
@@ -59,7 +60,7 @@ def selector_string(resource_name: str) -> str:
 
 def endpoint(resource_name: str, namespace: str) -> str:
     """The workers' in-cluster gRPC address the gateway uses."""
-    return f"{child_name(resource_name)}.{namespace}.svc:{GRPC_PORT}"
+    return naming.worker_address(resource_name, namespace)
 
 
 def child_metadata(owner: Body, labels: Body) -> Body:
@@ -114,7 +115,7 @@ def dtype(spec: models.DiffusionGemmaSpec) -> str:
 
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
     """Expected tokens/s per replica until measured."""
-    return spec.gpu.tokens_per_second_prior or profile(spec.gpu.profile).tokens_per_second_prior
+    return profiles.tokens_per_second_prior(spec.gpu.profile, spec.gpu.tokens_per_second_prior)
 
 
 def _model_location(name: str, spec: models.DiffusionGemmaSpec) -> str:
@@ -299,8 +300,8 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dgemma", "worker"],
         "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": naming.GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": naming.METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "env": _env(name, spec),
         "resources": _resources(spec),
@@ -366,10 +367,11 @@ def service(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
             "selector": selector_labels(name),
             "ports": [
                 {
-                    "name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                    "appProtocol": "grpc",
+                    "name": naming.GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": naming.GRPC_PORT_NAME,
+                    "protocol": "TCP", "appProtocol": "grpc",
                 },
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+                {"name": naming.METRICS_PORT_NAME, "port": METRICS_PORT, "targetPort": naming.METRICS_PORT_NAME,
+                 "protocol": "TCP"},
             ],
         },
     }

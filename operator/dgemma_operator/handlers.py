@@ -13,6 +13,7 @@ import kopf
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from dgemma_common.variants import variant_name
 from dgemma_operator import autoscale as scaling
 from dgemma_operator import children, gateway_client, models, reconcile, settings
 from dgemma_operator.autoscaler import ScalerState
@@ -197,9 +198,8 @@ async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kop
     except reconcile.InvalidSpec:
         return  # the reconcile handler has reported it
     where = settings.from_environment()
-    # The gateway names a variant after its resource as namespace/name (kube.variant_name).
     variant, problem = await gateway_client.fetch_variant(
-        memo.http, where.demand_url, f"{namespace}/{name}", where.gateway_timeout_s
+        memo.http, where.demand_url, variant_name(namespace, name), where.gateway_timeout_s
     )
     # The state lives in this resource's memo; after a restart it is read back from the status.
     state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(raw.get("status"))

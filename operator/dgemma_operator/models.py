@@ -11,12 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dgemma_operator.profiles import Architecture, Dtype, ProfileName
+from dgemma_common import variants
+from dgemma_common.naming import GROUP as GROUP  # the resource's names, re-exported for the operator
+from dgemma_common.naming import KIND as KIND
+from dgemma_common.naming import PLURAL as PLURAL
+from dgemma_common.naming import VERSION as VERSION
+from dgemma_common.profiles import Architecture, Dtype, ProfileName
 
-GROUP = "dgemma.io"
-VERSION = "v1alpha1"
-KIND = "DiffusionGemma"
-PLURAL = "diffusiongemmas"
 SINGULAR = "diffusiongemma"
 SHORT_NAMES = ["dgm"]
 CATEGORIES = ["dgemma", "all-models"]
@@ -111,7 +112,7 @@ class GpuSpec(BaseModel):
     """Which GPUs to run on: a named profile whose every default can be overridden."""
 
     model_config = _config()
-    profile: ProfileName = "h100"
+    profile: ProfileName = variants.DEFAULT_GPU_PROFILE
     """GPU profile: rtx-pro-6000, h100, dgx-spark, dgx-station or custom."""
     product: str | None = Field(default=None, max_length=63)
     """Override of the nvidia.com/gpu.product node label (GPU Feature Discovery); required for custom."""
@@ -139,9 +140,9 @@ class GenerationDefaults(BaseModel):
     model_config = _config(
         ("!has(self.tMin) || !has(self.tMax) || self.tMin <= self.tMax", "tMin must not exceed tMax"),
     )
-    canvas_length: int = Field(default=256, ge=16, le=4096)
+    canvas_length: int = Field(default=variants.DEFAULT_CANVAS_LENGTH, ge=16, le=4096)
     """Tokens per canvas (block)."""
-    max_denoising_steps: int = Field(default=48, ge=1, le=512)
+    max_denoising_steps: int = Field(default=variants.DEFAULT_MAX_DENOISING_STEPS, ge=1, le=512)
     """Upper bound on denoising steps per canvas."""
     t_min: float | None = Field(default=None, ge=0, le=10)
     """Final sampling temperature of the schedule."""
@@ -216,15 +217,15 @@ class DiffusionGemmaSpec(BaseModel):
     """Model cache shared by the replicas."""
     gpu: GpuSpec = Field(default_factory=GpuSpec, json_schema_extra=_object_default())
     """GPU profile and overrides."""
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int = Field(default=variants.DEFAULT_REPLICAS, ge=0, le=1000)
     """Desired replicas (the scale subresource writes this)."""
-    min_replicas: int = Field(default=1, ge=0, le=1000)
+    min_replicas: int = Field(default=variants.DEFAULT_MIN_REPLICAS, ge=0, le=1000)
     """Lower bound for scaling."""
     max_replicas: int = Field(default=4, ge=1, le=1000)
     """Upper bound for scaling."""
-    cost_weight: float = Field(default=1.0, gt=0, le=1000)
+    cost_weight: float = Field(default=variants.DEFAULT_COST_WEIGHT, gt=0, le=1000)
     """Relative cost of one replica-second; the gateway prefers cheaper variants that meet the target."""
-    latency_target_ms: int = Field(default=2000, ge=1, le=600000)
+    latency_target_ms: int = Field(default=variants.DEFAULT_LATENCY_TARGET_MS, ge=1, le=600000)
     """Default end-to-end latency target for requests that carry none."""
     generation: GenerationDefaults = Field(
         default_factory=GenerationDefaults, json_schema_extra=_object_default()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.naming import WORKER_GRPC_PORT, WORKER_METRICS_PORT
 from dgemma_common.params import GenerationParams, Limits
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
@@ -28,8 +29,8 @@ class WorkerConfig:
     model_revision: str | None = None
     served_model_name: str = ""
     host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
+    port: int = WORKER_GRPC_PORT
+    metrics_port: int = WORKER_METRICS_PORT  # -1: no metrics endpoint; 0: pick a free port
     port_file: Path | None = None
     max_active: int = 4
     max_queue: int = 16
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-revision", "model_revision", "hub revision of the checkpoint")
     add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
     add("--host", "host", "bind address (default 0.0.0.0)")
-    add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
-    add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
+    add("--port", "port", f"gRPC port; 0 picks a free one (default {WORKER_GRPC_PORT})", type=int)
+    add("--metrics-port", "metrics_port",
+        f"Prometheus port; 0 picks one, 'off' disables (default {WORKER_METRICS_PORT})",
         type=_metrics_port)
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
     add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
@@ -178,8 +180,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         model_revision=args.model_revision,
         served_model_name=args.served_model_name or "",
         host=args.host or "0.0.0.0",
-        port=50051 if args.port is None else args.port,
-        metrics_port=9090 if args.metrics_port is None else args.metrics_port,
+        port=WORKER_GRPC_PORT if args.port is None else args.port,
+        metrics_port=WORKER_METRICS_PORT if args.metrics_port is None else args.metrics_port,
         port_file=args.port_file,
         max_active=4 if args.max_active is None else args.max_active,
         max_queue=16 if args.max_queue is None else args.max_queue,

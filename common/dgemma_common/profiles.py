@@ -1,4 +1,7 @@
-"""GPU profiles: what each named profile means for scheduling, resources, dtype and capacity."""
+"""GPU profiles: what each named profile means for scheduling, resources, dtype and capacity.
+
+The operator schedules and sizes workers by them; the operator's autoscaler and the gateway's router both use
+the tokens/s prior until a variant's replicas have measured their own rate."""
 
 from __future__ import annotations
 
@@ -41,3 +44,8 @@ PROFILES: dict[str, GpuProfile] = {
 def profile(name: str) -> GpuProfile:
     """The profile of that name; the schema's enum guarantees it exists."""
     return PROFILES[name]
+
+
+def tokens_per_second_prior(name: str, override: float | None = None) -> float:
+    """Expected tokens/s per replica until measured: the resource's own figure, else its profile's."""
+    return override or profile(name).tokens_per_second_prior
