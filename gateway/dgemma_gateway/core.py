@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from dgemma_common.demand import DemandSnapshot
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
@@ -141,13 +142,11 @@ class Gateway:
         """Served model names."""
         return self.registry.models()
 
-    def demand_snapshot(self) -> dict[str, Any]:
+    def demand_snapshot(self) -> DemandSnapshot:
         """Per variant: demand and delivered tokens/s per replica (for the autoscaler, in-process or JSON)."""
         now = self.registry.clock()
-        snap = snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
-                        self.settings.stale_after_s, held=dict(self._held))
-        snap["time_unix_s"] = time.time()
-        return snap
+        return snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
+                        self.settings.stale_after_s, held=dict(self._held), time_unix_s=time.time())
 
     # ---- scale from zero ------------------------------------------------------------------------
 

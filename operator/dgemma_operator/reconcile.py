@@ -70,19 +70,17 @@ def converge(kube: Kube, body: Body) -> models.DiffusionGemmaSpec:
 
 def refresh_status(kube: Kube, body: Body, spec: models.DiffusionGemmaSpec, deployment: Body | None) -> bool:
     """Write the observed status if it differs from what the resource says; True if written."""
-    meta = body["metadata"]
-    new = status.observed(body, spec, deployment, now())
-    if same_status(body.get("status") or {}, new):
-        return False
-    kube.patch_status(meta["namespace"], meta["name"], new)
-    return True
+    return _write_status(kube, body, status.observed(body, spec, deployment, now()))
 
 
 def record_invalid(kube: Kube, body: Body, error: InvalidSpec) -> bool:
     """Write Degraded with the reason; True if the status changed."""
-    meta = body["metadata"]
-    new = status.invalid(body, error.reason, error.message, now())
-    if same_status(body.get("status") or {}, new):
+    return _write_status(kube, body, status.invalid(body, error.reason, error.message, now()))
+
+
+def _write_status(kube: Kube, body: Body, new: models.DiffusionGemmaStatus) -> bool:
+    if same_status(body.get("status") or {}, status.as_patch(new)):
         return False
+    meta = body["metadata"]
     kube.patch_status(meta["namespace"], meta["name"], new)
     return True

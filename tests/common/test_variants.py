@@ -29,11 +29,11 @@ def test_a_variant_is_named_namespace_slash_name() -> None:
 
 
 def test_a_field_of_the_wrong_type_is_an_error_naming_it_not_a_default() -> None:
-    with pytest.raises(pydantic.ValidationError, match="spec.costWeight"):
+    with pytest.raises(pydantic.ValidationError, match=r"spec\.costWeight"):
         read_variant(resource(costWeight="cheap"))
-    with pytest.raises(pydantic.ValidationError, match="spec.generation.canvasLength"):
+    with pytest.raises(pydantic.ValidationError, match=r"spec\.generation\.canvasLength"):
         read_variant(resource(generation={"canvasLength": "256"}))  # a string is not a number here
-    with pytest.raises(pydantic.ValidationError, match="spec.gpu.profile"):
+    with pytest.raises(pydantic.ValidationError, match=r"spec\.gpu\.profile"):
         read_variant(resource(gpu={"profile": "a100"}))
     with pytest.raises(pydantic.ValidationError, match="servedModelName"):
         read_variant({"metadata": {"name": "x"}, "spec": {}})
