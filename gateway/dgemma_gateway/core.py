@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from dgemma_common.demand import DemandSnapshot
-from dgemma_gateway.demand import DemandTracker, snapshot
+from dgemma_gateway.demand import DemandTracker, Routed, snapshot
 from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
 from dgemma_gateway.metrics import GatewayMetrics
@@ -242,6 +242,7 @@ class Gateway:
         tried: set[str] = set()
         attempt = 0
         held = False
+        counted: Routed | None = None  # this request's demand, counted once whatever the retries
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
@@ -262,8 +263,9 @@ class Gateway:
             variant = chosen.variant
             remaining = deadline - self.registry.clock()
             if remaining <= 0:
-                raise GatewayError(504, "the request's deadline passed before an endpoint took it",
-                                   code="timeout")
+                error = GatewayError(504, "the request's deadline passed before an endpoint took it", code="timeout")
+                self.metrics.requests.labels(req.api, chosen.variant.name, str(error.status)).inc()
+                raise error
             canvas = chosen.load.canvas_length if chosen.load and chosen.load.canvas_length else variant.canvas_length
             req.trace.update(
                 endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1,
@@ -271,9 +273,12 @@ class Gateway:
                 predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
                 expect_met=decision.expect_met,
             )
-            # With the request itself, so its demand can also be attributed to its preferred variant.
-            self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                               canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
+            # With the request itself, so its demand can also be attributed to its preferred variant. A retry
+            # moves the request's demand to where it is retried: one request, counted once.
+            if counted is not None:
+                self.demand.withdraw(counted)
+            counted = self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
+                                         canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
             call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0)
             state.inflight += 1
             sent = False

@@ -10,6 +10,7 @@ routed to it is reported alongside.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ class _Window:
     def add(self, now: float, amount: float) -> None:
         self.items.append((now, amount))
         self.trim(now)
+
+    def remove(self, at: float, amount: float) -> None:
+        """Take back one amount added at `at` (gone already if it left the window)."""
+        with contextlib.suppress(ValueError):
+            self.items.remove((at, amount))
 
     def trim(self, now: float) -> None:
         while self.items and self.items[0][0] < now - self.window_s:
@@ -61,6 +67,17 @@ class VariantDemand:
             setattr(self, name, _Window(self.window_s))
 
 
+@dataclass(frozen=True)
+class Routed:
+    """One routing of a request, kept so that a retry elsewhere can take it back (a request is demand once)."""
+
+    variant: str
+    at: float
+    max_tokens: int
+    canvases: int
+    entry: tuple[float, str, Shape | None, int, int]
+
+
 class DemandTracker:
     """Per-variant demand and delivery, fed by the gateway as requests are routed and finish."""
 
@@ -78,15 +95,27 @@ class DemandTracker:
 
     def routed(
         self, variant: str, now: float, max_tokens: int, canvases: int, request: RouteRequest | None = None
-    ) -> None:
+    ) -> Routed:
         """A request was sent to a replica of this variant; `request` lets its demand be attributed."""
         v = self._v(variant)
         v.requests_total += 1
         v.requests.add(now, 1)
         v.tokens.add(now, max_tokens)
         v.canvases.add(now, canvases)
-        self.recent.append((now, variant, None if request is None else Shape.of(request), max_tokens, canvases))
+        entry = (now, variant, None if request is None else Shape.of(request), max_tokens, canvases)
+        self.recent.append(entry)
         self._trim(now)
+        return Routed(variant, now, max_tokens, canvases, entry)
+
+    def withdraw(self, routed: Routed) -> None:
+        """Take back a routing: the request failed there before its first event and is retried elsewhere."""
+        v = self._v(routed.variant)
+        v.requests_total -= 1
+        v.requests.remove(routed.at, 1)
+        v.tokens.remove(routed.at, routed.max_tokens)
+        v.canvases.remove(routed.at, routed.canvases)
+        with contextlib.suppress(ValueError):
+            self.recent.remove(routed.entry)
 
     def _trim(self, now: float) -> None:
         while self.recent and self.recent[0][0] < now - self.window_s:

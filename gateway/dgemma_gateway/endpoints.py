@@ -154,6 +154,9 @@ class Registry:
         self._alpha = step_fraction_alpha
         self.ejections_total = 0
         self.changed = asyncio.Event()
+        # Channels of forgotten endpoints, closing once their calls had a chance to end. Held here: the loop keeps
+        # only weak references to tasks, and close() must not leave them behind.
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ---- membership -----------------------------------------------------------------------------
 
@@ -189,10 +192,13 @@ class Registry:
         if state.watcher is not None:
             state.watcher.cancel()
         # Close after in-flight calls had a chance to finish; closing is async.
-        asyncio.get_running_loop().create_task(_close_later(state.channel, 30.0 if state.inflight else 0.0))
+        task = asyncio.get_running_loop().create_task(
+            _close_later(state.channel, 30.0 if state.inflight else 0.0), name=f"close {endpoint_id}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Stop every watcher and close every channel."""
+        """Stop every watcher and close every channel, those of forgotten endpoints too (at once)."""
         states = list(self.endpoints.values())
         self.endpoints.clear()
         for s in states:
@@ -200,6 +206,10 @@ class Registry:
                 s.watcher.cancel()
         await asyncio.gather(*(s.watcher for s in states if s.watcher is not None), return_exceptions=True)
         await asyncio.gather(*(s.channel.close(None) for s in states), return_exceptions=True)
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()  # _close_later closes its channel when cancelled during its wait
+        await asyncio.gather(*closing, return_exceptions=True)
 
     # ---- load -----------------------------------------------------------------------------------
 
@@ -270,8 +280,10 @@ class Registry:
 
 
 async def _close_later(channel: grpc.aio.Channel, delay: float) -> None:
-    with contextlib.suppress(Exception):
+    try:
         if delay:
             await asyncio.sleep(delay)
-        await channel.close(None)
+    finally:  # cancelled (the registry closes): close now
+        with contextlib.suppress(Exception):
+            await channel.close(None)
 
