@@ -244,7 +244,7 @@ class Condition(BaseModel):
 
     model_config = _config()
     type: str
-    """Ready, Progressing or Degraded."""
+    """Ready, Progressing or Degraded (the reconciler's), or ScalingActive (the autoscaler's)."""
     status: Literal["True", "False", "Unknown"]
     """Condition status."""
     reason: str = ""
@@ -326,7 +326,8 @@ class DiffusionGemmaStatus(BaseModel):
     observed_generation: int | None = None
     """The spec generation the status describes."""
     conditions: list[Condition] | None = None
-    """Ready, Progressing and Degraded."""
+    """Ready, Progressing and Degraded; with autoscaling on, ScalingActive (False while the autoscaler has no valid
+    measurements, with the reason: the replicas are then kept)."""
     replicas: int | None = None
     """Replicas that exist (the scale subresource reads this)."""
     ready_replicas: int | None = None
