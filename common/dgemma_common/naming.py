@@ -13,6 +13,7 @@ PLURAL = "diffusiongemmas"
 # Ports (Triton's 8000/8001 convention at the gateway).
 WORKER_GRPC_PORT = 50051
 WORKER_METRICS_PORT = 9090
+WORKER_HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
 GATEWAY_HTTP_PORT = 8000
 GATEWAY_GRPC_PORT = 8001
 OPERATOR_HEALTH_PORT = 8080

@@ -88,6 +88,9 @@ class GatewayMetrics:
                                  registry=r)
         self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
                               registry=r)
+        self.auth_failures = Counter(
+            "dgemma_gateway_auth_failures", "Requests refused for a missing or wrong API key", ["api", "reason"],
+            registry=r)
         r.register(_StateCollector(demand))
 
     def render(self) -> bytes:

@@ -36,9 +36,12 @@ async def gateway_urls(url: str) -> list[str]:
     return [urlunsplit((parts.scheme, netloc(a), parts.path, parts.query, "")) for a in addresses]
 
 
-async def _fetch_one(session: aiohttp.ClientSession, url: str, name: str, timeout_s: float) -> VariantView | Problem:
+async def _fetch_one(
+    session: aiohttp.ClientSession, url: str, name: str, timeout_s: float, server_hostname: str | None = None
+) -> VariantView | Problem:
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                               server_hostname=server_hostname) as response:
             if response.status != 200:
                 return Problem("GatewayUnreachable", f"the gateway answered {response.status} at {url}")
             body = await response.read()
@@ -65,7 +68,10 @@ async def fetch_variant(
     demand and scale down wrongly.
     """
     urls = await gateway_urls(url)
-    results = await asyncio.gather(*(_fetch_one(session, u, name, timeout_s) for u in urls))
+    # Over HTTPS each pod address is checked against the name dialled: the gateway's certificate names the
+    # Service, not its pods' addresses.
+    hostname = urlsplit(url).hostname if urlsplit(url).scheme == "https" else None
+    results = await asyncio.gather(*(_fetch_one(session, u, name, timeout_s, hostname) for u in urls))
     problems = [r for r in results if isinstance(r, Problem)]
     if problems:
         first = problems[0]

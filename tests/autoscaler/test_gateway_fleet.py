@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,9 +13,11 @@ import pytest
 from aiohttp import web
 
 from dgemma_common.demand import merge_views
+from dgemma_common.tls import TlsFiles, server_ssl_context
 from dgemma_operator import gateway_client
 from dgemma_operator.gateway_client import fetch_variant, gateway_urls
 from tests.autoscaler.views import snapshot, view
+from tests.tls.certs import CA
 
 
 def test_flows_add_up_and_what_the_workers_report_counts_once() -> None:
@@ -36,8 +40,17 @@ def test_one_view_is_itself() -> None:
     assert merge_views([one]) == one and one.demand.target_miss_ratio == 0.5
 
 
-async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two gateway replicas on 127.0.0.1 and 127.0.0.2, one name resolving to both (as a headless Service)."""
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_every_address_of_the_gateway_name_is_read_and_merged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scheme: str
+) -> None:
+    """Two gateway replicas on 127.0.0.1 and 127.0.0.2, one name resolving to both (as a headless Service).
+
+    Over HTTPS their certificate names the Service only, as the chart's Certificate does, not the pods' addresses.
+    """
+    ca = CA(tmp_path / "ca")
+    served = ca.issue("gateway", dns=("gateway-pods.ml.svc",), ips=())
+    tls = server_ssl_context(TlsFiles(served.cert, served.key)) if scheme == "https" else None
     runners = []
     port = 0
     for address, canvases in (("127.0.0.1", 1.5), ("127.0.0.2", 0.5)):
@@ -51,11 +64,11 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch:
         runner = web.AppRunner(app)
         await runner.setup()
         if port == 0:
-            site = web.TCPSite(runner, address, 0)
+            site = web.TCPSite(runner, address, 0, ssl_context=tls)
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         else:
-            await web.TCPSite(runner, address, port).start()
+            await web.TCPSite(runner, address, port, ssl_context=tls).start()
         runners.append(runner)
     real = asyncio.get_running_loop().getaddrinfo
 
@@ -65,11 +78,12 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch:
         return await real(host, p, **kw)
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolve)
-    url = f"http://gateway-pods.ml.svc:{port}/v1/dgemma/demand"
+    url = f"{scheme}://gateway-pods.ml.svc:{port}/v1/dgemma/demand"
+    trust = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca.path)))
     try:
-        assert await gateway_urls(url) == [f"http://127.0.0.1:{port}/v1/dgemma/demand",
-                                           f"http://127.0.0.2:{port}/v1/dgemma/demand"]
-        async with aiohttp.ClientSession() as session:
+        assert await gateway_urls(url) == [f"{scheme}://127.0.0.1:{port}/v1/dgemma/demand",
+                                           f"{scheme}://127.0.0.2:{port}/v1/dgemma/demand"]
+        async with aiohttp.ClientSession(connector=trust) as session:
             merged, problem = await fetch_variant(session, url, "v", timeout_s=5)
             assert problem is None and merged is not None
             assert merged.demand.canvases_per_s == 2.0 and merged.gateways == 2
