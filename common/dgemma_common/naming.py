@@ -17,14 +17,17 @@ WORKER_HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's prob
 GATEWAY_HTTP_PORT = 8000
 GATEWAY_GRPC_PORT = 8001
 OPERATOR_HEALTH_PORT = 8080
-# Port names in the worker Service (and so in its EndpointSlices).
+# Port names in the worker Service (and so in its EndpointSlices): a dgemma worker's gRPC and metrics, or a
+# vLLM server's OpenAI API (which serves /metrics too). The name tells the gateway how to talk to the pods.
 GRPC_PORT_NAME = "grpc"
 METRICS_PORT_NAME = "metrics"
+HTTP_PORT_NAME = "http"
 
 # Labels. The operator sets the dgemma.io ones on the worker pods and children; Kubernetes sets
 # SERVICE_NAME_LABEL on each EndpointSlice of a Service.
 VARIANT_LABEL = f"{GROUP}/variant"
 MODEL_LABEL = f"{GROUP}/model"
+RUNTIME_LABEL = f"{GROUP}/runtime"  # only on a vLLM variant's (a dgemma variant's workers are not relabelled)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGER = "dgemma-operator"  # the operator's field manager and app.kubernetes.io/managed-by value
 

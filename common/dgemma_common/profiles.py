@@ -1,12 +1,15 @@
 """GPU profiles: what each named profile means for scheduling, resources, dtype and capacity.
 
 The operator schedules and sizes workers by them; the operator's autoscaler and the gateway's router both use
-the tokens/s prior until a variant's replicas have measured their own rate."""
+the tokens/s prior (`tokens_per_second_prior`, which also knows the vLLM recipe's and an external API's) until a
+variant's replicas have measured their own rate."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
+
+from dgemma_common import vllm
 
 ProfileName = Literal["rtx-pro-6000", "h100", "dgx-spark", "dgx-station", "custom"]
 Dtype = Literal["bf16", "fp16", "fp32", "fp8", "nvfp4"]
@@ -14,6 +17,8 @@ Architecture = Literal["amd64", "arm64"]
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Until measured, an external API is assumed as fast as a good GPU (its own latencies replace this).
+EXTERNAL_TOKENS_PER_SECOND_PRIOR = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,14 @@ def profile(name: str) -> GpuProfile:
     return PROFILES[name]
 
 
-def tokens_per_second_prior(name: str, override: float | None = None) -> float:
-    """Expected tokens/s per replica until measured: the resource's own figure, else its profile's."""
-    return override or profile(name).tokens_per_second_prior
+def tokens_per_second_prior(name: str, override: float | None = None, runtime: str = "dgemma") -> float:
+    """Expected tokens/s per replica until measured: the resource's own figure, else its runtime's (an external
+    API's assumed rate; the vLLM recipe's for that GPU where it publishes one), else its profile's."""
+    if override:
+        return override
+    if runtime == "external":
+        return EXTERNAL_TOKENS_PER_SECOND_PRIOR
+    if runtime == "vllm":
+        recipe = vllm.RECIPE.get(name, vllm.RECIPE["custom"])
+        return recipe.tokens_per_second_prior or profile(name).tokens_per_second_prior
+    return profile(name).tokens_per_second_prior

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -19,7 +19,14 @@ from pydantic.alias_generators import to_camel
 from dgemma_common import naming
 from dgemma_common.profiles import ProfileName, tokens_per_second_prior
 
+# What serves a variant: dgemma workers (gRPC), vLLM's OpenAI server (HTTP), or an external OpenAI-compatible
+# API that only takes overflow (HTTP). The runtime decides the endpoint kind and which settings it honours.
+Runtime = Literal["dgemma", "vllm", "external"]
+RUNTIMES: tuple[Runtime, ...] = ("dgemma", "vllm", "external")
+
 # Defaults of the CRD (the API server fills them in; a resource read from elsewhere may lack them).
+DEFAULT_RUNTIME: Runtime = "dgemma"
+DEFAULT_ALLOW_OVERFLOW = False
 DEFAULT_GPU_PROFILE: ProfileName = "h100"
 DEFAULT_COST_WEIGHT = 1.0
 DEFAULT_LATENCY_TARGET_MS = 2000
@@ -32,8 +39,9 @@ DEFAULT_MIN_REPLICAS = 1
 def variant_name(namespace: str | None, name: str) -> str:
     """`namespace/name` of a DiffusionGemma resource, as kubectl writes it (just `name` outside a namespace).
 
-    The gateway routes by it, the autoscaler reads a variant's demand by it, and metrics carry it as their
-    `variant` label: two teams' `gemma` in two namespaces stay apart."""
+    The gateway routes by it, the autoscaler reads a variant's demand by it, and every component's metrics
+    carry it as their `variant` label, so one dashboard filter selects them all; two teams' `gemma` in two
+    namespaces stay apart."""
     return f"{namespace}/{name}" if namespace else name
 
 
@@ -65,6 +73,8 @@ class _Autoscaling(_Read):
 
 class _Spec(_Read):
     served_model_name: str = Field(min_length=1)
+    runtime: Runtime = DEFAULT_RUNTIME
+    allow_overflow: bool = DEFAULT_ALLOW_OVERFLOW
     gpu: _Gpu = _Gpu()
     cost_weight: float = DEFAULT_COST_WEIGHT
     latency_target_ms: float = DEFAULT_LATENCY_TARGET_MS
@@ -91,8 +101,10 @@ class VariantSpec:
     latency_target_ms: float
     canvas_length: int
     max_denoising_steps: int
-    tokens_per_second_prior: float  # the resource's own, else its GPU profile's
+    tokens_per_second_prior: float  # the resource's own, else its runtime's or GPU profile's
     scale_from_zero: bool  # it may have no replica: the gateway holds requests while one starts
+    runtime: Runtime = "dgemma"
+    allow_overflow: bool = False  # its requests may overflow to an external variant
 
     @property
     def name(self) -> str:
@@ -121,6 +133,9 @@ def read_variant(obj: Mapping[str, Any]) -> VariantSpec:
         latency_target_ms=spec.latency_target_ms,
         canvas_length=spec.generation.canvas_length,
         max_denoising_steps=spec.generation.max_denoising_steps,
-        tokens_per_second_prior=tokens_per_second_prior(spec.gpu.profile, spec.gpu.tokens_per_second_prior),
+        tokens_per_second_prior=tokens_per_second_prior(spec.gpu.profile, spec.gpu.tokens_per_second_prior,
+                                                        spec.runtime),
         scale_from_zero=from_zero,
+        runtime=spec.runtime,
+        allow_overflow=spec.allow_overflow,
     )

@@ -11,13 +11,18 @@ The library keeps client certificates and keys given inline (`client-key-data`) 
 process's life and removes them when it exits.
 
 Each `DiffusionGemma` named N has a worker Service `N-worker`; its EndpointSlices carry
-`kubernetes.io/service-name: N-worker` and a port named `grpc` (the names the operator gives, from
-`dgemma_common.naming`). `endpoints_from` is the pure function from the watched objects to endpoints.
+`kubernetes.io/service-name: N-worker` and a port named `grpc` (dgemma workers) or `http` (vLLM's OpenAI
+server, `spec.runtime: vllm`): the names the operator gives, from `dgemma_common.naming`. A resource with
+`spec.runtime: external` has no pods: it is one HTTP endpoint, its API, with the key from the Secret it names.
+`endpoints_from` is the pure function from the watched objects to endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import functools
 import logging
 import os
@@ -28,19 +33,20 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import watch
-from kubernetes_asyncio.client import ApiClient, Configuration, CustomObjectsApi, DiscoveryV1Api
+from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from dgemma_common import naming
-from dgemma_common.variants import read_variant
+from dgemma_common import naming, variants, vllm
 from dgemma_gateway.endpoints import EndpointSpec, Sink
+from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
 from dgemma_gateway.types import Variant
 
 log = logging.getLogger(__name__)
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SECRET_REFRESH_S = 60.0
 # The API server ends a watch after this long; the client then resumes from the last resourceVersion.
 WATCH_TIMEOUT_S = 300
 LIST_TIMEOUT_S = 60
@@ -49,9 +55,50 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 Key = tuple[str, str]  # namespace, name
 
 
+def variant_name(meta: Mapping[str, Any]) -> str:
+    """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
+    return variants.variant_name(str(meta.get("namespace", "") or ""), str(meta.get("name", "")))
+
+
+@dataclass(frozen=True)
+class External:
+    """What an external variant's resource says of its API (`spec.external`)."""
+
+    base_url: str
+    model: str
+    max_concurrency: int
+    secret: tuple[str, str] | None  # (Secret name, key) of the API key, in the resource's namespace
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A DiffusionGemma resource as the gateway uses it: its variant, and how to talk to its endpoints."""
+
+    variant: Variant
+    capacity: int  # requests one vLLM replica runs at once (--max-num-seqs)
+    max_queue: int  # more that may wait there (spec.worker.maxQueue)
+    external: External | None = None
+
+
+def resource_from(obj: Mapping[str, Any]) -> Resource:
+    """A DiffusionGemma resource: its variant (the typed read), its vLLM limits, its external API."""
+    spec = obj.get("spec", {})
+    variant = variant_from_resource(obj)
+    vllm_spec = spec.get("vllm") or {}
+    recipe = vllm.RECIPE.get(variant.gpu_profile, vllm.RECIPE["custom"])
+    external = None
+    if variant.runtime == "external":
+        ext = spec["external"]
+        ref = ext.get("apiKeySecret")
+        external = External(http_base_url(str(ext["baseURL"])), str(ext["model"]), int(ext.get("maxConcurrency", 16)),
+                            (str(ref["name"]), str(ref.get("key", "token"))) if ref else None)
+    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs),
+                    int((spec.get("worker") or {}).get("maxQueue", 64)), external)
+
+
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
     """A DiffusionGemma resource as a routing variant (read as `dgemma_common.variants` reads it)."""
-    v = read_variant(obj)
+    v = variants.read_variant(obj)
     return Variant(
         name=v.name,
         model=v.served_model_name,
@@ -62,29 +109,64 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
         max_denoising_steps=v.max_denoising_steps,
         tokens_per_s_prior=v.tokens_per_second_prior,
         scale_from_zero=v.scale_from_zero,
+        runtime=v.runtime,
+        allow_overflow=v.allow_overflow,
     )
 
 
-def endpoints_from(resources: Mapping[Key, Variant], slices: Mapping[Key, Mapping[str, Any]]) -> list[EndpointSpec]:
-    """Ready endpoints of every variant's worker Service."""
-    by_service = {(ns, naming.worker_service(name)): v for (ns, name), v in resources.items()}
+def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mapping[str, Any]],
+                   api_keys: Mapping[tuple[str, str, str], str] | None = None) -> list[EndpointSpec]:
+    """Ready endpoints of every variant's worker Service, and every external variant's API.
+
+    `api_keys`: (namespace, Secret name, key) -> the API key read from that Secret; an external variant whose
+    Secret could not be read has no endpoint yet.
+    """
+    by_service = {(ns, naming.worker_service(name)): r for (ns, name), r in resources.items()}
     out: dict[str, EndpointSpec] = {}
     for (ns, _), s in slices.items():
         labels = s.get("metadata", {}).get("labels") or {}
-        variant = by_service.get((ns, labels.get(naming.SERVICE_NAME_LABEL, "")))
-        if variant is None:
+        resource = by_service.get((ns, labels.get(naming.SERVICE_NAME_LABEL, "")))
+        if resource is None or resource.variant.overflow:
             continue
-        port = next((p.get("port") for p in s.get("ports") or [] if p.get("name") == naming.GRPC_PORT_NAME),
-                    naming.WORKER_GRPC_PORT)
+        ports = {p.get("name"): p.get("port") for p in s.get("ports") or []}
+        http = resource.variant.runtime == "vllm"
+        port = ports.get(naming.HTTP_PORT_NAME) if http else ports.get(naming.GRPC_PORT_NAME, naming.WORKER_GRPC_PORT)
+        if port is None:
+            continue  # a slice of the Service's other ports
         for ep in s.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
             if conditions.get("ready") is False or conditions.get("terminating") is True:
                 continue
             for address in (ep.get("addresses") or [])[:1]:
                 host = f"[{address}]" if ":" in address else address
-                endpoint_id = f"{variant.name}/{address}:{port}"
-                out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", variant)
+                endpoint_id = f"{resource.variant.name}/{address}:{port}"
+                if http:
+                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model,
+                                        capacity=resource.capacity, max_queue=resource.max_queue)
+                    out[endpoint_id] = EndpointSpec(endpoint_id, target.base_url, resource.variant, http=target)
+                else:
+                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant)
+    for (ns, _), resource in resources.items():
+        spec = external_endpoint(ns, resource, api_keys or {})
+        if spec is not None:
+            out[spec.endpoint_id] = spec
     return sorted(out.values(), key=lambda e: e.endpoint_id)
+
+
+def external_endpoint(namespace: str, resource: Resource, api_keys: Mapping[tuple[str, str, str], str]
+                      ) -> EndpointSpec | None:
+    """An external variant's API as an endpoint (None for other runtimes, or while its key is unknown)."""
+    ext = resource.external
+    if ext is None:
+        return None
+    key = None
+    if ext.secret is not None:
+        key = api_keys.get((namespace, *ext.secret))
+        if key is None:
+            return None
+    target = HttpTarget(ext.base_url, ext.model, api_key=key, capacity=ext.max_concurrency, max_queue=0,
+                        scrape=False)
+    return EndpointSpec(f"{resource.variant.name}/{ext.base_url}", ext.base_url, resource.variant, http=target)
 
 
 def parse_namespaces(namespace: str | None) -> tuple[str, ...]:
@@ -194,8 +276,10 @@ class KubernetesSource:
         self.name = name
         self.access = access
         self.namespaces = parse_namespaces(namespace)
-        self.resources: dict[Key, Variant] = {}
+        self.resources: dict[Key, Resource] = {}
         self.slices: dict[Key, dict[str, Any]] = {}
+        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> an external API's key
+        self._resources_changed = asyncio.Event()
 
     @classmethod
     def from_environment(cls, namespace: str | None = None) -> KubernetesSource:
@@ -206,10 +290,12 @@ class KubernetesSource:
         """Watch both kinds until cancelled; report after every change."""
         access = await self.access()
         async with ApiClient(access.configuration) as client:
-            custom, discovery = CustomObjectsApi(client), DiscoveryV1Api(client)
+            custom, discovery, core = CustomObjectsApi(client), DiscoveryV1Api(client), CoreV1Api(client)
 
             def report() -> None:
-                sink(self.name, endpoints_from(self.resources, self.slices), list(self.resources.values()))
+                self._resources_changed.set()
+                sink(self.name, endpoints_from(self.resources, self.slices, self.api_keys),
+                     [r.variant for r in self.resources.values()])
 
             async def follow(namespace: str | None, events: AsyncIterator[tuple[str, dict[str, Any]]],
                              store: dict[Key, Any], convert: Callable[[dict[str, Any]], Any]) -> None:
@@ -233,6 +319,17 @@ class KubernetesSource:
             def keep(obj: dict[str, Any]) -> dict[str, Any]:
                 return obj
 
+            async def refresh_keys() -> None:
+                # External variants' API keys: read when a resource changes, and again every minute (rotation).
+                while True:
+                    keys = await read_api_keys(core, self.resources)
+                    if keys != self.api_keys:
+                        self.api_keys = keys
+                        report()
+                    self._resources_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._resources_changed.wait(), SECRET_REFRESH_S)
+
             # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
             # restarts the source whole.
             scopes: list[tuple[str | None, ListFn, ListFn]]
@@ -248,9 +345,33 @@ class KubernetesSource:
             async with asyncio.TaskGroup() as tasks:
                 for ns, list_resources, list_slices in scopes:
                     tasks.create_task(follow(ns, list_then_watch(client, list_resources), self.resources,
-                                             variant_from_resource))
+                                             resource_from))
                     tasks.create_task(follow(ns, list_then_watch(client, list_slices,
                                                                  label_selector=naming.SERVICE_NAME_LABEL),
                                              self.slices, keep))
+                tasks.create_task(refresh_keys())
                 if access.renew is not None:
                     tasks.create_task(access.renew())
+
+
+async def read_api_keys(core: CoreV1Api, resources: Mapping[Key, Resource]) -> dict[tuple[str, str, str], str]:
+    """The API keys the external variants name, from their Secrets (`get` on those Secrets only: the chart's
+    gateway.externalApiKeySecrets); a Secret that cannot be read leaves its variant without an endpoint."""
+    wanted = {(ns, *r.external.secret) for (ns, _), r in resources.items() if r.external and r.external.secret}
+    keys: dict[tuple[str, str, str], str] = {}
+    for namespace, name, key in sorted(wanted):
+        try:
+            secret = await core.read_namespaced_secret(name, namespace, _request_timeout=LIST_TIMEOUT_S)
+            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace").strip()
+        except ApiException as exc:
+            log.warning("cannot read Secret %s/%s for an external API key: %s %s", namespace, name, exc.status,
+                        exc.reason)
+            continue
+        except (aiohttp.ClientError, TimeoutError, binascii.Error) as exc:
+            log.warning("cannot read Secret %s/%s for an external API key: %s", namespace, name, exc)
+            continue
+        if value:
+            keys[(namespace, name, key)] = value
+        else:
+            log.warning("Secret %s/%s has no key %r for an external API", namespace, name, key)
+    return keys

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dgemma_common import variants
+from dgemma_common.variants import RUNTIMES as RUNTIMES  # what serves a variant: one definition, re-exported
+from dgemma_common.variants import Runtime as Runtime
 
 DEFAULT_LATENCY_TARGET_MS = float(variants.DEFAULT_LATENCY_TARGET_MS)  # the resource's default
 
@@ -25,6 +27,15 @@ class Variant:
     max_denoising_steps: int = variants.DEFAULT_MAX_DENOISING_STEPS
     tokens_per_s_prior: float = 500.0
     scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
+    runtime: Runtime = "dgemma"
+    # A local variant whose requests may overflow to an external variant when it cannot meet their target.
+    # Off by default: sending prompts out of the cluster is an explicit choice.
+    allow_overflow: bool = False
+
+    @property
+    def overflow(self) -> bool:
+        """An external API: used only for requests no local endpoint can serve in time."""
+        return self.runtime == "external"
 
 
 @dataclass(frozen=True)
@@ -73,3 +84,4 @@ class RouteRequest:
     latency_target_ms: float | None = None  # None: the variant's default
     strict: bool | None = None  # None: the profile decides
     seq: int = 0  # a request counter, so round-robin and tie-breaks stay pure functions
+    allow_overflow: bool = True  # False: the caller (its API key) forbids sending this request out

@@ -89,7 +89,9 @@ def converge(kube: Kube, body: Body) -> models.DiffusionGemmaSpec:
 
 def refresh_status(kube: Kube, body: Body, spec: models.DiffusionGemmaSpec, deployment: Body | None) -> bool:
     """Write the observed status if it differs from what the resource says; True if written."""
-    return _write_status(kube, body, status.observed(body, spec, deployment, now()))
+    new = status.external(body, spec, now()) if spec.runtime == "external" else \
+        status.observed(body, spec, deployment, now())
+    return _write_status(kube, body, new)
 
 
 def record_invalid(kube: Kube, body: Body, error: InvalidSpec) -> bool:

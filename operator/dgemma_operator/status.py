@@ -107,7 +107,31 @@ def observed(
         ready_replicas=ready,
         updated_replicas=updated,
         selector=children.selector_string(name),
-        endpoint=children.endpoint(name, namespace),
+        endpoint=children.endpoint(name, namespace, spec),
+        tokens_per_second_prior=children.tokens_per_second_prior(spec),
+    )
+
+
+def external(owner: Body, spec: models.DiffusionGemmaSpec, now: str) -> models.DiffusionGemmaStatus:
+    """The status of an external variant: nothing runs here, so it is ready as soon as it is valid (the gateway
+    learns whether the API answers from its own requests)."""
+    meta = owner["metadata"]
+    generation = meta.get("generation")
+    previous = read(owner).conditions or []
+    url = children.endpoint(meta["name"], meta["namespace"], spec)
+    return models.DiffusionGemmaStatus(
+        observed_generation=generation,
+        conditions=with_conditions(
+            previous,
+            condition("Ready", True, "External", f"requests that overflow go to {url}", generation, previous, now),
+            condition("Progressing", False, "Complete", "nothing runs in the cluster", generation, previous, now),
+            condition("Degraded", False, "AsExpected", "", generation, previous, now),
+        ),
+        replicas=0,
+        ready_replicas=0,
+        updated_replicas=0,
+        selector=children.selector_string(meta["name"]),
+        endpoint=url,
         tokens_per_second_prior=children.tokens_per_second_prior(spec),
     )
 

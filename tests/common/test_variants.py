@@ -48,7 +48,7 @@ def test_the_operator_and_the_read_agree_on_the_workers_names_port_and_prior() -
     assert service["metadata"]["name"] == v.worker_service == "gemma-worker"
     (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == naming.GRPC_PORT_NAME]
     assert grpc["port"] == naming.WORKER_GRPC_PORT
-    assert children.endpoint("gemma", "ml") == f"gemma-worker.ml.svc:{naming.WORKER_GRPC_PORT}"
+    assert children.endpoint("gemma", "ml", spec) == f"gemma-worker.ml.svc:{naming.WORKER_GRPC_PORT}"
     assert v.tokens_per_second_prior == children.tokens_per_second_prior(spec) == 150.0
     assert read_variant(resource(gpu={"profile": "h100", "tokensPerSecondPrior": 900})).tokens_per_second_prior == 900
 

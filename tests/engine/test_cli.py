@@ -34,7 +34,7 @@ def test_generate_is_reproducible_with_a_seed(tiny_dir: Path) -> None:
 def test_generate_rejects_a_bad_setting_naming_it(tiny_dir: Path) -> None:
     out = dgemma("generate", "--model", str(tiny_dir), "--steps", "0", "hi")
     assert out.returncode == 2
-    assert "max_denoising_steps: must be in [1, 256], got 0" in out.stderr
+    assert "max_denoising_steps:" in out.stderr and "greater than or equal to 1, got 0" in out.stderr
 
 
 def test_generate_without_a_model_makes_the_bundled_tiny_one(tmp_path: Path) -> None:
