@@ -107,6 +107,7 @@ def test_a_snapshot_with_a_renamed_key_is_an_error_on_the_resource_not_a_zero_th
     number as zero demand and scale three replicas down; it keeps them and says why on the resource."""
     demand.demand("default/gemma", canvases_per_s=1.0, capacity=1.0)
     apply(k8s, sample(replicas=3, maxReplicas=3, autoscaling={**FAST, "scaleDownStabilizationSeconds": 0}))
+    eventually(lambda: get(k8s, "deployment", "gemma-worker"), timeout=20)  # the operator creates it first
     mark_ready(k8s, "gemma-worker", 3)
     eventually(lambda: conditions(k8s).get("ScalingActive", {}).get("status") == "True", timeout=20)
     assert conditions(k8s)["Ready"]["status"] == "True"  # the reconciler's conditions are kept beside it
