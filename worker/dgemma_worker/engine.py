@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from dgemma_common.images import ImageLimits
 from dgemma_common.params import GenerationParams, Limits, ParamError
 from dgemma_common.types import (
     CommitEvent,
@@ -42,6 +43,7 @@ from dgemma_common.types import (
 from .model import LoadedModel
 from .sampling import StabilityTracker, denoise_step, temperature
 from .textstream import TextAssembler
+from .vision import EncodedPrompt, VisionInputs, batch_vision, encode_image_prompt
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class EngineConfig:
     # With batching, how long the first queued request may wait for others to fill its batch.
     batch_window_s: float = 0.01
     limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     rate_window_s: float = 10.0
 
@@ -124,6 +127,7 @@ class _Request:
     text: TextAssembler
     stats: RequestStats
     stability: StabilityTracker
+    vision: VisionInputs | None = None  # the images of the prompt, for its first encoder pass
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
     generated: list[int] = field(default_factory=list)
@@ -288,7 +292,16 @@ class Engine:
     # ---- admission ------------------------------------------------------------------------------
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template."""
+        """Token ids for a prompt as the encoder sees it, image tokens included."""
+        return self._encode_prompt(prompt).ids
+
+    def _encode_prompt(self, prompt: Prompt) -> EncodedPrompt:
+        if prompt.all_images:
+            return encode_image_prompt(self.loaded.processor, prompt, self.config.image_limits)
+        return EncodedPrompt(self._tokenize_text(prompt))
+
+    def _tokenize_text(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt without images: raw text gets BOS, chat messages go through the chat template."""
         tok = self.loaded.tokenizer
         if prompt.token_ids is not None:
             ids = list(prompt.token_ids)
@@ -298,7 +311,7 @@ class Engine:
         elif prompt.messages is not None:
             if not prompt.messages:
                 raise ParamError("prompt.messages", "must not be empty")
-            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+            messages = [{"role": m.role, "content": m.text} for m in prompt.messages]
             ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         elif prompt.text is not None:
             ids = list(tok(prompt.text, add_special_tokens=True)["input_ids"])
@@ -344,7 +357,8 @@ class Engine:
         """Validate and tokenize: everything that can refuse a request happens before it is queued."""
         limits = self.config.limits
         params.validated(limits)
-        ids = self.tokenize(prompt)
+        encoded = self._encode_prompt(prompt)
+        ids = encoded.ids
         if len(ids) > limits.max_prompt_tokens:
             raise PromptTooLongError(len(ids), limits.max_prompt_tokens)
         self._check_context(len(ids), params.max_new_tokens)
@@ -360,6 +374,7 @@ class Engine:
             text=TextAssembler(self.detokenize, params.stop),
             stats=RequestStats(prompt_tokens=len(ids)),
             stability=StabilityTracker(params.stability_threshold, params.confidence_threshold),
+            vision=encoded.vision,
         )
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -414,7 +429,11 @@ class Engine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 handle.cancel()
 
-        handle = self.submit(prompt, params, sink, deadline=deadline)
+        if prompt.all_images:
+            # Decoding and preprocessing images is CPU work of tens of milliseconds: not on the event loop.
+            handle = await asyncio.to_thread(self.submit, prompt, params, sink, deadline=deadline)
+        else:
+            handle = self.submit(prompt, params, sink, deadline=deadline)
         try:
             while True:
                 event = await events.get()
@@ -446,6 +465,8 @@ class Engine:
             draining=self._draining,
             steps_total=self._steps_total,
             tokens_total=self.counters.tokens_generated,
+            vision=self.loaded.vision,
+            encoder_token_latency_s=self._meter.ema.get("encoder_token", 0.0),
         )
 
     # ---- the step thread ------------------------------------------------------------------------
@@ -599,6 +620,9 @@ class Engine:
         assert group.pending is not None
         started = time.perf_counter()
         batch, seq_len = len(group.rows), group.seq_len
+        # The prompt's images go into its first pass only; later passes encode committed canvases.
+        vision = batch_vision([r.vision for r in group.rows], group.pending.shape[1], device) \
+            if group.cache is None else {}
         if group.cache is None:
             group.cache = model._prepare_cache_for_generation(
                 generation_config=model.generation_config, batch_size=batch, max_length=seq_len
@@ -613,14 +637,20 @@ class Engine:
             is_prefill=True,
             canvas_length=self.canvas_length,
             batch_size=batch,
+            **vision,
         )
         out = model.model.encoder(
-            input_ids=ids, attention_mask=mask, past_key_values=group.cache, position_ids=positions
+            input_ids=ids, attention_mask=mask, past_key_values=group.cache, position_ids=positions, **vision
         )
         group.cache = out.past_key_values
+        tokens = int(group.pending.shape[1])
         group.pending = None
+        for req in group.rows:
+            req.vision = None  # the pixels are in the cache now
         self._start_canvas(group)
-        self._record_step("encoder", time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._record_step("encoder", seconds)
+        self._meter.observe("encoder_token", seconds / max(1, tokens))
 
     def _start_canvas(self, group: _Group) -> None:
         length, device = self.canvas_length, self.loaded.device

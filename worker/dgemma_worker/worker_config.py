@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.images import IMAGE_LIMIT_ENV, ImageLimits, add_image_limit_flags, image_limits_from
 from dgemma_common.params import GenerationParams, Limits
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
@@ -40,6 +41,7 @@ class WorkerConfig:
     log_prompts: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     warmup: bool = True
 
@@ -68,6 +70,7 @@ ENV_VARS = {
     "max_message_bytes": "DGEMMA_MAX_MESSAGE_BYTES",
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    **IMAGE_LIMIT_ENV,
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
     "default_t_min": "DGEMMA_DEFAULT_T_MIN",
@@ -124,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bool, nargs="?", const=True)
     add("--max-message-bytes", "max_message_bytes", "largest gRPC message accepted or sent", type=int)
     add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
-    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens (image tokens included)",
+        type=int)
+    add_image_limit_flags(add)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
         type=int)
@@ -190,6 +195,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         log_prompts=bool(args.log_prompts),
         max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
         limits=limits,
+        image_limits=image_limits_from(args, parser),
         defaults=defaults,
         warmup=args.warmup,
     )
