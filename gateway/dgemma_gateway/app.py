@@ -14,6 +14,7 @@ from dgemma_gateway.auth import ApiKeys
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
 from dgemma_gateway.endpoints import EndpointSource, StaticSource
+from dgemma_gateway.images import ImageIntake
 from dgemma_gateway.kserve_front import start_grpc
 from dgemma_gateway.openai_api import OpenAIApp
 from dgemma_gateway.routing import load_profile_file
@@ -29,7 +30,9 @@ class GatewayServer:
         if sources is None:
             sources = default_sources(config)
         self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core)
-        self.api = OpenAIApp(self.gateway, ApiKeys(config.api_keys_file), config.limits)
+        # One intake for both fronts, so the bound on images decoded at once holds for the whole process.
+        self.images = ImageIntake(config.limits.images)
+        self.api = OpenAIApp(self.gateway, ApiKeys(config.api_keys_file), config.limits, self.images)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -39,6 +42,7 @@ class GatewayServer:
         """Start the sources and both listeners; write the port file."""
         cfg = self.config
         await self.gateway.start()
+        await self.images.start()
         self._runner = web.AppRunner(
             # A client that goes away cancels its handler, and so the worker's request, at once.
             self.api.app, access_log=None, handle_signals=False, handler_cancellation=True)
@@ -50,7 +54,8 @@ class GatewayServer:
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         if cfg.grpc_port >= 0:
             self._grpc, self.grpc_port = await start_grpc(
-                self.gateway, cfg.host, cfg.grpc_port, cfg.limits.max_tokens, cfg.limits.default_max_tokens)
+                self.gateway, cfg.host, cfg.grpc_port, cfg.limits.max_tokens, cfg.limits.default_max_tokens,
+                self.images)
         log.info("gateway listening on http %s:%s, grpc %s", cfg.host, self.port, self.grpc_port)
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")
@@ -63,6 +68,7 @@ class GatewayServer:
             await self._grpc.stop(grace_s)
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.images.close()
         await self.gateway.stop()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from dgemma_common.images import VisionSpec
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
@@ -42,6 +43,7 @@ class GatewayRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     api: str = "openai"
     param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
+    prompt_tokens: int = 0  # the prompt's length as far as the gateway knows it, images included (0: unknown)
     # Filled in by the gateway as it routes: endpoint, variant, target and prediction (for headers and logs).
     trace: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -96,6 +98,7 @@ class Gateway:
         """Start every endpoint source."""
         for source in self.sources:
             self._tasks.append(asyncio.create_task(self._run_source(source), name=f"source {source.name}"))
+        self._tasks.append(asyncio.create_task(self.metrics.watch_loop_lag(), name="event loop lag"))
         await asyncio.sleep(0)
 
     async def _run_source(self, source: EndpointSource) -> None:
@@ -206,6 +209,7 @@ class Gateway:
             latency_target_ms=req.latency_target_ms,
             strict=req.strict,
             seq=seq,
+            prompt_tokens=req.prompt_tokens,
         )
 
     def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
@@ -331,21 +335,24 @@ class Gateway:
         if met is not None:
             m.targets.labels(variant, "met" if met else "missed").inc()
 
-    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
+    def model_vision(self, model: str) -> tuple[bool, VisionSpec | None]:
+        """Whether any endpoint of `model` has reported its load, and the image geometry one of them reported
+        (None: the model takes no images, or nothing is known yet)."""
+        loads = [c.load for c in self.registry.candidates() if c.variant.model == model and c.load is not None]
+        return bool(loads), next((load.vision for load in loads if load.vision is not None), None)
+
+    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int, image_tokens: int = 0
+                                  ) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.
 
-        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip.
-        Returns None when the bound already shows the prompt fits.
+        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip;
+        `image_tokens` (counted from the images' sizes) is added to the bound. Returns None when the bound
+        already shows the prompt fits.
         """
         kind = prompt.WhichOneof("kind")
         if kind == "tokens":
             return len(prompt.tokens.ids)
-        if kind == "text":
-            bound = len(prompt.text.encode())
-        else:
-            # Chat template tokens per message are few; 16 is a generous bound.
-            bound = sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
-        if bound <= limit:
+        if text_bound(prompt) + image_tokens <= limit:
             return None
         now = self.registry.clock()
         for c in self.registry.candidates(now):
@@ -363,3 +370,24 @@ class Gateway:
                 continue
         # No worker could count now: leave the limit to the worker that takes the request.
         return None
+
+
+def text_bound(prompt: pb.Prompt) -> int:
+    """An upper bound on the text tokens of a prompt: UTF-8 bytes (a byte-level BPE never makes more), plus a
+    generous 16 per chat message for its template."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    if prompt.WhichOneof("kind") == "text":
+        return len(prompt.text.encode())
+    return sum(_message_bytes(m) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
+
+
+def estimate_text_tokens(prompt: pb.Prompt) -> int:
+    """The text tokens of a prompt as routing guesses them: about four UTF-8 bytes a token."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    return max(1, text_bound(prompt) // 4)
+
+
+def _message_bytes(m: pb.ChatMessage) -> int:
+    return len(m.content.encode()) + sum(len(p.text.encode()) for p in m.parts)

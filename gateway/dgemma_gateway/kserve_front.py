@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from importlib import metadata
 from typing import Any, NoReturn
 
@@ -19,27 +20,20 @@ from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import kserve
+from dgemma_common.convert import prompt_to_pb
 from dgemma_common.kserve import client_settings, parameter_value
 from dgemma_common.params import Limits, ParamError, params_from_mapping
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
-from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
+from dgemma_gateway.endpoints import MAX_MESSAGE_BYTES
 from dgemma_gateway.errors import GatewayError
+from dgemma_gateway.images import ImageIntake, image_tokens
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _STOP = {pb.STOP_REASON_EOS: StopReason.EOS, pb.STOP_REASON_STOP_STRING: StopReason.STOP_STRING,
          pb.STOP_REASON_LENGTH: StopReason.LENGTH}
-
-
-def _prompt_pb(req: kserve.InferRequest) -> pb.Prompt:
-    p = req.prompt
-    if p.text is not None:
-        return pb.Prompt(text=p.text)
-    if p.messages is not None:
-        return pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.role, content=m.content)
-                                                        for m in p.messages]))
-    return pb.Prompt(tokens=pb.TokenIds(ids=list(p.token_ids or ())))
 
 
 def _final_event(final: pb.Final) -> FinalEvent:
@@ -61,8 +55,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayErro
 class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService in front of every model the gateway serves."""
 
-    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256) -> None:
+    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256,
+                 images: ImageIntake | None = None) -> None:
         self.gateway = gateway
+        self.images = images or ImageIntake()
         self.limits = Limits(max_new_tokens=max_tokens)
         self.default_max_tokens = default_max_tokens
         try:
@@ -73,6 +69,21 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def _check_model(self, name: str, version: str = "") -> None:
         if name not in self.gateway.models() or version not in ("", "1"):
             raise GatewayError(404, f"unknown model {name!r}; served: {self.gateway.models()}", param="model")
+
+    async def _prepared(self, request: kpb.ModelInferRequest) -> tuple[GatewayRequest, kserve.InferRequest]:
+        """The decoded request with its images checked and its prompt length known to routing."""
+        greq, decoded = self._request(request)
+        images = decoded.prompt.all_images
+        extra = 0
+        if images:
+            fields = [f"{kserve.IMAGE}[{k}]" for k in range(len(images))]
+            known, spec = self.gateway.model_vision(greq.model)
+            if known and spec is None:
+                raise GatewayError(400, f"{kserve.IMAGE}: the model {greq.model!r} takes no images",
+                                   param=kserve.IMAGE)
+            infos = await self.images.check([(i.data, i.mime_type) for i in images], fields, kserve.IMAGE)
+            extra = 0 if spec is None else image_tokens(infos, fields, spec)
+        return replace(greq, prompt_tokens=estimate_text_tokens(greq.prompt) + extra), decoded
 
     def _request(self, request: kpb.ModelInferRequest) -> tuple[GatewayRequest, kserve.InferRequest]:
         self._check_model(request.model_name, request.model_version)
@@ -89,7 +100,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         settings.setdefault("max_new_tokens", self.default_max_tokens)
         keep = {k: v for k, v in settings.items() if v is not None}
         return GatewayRequest(
-            model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
+            model=request.model_name, prompt=prompt_to_pb(decoded.prompt), settings=keep,
             latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",
             **({"request_id": request.id} if request.id else {}),
         ), decoded
@@ -142,7 +153,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelInferResponse:
         """The whole reply at once."""
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = await self._prepared(request)
             commits: list[CommitEvent] = []
             final: FinalEvent | None = None
             async for kind, event in self._events(greq):
@@ -165,7 +176,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(self, request: kpb.ModelInferRequest,
                           out: asyncio.Queue[kpb.ModelStreamInferResponse | None]) -> None:
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = await self._prepared(request)
             async for kind, event in self._events(greq):
                 if kind == "commit":
                     response = kserve.commit_response(request.model_name, decoded, event)
@@ -177,14 +188,17 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc(gateway: Gateway, host: str, port: int, max_tokens: int = 8192,
-                     default_max_tokens: int = 256) -> tuple[grpc.aio.Server, int]:
+                     default_max_tokens: int = 256, images: ImageIntake | None = None
+                     ) -> tuple[grpc.aio.Server, int]:
     """Start the KServe front; returns the server and its bound port."""
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # Requests carry images: the same message bound as the gateway's channels to the workers.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GatewayKServeServicer(gateway, max_tokens, default_max_tokens), server)
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, images), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -16,15 +16,17 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pydantic_core
 from aiohttp import web
 
 from dgemma_common.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
 from dgemma_gateway.auth import ApiKeys, StreamLimiter
-from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
 from dgemma_gateway.errors import GatewayError, bad_request
+from dgemma_gateway.images import ImageIntake, ImageRef, ImageSettings, image_tokens
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
@@ -54,12 +56,13 @@ UNSET = object()
 class ApiLimits:
     """What one request may ask for."""
 
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # images come in the body, base64: 4/3 of their size
     max_prompt_tokens: int = 32768
     max_tokens: int = 8192
     default_max_tokens: int = 256
     max_n: int = 4
     max_streams_per_key: int = 64
+    images: ImageSettings = field(default_factory=ImageSettings)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Parsed:
     include_usage: bool
     drafts: bool
     model: str
+    images: list[ImageRef] = field(default_factory=list)  # image parts whose bytes are still to be loaded
 
 
 def _int_field(body: Mapping[str, Any], name: str, lo: int, hi: int, default: Any = UNSET) -> Any:
@@ -110,34 +114,85 @@ def _latency_target(body: Mapping[str, Any], header: str | None) -> float | None
     return float(value)
 
 
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}[{i}]", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    if value is None:
-        return ""
-    raise bad_request(where, "must be a string or a list of text parts")
+IMAGE_DETAILS = frozenset({"auto", "low", "high"})  # OpenAI's `detail`: accepted, and the model's own resolution used
 
 
-def chat_prompt(messages: Any) -> pb.Prompt:
-    """OpenAI chat messages as a chat prompt (the worker applies the model's template)."""
+@dataclass(frozen=True)
+class _ImagePart:
+    """An image_url part as parsed: where it is and its URL (its bytes are loaded after parsing)."""
+
+    message: int
+    part: int
+    field: str
+    url: str
+
+
+def _only_keys(value: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise bad_request(f"{where}.{unknown[0]}", "unknown field")
+
+
+def _image_url(part: Mapping[str, Any], where: str) -> str:
+    _only_keys(part, frozenset({"type", "image_url"}), where)
+    image = part.get("image_url")
+    if not isinstance(image, dict):
+        raise bad_request(f"{where}.image_url", 'must be an object: {"url": "data:image/png;base64,..."}')
+    _only_keys(image, frozenset({"url", "detail"}), f"{where}.image_url")
+    url = image.get("url")
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}.image_url.url", "must be a data: URL or an http(s) URL")
+    if image.get("detail") is not None and image["detail"] not in IMAGE_DETAILS:
+        raise bad_request(f"{where}.image_url.detail", f"must be one of {sorted(IMAGE_DETAILS)}")
+    return str(url)
+
+
+def _content(value: Any, where: str, role: str, message: int, images: list[_ImagePart]) -> pb.ChatMessage:
+    """A message's content: a string, or text and image_url parts (images are recorded in `images`)."""
+    if isinstance(value, str) or value is None:
+        return pb.ChatMessage(role=role, content=value or "")
+    if not isinstance(value, list):
+        raise bad_request(where, "must be a string or a list of content parts")
+    parts = []
+    for i, part in enumerate(value):
+        here = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            _only_keys(part, frozenset({"type", "text"}), here)
+            if not isinstance(part.get("text"), str):
+                raise bad_request(f"{here}.text", "must be a string")
+            parts.append(pb.ContentPart(text=part["text"]))
+        elif kind == "image_url":
+            url = _image_url(part, here)
+            if role != "user":
+                raise bad_request(here, "images go in user messages")
+            images.append(_ImagePart(message, i, here, url))
+            parts.append(pb.ContentPart(image=pb.Image()))
+        else:
+            raise bad_request(here, 'a content part is {"type": "text", ...} or {"type": "image_url", ...}')
+    if not any(p.HasField("image") for p in parts):
+        return pb.ChatMessage(role=role, content="".join(p.text for p in parts))
+    return pb.ChatMessage(role=role, parts=parts)
+
+
+def chat_prompt(messages: Any) -> tuple[pb.Prompt, list[ImageRef]]:
+    """OpenAI chat messages as a chat prompt (the worker applies the model's template), and its image parts,
+    whose bytes `ImageIntake.load` puts in place."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "must be a non-empty list of messages")
     out = []
+    images: list[_ImagePart] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}]", "must be an object with 'role' and 'content'")
         role = ROLES.get(m.get("role"))  # type: ignore[arg-type]
         if role is None:
             raise bad_request(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {m.get('role')!r}")
-        out.append(pb.ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
-    return pb.Prompt(chat=pb.ChatMessages(messages=out))
+        out.append(_content(m.get("content"), f"messages[{i}].content", role, i, images))
+    prompt = pb.Prompt(chat=pb.ChatMessages(messages=out))
+    # References into the finished prompt (protobuf copies messages as they are added to it).
+    chat = prompt.chat.messages
+    return prompt, [ImageRef(p.field, p.url, chat[p.message].parts[p.part].image) for p in images]
 
 
 def text_prompt(prompt: Any) -> pb.Prompt:
@@ -156,10 +211,14 @@ def text_prompt(prompt: Any) -> pb.Prompt:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body."""
+    """The JSON object of a request body.
+
+    pydantic-core's parser, several times faster than the standard library's: a 16 MiB body of images is
+    parsed in tens of milliseconds, and the event loop waits for that (no parser releases the GIL).
+    """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = pydantic_core.from_json(raw, allow_inf_nan=True)
+    except ValueError:
         raise GatewayError(400, "the body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "the body must be a JSON object", code="invalid_json")
@@ -173,7 +232,7 @@ def parse_request(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model", "is required and must be a string")
-    prompt = chat_prompt(body.get("messages")) if kind == "chat" else text_prompt(body.get("prompt"))
+    prompt, images = chat_prompt(body.get("messages")) if kind == "chat" else (text_prompt(body.get("prompt")), [])
     if body.get("tools"):
         raise bad_request("tools", "tool calling is not supported")
     if body.get("logprobs") not in (None, False, 0):
@@ -216,7 +275,7 @@ def parse_request(
             model=model, prompt=prompt, settings=s, latency_target_ms=target, strict=strict,
             timeout_s=float(timeout_s) if timeout_s is not None else None, param_names=names,
         ))
-    return Parsed(requests, stream, include_usage, bool(settings.get("stream_drafts")), model)
+    return Parsed(requests, stream, include_usage, bool(settings.get("stream_drafts")), model, images)
 
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "seed", "stop",
@@ -286,10 +345,12 @@ def _dgemma_extra(finals: Sequence[pb.Final | None], trace: Mapping[str, Any]) -
 class OpenAIApp:
     """The aiohttp application around one Gateway."""
 
-    def __init__(self, gateway: Gateway, keys: ApiKeys, limits: ApiLimits | None = None) -> None:
+    def __init__(self, gateway: Gateway, keys: ApiKeys, limits: ApiLimits | None = None,
+                 images: ImageIntake | None = None) -> None:
         self.gateway = gateway
         self.keys = keys
         self.limits = limits or ApiLimits()
+        self.images = images or ImageIntake(self.limits.images)
         self.streams = StreamLimiter(self.limits.max_streams_per_key)
         self.app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors])
         r = self.app.router
@@ -380,18 +441,33 @@ class OpenAIApp:
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")
-        tokens = await self.gateway.count_prompt_tokens(parsed.model, parsed.requests[0].prompt,
-                                                        self.limits.max_prompt_tokens)
-        if tokens is not None and tokens > self.limits.max_prompt_tokens:
-            raise GatewayError(413, f"the prompt has {tokens} tokens; the limit is {self.limits.max_prompt_tokens}",
-                               param="messages" if kind == "chat" else "prompt", code="prompt_too_long")
         self.streams.acquire(key)
         try:
+            parsed = await self._count_prompt(parsed, "messages" if kind == "chat" else "prompt")
             if parsed.stream:
                 return await self._stream(request, parsed, kind)
             return await self._whole(parsed, kind)
         finally:
             self.streams.release(key)
+
+    async def _count_prompt(self, parsed: Parsed, field: str) -> Parsed:
+        """Load the request's images, refuse a prompt over the limit, and give routing its length."""
+        extra = 0
+        if parsed.images:
+            fields = [r.field for r in parsed.images]
+            known, spec = self.gateway.model_vision(parsed.model)
+            if known and spec is None:
+                raise bad_request(fields[0], f"the model {parsed.model!r} takes no images")
+            infos = await self.images.load(parsed.images, "messages")
+            extra = 0 if spec is None else image_tokens(infos, fields, spec)
+        limit = self.limits.max_prompt_tokens
+        prompt = parsed.requests[0].prompt
+        tokens = await self.gateway.count_prompt_tokens(parsed.model, prompt, limit, extra)
+        if tokens is not None and tokens > limit:
+            raise GatewayError(413, f"the prompt has {tokens} tokens; the limit is {limit}", param=field,
+                               code="prompt_too_long")
+        length = tokens if tokens is not None else estimate_text_tokens(prompt) + extra
+        return replace(parsed, requests=[replace(r, prompt_tokens=length) for r in parsed.requests])
 
     async def _whole(self, parsed: Parsed, kind: str) -> web.Response:
         n = len(parsed.requests)

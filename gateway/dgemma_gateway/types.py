@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dgemma_common.images import VisionSpec
+
 DEFAULT_LATENCY_TARGET_MS = 2000.0
 
 
@@ -41,6 +43,8 @@ class EndpointLoad:
     ready: bool
     draining: bool
     observed_at: float  # gateway monotonic clock when the report arrived
+    encoder_token_latency_s: float = 0.0  # encoder seconds per prompt token; 0 = not measured yet
+    vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,4 @@ class RouteRequest:
     latency_target_ms: float | None = None  # None: the variant's default
     strict: bool | None = None  # None: the profile decides
     seq: int = 0  # a request counter, so round-robin and tie-breaks stay pure functions
+    prompt_tokens: int = 0  # the prompt's length, image tokens included; 0: unknown
