@@ -188,18 +188,21 @@ async def decoupled_stream(
     tasks: set[asyncio.Task[None]] = set()
 
     async def read() -> None:
-        async for request in requests:
-            task = asyncio.create_task(handle(request, out))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-        await out.put(None)
+        try:
+            async for request in requests:
+                task = asyncio.create_task(handle(request, out))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+        finally:
+            await out.put(None)
 
     reader = asyncio.create_task(read())
     try:
         while (item := await out.get()) is not None:
             yield item
+        await reader  # a request stream that failed (a message that does not parse) ends the call with it
     finally:
         reader.cancel()
         for task in list(tasks):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 from aiohttp import web
 
-from dgemma_gateway.auth import ApiKeys
+from dgemma_common.auth import ApiKeys
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
 from dgemma_gateway.endpoints import EndpointSource, StaticSource
@@ -30,9 +30,10 @@ class GatewayServer:
         if sources is None:
             sources = default_sources(config)
         self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core)
+        self.keys = ApiKeys(config.api_keys_file)  # one checker for both listeners
         # One intake for both fronts, so the bound on images decoded at once holds for the whole process.
         self.images = ImageIntake(config.limits.images)
-        self.api = OpenAIApp(self.gateway, ApiKeys(config.api_keys_file), config.limits, self.images)
+        self.api = OpenAIApp(self.gateway, self.keys, config.limits, self.images)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -54,8 +55,8 @@ class GatewayServer:
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         if cfg.grpc_port >= 0:
             self._grpc, self.grpc_port = await start_grpc(
-                self.gateway, cfg.host, cfg.grpc_port, cfg.limits.max_tokens, cfg.limits.default_max_tokens,
-                self.images)
+                self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens,
+                cfg.limits.default_max_tokens, self.images)
         log.info("gateway listening on http %s:%s, grpc %s", cfg.host, self.port, self.grpc_port)
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")

@@ -20,7 +20,9 @@ from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import kserve
+from dgemma_common.auth import ApiKeys
 from dgemma_common.convert import prompt_to_pb
+from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import client_settings, parameter_value
 from dgemma_common.params import Limits, ParamError, params_from_mapping
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
@@ -187,21 +189,27 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await out.put(kpb.ModelStreamInferResponse(error_message=err.message))
 
 
-async def start_grpc(gateway: Gateway, host: str, port: int, max_tokens: int = 8192,
+KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_tokens: int = 8192,
                      default_max_tokens: int = 256, images: ImageIntake | None = None
                      ) -> tuple[grpc.aio.Server, int]:
-    """Start the KServe front; returns the server and its bound port."""
+    """Start the KServe front (API keys on the inference service; health and reflection open)."""
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
+                         on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
     # Requests carry images: the same message bound as the gateway's channels to the workers.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                             interceptors=[guard])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         GatewayKServeServicer(gateway, max_tokens, default_max_tokens, images), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_name = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    service_name = KSERVE_SERVICE
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -94,6 +94,9 @@ class GatewayMetrics:
             "dgemma_gateway_event_loop_lag_seconds",
             f"How late the event loop woke a {LAG_PROBE_S:g} s sleeper: work that blocks the loop shows here",
             buckets=LAG_BUCKETS, registry=r)
+        self.auth_failures = Counter(
+            "dgemma_gateway_auth_failures", "Requests refused for a missing or wrong API key", ["api", "reason"],
+            registry=r)
         r.register(_StateCollector(demand))
 
     async def watch_loop_lag(self) -> None:

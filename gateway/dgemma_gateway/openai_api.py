@@ -22,8 +22,9 @@ from typing import Any
 import pydantic_core
 from aiohttp import web
 
+from dgemma_common.auth import ApiKeys
 from dgemma_common.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
-from dgemma_gateway.auth import ApiKeys, StreamLimiter
+from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
 from dgemma_gateway.errors import GatewayError, bad_request
 from dgemma_gateway.images import ImageIntake, ImageRef, ImageSettings, image_tokens
@@ -387,6 +388,10 @@ class OpenAIApp:
             internal = GatewayError(500, "internal error in the gateway", code="internal_error")
             return web.json_response(internal.body(), status=500)
 
+    def _authenticate(self, request: web.Request) -> str:
+        return authenticate(self.keys, request.headers,
+                            lambda reason: self.gateway.metrics.auth_failures.labels("openai", reason).inc())
+
     # ---- plain endpoints ------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -413,12 +418,12 @@ class OpenAIApp:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """Served model names."""
-        self.keys.check(request.headers.get("Authorization"))
+        self._authenticate(request)
         return web.json_response({"object": "list", "data": [_model(m) for m in self.gateway.models()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         """One served model."""
-        self.keys.check(request.headers.get("Authorization"))
+        self._authenticate(request)
         name = request.match_info["model"]
         if name not in self.gateway.models():
             raise GatewayError(404, f"model {name!r} does not exist", param="model", code="model_not_found")
@@ -435,7 +440,7 @@ class OpenAIApp:
         return await self._complete(request, "text")
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key = self.keys.check(request.headers.get("Authorization"))
+        key = self._authenticate(request)
         parsed = parse_request(parse_body(await request.read()), kind, self.limits,
                                request.headers.get(LATENCY_HEADER))
         if parsed.model not in self.gateway.models():

@@ -106,7 +106,8 @@ async def test_the_size_and_time_limits_hold(server: str) -> None:
 async def test_hosts_off_the_allowlist_and_internal_names_are_refused(server: str) -> None:
     await refused(f"{server}/cat.png", "remote image URLs are not enabled", allowed_hosts=())
     await refused(f"{server}/cat.png", "not on this server's list", allowed_hosts=("images.example.com",))
-    assert host_allowed("a.example.com", ("*.example.com",)) and not host_allowed("example.com.evil", ("*.example.com",))
+    assert host_allowed("a.example.com", ("*.example.com",))
+    assert not host_allowed("example.com.evil", ("*.example.com",))
     for name in ("localhost", "api.default.svc", "api.default.svc.cluster.local", "metadata.google.internal"):
         assert not host_allowed(name, (name,))
 

@@ -1,0 +1,116 @@
+"""API keys: read from a file (so a Kubernetes Secret can supply them), compared in constant time.
+
+One checker for every port that serves inference: the gateway's HTTP API reads the key from HTTP headers,
+the gRPC fronts from call metadata (`guard.RequestGuard`); both accept `Authorization: Bearer KEY` (the
+scheme is case-insensitive, RFC 7235) and `x-api-key: KEY`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "-"
+MISSING = "missing"
+INVALID = "invalid"
+# A key longer than this is not one of ours; hashing it anyway would let a client make us hash megabytes.
+MAX_KEY_CHARS = 4096
+
+
+class AuthError(Exception):
+    """The caller gave no key, or a wrong one; `reason` is MISSING or INVALID (a metrics label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def parse_keys(text: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def key_from_headers(get: Callable[[str], str | None]) -> str | None:
+    """The key a request presents: `authorization: Bearer KEY` (any case of the scheme), else `x-api-key`."""
+    authorization = get("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    api_key = get("x-api-key")
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+def metadata_getter(metadata: Iterable[tuple[str, str | bytes]] | None) -> Callable[[str], str | None]:
+    """A header lookup over gRPC call metadata (keys are lower-case on the wire)."""
+    values: dict[str, str] = {}
+    for key, value in metadata or ():
+        if isinstance(value, str):
+            values.setdefault(key.lower(), value)
+    return values.get
+
+
+class ApiKeys:
+    """The keys of a file, re-read when the file changes (Secrets are updated in place)."""
+
+    def __init__(self, path: Path | None, recheck_s: float = 5.0) -> None:
+        self.path = path
+        self.recheck_s = recheck_s
+        self._digests: list[bytes] = []
+        self._mtime: float | None = None
+        self._checked = 0.0
+        if path is not None:
+            self._load()
+            if not self._digests:
+                log.warning("API key file %s holds no key: every request will be refused", path)
+
+    @property
+    def enabled(self) -> bool:
+        """Keys are configured."""
+        return self.path is not None
+
+    def _load(self) -> None:
+        assert self.path is not None
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            log.error("cannot read API key file %s: %s", self.path, exc)
+            return
+        if stat.st_mtime == self._mtime:
+            return
+        self._mtime = stat.st_mtime
+        # Digests of equal length make compare_digest's time independent of the key's length.
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in parse_keys(self.path.read_text())]
+
+    def check(self, get: Callable[[str], str | None]) -> str:
+        """The caller's key id from its headers or metadata; AuthError when keys are on and none matches.
+
+        A missing, a wrong and a right key cost the same work (one digest, a comparison with every key),
+        so the time taken says nothing about the keys.
+        """
+        if self.path is None:
+            return ANONYMOUS
+        now = time.monotonic()
+        if now - self._checked >= self.recheck_s:
+            self._checked = now
+            self._load()
+        key = key_from_headers(get)
+        given = hashlib.sha256((key or "")[:MAX_KEY_CHARS].encode("utf-8", "replace")).digest()
+        matched = False
+        for digest in self._digests:  # all of them, so the time does not tell which key matched
+            matched |= hmac.compare_digest(given, digest)
+        if key is None:
+            raise AuthError(MISSING, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
+        if not matched or len(key) > MAX_KEY_CHARS:
+            raise AuthError(INVALID, "invalid API key")
+        return given.hex()[:16]  # an id for per-key limits that never holds the key itself
