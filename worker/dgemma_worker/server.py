@@ -48,8 +48,10 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
     from dgemma_worker.engine import Engine, EngineConfig
     from dgemma_worker.model import load_model
+    from dgemma_worker.runner import DelayedStepRunner
 
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, revision=config.model_revision)
+    runner = DelayedStepRunner(loaded, delay_s=config.debug_step_delay_s) if config.debug_step_delay_s else None
     engine = Engine(
         loaded,
         EngineConfig(
@@ -57,6 +59,7 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
             image_limits=config.image_limits,
         ),
         observer=observer,
+        runner=runner,
     )
     engine.start(warmup=config.warmup)
     return engine

@@ -44,6 +44,7 @@ class WorkerConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     warmup: bool = True
+    debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
 
     @property
     def model_name(self) -> str:
@@ -78,6 +79,7 @@ ENV_VARS = {
     "default_entropy_bound": "DGEMMA_DEFAULT_ENTROPY_BOUND",
     "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
     "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
+    "debug_step_delay_s": "DGEMMA_DEBUG_STEP_DELAY_S",
 }
 
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
         type=float)
+    add("--debug-step-delay-s", "debug_step_delay_s", "tests and benchmarks only: add this many seconds to "
+        "every denoising step, to act like a slower GPU (default 0)", type=float)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
     return p
 
@@ -198,11 +202,14 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         image_limits=image_limits_from(args, parser),
         defaults=defaults,
         warmup=args.warmup,
+        debug_step_delay_s=args.debug_step_delay_s or 0.0,
     )
     for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
                             ("--port", cfg.port, 0), ("--max-message-bytes", cfg.max_message_bytes, 1024)):
         if value < lo:
             parser.error(f"{name} must be >= {lo}, got {value}")
+    if cfg.debug_step_delay_s < 0:
+        parser.error(f"--debug-step-delay-s must be >= 0, got {cfg.debug_step_delay_s}")
     if cfg.drain_grace_s < 0:
         parser.error(f"--drain-grace-s must be >= 0, got {cfg.drain_grace_s}")
     return cfg
