@@ -8,7 +8,7 @@ import pytest
 
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool
+from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,14 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     finally:
         p.stop()
 
+
+
+@pytest.fixture(scope="module")
+def gw(pool: Pool) -> Iterator[RunningGateway]:
+    """A gateway with its KServe front in front of the first fast worker, defaults otherwise."""
+    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
+    try:
+        g.wait_ready(1)
+        yield g
+    finally:
+        g.close()

@@ -167,27 +167,6 @@ class GatewayProcess:
         self.proc.wait(15)
 
 
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
-
-
-@pytest.fixture(scope="module")
-def gw_plain(pool: Pool) -> Iterator[RunningGateway]:
-    """The defaults: remote image URLs off."""
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))])
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
-
-
 def post(gw: RunningGateway, messages: list[dict[str, Any]]) -> requests.Response:
     body = {"model": MODEL, "max_tokens": 16, "max_denoising_steps": 2, "messages": messages}
     return requests.post(f"{gw.url}/v1/chat/completions", json=body, timeout=120)
@@ -255,8 +234,8 @@ def test_hostile_images_are_each_a_400_naming_the_part_without_stalling_the_loop
     assert grown_mib < 200, f"the gateway's memory grew by {grown_mib:.0f} MiB"  # the bomb alone decodes to 400 MB
 
 
-def test_a_remote_image_url_is_refused_when_remote_fetching_is_off(gw_plain: RunningGateway) -> None:
-    response = post(gw_plain, user(image_part("https://images.example.com/cat.png")))
+def test_a_remote_image_url_is_refused_when_remote_fetching_is_off(gw: RunningGateway) -> None:
+    response = post(gw, user(image_part("https://images.example.com/cat.png")))
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages[0].content[0]"
     assert "remote image URLs are not enabled" in response.json()["error"]["message"]

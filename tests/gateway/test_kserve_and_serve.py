@@ -7,7 +7,6 @@ import os
 import queue
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,19 +14,9 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, RunningGateway
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
 
 
 def _inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
