@@ -12,8 +12,9 @@ import yaml
 
 from dgemma_common.envflags import fill_from_env
 from dgemma_common.images import IMAGE_LIMIT_ENV, add_image_limit_flags, image_limits_from
+from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
-from dgemma_gateway.endpoints import EndpointSpec
+from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
 from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.remote_images import RemoteImageSettings
@@ -33,6 +34,9 @@ class GatewayConfig:
     kubernetes: bool = False
     namespace: str | None = None
     port_file: Path | None = None
+    tls: TlsFiles | None = None  # HTTPS and gRPC over TLS on the front door
+    worker_tls: WorkerTls | None = None  # TLS (mutual with a client certificate) to the workers
+    tls_reload_s: float = DEFAULT_RELOAD_S  # how often certificate files are looked at for a renewal
     core: GatewaySettings = field(default_factory=GatewaySettings)
     limits: ApiLimits = field(default_factory=ApiLimits)
 
@@ -48,6 +52,9 @@ ENV = {
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
     **IMAGE_LIMIT_ENV, "image_url_hosts": "DGEMMA_IMAGE_URL_HOSTS",
     "image_fetch_timeout_s": "DGEMMA_IMAGE_FETCH_TIMEOUT_S", "image_decode_slots": "DGEMMA_IMAGE_DECODE_SLOTS",
+    "tls_cert_file": "DGEMMA_TLS_CERT_FILE", "tls_key_file": "DGEMMA_TLS_KEY_FILE",
+    "worker_tls_ca_file": "DGEMMA_WORKER_TLS_CA_FILE", "worker_tls_cert_file": "DGEMMA_WORKER_TLS_CERT_FILE",
+    "worker_tls_key_file": "DGEMMA_WORKER_TLS_KEY_FILE", "worker_tls_server_name": "DGEMMA_WORKER_TLS_SERVER_NAME",
 }
 # With --kubernetes, variants may scale to zero: hold their requests this long for a first replica.
 KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
@@ -106,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true", default=None)
     add("--namespace", "namespace", "namespace(s) to watch, comma-separated (default: all)")
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
+    add_certificate_flags(add, "HTTP and gRPC")
+    add("--worker-tls-ca-file", "worker_tls_ca_file", "speak TLS to the workers, whose certificates chain to this "
+        "PEM CA", type=Path)
+    add("--worker-tls-cert-file", "worker_tls_cert_file", "client certificate presented to the workers (mutual "
+        "TLS; needs --worker-tls-ca-file)", type=Path)
+    add("--worker-tls-key-file", "worker_tls_key_file", "the PEM key of --worker-tls-cert-file", type=Path)
+    add("--worker-tls-server-name", "worker_tls_server_name", "the name the workers' certificates carry (default: "
+        "the address dialled)")
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
@@ -142,6 +157,17 @@ def image_settings_from(args: argparse.Namespace, parser: argparse.ArgumentParse
                          remote=RemoteImageSettings(allowed_hosts=hosts, timeout_s=timeout), decode_slots=slots)
 
 
+def _tls(args: argparse.Namespace) -> tuple[TlsFiles | None, WorkerTls | None]:
+    """The front door's certificate and the worker side's settings from the flags."""
+    front = tls_files(args.tls_cert_file, args.tls_key_file, what="--tls-cert-file")
+    client = tls_files(args.worker_tls_cert_file, args.worker_tls_key_file, what="--worker-tls-cert-file")
+    if args.worker_tls_ca_file is None:
+        if client is not None or args.worker_tls_server_name:
+            raise ValueError("--worker-tls-cert-file and --worker-tls-server-name need --worker-tls-ca-file")
+        return front, None
+    return front, WorkerTls(args.worker_tls_ca_file, client, args.worker_tls_server_name or None)
+
+
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Flags, then environment, then defaults."""
     env = os.environ if env is None else env
@@ -167,6 +193,10 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
         images=image_settings_from(args, parser),
     )
+    try:
+        tls, worker_tls = _tls(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     hold = args.hold_for_replica_s
     if hold is None:
         hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
@@ -185,6 +215,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         kubernetes=bool(args.kubernetes),
         namespace=args.namespace,
         port_file=args.port_file,
+        tls=tls,
+        worker_tls=worker_tls,
         core=core,
         limits=limits,
     )
