@@ -16,6 +16,7 @@ from dgemma_common.types import (
     ImageData,
     LoadSnapshot,
     Prompt,
+    PromptTooLongError,
     RequestStats,
     StopReason,
 )
@@ -32,6 +33,8 @@ _OPTIONAL_PARAMS = (
     "seed",
     "draft_interval_s",
 )
+
+MAX_CHAT_MESSAGES = 4096
 
 STOP_REASONS: dict[StopReason, int] = {
     StopReason.EOS: pb.STOP_REASON_EOS,
@@ -89,16 +92,24 @@ def _image_to_pb(image: ImageData) -> pb.Image:
     return pb.Image(data=image.data, mime_type=image.mime_type or "")
 
 
-def prompt_from_pb(msg: pb.Prompt) -> Prompt:
-    """The engine prompt for a protobuf prompt; exactly one kind must be set."""
+def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
+    """The engine prompt for a protobuf prompt; exactly one kind must be set.
+
+    Counts are checked before anything is copied out of the message, so a message full of token ids or
+    messages costs no Python objects beyond the limit.
+    """
     kind = msg.WhichOneof("kind")
     images = tuple(_image_from_pb(i) for i in msg.images)
     if kind == "text":
         prompt = Prompt.of_text(msg.text, images)
     elif kind == "chat":
+        if len(msg.chat.messages) > MAX_CHAT_MESSAGES:
+            raise ParamError("prompt.chat", f"at most {MAX_CHAT_MESSAGES} messages, got {len(msg.chat.messages)}")
         messages = [_message_from_pb(m, f"prompt.chat.messages[{i}]") for i, m in enumerate(msg.chat.messages)]
         prompt = Prompt(messages=tuple(messages), images=images)
     elif kind == "tokens":
+        if len(msg.tokens.ids) > limits.max_prompt_tokens:
+            raise PromptTooLongError(len(msg.tokens.ids), limits.max_prompt_tokens)
         prompt = Prompt(token_ids=tuple(msg.tokens.ids), images=images)
     else:
         raise ParamError("prompt", "set one of prompt.text, prompt.chat or prompt.tokens")
@@ -219,8 +230,10 @@ def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadR
     )
 
 
-def token_ids_from_pb(ids: Any, field: str = "token_ids") -> list[int]:
-    """Token ids from a repeated field, refusing negative ones."""
+def token_ids_from_pb(ids: Any, field: str = "token_ids", limit: int | None = None) -> list[int]:
+    """Token ids from a repeated field, refusing negative ones (and more than `limit`, before copying)."""
+    if limit is not None and len(ids) > limit:
+        raise ParamError(field, f"at most {limit} ids, got {len(ids)}")
     out = [int(i) for i in ids]
     if out and min(out) < 0:
         raise ParamError(field, "token ids must be >= 0")

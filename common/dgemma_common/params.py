@@ -15,6 +15,9 @@ from typing import Any
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
+# A prompt is refused by its size before tokenizing: real tokenizers average ~4 bytes per token; 16 leaves room
+# for long runs of whitespace or repeated characters without letting a client buy unbounded tokenizer time.
+BYTES_PER_TOKEN = 16
 
 
 class ParamError(ValueError):
@@ -37,6 +40,12 @@ class Limits:
     max_new_tokens: int = 8192
     max_denoising_steps: int = 256
     max_prompt_tokens: int = 32768
+    max_prompt_bytes: int | None = None  # None: BYTES_PER_TOKEN x max_prompt_tokens
+
+    @property
+    def prompt_byte_limit(self) -> int:
+        """The largest text or chat prompt, in UTF-8 bytes, that is tokenized at all."""
+        return self.max_prompt_bytes if self.max_prompt_bytes is not None else BYTES_PER_TOKEN * self.max_prompt_tokens
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,6 @@ class Gateway:
         """Start every endpoint source."""
         for source in self.sources:
             self._tasks.append(asyncio.create_task(self._run_source(source), name=f"source {source.name}"))
-        self._tasks.append(asyncio.create_task(self.metrics.watch_loop_lag(), name="event loop lag"))
         await asyncio.sleep(0)
 
     async def _run_source(self, source: EndpointSource) -> None:

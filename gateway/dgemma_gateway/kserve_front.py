@@ -23,7 +23,7 @@ from dgemma_common import kserve
 from dgemma_common.auth import ApiKeys
 from dgemma_common.convert import prompt_to_pb
 from dgemma_common.guard import RequestGuard
-from dgemma_common.kserve import client_settings, parameter_value
+from dgemma_common.kserve import parameter_value
 from dgemma_common.params import Limits, ParamError, params_from_mapping
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
@@ -96,11 +96,10 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             del request.parameters["latency_target_ms"]
         try:
             decoded = kserve.request_from_infer(request, params_from_mapping({}), self.limits)
-            settings = client_settings(request)
         except ParamError as exc:
             raise GatewayError(400, str(exc), param=exc.field) from None
-        settings.setdefault("max_new_tokens", self.default_max_tokens)
-        keep = {k: v for k, v in settings.items() if v is not None}
+        keep = {k: v for k, v in decoded.settings.items() if v is not None}
+        keep.setdefault("max_new_tokens", self.default_max_tokens)
         return GatewayRequest(
             model=request.model_name, prompt=prompt_to_pb(decoded.prompt), settings=keep,
             latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",

@@ -6,7 +6,6 @@ computed at scrape time from the gateway's state by a collector, so they can nev
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,9 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.looplag import LAG_BUCKETS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
-LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-LAG_PROBE_S = 0.05
 
 
 class _StateCollector(Collector):
@@ -90,22 +89,13 @@ class GatewayMetrics:
                                  registry=r)
         self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
                               registry=r)
-        self.loop_lag = Histogram(
-            "dgemma_gateway_event_loop_lag_seconds",
-            f"How late the event loop woke a {LAG_PROBE_S:g} s sleeper: work that blocks the loop shows here",
-            buckets=LAG_BUCKETS, registry=r)
         self.auth_failures = Counter(
             "dgemma_gateway_auth_failures", "Requests refused for a missing or wrong API key", ["api", "reason"],
             registry=r)
+        self.loop_lag = Histogram(
+            "dgemma_gateway_event_loop_lag_seconds", "How late the event loop woke from a short sleep (blocked time)",
+            buckets=LAG_BUCKETS, registry=r)
         r.register(_StateCollector(demand))
-
-    async def watch_loop_lag(self) -> None:
-        """Measure the event loop's lag until cancelled (every request on this loop waits that long)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            await asyncio.sleep(LAG_PROBE_S)
-            self.loop_lag.observe(max(0.0, loop.time() - started - LAG_PROBE_S))
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tests.gateway.gateway_harness import MODEL, RunningGateway, kserve_inputs
+from tests.procmem import peak_rss_growth
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,3 +63,17 @@ def test_dgemma_serve_demo_starts_streams_one_reply_and_exits_zero() -> None:
     assert "dgemma serve: gateway at http://127.0.0.1:" in out.stdout
     assert "curl -N http://127.0.0.1:" in out.stdout and "/v1/chat/completions" in out.stdout
     assert "-> 200" in out.stdout and "[usage: {'prompt_tokens'" in out.stdout
+
+
+@pytest.mark.parametrize("n", [12_000_000, 2**30])
+def test_the_gateway_refuses_an_integer_text_input_without_building_that_many_bytes(
+        gw: RunningGateway, n: int) -> None:
+    client = tc.InferenceServerClient(gw.grpc_address)
+    text = tc.InferInput("text_input", [1], "INT64")
+    text.set_data_from_numpy(np.array([n], dtype=np.int64))
+    with peak_rss_growth() as growth, pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [text])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert info.value.message().startswith("text_input: must be a BYTES tensor")
+    assert growth.mib < 64, f"an 8-byte tensor grew the gateway's peak RSS by {growth.mib:.0f} MiB"
+    client.close()

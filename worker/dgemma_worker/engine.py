@@ -39,6 +39,7 @@ from dgemma_common.types import (
     StopReason,
 )
 
+from . import prompts
 from .commits import commit_canvas
 from .meter import RateMeter
 from .model import LoadedModel
@@ -228,37 +229,17 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt as the encoder sees it, image tokens included."""
-        return self._encode_prompt(prompt).ids
+    def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
+        """Token ids for a prompt as the encoder sees it, image tokens included (text: prompts.py)."""
+        return self._encode_prompt(prompt, max_tokens).ids
 
-    def _encode_prompt(self, prompt: Prompt) -> EncodedPrompt:
+    def _encode_prompt(self, prompt: Prompt, max_tokens: int | None = None) -> EncodedPrompt:
         if prompt.all_images:
             return encode_image_prompt(self.loaded.processor, prompt, self.config.image_limits)
-        return EncodedPrompt(self._tokenize_text(prompt))
-
-    def _tokenize_text(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt without images: raw text gets BOS, chat messages go through the chat template."""
-        tok = self.loaded.tokenizer
-        if prompt.token_ids is not None:
-            ids = list(prompt.token_ids)
-            bad = next((t for t in ids if not 0 <= t < self.loaded.vocab_size), None)
-            if bad is not None:
-                raise ParamError("prompt.token_ids", f"ids must be in [0, {self.loaded.vocab_size}), got {bad}")
-        elif prompt.messages is not None:
-            if not prompt.messages:
-                raise ParamError("prompt.messages", "must not be empty")
-            messages = [{"role": m.role, "content": m.text} for m in prompt.messages]
-            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-        elif prompt.text is not None:
-            ids = list(tok(prompt.text, add_special_tokens=True)["input_ids"])
-        else:
-            raise ParamError("prompt", "one of text, messages or token_ids is required")
-        if not ids:
-            raise ParamError("prompt", "must not be empty")
-        return ids
+        return EncodedPrompt(prompts.encode(self.loaded.tokenizer, prompt, self.loaded.vocab_size, max_tokens))
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        prompts.check_ids(ids, self.loaded.vocab_size)
         return str(self.loaded.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def submit(

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.looplag import LAG_BUCKETS
 from dgemma_common.types import LoadSnapshot, RequestStats, StopReason
 
 PREFIX = "dgemma_worker"
@@ -50,6 +51,10 @@ class WorkerMetrics:
         self.duration = Histogram(
             f"{PREFIX}_request_duration_seconds", "From arrival to the final event.",
             buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds", "How late the gRPC event loop woke from a short sleep (blocked time).",
+            buckets=LAG_BUCKETS, registry=r,
         )
         r.register(_LoadCollector(load))
         self._server: Any = None

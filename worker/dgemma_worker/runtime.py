@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
-from dgemma_common.params import GenerationParams
+from dgemma_common.params import GenerationParams, ParamError
 from dgemma_common.types import (
     CommitEvent,
     Event,
@@ -26,9 +26,12 @@ from dgemma_common.types import (
 )
 from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
 from dgemma_worker.metrics import WorkerMetrics
+from dgemma_worker.prompts import check_size
 from dgemma_worker.worker_config import WorkerConfig
 
 log = logging.getLogger("dgemma_worker.requests")
+
+TOKENIZE_CONCURRENCY = 2
 
 
 class EngineAPI(Protocol):
@@ -51,7 +54,7 @@ class EngineAPI(Protocol):
         self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
     ) -> AsyncIterator[Event]: ...
     def load_snapshot(self) -> LoadSnapshot: ...
-    def tokenize(self, prompt: Prompt) -> list[int]: ...
+    def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...
     def drain(self) -> None: ...
     def wait_idle(self, timeout: float) -> bool: ...
@@ -79,6 +82,8 @@ class WorkerRuntime:
         self.metrics = metrics
         self.engine: EngineAPI | None = None
         self.stopping = asyncio.Event()  # set when load watchers should end (the server is stopping)
+        # Tokenizing is CPU work on threads: a few at a time, so a burst of large prompts cannot starve the engine.
+        self._tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
         self._draining = False
 
     @property
@@ -125,6 +130,22 @@ class WorkerRuntime:
             draining=snap.draining or self._draining,
         )
 
+    async def tokenize(self, engine: EngineAPI, prompt: Prompt) -> list[int]:
+        """A prompt's token ids: refused by size first, then tokenized on a thread, never on the event loop."""
+        limits = self.config.limits
+        check_size(prompt, limits)
+        async with self._tokenizing:
+            return await asyncio.to_thread(engine.tokenize, prompt, limits.max_prompt_tokens)
+
+    async def detokenize(self, engine: EngineAPI, ids: list[int]) -> str:
+        """Text of token ids, bounded in count, decoded on a thread."""
+        limits = self.config.limits
+        most = limits.max_prompt_tokens + limits.max_new_tokens
+        if len(ids) > most:
+            raise ParamError("token_ids", f"at most {most} ids, got {len(ids)}")
+        async with self._tokenizing:
+            return await asyncio.to_thread(engine.detokenize, ids)
+
     def refuse(self, exc: BaseException, *, request_id: str, rpc: str) -> RpcError:
         """Map an error raised before a request reached the engine; count it and log its line."""
         error = status_for_exception(exc, request_id)
@@ -154,7 +175,9 @@ class WorkerRuntime:
             if deadline is not None and deadline <= started:
                 raise DeadlineExceeded("deadline exceeded before the request started")
             engine = self.require_engine()
-            events = engine.stream(prompt, params, deadline=deadline)
+            ids = await self.tokenize(engine, prompt)
+            # The engine gets the ids: nothing is tokenized on the event loop.
+            events = engine.stream(Prompt.of_tokens(ids), params, deadline=deadline)
             try:
                 async for event in events:
                     if isinstance(event, FinalEvent):

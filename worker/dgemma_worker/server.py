@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import grpc_server_credentials
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
@@ -88,6 +89,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._drained = asyncio.Event()
+        self._lag_probe: asyncio.Task[None] | None = None
 
     def _snapshot_if_loaded(self) -> Any:
         return self.runtime.load_snapshot()
@@ -120,6 +122,7 @@ class WorkerServer:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._server = server
+        self._lag_probe = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag.observe), name="loop-lag")
         if cfg.health_port != HEALTH_OFF:
             self._health_server, self.health_port = await self._start_health_only(cfg.host, cfg.health_port)
         if cfg.metrics_port != METRICS_OFF:
@@ -201,6 +204,7 @@ class WorkerServer:
                                  else FINAL_STOP_GRACE_S)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
         self._drained.set()
         log.info("stopped (%s)", "drained" if idle else "grace period over",
@@ -223,7 +227,14 @@ class WorkerServer:
         await self._stop_servers(None)
         if self.runtime.engine is not None:
             await asyncio.to_thread(self.runtime.engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
+
+    async def _stop_probe(self) -> None:
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            await asyncio.gather(self._lag_probe, return_exceptions=True)
+            self._lag_probe = None
 
 
 async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> int:

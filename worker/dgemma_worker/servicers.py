@@ -49,7 +49,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         rid = request.request_id or new_request_id()
         cfg = self._rt.config
         try:
-            prompt = convert.prompt_from_pb(request.prompt)
+            prompt = convert.prompt_from_pb(request.prompt, cfg.limits)
             params = convert.params_from_pb(request.params, cfg.defaults, cfg.limits)
             if request.timeout_s < 0:
                 raise ParamError("timeout_s", "must be >= 0")
@@ -89,9 +89,8 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
     ) -> pb.TokenizeResponse:
         """Token ids of a prompt as Generate would see it."""
         try:
-            prompt = convert.prompt_from_pb(request.prompt)
-            engine = self._rt.require_engine()
-            ids = await asyncio.to_thread(engine.tokenize, prompt)
+            prompt = convert.prompt_from_pb(request.prompt, self._rt.config.limits)
+            ids = await self._rt.tokenize(self._rt.require_engine(), prompt)
         except Exception as exc:
             await _abort(context, status_for_exception(exc))
         return pb.TokenizeResponse(token_ids=ids)
@@ -101,9 +100,9 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
     ) -> pb.DetokenizeResponse:
         """Text of token ids (special tokens skipped)."""
         try:
-            ids = convert.token_ids_from_pb(request.token_ids)
-            engine = self._rt.require_engine()
-            text = await asyncio.to_thread(engine.detokenize, ids)
+            limits = self._rt.config.limits
+            ids = convert.token_ids_from_pb(request.token_ids, limit=limits.max_prompt_tokens + limits.max_new_tokens)
+            text = await self._rt.detokenize(self._rt.require_engine(), ids)
         except Exception as exc:
             await _abort(context, status_for_exception(exc))
         return pb.DetokenizeResponse(text=text)

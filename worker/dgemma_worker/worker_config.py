@@ -83,6 +83,7 @@ ENV_VARS = {
     "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     **IMAGE_LIMIT_ENV,
+    "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
     "default_t_min": "DGEMMA_DEFAULT_T_MIN",
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for (default 256)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens (image tokens included)",
         type=int)
+    add("--max-prompt-bytes", "max_prompt_bytes",
+        "longest text or chat prompt tokenized at all, in UTF-8 bytes (default 16 x --max-prompt-tokens)", type=int)
     add_image_limit_flags(add)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
@@ -180,6 +183,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
         max_denoising_steps=args.max_denoising_steps_limit or limits.max_denoising_steps,
         max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
     )
     overrides = {
         name: getattr(args, f"default_{name}")
