@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from dgemma_common.images import VisionSpec
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
@@ -22,19 +23,9 @@ from dgemma_common.types import (
 )
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
-_OPTIONAL_PARAMS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-    "seed",
-    "draft_interval_s",
-)
-
 MAX_CHAT_MESSAGES = 4096
+# A client's request id is echoed in every response and written to logs: bounded, so it cannot multiply either.
+MAX_REQUEST_ID_CHARS = 256
 
 STOP_REASONS: dict[StopReason, int] = {
     StopReason.EOS: pb.STOP_REASON_EOS,
@@ -44,6 +35,13 @@ STOP_REASONS: dict[StopReason, int] = {
     StopReason.DEADLINE: pb.STOP_REASON_DEADLINE,
     StopReason.ERROR: pb.STOP_REASON_ERROR,
 }
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """A client's request id, refused if longer than MAX_REQUEST_ID_CHARS (logs escape what it contains)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ParamError(field, f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    return request_id
 
 
 def validate_prompt(prompt: Prompt) -> Prompt:
@@ -134,16 +132,21 @@ def _message_to_pb(m: ChatMessage) -> pb.ChatMessage:
     return pb.ChatMessage(role=m.role, parts=parts)
 
 
+def settings_from_pb(msg: pb.GenerationParams) -> GenerationSettings:
+    """The settings a protobuf message sets (unset optional fields, an empty stop list and false flags are not)."""
+    values: dict[str, Any] = {f.name: list(v) if f.name == "stop" else v for f, v in msg.ListFields()}
+    return GenerationSettings.parse(values)
+
+
+def settings_to_pb(given: Mapping[str, Any]) -> pb.GenerationParams:
+    """Protobuf params for validated settings (`GenerationSettings.given()`); the receiver's defaults fill the rest."""
+    values: dict[str, Any] = {k: list(v) if k == "stop" else v for k, v in given.items()}
+    return pb.GenerationParams(**values)
+
+
 def params_from_pb(msg: pb.GenerationParams, defaults: GenerationParams, limits: Limits) -> GenerationParams:
     """Request params: the set fields over the server defaults, validated against the limits."""
-    values: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
-    if msg.stop:
-        values["stop"] = list(msg.stop)
-    if msg.stream_drafts:
-        values["stream_drafts"] = True
-    if msg.ignore_eos:
-        values["ignore_eos"] = True
-    return params_from_mapping(values, defaults, limits)
+    return settings_from_pb(msg).resolve(defaults, limits)
 
 
 def stats_to_pb(stats: RequestStats) -> pb.RequestStats:

@@ -33,9 +33,10 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kpb
 
-from dgemma_common.convert import validate_prompt
+from dgemma_common.convert import check_request_id, validate_prompt
 from dgemma_common.logsafe import clip
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.openai_models import ImageSlotPart, TensorChatMessage, parse_messages_json
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import ChatMessage, CommitEvent, ContentPart, FinalEvent, ImageData, Prompt, RequestStats
 
 PLATFORM = "dgemma"
@@ -65,9 +66,11 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     (STOP_REASON, "BYTES", [1]),
 )
 OUTPUT_NAMES = frozenset(name for name, _, _ in OUTPUTS)
-# Request parameters that belong to Triton or KServe rather than to generation.
+LATENCY_TARGET = "latency_target_ms"  # read by the gateway's router; a worker has nothing to route
+# Request parameters that belong to Triton, KServe or routing rather than to generation.
 _TRANSPORT_PARAMETERS = frozenset(
-    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers"}
+    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers",
+     LATENCY_TARGET}
 )
 _ALIASES = {"max_tokens": "max_new_tokens"}  # vLLM's name for the same limit
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "INT64": mc.TYPE_INT64, "BOOL": mc.TYPE_BOOL}
@@ -270,34 +273,16 @@ def _prompt_from_inputs(tensors: Mapping[str, list[Any]], limits: Limits) -> Pro
         if images:
             raise ParamError(IMAGE, f"images go with {TEXT_INPUT} or {MESSAGES}, not {INPUT_IDS}")
         return validate_prompt(Prompt.of_tokens([int(i) for i in tensors[INPUT_IDS]]))
-    shape = ('must be a JSON list of {"role": "...", "content": ...} with string roles; content is a string or '
-             'a list of {"type": "text", "text": "..."} and {"type": "image"} parts')
-    try:
-        raw = json.loads(_one_string(MESSAGES, tensors[MESSAGES]))
-    except (ValueError, RecursionError):
-        raise ParamError(MESSAGES, shape) from None
-    if not isinstance(raw, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in raw):
-        raise ParamError(MESSAGES, shape)
-    messages = [ChatMessage(m["role"], _content(m.get("content"), shape)) for m in raw]
+    raw = parse_messages_json(_one_string(MESSAGES, tensors[MESSAGES]), MESSAGES)
+    messages = [ChatMessage(m.template_role, _content(m)) for m in raw]
     return validate_prompt(Prompt.of_messages(_place_images(messages, images)))
 
 
-def _content(value: Any, shape: str) -> str | tuple[ContentPart, ...]:
-    """A message's content: a string, or text parts and image placeholders (`_place_images` fills them)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ParamError(MESSAGES, shape)
-    parts: list[ContentPart] = []
-    for part in value:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str) and set(part) == {"type", "text"}:
-            parts.append(part["text"])
-        elif kind == "image" and set(part) == {"type"}:
-            parts.append(_PLACEHOLDER)
-        else:
-            raise ParamError(MESSAGES, shape)
-    return tuple(parts)
+def _content(message: TensorChatMessage) -> str | tuple[ContentPart, ...]:
+    """A message's text, or its text parts and image placeholders (`_place_images` fills them)."""
+    if not isinstance(message.content, list) or not message.has_images:
+        return message.text()
+    return tuple(_PLACEHOLDER if isinstance(p, ImageSlotPart) else p.text for p in message.content)
 
 
 # Where an image of the `image` tensor goes, until `_place_images` puts it there.
@@ -336,8 +321,9 @@ def request_from_infer(
     request: kpb.ModelInferRequest, defaults: GenerationParams, limits: Limits
 ) -> InferRequest:
     """Decode a ModelInferRequest into a prompt and validated params; ParamError names the bad part."""
+    check_request_id(request.id, "id")
     tensors = decode_inputs(request, limits)
-    settings = _settings(request, tensors.get(SAMPLING_PARAMETERS))
+    settings = GenerationSettings.parse(_settings(request, tensors.get(SAMPLING_PARAMETERS)))
     if len(request.outputs) > MAX_REQUESTED_OUTPUTS:
         raise ParamError("outputs", f"at most {MAX_REQUESTED_OUTPUTS} requested outputs")
     outputs = frozenset(o.name for o in request.outputs) or OUTPUT_NAMES
@@ -347,9 +333,9 @@ def request_from_infer(
     return InferRequest(
         request_id=request.id,
         prompt=_prompt_from_inputs(tensors, limits),
-        params=params_from_mapping(settings, defaults, limits),
+        params=settings.resolve(defaults, limits),
         outputs=outputs,
-        settings=settings,
+        settings=settings.given(),
     )
 
 

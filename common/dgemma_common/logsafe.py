@@ -36,6 +36,17 @@ def clip(value: object, limit: int = DEFAULT_LIMIT) -> str:
     return f"{text}...[{cut} more chars]" if cut > 0 else text
 
 
+def brief(value: object, limit: int = 64) -> str:
+    """A short, escaped picture of a client's value for an error message; never builds a huge repr first."""
+    if isinstance(value, str | bytes):
+        shown = repr(value[:limit]) + ("..." if len(value) > limit else "")
+    elif isinstance(value, list | tuple | dict | set):
+        shown = f"a {type(value).__name__} of {len(value)} items" if len(value) > 8 else repr(value)
+    else:
+        shown = repr(value)
+    return clip(shown, limit * 2)
+
+
 class SafeFormatter(logging.Formatter):
     """A logging.Formatter whose message part is escaped and bounded; tracebacks keep their lines."""
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +33,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 
 
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    """A gateway with its KServe front in front of the first fast worker, defaults otherwise."""
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
+@pytest.fixture
+def client(gw: RunningGateway) -> openai.OpenAI:
+    """The official SDK against the module's `gw` gateway (no keys, no retries)."""
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=60)

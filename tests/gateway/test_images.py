@@ -30,10 +30,12 @@ from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_worker.model import TINY_MAX_SOFT_TOKENS
 from tests.common.imagefiles import image_bytes, png_bomb, truncated
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, fast_gateway, static, variant
 
 pytestmark = pytest.mark.timeout(240)
 SPEC = VisionSpec(max_soft_tokens=TINY_MAX_SOFT_TOKENS)
+
+gw = pytest.fixture(scope="module", name="gw")(fast_gateway)
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -13,12 +13,13 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.gateway.gateway_harness import MODEL, RunningGateway, kserve_inputs
+from tests.gateway.gateway_harness import MODEL, RunningGateway, fast_gateway, kserve_inputs
 from tests.procmem import peak_rss_growth
 
 pytestmark = pytest.mark.timeout(180)
 
 
+gw = pytest.fixture(scope="module", name="gw")(fast_gateway)
 
 
 def test_tritonclient_infers_through_the_gateway(gw: RunningGateway) -> None:

@@ -71,7 +71,7 @@ BAD_REQUESTS = [
     (_raw(HELLO, (Tensor(name="messages", datatype="BYTES", shape=[1]),
                   _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "text_input: give exactly one"),
     (_raw((Tensor(name="messages", datatype="BYTES", shape=[1]),
-           _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "messages: must be a JSON list"),
+           _bytes_tensor(b'[{"role": 1, "content": "x"}]'))), "messages[0].role: Input should be"),
     (_raw(HELLO, outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="text_output")] * 100), "outputs"),
 ]
 
@@ -95,3 +95,18 @@ def test_a_well_formed_raw_request_still_works(worker: RunningWorker) -> None:
     with grpc.insecure_channel(worker.address) as channel:
         reply = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert reply.outputs[1].name == "output_ids" and reply.outputs[1].shape[0] <= 8
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_durations_are_invalid_argument(worker: RunningWorker, value: float) -> None:
+    from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(worker.stub.Generate(pb.GenerateRequest(prompt=pb.Prompt(text="hi"), timeout_s=value), timeout=30))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("timeout_s")
+    if value != -1.0:  # a negative interval is clamped to the minimum, as documented
+        # A NaN interval used to slip through the clamp and stream load reports in a tight loop.
+        with pytest.raises(grpc.RpcError) as info:
+            list(worker.stub.WatchLoad(pb.WatchLoadRequest(interval_s=value), timeout=30))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("interval_s")

@@ -441,11 +441,12 @@ class Engine:
         started = time.perf_counter()
         if group.batch.needs_encoding:
             tokens = self.runner.encode(group.batch)
+            elapsed = time.perf_counter() - started
             for req in group.rows:
                 req.stats.encoder_passes += 1
-            seconds = time.perf_counter() - started
-            self._record_step("encoder", seconds)
-            self._meter.observe("encoder_token", seconds / max(1, tokens))
+                req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
+            self._record_step("encoder", elapsed)
+            self._meter.observe("encoder_token", elapsed / max(1, tokens))
             return
         report = self.runner.denoise(group.batch)
         self.counters.decoder_forward_s += report.forward_s

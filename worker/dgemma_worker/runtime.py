@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
+from dgemma_common.logsafe import clip
 from dgemma_common.params import GenerationParams, ParamError
 from dgemma_common.types import (
     CommitEvent,
@@ -27,6 +27,7 @@ from dgemma_common.types import (
 from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.prompts import check_size
+from dgemma_worker.request_trace import RequestSpans
 from dgemma_worker.worker_config import WorkerConfig
 
 log = logging.getLogger("dgemma_worker.requests")
@@ -67,11 +68,6 @@ class RequestFailed(Exception):
     def __init__(self, error: RpcError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-def new_request_id() -> str:
-    """A fresh request id."""
-    return uuid.uuid4().hex
 
 
 class WorkerRuntime:
@@ -171,6 +167,7 @@ class WorkerRuntime:
         error: RpcError | None = None
         outcome = "cancelled"
         committed: list[str] = []
+        spans = RequestSpans()
         try:
             if deadline is not None and deadline <= started:
                 raise DeadlineExceeded("deadline exceeded before the request started")
@@ -188,6 +185,7 @@ class WorkerRuntime:
                         outcome = event.stop_reason.value
                     elif isinstance(event, CommitEvent) and self.config.log_prompts:
                         committed.append(event.text)
+                    spans.saw(event)
                     yield event
             finally:
                 # Closing the engine's stream is what cancels the engine request.
@@ -203,6 +201,7 @@ class WorkerRuntime:
         finally:
             if error is not None:
                 outcome = error.outcome
+            spans.end(final)
             self._log_request(rpc, request_id, outcome, error, final, started, prompt, committed)
         if error is not None:
             raise RequestFailed(error)
@@ -221,7 +220,7 @@ class WorkerRuntime:
         fields: dict[str, object] = {
             "event": "request",
             "rpc": rpc,
-            "request_id": request_id,
+            "request_id": clip(request_id),
             "outcome": outcome,
             "code": error.code.name if error else ("CANCELLED" if outcome == "cancelled" else "OK"),
             "wall_s": round(time.monotonic() - started, 6),
@@ -234,7 +233,7 @@ class WorkerRuntime:
         if self.config.log_prompts and prompt is not None:
             fields["prompt"] = _prompt_text(prompt)
             fields["completion"] = "".join(committed)
-        log.info("request %s %s", request_id, outcome, extra={"fields": fields})
+        log.info("request %s %s", clip(request_id), outcome, extra={"fields": fields})
 
 
 def _prompt_text(prompt: Prompt) -> object:

@@ -25,11 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.guard import RequestGuard
+from dgemma_common.logs import setup_logging
 from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import grpc_server_credentials
+from dgemma_common.tracing import RequestContextInterceptor, setup_tracing
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
-from dgemma_worker.logs import setup_logging
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.runtime import EngineAPI, WorkerRuntime
 from dgemma_worker.servicers import DenoiserServicer, KServeServicer
@@ -72,6 +74,12 @@ def _version() -> str:
         return metadata.version("dgemma")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0+unknown"
+# The RPCs that carry one generation: each gets the request id and a server span.
+TRACED_METHODS = (
+    f"/{DENOISER_SERVICE}/Generate",
+    f"/{KSERVE_SERVICE}/ModelInfer",
+    f"/{KSERVE_SERVICE}/ModelStreamInfer",
+)
 
 
 class WorkerServer:
@@ -80,7 +88,7 @@ class WorkerServer:
     def __init__(self, config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> None:
         self.config = config
         self._factory = engine_factory
-        self.metrics = WorkerMetrics(self._snapshot_if_loaded)
+        self.metrics = WorkerMetrics(self._snapshot_if_loaded, config.variant)
         self.runtime = WorkerRuntime(config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -104,7 +112,10 @@ class WorkerServer:
                 ("grpc.so_reuseport", 0),  # a second worker on the same port must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
+            # Bytes that are not a request message are INVALID_ARGUMENT, not grpcio's UNKNOWN (the guard is
+            # outermost); then the request id and trace context of each generation (the gateway's metadata).
+            interceptors=[RequestGuard(), RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -282,6 +293,7 @@ def run(argv: Sequence[str]) -> int:
     """`dgemma worker ...`: parse flags and environment, serve until SIGTERM, return the exit code."""
     config = parse_config(argv)
     setup_logging(config.log_format)
+    setup_tracing("dgemma-worker")
     return asyncio.run(serve(config))
 
 

@@ -30,6 +30,7 @@ class WorkerConfig:
     model: str
     model_revision: str | None = None
     served_model_name: str = ""
+    variant: str = ""  # the gateway's name for this variant (`namespace/name`): the `variant` metrics label
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
@@ -63,6 +64,7 @@ ENV_VARS = {
     "model": "DGEMMA_MODEL",
     "model_revision": "DGEMMA_MODEL_REVISION",
     "served_model_name": "DGEMMA_SERVED_MODEL_NAME",
+    "variant": "DGEMMA_VARIANT",
     "host": "DGEMMA_HOST",
     "port": "DGEMMA_PORT",
     "metrics_port": "DGEMMA_METRICS_PORT",
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", "model", "checkpoint directory or hub id (required)")
     add("--model-revision", "model_revision", "hub revision of the checkpoint")
     add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
+    add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
+        "metric as the `variant` label")
     add("--host", "host", "bind address (default 0.0.0.0)")
     add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
     add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
@@ -212,6 +216,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         model=args.model,
         model_revision=args.model_revision,
         served_model_name=args.served_model_name or "",
+        variant=args.variant or "",
         host=args.host or "0.0.0.0",
         port=50051 if args.port is None else args.port,
         metrics_port=9090 if args.metrics_port is None else args.metrics_port,
