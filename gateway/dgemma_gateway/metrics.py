@@ -27,7 +27,7 @@ PREFIX = "dgemma_gateway"
 KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "request_duration_seconds", "time_to_first_event_seconds", "latency_target", "retries",
-        "ejections", "completion_tokens", "auth_failures", "upstream_throttled")},
+        "ejections", "completion_tokens", "auth_failures", "upstream_throttled", "event_loop_lag_seconds")},
     # What this replica routed or holds.
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "demand_tokens_per_second", "demand_canvases_per_second", "demand_requests_per_second",

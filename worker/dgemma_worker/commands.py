@@ -28,13 +28,16 @@ def generate_parser() -> argparse.ArgumentParser:
                      help="an image (PNG, JPEG, WebP, GIF) placed before the prompt's text (repeatable)")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None)
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="the static-shape compiled decoder step (default: on with CUDA, off on a CPU)")
     return gen
 
 
 def generate(argv: Sequence[str]) -> int:
     """`dgemma generate ...`: one request through the engine in this process."""
     from dgemma_worker.engine import Engine, EngineConfig
-    from dgemma_worker.model import load_model
+    from dgemma_worker.model import experts_for, load_model, resolve_device
+    from dgemma_worker.static import CompiledStepRunner, compiled_by_default
 
     args = generate_parser().parse_args(list(argv))
     knobs = {
@@ -50,8 +53,11 @@ def generate(argv: Sequence[str]) -> int:
     except (ParamError, OSError) as err:
         print(f"dgemma generate: {err}", file=sys.stderr)
         return 2
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0))
+    device = resolve_device(args.device)
+    compiled = compiled_by_default(args.compile, device)
+    loaded = load_model(args.model, device=str(device), dtype=args.dtype, experts=experts_for(device, compiled))
+    runner = CompiledStepRunner(loaded, spare_slots=1) if compiled else None
+    engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0), runner=runner)
     engine.start(warmup=False)
     if args.raw:
         prompt = Prompt.of_text(args.prompt, images)

@@ -118,7 +118,8 @@ class WorkerMetrics:
 KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "tokens_generated", "decoder_passes", "encoder_passes", "step_latency_seconds",
-        "time_to_first_commit_seconds", "queue_wait_seconds", "request_duration_seconds")},
+        "time_to_first_commit_seconds", "queue_wait_seconds", "request_duration_seconds",
+        "event_loop_lag_seconds")},
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "ready", "draining", "queue_depth", "active_requests", "capacity", "max_queue", "tokens_per_second")},
     **{f"{PREFIX}_{name}": Kind.LEVEL for name in (

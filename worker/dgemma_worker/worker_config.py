@@ -51,6 +51,7 @@ class WorkerConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     warmup: bool = True
+    compile: bool | None = None  # the static-shape compiled step; None: on CUDA, off on a CPU
     debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
 
     @property
@@ -94,6 +95,7 @@ ENV_VARS = {
     "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
     "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
     "debug_step_delay_s": "DGEMMA_DEBUG_STEP_DELAY_S",
+    "compile": "DGEMMA_COMPILE",
 }
 
 
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
         type=float)
+    add("--compile", "compile", "the static-shape compiled decoder step (torch.compile; CUDA graphs on CUDA); "
+        "'false' for the eager step (default: on with CUDA, off on a CPU)", type=_bool, nargs="?", const=True)
     add("--debug-step-delay-s", "debug_step_delay_s", "tests and benchmarks only: add this many seconds to "
         "every denoising step, to act like a slower GPU (default 0)", type=float)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
@@ -235,6 +239,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         image_limits=image_limits_from(args, parser),
         defaults=defaults,
         warmup=args.warmup,
+        compile=args.compile,
         debug_step_delay_s=args.debug_step_delay_s or 0.0,
     )
     for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
