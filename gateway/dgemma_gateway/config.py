@@ -11,12 +11,15 @@ from pathlib import Path
 import yaml
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.images import IMAGE_LIMIT_ENV, add_image_limit_flags, image_limits_from
 from dgemma_common.naming import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
+from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
+from dgemma_gateway.remote_images import RemoteImageSettings
 from dgemma_gateway.types import RUNTIMES, Variant
 
 
@@ -49,6 +52,8 @@ ENV = {
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
     "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY", "sse_keepalive_s": "DGEMMA_SSE_KEEPALIVE_S",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
+    **IMAGE_LIMIT_ENV, "image_url_hosts": "DGEMMA_IMAGE_URL_HOSTS",
+    "image_fetch_timeout_s": "DGEMMA_IMAGE_FETCH_TIMEOUT_S", "image_decode_slots": "DGEMMA_IMAGE_DECODE_SLOTS",
     "overflow_url": "DGEMMA_OVERFLOW_URL", "overflow_model": "DGEMMA_OVERFLOW_MODEL",
     "overflow_api_key_file": "DGEMMA_OVERFLOW_API_KEY_FILE",
     "overflow_max_concurrency": "DGEMMA_OVERFLOW_MAX_CONCURRENCY", "overflow_cost": "DGEMMA_OVERFLOW_COST",
@@ -220,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--worker-tls-server-name", "worker_tls_server_name", "the name the workers' certificates carry (default: "
         "the address dialled)")
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
-    add("--max-body-bytes", "max_body_bytes", "largest request body (default 4 MiB)", type=int)
+    add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
     add("--max-tokens", "max_tokens", "largest max_tokens (default 8192)", type=int)
     add("--default-max-tokens", "default_max_tokens", "max_tokens when a request gives none (default 256)",
@@ -236,13 +241,34 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {KUBERNETES_HOLD_FOR_REPLICA_S:g} with --kubernetes, else 0)", type=float)
     add("--demand-window-s", "demand_window_s", "window of the demand measurements for the autoscaler (default 60)",
         type=float)
+    add_image_limit_flags(add)
+    add("--image-url-hosts", "image_url_hosts",
+        "hosts whose http(s) image URLs the gateway fetches, comma-separated; '*.example.com' allows its "
+        "subdomains (default: none, only data: URLs)")
+    add("--image-fetch-timeout-s", "image_fetch_timeout_s", "time limit of one image fetch (default 5)", type=float)
+    add("--image-decode-slots", "image_decode_slots", "images checked at once (default 2); bounds decode memory",
+        type=int)
     add_overflow_flags(add)
     return p
+
+
+def image_settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ImageSettings:
+    """Image limits, remote image URLs and decode slots from the flags."""
+    d = ImageSettings()
+    hosts = tuple(h.strip() for h in (args.image_url_hosts or "").split(",") if h.strip())
+    timeout = d.remote.timeout_s if args.image_fetch_timeout_s is None else args.image_fetch_timeout_s
+    slots = d.decode_slots if args.image_decode_slots is None else args.image_decode_slots
+    if timeout <= 0 or slots < 1:
+        parser.error("--image-fetch-timeout-s must be > 0 and --image-decode-slots >= 1")
+    return ImageSettings(limits=image_limits_from(args, parser),
+                         remote=RemoteImageSettings(allowed_hosts=hosts, timeout_s=timeout), decode_slots=slots)
 
 
 def _only_model(specs: Sequence[EndpointSpec]) -> str | None:
     models = {s.variant.model for s in specs}
     return models.pop() if len(models) == 1 else None
+
+
 def _tls(args: argparse.Namespace) -> tuple[TlsFiles | None, WorkerTls | None]:
     """The front door's certificate and the worker side's settings from the flags."""
     front = tls_files(args.tls_cert_file, args.tls_key_file, what="--tls-cert-file")
@@ -281,6 +307,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
         sse_keepalive_s=args.sse_keepalive_s or d.sse_keepalive_s,
+        images=image_settings_from(args, parser),
     )
     try:
         tls, worker_tls = _tls(args)

@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from dgemma_common.convert import settings_to_pb
 from dgemma_common.demand import DemandSnapshot
+from dgemma_common.images import VisionSpec
 from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, Routed, snapshot
@@ -31,8 +32,8 @@ from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
 from dgemma_gateway.routing.predict import canvases_for
-from dgemma_gateway.runtimes import refusal
-from dgemma_gateway.types import RouteRequest
+from dgemma_gateway.runtimes import IMAGE_REFUSAL, IMAGE_RUNTIMES, has_images, refusal
+from dgemma_gateway.types import RouteRequest, Runtime
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class Gateway:
             latency_target_ms=req.latency_target_ms,
             strict=req.strict,
             seq=seq,
+            prompt_tokens=req.prompt_tokens,
             allow_overflow=req.allow_overflow,
         )
 
@@ -205,11 +207,19 @@ class Gateway:
             name, why = next(r for r in refusals if r is not None)
             field = req.client_field(name)
             raise GatewayError(400, f"{field}: {why}", param=field, code="unsupported_setting")
+        if variants and has_images(req.prompt) and not any(v.runtime in IMAGE_RUNTIMES for v in variants):
+            field = req.client_field("prompt")
+            raise GatewayError(400, f"{field}: {IMAGE_REFUSAL}", param=field, code="unsupported_setting")
+
+    @staticmethod
+    def _takes(runtime: Runtime, req: GatewayRequest) -> bool:
+        """Whether an endpoint of this runtime can serve the request (its settings, its images)."""
+        return refusal(runtime, req.settings) is None and (runtime in IMAGE_RUNTIMES or not has_images(req.prompt))
 
     def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
         now = self.registry.clock()
         candidates = [c for c in self.registry.candidates(now)
-                      if c.endpoint_id not in excluded and refusal(c.variant.runtime, req.settings) is None]
+                      if c.endpoint_id not in excluded and self._takes(c.variant.runtime, req)]
         return route_with_overflow(self.pipeline, self._route_request(req, seq), candidates, now,
                                    self.registry.variants.values())
 
@@ -383,21 +393,24 @@ class Gateway:
             m.targets.labels(variant, "met" if met else "missed").inc()
             m.targets.labels(variant, "missed" if met else "met").inc(0)
 
-    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
+    def model_vision(self, model: str) -> tuple[bool, VisionSpec | None]:
+        """Whether any endpoint of `model` has reported its load, and the image geometry one of them reported
+        (None: the model takes no images, or nothing is known yet)."""
+        loads = [c.load for c in self.registry.candidates() if c.variant.model == model and c.load is not None]
+        return bool(loads), next((load.vision for load in loads if load.vision is not None), None)
+
+    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int, image_tokens: int = 0
+                                  ) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.
 
-        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip.
-        Returns None when the bound already shows the prompt fits.
+        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip;
+        `image_tokens` (counted from the images' sizes) is added to the bound. Returns None when the bound
+        already shows the prompt fits.
         """
         kind = prompt.WhichOneof("kind")
         if kind == "tokens":
             return len(prompt.tokens.ids)
-        if kind == "text":
-            bound = len(prompt.text.encode())
-        else:
-            # Chat template tokens per message are few; 16 is a generous bound.
-            bound = sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
-        if bound <= limit:
+        if text_bound(prompt) + image_tokens <= limit:
             return None
         now = self.registry.clock()
         for c in self.registry.candidates(now):
@@ -415,3 +428,24 @@ class Gateway:
                 continue
         # No worker could count now: leave the limit to the worker that takes the request.
         return None
+
+
+def text_bound(prompt: pb.Prompt) -> int:
+    """An upper bound on the text tokens of a prompt: UTF-8 bytes (a byte-level BPE never makes more), plus a
+    generous 16 per chat message for its template."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    if prompt.WhichOneof("kind") == "text":
+        return len(prompt.text.encode())
+    return sum(_message_bytes(m) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
+
+
+def estimate_text_tokens(prompt: pb.Prompt) -> int:
+    """The text tokens of a prompt as routing guesses them: about four UTF-8 bytes a token."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    return max(1, text_bound(prompt) // 4)
+
+
+def _message_bytes(m: pb.ChatMessage) -> int:
+    return len(m.content.encode()) + sum(len(p.text.encode()) for p in m.parts)

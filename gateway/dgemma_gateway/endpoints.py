@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import grpc
 
+from dgemma_common.convert import vision_from_pb
 from dgemma_common.tls import TlsFiles, grpc_channel_credentials
 from dgemma_gateway.errors import grpc_failure
 from dgemma_gateway.openai_upstream import HttpTarget, OpenAIUpstream
@@ -95,6 +96,8 @@ def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
         ready=report.ready,
         draining=report.draining,
         observed_at=observed_at,
+        encoder_token_latency_s=report.encoder_token_latency_s,
+        vision=vision_from_pb(report),
     )
 
 
@@ -150,13 +153,15 @@ class EndpointState:
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+# The largest gRPC message to or from a worker (a request's images travel in it), as the worker's default.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Reconnect quickly after a worker restarts; the watcher has its own backoff on top.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dgemma_common import variants
+from dgemma_common.images import VisionSpec
 from dgemma_common.variants import RUNTIMES as RUNTIMES  # what serves a variant: one definition, re-exported
 from dgemma_common.variants import Runtime as Runtime
 
@@ -54,6 +55,8 @@ class EndpointLoad:
     ready: bool
     draining: bool
     observed_at: float  # gateway monotonic clock when the report arrived
+    encoder_token_latency_s: float = 0.0  # encoder seconds per prompt token; 0 = not measured yet
+    vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
 
 
 @dataclass(frozen=True)
@@ -84,4 +87,5 @@ class RouteRequest:
     latency_target_ms: float | None = None  # None: the variant's default
     strict: bool | None = None  # None: the profile decides
     seq: int = 0  # a request counter, so round-robin and tie-breaks stay pure functions
+    prompt_tokens: int = 0  # the prompt's length, image tokens included; 0: unknown
     allow_overflow: bool = True  # False: the caller (its API key) forbids sending this request out

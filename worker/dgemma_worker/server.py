@@ -68,7 +68,8 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     engine = Engine(
         loaded,
         EngineConfig(
-            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=config.defaults
+            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=config.defaults,
+            image_limits=config.image_limits,
         ),
         observer=observer,
         runner=runner,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.images import IMAGE_LIMIT_ENV, ImageLimits, add_image_limit_flags, image_limits_from
 from dgemma_common.naming import WORKER_GRPC_PORT, WORKER_METRICS_PORT
 from dgemma_common.params import GenerationParams, Limits
 from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
@@ -48,6 +49,7 @@ class WorkerConfig:
     log_prompts: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     warmup: bool = True
     compile: bool | None = None  # the static-shape compiled step; None: on CUDA, off on a CPU
@@ -84,6 +86,7 @@ ENV_VARS = {
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
     "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    **IMAGE_LIMIT_ENV,
     "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
@@ -153,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
     add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
         "for (default 256)", type=int)
-    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens (image tokens included)",
+        type=int)
     add("--max-prompt-bytes", "max_prompt_bytes",
         "longest text or chat prompt tokenized at all, in UTF-8 bytes (default 16 x --max-prompt-tokens)", type=int)
+    add_image_limit_flags(add)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
         type=int)
@@ -233,6 +238,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         log_prompts=bool(args.log_prompts),
         max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
         limits=limits,
+        image_limits=image_limits_from(args, parser),
         defaults=defaults,
         warmup=args.warmup,
         compile=args.compile,
