@@ -21,11 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 
-from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 from tests.stack import GatewayProcess, HealthProbe, record
@@ -33,6 +30,7 @@ from tests.stack import GatewayProcess, HealthProbe, record
 pytestmark = pytest.mark.timeout(240)
 
 MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[2]
 STEP_DELAY_S = 0.05
 SLOW = {"DGEMMA_DEBUG_STEP_DELAY_S": str(STEP_DELAY_S)}
 # A stream of this many steps lasts several seconds: still running when a test acts on it.
@@ -270,35 +268,17 @@ def test_a_10_mb_prompt_beside_a_live_stream_never_stalls_it_beyond_one_step(tmp
 
 
 async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str) -> tuple[list[float], dict[str, str]]:
-    big = "x" * (10 * 1024 * 1024)
-    refusals: dict[str, str] = {}
-
-    async def worker_rpc(name: str) -> None:
-        async with grpc.aio.insecure_channel(worker, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-            stub = pb_grpc.DenoiserStub(ch)
-            try:
-                if name == "Generate":
-                    async for _ in stub.Generate(pb.GenerateRequest(prompt=pb.Prompt(text=big)), timeout=60):
-                        pass
-                else:
-                    await stub.Tokenize(pb.TokenizeRequest(prompt=pb.Prompt(text=big)), timeout=60)
-                refusals[f"worker {name}"] = "OK"
-            except grpc.aio.AioRpcError as err:
-                refusals[f"worker {name}"] = err.code().name
-
-    async def gateway_http(session: aiohttp.ClientSession) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 4}
-        async with session.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
-            refusals["gateway http"] = str(r.status)
-
     async with aiohttp.ClientSession() as session:
         started = asyncio.Event()
         live = asyncio.create_task(stream_chat(session, gateway.url, {**LONG, "max_tokens": 48, "stream_drafts": True},
                                                started))
         await asyncio.wait_for(started.wait(), 60)
-        for name in ("Generate", "Tokenize"):
-            await worker_rpc(name)
-        await gateway_http(session)
+        # The 10 MB requests come from another process: this loop only times the live stream.
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.chaos.big_prompt", worker, gateway.url, MODEL,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(sender.communicate(), 120)
+        refusals: dict[str, str] = json.loads(out)
         result = await live
     assert result.completed, result
     gaps = [b - a for a, b in zip(result.arrivals, result.arrivals[1:], strict=False)]
