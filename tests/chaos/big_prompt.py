@@ -1,5 +1,6 @@
 """Send a 10 MB prompt to every door (the worker's Generate and Tokenize, the gateway's HTTP front) and print
-each answer as JSON: `python -m tests.chaos.big_prompt WORKER_ADDRESS GATEWAY_URL MODEL`.
+each answer as JSON, with when the sending began and ended:
+`python -m tests.chaos.big_prompt WORKER_ADDRESS GATEWAY_URL MODEL`.
 
 A process of its own, so that building and sending 10 MB never stalls the test's event loop, which times the
 live stream's arrivals (the largest gap must be the servers', not the measuring client's)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -45,9 +47,10 @@ def gateway_http(url: str, model: str) -> str:
 
 
 def main(worker: str, url: str, model: str) -> None:
+    began = time.monotonic()  # one clock for every process on the machine (CLOCK_MONOTONIC)
     answers = {f"worker {name}": worker_rpc(worker, name) for name in ("Generate", "Tokenize")}
     answers["gateway http"] = gateway_http(url, model)
-    print(json.dumps(answers))
+    print(json.dumps({"answers": answers, "sending": [began, time.monotonic()]}))
 
 
 if __name__ == "__main__":

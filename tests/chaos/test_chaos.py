@@ -253,24 +253,34 @@ def test_a_10_mb_prompt_beside_a_live_stream_never_stalls_it_beyond_one_step(tmp
         try:
             asyncio.run(_warm(gateway.url))
             with HealthProbe(gateway.url, [workers.workers[0].address]) as probe:
-                gaps, refusals = asyncio.run(_stream_beside_a_big_prompt(gateway, workers.workers[0].address))
+                during, outside, refusals = asyncio.run(
+                    _stream_beside_a_big_prompt(gateway, workers.workers[0].address))
         finally:
             gateway.stop()
     finally:
         workers.stop(timeout=5)
+    gaps = during + outside
     step = sorted(gaps)[len(gaps) // 2]  # the stream's own step time, measured in the same run
-    record("chaos-big-prompt", {"largest_gap_ms": round(max(gaps) * 1000, 1), "step_ms": round(step * 1000, 1),
+    # On a shared machine the stream also stalls for reasons of its own (other processes): the bound is one step,
+    # or the worst gap outside the big requests' window, plus 100 ms.
+    allowed = max(step, max(outside, default=step)) + 0.1
+    record("chaos-big-prompt", {"largest_gap_ms": round(max(during) * 1000, 1), "step_ms": round(step * 1000, 1),
+                                "largest_gap_outside_ms": round(max(outside, default=0) * 1000, 1),
                                 "refusals": refusals, "worst_probe_ms": dict(probe.worst_ms),
                                 "worst_worker_probe_ms": probe.worst_worker_ms})
-    assert max(gaps) < step + 0.1, f"largest gap {max(gaps):.3f} s, step {step:.3f} s; refusals {refusals}"
+    assert max(during) < allowed, (f"largest gap {max(during):.3f} s while the 10 MB requests went in; step "
+                                   f"{step:.3f} s, largest gap outside {max(outside, default=0):.3f} s; {refusals}")
     assert all(code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "413") for code in refusals.values()), refusals
     assert not probe.failures, f"health stayed SERVING: {probe.failures[:3]}"
 
 
-async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str) -> tuple[list[float], dict[str, str]]:
+async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str
+                                      ) -> tuple[list[float], list[float], dict[str, str]]:
+    """The live stream's gaps while the 10 MB requests were being sent and answered, the gaps outside that window
+    (this run's own noise on a shared machine), and the answers."""
     async with aiohttp.ClientSession() as session:
         started = asyncio.Event()
-        live = asyncio.create_task(stream_chat(session, gateway.url, {**LONG, "max_tokens": 48, "stream_drafts": True},
+        live = asyncio.create_task(stream_chat(session, gateway.url, {**LONG, "max_tokens": 96, "stream_drafts": True},
                                                started))
         await asyncio.wait_for(started.wait(), 60)
         # The 10 MB requests come from another process: this loop only times the live stream.
@@ -278,10 +288,15 @@ async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str) -> t
             sys.executable, "-m", "tests.chaos.big_prompt", worker, gateway.url, MODEL,
             cwd=ROOT, stdout=asyncio.subprocess.PIPE)
         out, _ = await asyncio.wait_for(sender.communicate(), 120)
-        refusals: dict[str, str] = json.loads(out)
+        sent = json.loads(out)
         result = await live
     assert result.completed, result
-    gaps = [b - a for a, b in zip(result.arrivals, result.arrivals[1:], strict=False)]
-    return gaps, refusals
+    began, ended = sent["sending"]
+    assert result.arrivals[-1] > ended, "the live stream ended before the big requests were answered"
+    during: list[float] = []
+    outside: list[float] = []
+    for a, b in zip(result.arrivals, result.arrivals[1:], strict=False):
+        (during if b >= began and a <= ended else outside).append(b - a)
+    return during, outside, sent["answers"]
 
 
