@@ -204,8 +204,10 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
-                         on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
+    def refused(_service: str, reason: str) -> None:
+        gateway.metrics.auth_failures.labels("kserve", reason).inc()
+
+    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,), on_refused=refused)
     traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
                                                           f"/{KSERVE_SERVICE}/ModelStreamInfer"))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
