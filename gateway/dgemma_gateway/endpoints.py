@@ -279,11 +279,11 @@ class Registry:
             if endpoint_id not in wanted or wanted[endpoint_id].address != state.spec.address:
                 self._forget(endpoint_id)
         for endpoint_id, spec in wanted.items():
-            if endpoint_id in self.endpoints and self.endpoints[endpoint_id].spec.http == spec.http:
-                self.endpoints[endpoint_id].spec = spec  # the variant's settings may have changed
+            if endpoint_id in self.endpoints and _same_connection(self.endpoints[endpoint_id].spec, spec):
+                self.endpoints[endpoint_id].spec = spec  # the variant's settings (or the worker's key) may have changed
                 continue
             if endpoint_id in self.endpoints:
-                self._forget(endpoint_id)  # a new model name, key or limit on the same server
+                self._forget(endpoint_id)  # a new model name, key or limit on the same server; a key added or dropped
             if spec.http is None:
                 state = EndpointState(spec, None, None)
                 self._open(state)
@@ -298,8 +298,11 @@ class Registry:
         self.changed.set()
 
     def _open(self, state: EndpointState) -> None:
-        """A new channel to the worker; every call on it carries the key its spec has at that moment."""
-        state.channel = self.open_channel(state.spec.address, worker_key_interceptors(lambda: state.spec.api_key))
+        """A new channel to the worker; with a key, every call on it carries the key its spec has at that moment
+        (a rotated key is used at once). Without one the channel has no interceptor: nothing to pay for."""
+        keyed = state.spec.api_key is not None
+        interceptors = worker_key_interceptors(lambda: state.spec.api_key) if keyed else []
+        state.channel = self.open_channel(state.spec.address, interceptors)
         state.stub = pb_grpc.DenoiserStub(state.channel)
 
     def _http_session(self) -> aiohttp.ClientSession:
@@ -462,6 +465,12 @@ class Registry:
     def models(self) -> list[str]:
         """Served model names, sorted."""
         return sorted({v.model for v in self.variants.values()})
+
+
+def _same_connection(old: EndpointSpec, new: EndpointSpec) -> bool:
+    """Whether an endpoint's connection serves its new spec: the same HTTP target; for a worker, a key on both
+    or on neither (the key interceptor is part of the channel; the key itself is read at each call)."""
+    return old.http == new.http and (old.api_key is None) == (new.api_key is None)
 
 
 def _variant_of(state: EndpointState) -> Variant:

@@ -1,12 +1,15 @@
 """The gateway presents the workers' API key: `dgemma gateway --worker-api-key-file` in front of a `dgemma worker`
 that requires a key serves the OpenAI SDK and tritonclient without the worker counting one refusal; without the key
-file, the worker refuses the gateway and clients get a clear 502 / UNAVAILABLE naming the cause, not a 500."""
+file, the worker refuses the gateway and clients get a clear 502 / UNAVAILABLE naming the cause, not a 500. A key
+that arrives later or changes (a Kubernetes Secret read again) is used from the next call on."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import openai
@@ -14,9 +17,10 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from dgemma_gateway.endpoints import EndpointSpec, StaticSource
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-from tests.gateway.gateway_harness import MODEL, kserve_inputs
+from tests.gateway.gateway_harness import MODEL, RunningGateway, kserve_inputs, variant
 from tests.stack import GatewayProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -107,3 +111,42 @@ def test_without_the_key_the_worker_refuses_the_gateway_and_clients_get_a_clear_
     finally:
         gateway.stop()
     assert _refused_calls(worker) > before
+
+
+def test_a_key_given_later_or_rotated_in_place_is_used_from_the_next_call(workers: LocalWorkers) -> None:
+    worker = workers.workers[0]
+    spec = EndpointSpec(f"cpu/{worker.address}", worker.address, variant("cpu"))
+    source = StaticSource([spec])
+    gw = RunningGateway([source])
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def apply(key: str) -> None:
+        async def on_loop() -> None:  # what a source does when a Secret it read changed
+            gw.gateway.registry.apply(source.name, [replace(spec, api_key=key)])
+        gw.call(on_loop())
+
+    def ask() -> int:
+        try:
+            sdk.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}],
+                                        extra_body=SMALL)
+        except openai.APIStatusError as err:
+            return err.status_code
+        return 200
+
+    try:
+        deadline = time.monotonic() + 30
+        while gw.gateway.registry.key_refused(MODEL) is None:  # no key yet: its load watch is refused
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        apply(KEY)  # the key arrives: the endpoint's channel is opened again, with it
+        gw.wait_ready(1, timeout=30)
+        assert ask() == 200
+        apply("wk-rotated-elsewhere")  # the same endpoint, another key: the very next call carries it
+        assert ask() == 502
+        apply(KEY)
+        deadline = time.monotonic() + 30
+        while ask() != 200:  # once the ejection after the refusal (1 s) is over
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        gw.close()
