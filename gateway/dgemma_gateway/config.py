@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.naming import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
@@ -24,8 +25,8 @@ class GatewayConfig:
     """Everything the gateway process needs."""
 
     host: str = "0.0.0.0"
-    port: int = 8000
-    grpc_port: int = 8001  # -1: no gRPC front
+    port: int = GATEWAY_HTTP_PORT
+    grpc_port: int = GATEWAY_GRPC_PORT  # -1: no gRPC front
     routing_profile: str = "latency-target"
     api_keys_file: Path | None = None
     endpoints: tuple[EndpointSpec, ...] = ()
@@ -211,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest, help=f"{help_text}" + (f" [env {env}]" if env else ""), **kw)  # type: ignore[arg-type]
 
     add("--host", "host", "bind address (default 0.0.0.0)")
-    add("--port", "port", "HTTP port (default 8000; 0 picks one)", type=int)
-    add("--grpc-port", "grpc_port", "KServe gRPC port (default 8001; 0 picks one; -1 off)", type=int)
+    add("--port", "port", f"HTTP port (default {GATEWAY_HTTP_PORT}; 0 picks one)", type=int)
+    add("--grpc-port", "grpc_port", f"KServe gRPC port (default {GATEWAY_GRPC_PORT}; 0 picks one; -1 off)", type=int)
     add("--routing-profile", "routing_profile",
         "latency-target, least-loaded, round-robin or a YAML file (default latency-target)")
     add("--api-keys-file", "api_keys_file", "file with one API key per line (default: no keys)", type=Path)
@@ -316,8 +317,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
                            demand_window_s=args.demand_window_s or GatewaySettings().demand_window_s)
     return GatewayConfig(
         host=args.host or "0.0.0.0",
-        port=8000 if args.port is None else args.port,
-        grpc_port=8001 if args.grpc_port is None else args.grpc_port,
+        port=GATEWAY_HTTP_PORT if args.port is None else args.port,
+        grpc_port=GATEWAY_GRPC_PORT if args.grpc_port is None else args.grpc_port,
         routing_profile=args.routing_profile or "latency-target",
         api_keys_file=args.api_keys_file,
         endpoints=tuple(endpoints),

@@ -21,9 +21,10 @@ import grpc
 from opentelemetry import trace
 
 from dgemma_common.convert import settings_to_pb
+from dgemma_common.demand import DemandSnapshot
 from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
-from dgemma_gateway.demand import DemandTracker, snapshot
+from dgemma_gateway.demand import DemandTracker, Routed, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, EndpointState, Registry, worker_events
 from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, worker_refused_key
 from dgemma_gateway.metrics import GatewayMetrics
@@ -130,13 +131,11 @@ class Gateway:
         """Served model names."""
         return self.registry.models()
 
-    def demand_snapshot(self) -> dict[str, Any]:
+    def demand_snapshot(self) -> DemandSnapshot:
         """Per variant: demand and delivered tokens/s per replica (for the autoscaler, in-process or JSON)."""
         now = self.registry.clock()
-        snap = snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
-                        self.settings.stale_after_s, held=dict(self._held))
-        snap["time_unix_s"] = time.time()
-        return snap
+        return snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
+                        self.settings.stale_after_s, held=dict(self._held), time_unix_s=time.time())
 
     # ---- scale from zero ------------------------------------------------------------------------
 
@@ -289,6 +288,7 @@ class Gateway:
         attempt = 0
         held = False
         last_error: GatewayError | None = None
+        counted: Routed | None = None  # this request's demand, counted once whatever the retries
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
@@ -309,8 +309,9 @@ class Gateway:
             variant = chosen.variant
             remaining = deadline - self.registry.clock()
             if remaining <= 0:
-                raise GatewayError(504, "the request's deadline passed before an endpoint took it",
-                                   code="timeout")
+                error = GatewayError(504, "the request's deadline passed before an endpoint took it", code="timeout")
+                self.metrics.requests.labels(req.api, chosen.variant.name, str(error.status)).inc()
+                raise error
             canvas = chosen.load.canvas_length if chosen.load and chosen.load.canvas_length else variant.canvas_length
             req.trace.update(
                 endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1, overflow=variant.overflow,
@@ -319,9 +320,12 @@ class Gateway:
                 expect_met=decision.expect_met,
             )
             # With the request itself, so its demand can also be attributed to its preferred variant (an
-            # overflowed request counts as demand for the local variant it would have preferred).
-            self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                               canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
+            # overflowed request counts as demand for the local variant it would have preferred). A retry moves
+            # the request's demand to where it is retried: one request, counted once.
+            if counted is not None:
+                self.demand.withdraw(counted)
+            counted = self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
+                                         canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False

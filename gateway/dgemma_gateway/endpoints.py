@@ -259,6 +259,8 @@ class Registry:
         self.ejections_total = 0
         self.changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None  # shared by every HTTP endpoint
+        # Channels of forgotten endpoints, closing once their calls had a chance to end. Held here: the loop keeps
+        # only weak references to tasks, and close() must not leave them behind.
         self._closing: set[asyncio.Task[None]] = set()
 
     # ---- membership -----------------------------------------------------------------------------
@@ -341,7 +343,7 @@ class Registry:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Stop every watcher and close every channel."""
+        """Stop every watcher and close every channel, those of forgotten endpoints too (at once)."""
         states = list(self.endpoints.values())
         self.endpoints.clear()
         for s in states:
@@ -349,6 +351,10 @@ class Registry:
                 s.watcher.cancel()
         await asyncio.gather(*(s.watcher for s in states if s.watcher is not None), return_exceptions=True)
         await asyncio.gather(*(s.channel.close(None) for s in states if s.channel is not None), return_exceptions=True)
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()  # _close_later closes its channel when cancelled during its wait
+        await asyncio.gather(*closing, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -478,8 +484,10 @@ def _variant_of(state: EndpointState) -> Variant:
 
 
 async def _close_later(channel: grpc.aio.Channel, delay: float) -> None:
-    with contextlib.suppress(Exception):
+    try:
         if delay:
             await asyncio.sleep(delay)
-        await channel.close(None)
+    finally:  # cancelled (the registry closes): close now
+        with contextlib.suppress(Exception):
+            await channel.close(None)
 

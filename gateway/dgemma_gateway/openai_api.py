@@ -298,7 +298,7 @@ class OpenAIApp:
 
     async def demand(self, request: web.Request) -> web.Response:
         """The autoscaler's measurements (see demand.py)."""
-        return web.json_response(self.gateway.demand_snapshot())
+        return web.json_response(self.gateway.demand_snapshot().model_dump(mode="json"))
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of this API."""

@@ -6,14 +6,12 @@ Everything here is an immutable value; the decision functions in `routing` read 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-DEFAULT_LATENCY_TARGET_MS = 2000.0
+from dgemma_common import variants
+from dgemma_common.variants import RUNTIMES as RUNTIMES  # what serves a variant: one definition, re-exported
+from dgemma_common.variants import Runtime as Runtime
 
-# What serves a variant: dgemma workers (gRPC), vLLM's OpenAI server (HTTP), or an external OpenAI-compatible
-# API that only takes overflow (HTTP). The runtime decides the endpoint kind and which settings it honours.
-Runtime = Literal["dgemma", "vllm", "external"]
-RUNTIMES: tuple[Runtime, ...] = ("dgemma", "vllm", "external")
+DEFAULT_LATENCY_TARGET_MS = float(variants.DEFAULT_LATENCY_TARGET_MS)  # the resource's default
 
 
 @dataclass(frozen=True)
@@ -25,8 +23,8 @@ class Variant:
     gpu_profile: str = "custom"
     cost_weight: float = 1.0
     latency_target_ms: float = DEFAULT_LATENCY_TARGET_MS
-    canvas_length: int = 256
-    max_denoising_steps: int = 48
+    canvas_length: int = variants.DEFAULT_CANVAS_LENGTH
+    max_denoising_steps: int = variants.DEFAULT_MAX_DENOISING_STEPS
     tokens_per_s_prior: float = 500.0
     scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
     runtime: Runtime = "dgemma"

@@ -12,20 +12,19 @@ import math
 import re
 from typing import Any
 
-from dgemma_common import vllm
+from dgemma_common import naming, profiles, vllm
+from dgemma_common.dtypes import dtype_problem
+from dgemma_common.naming import MANAGER as MANAGER  # re-exported: the operator's field manager
+from dgemma_common.naming import RUNTIME_LABEL as RUNTIME_LABEL
+from dgemma_common.naming import WORKER_GRPC_PORT as GRPC_PORT
+from dgemma_common.naming import WORKER_HEALTH_PORT as HEALTH_PORT
+from dgemma_common.naming import WORKER_METRICS_PORT as METRICS_PORT
+from dgemma_common.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile, vllm_memory_gib, worker_memory_gib
 from dgemma_common.variants import variant_name
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
-MANAGER = "dgemma-operator"
-RUNTIME_LABEL = "dgemma.io/runtime"
-# Until measured, an external API is assumed as fast as a good GPU (its own latencies replace this).
-EXTERNAL_TOKENS_PER_SECOND_PRIOR = 1000.0
 VLLM_USER = 2000  # the `vllm` user of vLLM's image
 WORKER_USER = 1000
-GRPC_PORT = 50051
-METRICS_PORT = 9090
-HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
 TLS_MOUNT = "/etc/dgemma/tls"
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
@@ -39,7 +38,7 @@ Body = dict[str, Any]
 
 def child_name(resource_name: str) -> str:
     """Name shared by the Deployment, Service and PodDisruptionBudget of a resource."""
-    return f"{resource_name}-worker"
+    return naming.worker_service(resource_name)
 
 
 def label_safe(value: str) -> str:
@@ -64,8 +63,8 @@ def worker_labels(resource_name: str, spec: models.DiffusionGemmaSpec) -> dict[s
         **selector_labels(resource_name),
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": MANAGER,
-        "dgemma.io/variant": resource_name,
-        "dgemma.io/model": label_safe(spec.served_model_name),
+        naming.VARIANT_LABEL: resource_name,
+        naming.MODEL_LABEL: label_safe(spec.served_model_name),
         **runtime,
     }
 
@@ -77,12 +76,11 @@ def selector_string(resource_name: str) -> str:
 
 def endpoint(resource_name: str, namespace: str, spec: models.DiffusionGemmaSpec) -> str:
     """Where the gateway reaches the variant: the workers' gRPC Service, vLLM's API root, or the external API."""
-    host = f"{child_name(resource_name)}.{namespace}.svc"
     if spec.runtime == "vllm":
-        return f"http://{host}:{vllm.PORT}{vllm.API_PREFIX}"
+        return f"http://{child_name(resource_name)}.{namespace}.svc:{vllm.PORT}{vllm.API_PREFIX}"
     if spec.runtime == "external" and spec.external is not None:
         return spec.external.base_url
-    return f"{host}:{GRPC_PORT}"
+    return naming.worker_address(resource_name, namespace)
 
 
 def child_metadata(owner: Body, labels: Body) -> Body:
@@ -123,6 +121,21 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
             f"gpu.resources.limits[{GPU_RESOURCE!r}]={limits[GPU_RESOURCE]} "
             f"contradicts gpu.count={spec.gpu.count}"
         )
+    gpu = profile(spec.gpu.profile)
+    # The dtype and unified-memory rules are the dgemma worker's (its kernels, its loading); vLLM sizes and
+    # checks its own (an external variant runs nothing).
+    if spec.runtime == "dgemma" and spec.gpu.product is None and gpu.gpu_product is not None:
+        trouble = dtype_problem(dtype(spec), gpu.compute_capability, f"profile {gpu.name} ({gpu.gpu_product})")
+        if trouble is not None:
+            problems.append(f"gpu.dtype: {trouble}")
+        given = _given_memory(spec)
+        if gpu.node_memory_gib is not None and given is None and worker_memory(spec) > gpu.node_memory_gib:
+            problems.append(
+                f"worker.maxActive: {spec.worker.max_active} requests in {dtype(spec)} need {worker_memory(spec)}Gi "
+                f"of unified memory, more than a {gpu.name} node's {gpu.node_memory_gib}Gi "
+                "(lower worker.maxActive or generation.canvasLength, pick a smaller dtype, or set "
+                "gpu.resources for a smaller model)"
+            )
     if spec.model is not None and spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
         problems.append(
             "cache.claimName must differ from model.pvc.claimName (the source is mounted read-only)"
@@ -169,15 +182,18 @@ def dtype(spec: models.DiffusionGemmaSpec) -> str:
     return vllm_defaults(spec).dtype if spec.runtime == "vllm" else profile(spec.gpu.profile).dtype
 
 
+def worker_memory(spec: models.DiffusionGemmaSpec) -> int:
+    """The server container's memory request and limit in GiB (on unified memory it holds the weights too)."""
+    gpu = profile(spec.gpu.profile)
+    if spec.runtime == "vllm":
+        utilization = (spec.vllm and spec.vllm.gpu_memory_utilization) or vllm_defaults(spec).gpu_memory_utilization
+        return vllm_memory_gib(gpu, utilization)
+    return worker_memory_gib(gpu, dtype(spec), spec.worker.max_active, spec.generation.canvas_length)
+
+
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
     """Expected tokens/s per replica until measured."""
-    if spec.gpu.tokens_per_second_prior:
-        return spec.gpu.tokens_per_second_prior
-    if spec.runtime == "external":
-        return EXTERNAL_TOKENS_PER_SECOND_PRIOR
-    if spec.runtime == "vllm":
-        return vllm_defaults(spec).tokens_per_second_prior or profile(spec.gpu.profile).tokens_per_second_prior
-    return profile(spec.gpu.profile).tokens_per_second_prior
+    return profiles.tokens_per_second_prior(spec.gpu.profile, spec.gpu.tokens_per_second_prior, spec.runtime)
 
 
 def _source(spec: models.DiffusionGemmaSpec) -> models.ModelSource:
@@ -219,6 +235,11 @@ def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> l
         ("DGEMMA_DEFAULT_STABILITY_THRESHOLD", gen.stability_threshold),
         ("DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD", gen.confidence_threshold),
         *_hub_env(spec),
+        # The compiled step's kernels (worker --compile, on by default with CUDA): kept on the cache volume,
+        # so a restarted replica (or, on a shared claim, the next one) skips most of the compiling; the root
+        # file system is read-only.
+        ("TORCHINDUCTOR_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/torchinductor"),
+        ("TRITON_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/triton"),
     ]
     env: list[Body] = [{"name": key, "value": str(value)} for key, value in values if value is not None]
     env.extend(_token_env(spec))
@@ -304,12 +325,24 @@ def _fetch_container(name: str, spec: models.DiffusionGemmaSpec, mounts: list[Bo
     }
 
 
+def _given_memory(spec: models.DiffusionGemmaSpec) -> str | None:
+    """A memory quantity the spec sets under gpu.resources (requests first), replacing the derived one."""
+    given = spec.gpu.resources or {}
+    for section in ("requests", "limits"):
+        values = given.get(section)
+        if isinstance(values, dict) and values.get("memory") is not None:
+            return str(values["memory"])
+    return None
+
+
 def _resources(spec: models.DiffusionGemmaSpec) -> Body:
     prof = profile(spec.gpu.profile)
     gpus = str(spec.gpu.count)
+    # One given quantity stands for both: a limit below the derived request would be refused by the API.
+    memory = _given_memory(spec) or f"{worker_memory(spec)}Gi"
     base: Body = {
-        "requests": {"cpu": prof.cpu, "memory": prof.memory, GPU_RESOURCE: gpus},
-        "limits": {"memory": prof.memory, GPU_RESOURCE: gpus},
+        "requests": {"cpu": prof.cpu, "memory": memory, GPU_RESOURCE: gpus},
+        "limits": {"memory": memory, GPU_RESOURCE: gpus},
     }
     for section, values in (spec.gpu.resources or {}).items():
         if isinstance(values, dict):
@@ -401,8 +434,8 @@ def _worker_container(name: str, namespace: str | None, spec: models.DiffusionGe
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dgemma", "worker"],
         "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": naming.GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": naming.METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
             *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
         "env": _env(name, namespace, spec),
@@ -454,9 +487,9 @@ def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["vllm", "serve"],
         "args": vllm_args(name, spec),
-        "ports": [{"name": "http", "containerPort": vllm.PORT, "protocol": "TCP"}],
+        "ports": [{"name": naming.HTTP_PORT_NAME, "containerPort": vllm.PORT, "protocol": "TCP"}],
         "env": [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec),
-        **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": "http"}}),
+        **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": naming.HTTP_PORT_NAME}}),
     }
 
 
@@ -520,12 +553,14 @@ def service(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     to talk to them: `grpc` a dgemma worker, `http` vLLM's OpenAI server, which serves /metrics too)."""
     name = owner["metadata"]["name"]
     if spec.runtime == "vllm":
-        ports: list[Body] = [{"name": "http", "port": vllm.PORT, "targetPort": "http", "protocol": "TCP",
-                              "appProtocol": "http"}]
+        ports: list[Body] = [{"name": naming.HTTP_PORT_NAME, "port": vllm.PORT, "targetPort": naming.HTTP_PORT_NAME,
+                              "protocol": "TCP", "appProtocol": "http"}]
     else:
         ports = [
-            {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
-            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            {"name": naming.GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": naming.GRPC_PORT_NAME, "protocol": "TCP",
+             "appProtocol": "grpc"},
+            {"name": naming.METRICS_PORT_NAME, "port": METRICS_PORT, "targetPort": naming.METRICS_PORT_NAME,
+             "protocol": "TCP"},
         ]
     return {
         "apiVersion": "v1",

@@ -11,17 +11,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dgemma_common import vllm
-from dgemma_operator.profiles import Architecture, Dtype, ProfileName
+from dgemma_common import variants, vllm
+from dgemma_common.naming import GROUP as GROUP  # the resource's names, re-exported for the operator
+from dgemma_common.naming import KIND as KIND
+from dgemma_common.naming import PLURAL as PLURAL
+from dgemma_common.naming import VERSION as VERSION
+from dgemma_common.profiles import Architecture, Dtype, ProfileName
+from dgemma_common.variants import Runtime
 
-Runtime = Literal["dgemma", "vllm", "external"]
 # Generation settings vLLM reads from the checkpoint, not from its command line (dgemma_common.vllm).
 VLLM_FIXED_SETTINGS = ("tMin", "tMax", "entropyBound", "stabilityThreshold", "confidenceThreshold")
 
-GROUP = "dgemma.io"
-VERSION = "v1alpha1"
-KIND = "DiffusionGemma"
-PLURAL = "diffusiongemmas"
 SINGULAR = "diffusiongemma"
 SHORT_NAMES = ["dgm"]
 CATEGORIES = ["dgemma", "all-models"]
@@ -116,7 +116,7 @@ class GpuSpec(BaseModel):
     """Which GPUs to run on: a named profile whose every default can be overridden."""
 
     model_config = _config()
-    profile: ProfileName = "h100"
+    profile: ProfileName = variants.DEFAULT_GPU_PROFILE
     """GPU profile: rtx-pro-6000, h100, dgx-spark, dgx-station or custom."""
     product: str | None = Field(default=None, max_length=63)
     """Override of the nvidia.com/gpu.product node label (GPU Feature Discovery); required for custom."""
@@ -125,7 +125,7 @@ class GpuSpec(BaseModel):
     architecture: Architecture | None = None
     """CPU architecture (kubernetes.io/arch); default from the profile."""
     dtype: Dtype | None = None
-    """Weights dtype/quantization; default from the profile (h100 fp8, dgx-spark nvfp4, others bf16)."""
+    """Weights dtype/quantization; default from the profile (h100 fp8, others bf16)."""
     node_selector: dict[str, str] | None = None
     """Extra node selector terms, merged over the profile's."""
     tolerations: list[dict[str, Any]] | None = None
@@ -144,9 +144,9 @@ class GenerationDefaults(BaseModel):
     model_config = _config(
         ("!has(self.tMin) || !has(self.tMax) || self.tMin <= self.tMax", "tMin must not exceed tMax"),
     )
-    canvas_length: int = Field(default=256, ge=16, le=4096)
+    canvas_length: int = Field(default=variants.DEFAULT_CANVAS_LENGTH, ge=16, le=4096)
     """Tokens per canvas (block)."""
-    max_denoising_steps: int = Field(default=48, ge=1, le=512)
+    max_denoising_steps: int = Field(default=variants.DEFAULT_MAX_DENOISING_STEPS, ge=1, le=512)
     """Upper bound on denoising steps per canvas."""
     t_min: float | None = Field(default=None, ge=0, le=10)
     """Final sampling temperature of the schedule."""
@@ -266,7 +266,7 @@ class DiffusionGemmaSpec(BaseModel):
     served_model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     """Model name clients ask for (OpenAI `model`); several variants may serve the same name."""
     runtime: Runtime = Field(
-        default="dgemma",
+        default=variants.DEFAULT_RUNTIME,
         json_schema_extra={"x-kubernetes-validations": [
             {"rule": "self == oldSelf", "message": "runtime is immutable: create another resource for another runtime"}
         ]},
@@ -281,7 +281,7 @@ class DiffusionGemmaSpec(BaseModel):
     """vLLM settings (runtime vllm); every field has a default."""
     external: ExternalSpec | None = None
     """The external API (runtime external)."""
-    allow_overflow: bool = False
+    allow_overflow: bool = variants.DEFAULT_ALLOW_OVERFLOW
     """Let requests this variant cannot serve in time go to an external variant of the same model. Off by
     default: prompts leave the cluster only by choice."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -290,15 +290,15 @@ class DiffusionGemmaSpec(BaseModel):
     """Model cache shared by the replicas."""
     gpu: GpuSpec = Field(default_factory=GpuSpec, json_schema_extra=_object_default())
     """GPU profile and overrides."""
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int = Field(default=variants.DEFAULT_REPLICAS, ge=0, le=1000)
     """Desired replicas (the scale subresource writes this)."""
-    min_replicas: int = Field(default=1, ge=0, le=1000)
+    min_replicas: int = Field(default=variants.DEFAULT_MIN_REPLICAS, ge=0, le=1000)
     """Lower bound for scaling."""
     max_replicas: int = Field(default=4, ge=1, le=1000)
     """Upper bound for scaling."""
-    cost_weight: float = Field(default=1.0, gt=0, le=1000)
+    cost_weight: float = Field(default=variants.DEFAULT_COST_WEIGHT, gt=0, le=1000)
     """Relative cost of one replica-second; the gateway prefers cheaper variants that meet the target."""
-    latency_target_ms: int = Field(default=2000, ge=1, le=600000)
+    latency_target_ms: int = Field(default=variants.DEFAULT_LATENCY_TARGET_MS, ge=1, le=600000)
     """Default end-to-end latency target for requests that carry none."""
     generation: GenerationDefaults = Field(
         default_factory=GenerationDefaults, json_schema_extra=_object_default()
@@ -317,7 +317,7 @@ class Condition(BaseModel):
 
     model_config = _config()
     type: str
-    """Ready, Progressing or Degraded."""
+    """Ready, Progressing or Degraded (the reconciler's), or ScalingActive (the autoscaler's)."""
     status: Literal["True", "False", "Unknown"]
     """Condition status."""
     reason: str = ""
@@ -399,7 +399,8 @@ class DiffusionGemmaStatus(BaseModel):
     observed_generation: int | None = None
     """The spec generation the status describes."""
     conditions: list[Condition] | None = None
-    """Ready, Progressing and Degraded."""
+    """Ready, Progressing and Degraded; with autoscaling on, ScalingActive (False while the autoscaler has no valid
+    measurements, with the reason: the replicas are then kept)."""
     replicas: int | None = None
     """Replicas that exist (the scale subresource reads this)."""
     ready_replicas: int | None = None

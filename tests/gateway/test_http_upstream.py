@@ -343,8 +343,8 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
         assert served_by(open_, 300) == "overflow"  # not a tight one
         assert served_by(open_, 300, key="closed-key") == "local"  # ... unless the caller's key forbids it
         # The overflowed request is demand for the local variant it preferred.
-        snap = open_.gateway.demand_snapshot()["variants"]
-        assert snap["local"]["demand"]["preferred_requests_per_s"] > snap["local"]["demand"]["routed_requests_per_s"]
+        local = open_.gateway.demand_snapshot().variants["local"].demand
+        assert local.preferred_requests_per_s > local.routed_requests_per_s
     finally:
         open_.close()
     closed = front_with(False)

@@ -185,13 +185,13 @@ def test_demand_snapshot_reports_requested_canvases_waiting_and_delivered_per_re
     t.finished("h100", NOW, 100, met=False)
     cands = [cand(FAST, load(queue=3), n=0), cand(FAST, load(), n=1), cand(FAST, load(ready=False), n=2)]
     snap = snapshot(t, [FAST], cands, NOW)
-    v = snap["variants"]["h100"]
-    assert v["replicas"] == 3 and v["replicas_ready"] == 2
-    assert v["demand"]["canvases_per_s"] == pytest.approx(1.0)
-    assert v["demand"]["tokens_per_s"] == pytest.approx(150.0)
-    assert v["demand"]["requests_waiting"] == 3
-    assert v["demand"]["targets_missed"] == 1 and v["demand"]["target_miss_ratio"] == pytest.approx(0.5)
-    assert v["delivered"]["tokens_per_s_per_replica"] == pytest.approx(100.0)
+    v = snap.variants["h100"]
+    assert v.replicas == 3 and v.replicas_ready == 2
+    assert v.demand.canvases_per_s == pytest.approx(1.0)
+    assert v.demand.tokens_per_s == pytest.approx(150.0)
+    assert v.demand.requests_waiting == 3
+    assert v.demand.targets_missed == 1 and v.demand.target_miss_ratio == pytest.approx(0.5)
+    assert v.delivered.tokens_per_s_per_replica == pytest.approx(100.0)
 
 
 def test_cost_compares_what_serving_the_request_costs_not_the_hourly_price_alone() -> None:

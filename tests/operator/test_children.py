@@ -33,7 +33,7 @@ def env(s: models.DiffusionGemmaSpec) -> dict[str, Any]:
 PROFILES = [
     ("h100", "NVIDIA-H100-80GB-HBM3", "amd64", "fp8", 1100.0),
     ("rtx-pro-6000", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "amd64", "bf16", 700.0),
-    ("dgx-spark", "NVIDIA-GB10", "arm64", "nvfp4", 150.0),
+    ("dgx-spark", "NVIDIA-GB10", "arm64", "bf16", 150.0),
     ("dgx-station", "NVIDIA-GB300", "arm64", "bf16", 800.0),
 ]
 
@@ -123,6 +123,8 @@ def test_worker_gets_the_contract_command_ports_and_environment() -> None:
         "DGEMMA_DEFAULT_STABILITY_THRESHOLD": "3",
         "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD": "0.9",
         "HF_HOME": "/models/huggingface",
+        "TORCHINDUCTOR_CACHE_DIR": "/models/torchinductor",
+        "TRITON_CACHE_DIR": "/models/triton",
         "HF_HUB_OFFLINE": "1",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}},
     }
@@ -262,10 +264,18 @@ def test_offline_validation_is_not_vacuous() -> None:
         ({"gpu": {"profile": "custom"}}, "custom"),
         ({"gpu": {"count": 2, "resources": {"limits": {"nvidia.com/gpu": 1}}}}, "contradicts"),
         ({"model": {"pvc": {"claimName": "w"}}, "cache": {"claimName": "w"}}, "must differ"),
+        ({"gpu": {"profile": "h100", "dtype": "nvfp4"}},
+         "gpu.dtype: dtype nvfp4 needs an NVIDIA GPU of compute capability 10.0 or newer; "
+         "profile h100 (NVIDIA-H100-80GB-HBM3) has 9.0"),
     ],
 )
 def test_semantic_problems_are_reported(overrides: dict[str, Any], problem: str) -> None:
     assert problem in " ".join(children.semantic_problems("gemma", spec(**overrides)))
+
+
+def test_every_profile_can_run_its_own_default_dtype() -> None:
+    for name in ("h100", "rtx-pro-6000", "dgx-spark", "dgx-station"):
+        assert children.semantic_problems("gemma", spec(gpu={"profile": name})) == [], name
 
 
 def test_a_name_too_long_for_a_service_is_a_semantic_problem() -> None:
@@ -276,16 +286,16 @@ def test_a_name_too_long_for_a_service_is_a_semantic_problem() -> None:
 def test_status_reports_ready_only_from_observed_replicas() -> None:
     s = spec(replicas=2, minReplicas=1, maxReplicas=4)
     owner = {**OWNER, "metadata": {**OWNER["metadata"], "generation": 3}}
-    missing = status.observed(owner, s, None, "t0")
+    missing = status.as_patch(status.observed(owner, s, None, "t0"))
     assert [c["status"] for c in missing["conditions"]] == ["False", "True", "False"]
     dep = {
         "metadata": {"generation": 1},
         "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
     }
-    partial = status.observed(owner, s, dep, "t1")
+    partial = status.as_patch(status.observed(owner, s, dep, "t1"))
     assert partial["conditions"][0]["reason"] == "PartiallyReady" and partial["readyReplicas"] == 1
     dep["status"]["readyReplicas"] = 2
-    ready = status.observed({**owner, "status": partial}, s, dep, "t2")
+    ready = status.as_patch(status.observed({**owner, "status": partial}, s, dep, "t2"))
     assert ready["conditions"][0] == {
         "type": "Ready",
         "status": "True",
@@ -297,3 +307,19 @@ def test_status_reports_ready_only_from_observed_replicas() -> None:
     assert ready["conditions"][1]["status"] == "False"
     assert ready["endpoint"] == "gemma-worker.ml.svc:50051" and ready["observedGeneration"] == 3
     assert ready["selector"] == "app.kubernetes.io/name=dgemma-worker,app.kubernetes.io/instance=gemma"
+
+
+def test_the_reconciler_keeps_the_autoscalers_condition_and_the_autoscaler_the_reconcilers() -> None:
+    """Both write status.conditions whole (a merge patch replaces a list): each carries the other's over."""
+    s = spec()
+    scaling = status.condition("ScalingActive", False, "GatewayUnreachable", "no answer", 3, [], "t0")
+    owner = {**OWNER, "status": status.as_patch(models.DiffusionGemmaStatus(conditions=[scaling]))}
+    observed = status.observed(owner, s, None, "t1")
+    assert [c.type for c in observed.conditions or []] == ["Ready", "Progressing", "Degraded", "ScalingActive"]
+    assert (observed.conditions or [])[-1] == scaling
+    invalid = status.invalid(owner, "InvalidSpec", "bad", "t1")
+    assert [c.type for c in invalid.conditions or []][-1] == "ScalingActive"
+    active = status.condition("ScalingActive", True, "ValidMeasurements", "ok", 3, [scaling], "t2")
+    mixed = status.with_conditions(observed.conditions or [], active)
+    assert [c.type for c in mixed] == ["ScalingActive", "Ready", "Progressing", "Degraded"]
+    assert mixed[0].last_transition_time == "t2" and mixed[1] == (observed.conditions or [])[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.naming import WORKER_GRPC_PORT, WORKER_METRICS_PORT
 from dgemma_common.params import GenerationParams, Limits
 from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
 
@@ -31,8 +32,8 @@ class WorkerConfig:
     served_model_name: str = ""
     variant: str = ""  # the gateway's name for this variant (`namespace/name`): the `variant` metrics label
     host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
+    port: int = WORKER_GRPC_PORT
+    metrics_port: int = WORKER_METRICS_PORT  # -1: no metrics endpoint; 0: pick a free port
     port_file: Path | None = None
     # TLS on the gRPC port (a client CA makes it mutual TLS) and the plaintext health-only port for kubelet
     # probes, which cannot speak TLS.
@@ -51,6 +52,7 @@ class WorkerConfig:
     limits: Limits = field(default_factory=Limits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     warmup: bool = True
+    compile: bool | None = None  # the static-shape compiled step; None: on CUDA, off on a CPU
     debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
 
     @property
@@ -94,6 +96,7 @@ ENV_VARS = {
     "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
     "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
     "debug_step_delay_s": "DGEMMA_DEBUG_STEP_DELAY_S",
+    "compile": "DGEMMA_COMPILE",
 }
 
 
@@ -129,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
         "metric as the `variant` label")
     add("--host", "host", "bind address (default 0.0.0.0)")
-    add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
-    add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
+    add("--port", "port", f"gRPC port; 0 picks a free one (default {WORKER_GRPC_PORT})", type=int)
+    add("--metrics-port", "metrics_port",
+        f"Prometheus port; 0 picks one, 'off' disables (default {WORKER_METRICS_PORT})",
         type=_port_or_off)
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
     add_certificate_flags(add, "gRPC")
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
         type=float)
+    add("--compile", "compile", "the static-shape compiled decoder step (torch.compile; CUDA graphs on CUDA); "
+        "'false' for the eager step (default: on with CUDA, off on a CPU)", type=_bool, nargs="?", const=True)
     add("--debug-step-delay-s", "debug_step_delay_s", "tests and benchmarks only: add this many seconds to "
         "every denoising step, to act like a slower GPU (default 0)", type=float)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
@@ -219,8 +225,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         served_model_name=args.served_model_name or "",
         variant=args.variant or "",
         host=args.host or "0.0.0.0",
-        port=50051 if args.port is None else args.port,
-        metrics_port=9090 if args.metrics_port is None else args.metrics_port,
+        port=WORKER_GRPC_PORT if args.port is None else args.port,
+        metrics_port=WORKER_METRICS_PORT if args.metrics_port is None else args.metrics_port,
         port_file=args.port_file,
         tls=tls,
         health_port=HEALTH_OFF if args.health_port is None else args.health_port,
@@ -236,6 +242,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         limits=limits,
         defaults=defaults,
         warmup=args.warmup,
+        compile=args.compile,
         debug_step_delay_s=args.debug_step_delay_s or 0.0,
     )
     for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
