@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -57,6 +58,16 @@ class LocalWorkers:
         """Spawn the processes (they bind at once and load the model in the background)."""
         for _ in range(self.replicas):
             self.spawn()
+
+    @contextlib.contextmanager
+    def running(self, stop_timeout: float | None = None) -> Iterator[LocalWorkers]:
+        """Started and bound (the model may still be loading) for the `with` block; stopped after it."""
+        try:
+            self.start()
+            self.wait_bound()
+            yield self
+        finally:
+            self.stop(stop_timeout)
 
     def spawn(self) -> LocalWorker:
         """Start one more worker process (on a free port; it loads the model in the background)."""

@@ -152,14 +152,9 @@ def test_a_worker_key_secret_is_presented_to_the_variants_workers_and_vllm_pods(
 @pytest.fixture(scope="module")
 def keyed_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWorkers]:
     """A `dgemma worker` that requires the key (its --api-keys-file), serving the model as `keyed`."""
-    w = LocalWorkers(str(tiny_model_dir()), 1, "keyed", api_key="wk-cluster-0123456789",
-                     workdir=tmp_path_factory.mktemp("keyed-k8s"))
-    try:
-        w.start()
-        w.wait_bound()
+    with LocalWorkers(str(tiny_model_dir()), 1, "keyed", api_key="wk-cluster-0123456789",
+                      workdir=tmp_path_factory.mktemp("keyed-k8s")).running(10) as w:
         yield w
-    finally:
-        w.stop(timeout=10)
 
 
 def test_a_gateway_in_kubernetes_reads_the_workers_key_from_the_secret_the_resource_names(

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from dgemma_gateway.endpoints import EndpointSpec, StaticSource
@@ -31,22 +32,18 @@ SMALL = {"max_denoising_steps": 2, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWorkers]:
     """One `dgemma worker` process that requires KEY (with its metrics port, to read its refusals)."""
-    w = LocalWorkers(str(tiny_model_dir()), 1, MODEL, ["--metrics-port", "0"], api_key=KEY,
-                     workdir=tmp_path_factory.mktemp("keyed"))
-    try:
-        w.start()
-        w.wait_bound()
+    with LocalWorkers(str(tiny_model_dir()), 1, MODEL, ["--metrics-port", "0"], api_key=KEY,
+                      workdir=tmp_path_factory.mktemp("keyed")).running(10) as w:
         yield w
-    finally:
-        w.stop(timeout=10)
 
 
 def _refused_calls(worker: LocalWorker) -> float:
     """Calls the worker refused for their key, over both services (its metrics)."""
     port = json.loads(worker.port_file.read_text())["metrics_port"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("dgemma_worker_auth_failures_total{"))
+        text = r.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "dgemma_worker_auth_failures_total")
 
 
 def _gateway(workdir: Path, worker: LocalWorker, *args: str) -> GatewayProcess:

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
@@ -48,12 +49,8 @@ class KeyedWorker:
         url = f"http://127.0.0.1:{self.ports['metrics_port']}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("dgemma_worker_auth_failures_total{"):
-                labels = dict(p.split("=") for p in line[line.index("{") + 1: line.index("}")].split(","))
-                out[(labels["api"].strip('"'), labels["reason"].strip('"'))] = float(line.rsplit(" ", 1)[1])
-        return out
+        return {(s.labels["api"], s.labels["reason"]): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "dgemma_worker_auth_failures_total"}
 
 
 @pytest.fixture(scope="module")
