@@ -60,6 +60,7 @@ ENV = {
     "tls_cert_file": "DGEMMA_TLS_CERT_FILE", "tls_key_file": "DGEMMA_TLS_KEY_FILE",
     "worker_tls_ca_file": "DGEMMA_WORKER_TLS_CA_FILE", "worker_tls_cert_file": "DGEMMA_WORKER_TLS_CERT_FILE",
     "worker_tls_key_file": "DGEMMA_WORKER_TLS_KEY_FILE", "worker_tls_server_name": "DGEMMA_WORKER_TLS_SERVER_NAME",
+    "worker_api_key_file": "DGEMMA_WORKER_API_KEY_FILE",
 }
 # With --kubernetes, variants may scale to zero: hold their requests this long for a first replica.
 KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
@@ -149,6 +150,19 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def with_worker_key(specs: Sequence[EndpointSpec], key: str) -> list[EndpointSpec]:
+    """The endpoints with the workers' API key: every dgemma worker, and every vLLM server that has no key of its
+    own (as `Authorization: Bearer`). Never an external API: the key is ours, not a third party's."""
+    def keyed(s: EndpointSpec) -> EndpointSpec:
+        if s.http is None:
+            return replace(s, api_key=key)
+        if s.variant.runtime == "vllm" and s.http.api_key is None:
+            return replace(s, http=replace(s.http, api_key=key))
+        return s
+
+    return [keyed(s) for s in specs]
+
+
 def overflow_spec(url: str, upstream_model: str, served_as: str, key_file: Path | None = None,
                   max_concurrency: int = DEFAULT_OVERFLOW_CONCURRENCY, cost: float = DEFAULT_OVERFLOW_COST,
                   latency_target_ms: float = 2000.0) -> EndpointSpec:
@@ -224,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--worker-tls-key-file", "worker_tls_key_file", "the PEM key of --worker-tls-cert-file", type=Path)
     add("--worker-tls-server-name", "worker_tls_server_name", "the name the workers' certificates carry (default: "
         "the address dialled)")
+    add("--worker-api-key-file", "worker_api_key_file", "file whose first line is the API key the static endpoints' "
+        "workers require (their --api-keys-file): sent on every call to a dgemma worker, and as Authorization: "
+        "Bearer to vLLM endpoints without a key of their own; read at start", type=Path)
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
@@ -291,6 +308,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         endpoints += [parse_endpoint(e, args.model or "") for e in args.endpoint]
         if args.endpoints_file is not None:
             endpoints += load_endpoints_file(args.endpoints_file)
+        if args.worker_api_key_file is not None:
+            endpoints = with_worker_key(endpoints, read_api_key(args.worker_api_key_file))
         if args.overflow_url:
             served = args.model or _only_model(endpoints) or args.overflow_model or ""
             endpoints = [*allow_overflow(endpoints, served), overflow_from_args(args, served)]

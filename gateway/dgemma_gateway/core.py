@@ -27,7 +27,7 @@ from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, Routed, snapshot
 from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, EndpointState, Registry, worker_events
-from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream
+from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, worker_refused_key
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
@@ -149,7 +149,9 @@ class Gateway:
         """
         if self.settings.hold_for_replica_s <= 0 or self.ready_count(model, local=True) > 0:
             return None
-        starting = {c.variant.name for c in self.registry.candidates() if c.variant.model == model}
+        # A replica that refuses the gateway's API key is not starting: holding for it would only delay the error.
+        starting = {s.spec.variant.name for s in self.registry.endpoints.values()
+                    if s.spec.variant.model == model and s.key_refused is None}
         options = [v for v in self.registry.variants.values()
                    if v.model == model and not v.overflow and (v.scale_from_zero or v.name in starting)]
         if not options:
@@ -233,6 +235,9 @@ class Gateway:
             return GatewayError(429, "every upstream of the model asked for a pause (429)",
                                 code="upstream_rate_limited", retry_after_s=paused)
         if self.ready_count(req.model) == 0 and not tried:
+            refused = self.registry.key_refused(req.model)
+            if refused is not None:
+                return worker_refused_key(refused)
             return GatewayError(503, f"no ready endpoint for model {req.model!r}", code="no_ready_endpoint",
                                 retry_after_s=5.0)
         retry = decision.retry_after_s if decision.retry_after_s is not None else 1.0

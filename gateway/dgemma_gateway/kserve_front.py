@@ -215,8 +215,10 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
-                         on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
+    def refused(_service: str, reason: str) -> None:
+        gateway.metrics.auth_failures.labels("kserve", reason).inc()
+
+    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,), on_refused=refused)
     traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
                                                           f"/{KSERVE_SERVICE}/ModelStreamInfer"))
     # Requests carry images: the same message bound as the gateway's channels to the workers.

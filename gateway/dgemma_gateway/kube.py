@@ -14,7 +14,10 @@ Each `DiffusionGemma` named N has a worker Service `N-worker`; its EndpointSlice
 `kubernetes.io/service-name: N-worker` and a port named `grpc` (dgemma workers) or `http` (vLLM's OpenAI
 server, `spec.runtime: vllm`): the names the operator gives, from `dgemma_common.naming`. A resource with
 `spec.runtime: external` has no pods: it is one HTTP endpoint, its API, with the key from the Secret it names.
-`endpoints_from` is the pure function from the watched objects to endpoints.
+A resource with `spec.worker.apiKeySecret` has workers that require a key: the gateway reads the same Secret and
+presents it on every call (gRPC metadata to dgemma workers, `Authorization: Bearer` to vLLM pods); Secrets are
+read again every minute and whenever a resource changes. `endpoints_from` is the pure function from the watched
+objects to endpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from dgemma_common import naming, variants, vllm
+from dgemma_common.auth import parse_keys
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
 from dgemma_gateway.types import Variant
@@ -78,6 +82,12 @@ class Resource:
     capacity: int  # requests one vLLM replica runs at once (--max-num-seqs)
     max_queue: int  # more that may wait there (spec.worker.maxQueue)
     external: External | None = None
+    worker_key: tuple[str, str] | None = None  # (Secret name, key) of the key its workers require
+
+    @property
+    def secrets(self) -> list[tuple[str, str]]:
+        """The (Secret, key) pairs holding keys the gateway presents for this variant."""
+        return [ref for ref in (self.worker_key, self.external.secret if self.external else None) if ref]
 
 
 def resource_from(obj: Mapping[str, Any]) -> Resource:
@@ -86,14 +96,29 @@ def resource_from(obj: Mapping[str, Any]) -> Resource:
     variant = variant_from_resource(obj)
     vllm_spec = spec.get("vllm") or {}
     recipe = vllm.RECIPE.get(variant.gpu_profile, vllm.RECIPE["custom"])
+    worker = spec.get("worker") or {}
     external = None
     if variant.runtime == "external":
         ext = spec["external"]
-        ref = ext.get("apiKeySecret")
         external = External(http_base_url(str(ext["baseURL"])), str(ext["model"]), int(ext.get("maxConcurrency", 16)),
-                            (str(ref["name"]), str(ref.get("key", "token"))) if ref else None)
-    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs),
-                    int((spec.get("worker") or {}).get("maxQueue", 64)), external)
+                            _secret_ref(ext.get("apiKeySecret")))
+    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs), int(worker.get("maxQueue", 64)),
+                    external, None if external else _secret_ref(worker.get("apiKeySecret")))
+
+
+def _secret_ref(ref: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    return (str(ref["name"]), str(ref.get("key", "token"))) if ref else None
+
+
+def presented_key(runtime: variants.Runtime, value: str) -> str | None:
+    """The key the gateway presents, from the Secret's value: for dgemma workers the value is their keys file (one
+    key per line, all accepted: a new key listed beside the old one rotates without a refusal), and the first key
+    is presented; vLLM and external APIs take the value as one key."""
+    if runtime == "dgemma":
+        return next(iter(parse_keys(value)), None)
+    key = value.strip()
+    # Several lines or words are no single key (and no header may carry a line break): no key at all.
+    return key if key and not any(c.isspace() for c in key) else None
 
 
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
@@ -118,8 +143,8 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
                    api_keys: Mapping[tuple[str, str, str], str] | None = None) -> list[EndpointSpec]:
     """Ready endpoints of every variant's worker Service, and every external variant's API.
 
-    `api_keys`: (namespace, Secret name, key) -> the API key read from that Secret; an external variant whose
-    Secret could not be read has no endpoint yet.
+    `api_keys`: (namespace, Secret name, key) -> the value read from that Secret; a variant whose key Secret could
+    not be read has no endpoint yet (its workers would refuse every call).
     """
     by_service = {(ns, naming.worker_service(name)): r for (ns, name), r in resources.items()}
     out: dict[str, EndpointSpec] = {}
@@ -128,6 +153,11 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
         resource = by_service.get((ns, labels.get(naming.SERVICE_NAME_LABEL, "")))
         if resource is None or resource.variant.overflow:
             continue
+        key = None
+        if resource.worker_key is not None:
+            key = presented_key(resource.variant.runtime, (api_keys or {}).get((ns, *resource.worker_key), ""))
+            if key is None:
+                continue
         ports = {p.get("name"): p.get("port") for p in s.get("ports") or []}
         http = resource.variant.runtime == "vllm"
         port = ports.get(naming.HTTP_PORT_NAME) if http else ports.get(naming.GRPC_PORT_NAME, naming.WORKER_GRPC_PORT)
@@ -141,11 +171,11 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
                 host = f"[{address}]" if ":" in address else address
                 endpoint_id = f"{resource.variant.name}/{address}:{port}"
                 if http:
-                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model,
+                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model, api_key=key,
                                         capacity=resource.capacity, max_queue=resource.max_queue)
                     out[endpoint_id] = EndpointSpec(endpoint_id, target.base_url, resource.variant, http=target)
                 else:
-                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant)
+                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant, api_key=key)
     for (ns, _), resource in resources.items():
         spec = external_endpoint(ns, resource, api_keys or {})
         if spec is not None:
@@ -161,7 +191,7 @@ def external_endpoint(namespace: str, resource: Resource, api_keys: Mapping[tupl
         return None
     key = None
     if ext.secret is not None:
-        key = api_keys.get((namespace, *ext.secret))
+        key = presented_key("external", api_keys.get((namespace, *ext.secret), ""))
         if key is None:
             return None
     target = HttpTarget(ext.base_url, ext.model, api_key=key, capacity=ext.max_concurrency, max_queue=0,
@@ -278,7 +308,7 @@ class KubernetesSource:
         self.namespaces = parse_namespaces(namespace)
         self.resources: dict[Key, Resource] = {}
         self.slices: dict[Key, dict[str, Any]] = {}
-        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> an external API's key
+        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> its value
         self._resources_changed = asyncio.Event()
 
     @classmethod
@@ -320,7 +350,8 @@ class KubernetesSource:
                 return obj
 
             async def refresh_keys() -> None:
-                # External variants' API keys: read when a resource changes, and again every minute (rotation).
+                # The keys the variants name (their workers', external APIs'): read when a resource changes, and
+                # again every minute (rotation).
                 while True:
                     keys = await read_api_keys(core, self.resources)
                     if keys != self.api_keys:
@@ -355,23 +386,29 @@ class KubernetesSource:
 
 
 async def read_api_keys(core: CoreV1Api, resources: Mapping[Key, Resource]) -> dict[tuple[str, str, str], str]:
-    """The API keys the external variants name, from their Secrets (`get` on those Secrets only: the chart's
-    gateway.externalApiKeySecrets); a Secret that cannot be read leaves its variant without an endpoint."""
-    wanted = {(ns, *r.external.secret) for (ns, _), r in resources.items() if r.external and r.external.secret}
-    keys: dict[tuple[str, str, str], str] = {}
+    """The values of the Secrets holding the keys the variants name: their workers' (spec.worker.apiKeySecret) and
+    external APIs' (spec.external.apiKeySecret). `get` on those Secrets only (the chart's gateway.apiKeySecrets); a
+    Secret that cannot be read leaves its variant without endpoints."""
+    wanted = {(ns, *ref) for (ns, _), r in resources.items() for ref in r.secrets}
+    values: dict[tuple[str, str, str], str] = {}
     for namespace, name, key in sorted(wanted):
         try:
             secret = await core.read_namespaced_secret(name, namespace, _request_timeout=LIST_TIMEOUT_S)
-            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace").strip()
+            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace")
         except ApiException as exc:
-            log.warning("cannot read Secret %s/%s for an external API key: %s %s", namespace, name, exc.status,
-                        exc.reason)
+            log.warning("cannot read Secret %s/%s for an API key: %s %s", namespace, name, exc.status, exc.reason)
             continue
         except (aiohttp.ClientError, TimeoutError, binascii.Error) as exc:
-            log.warning("cannot read Secret %s/%s for an external API key: %s", namespace, name, exc)
+            log.warning("cannot read Secret %s/%s for an API key: %s", namespace, name, exc)
             continue
-        if value:
-            keys[(namespace, name, key)] = value
-        else:
-            log.warning("Secret %s/%s has no key %r for an external API", namespace, name, key)
-    return keys
+        if not value.strip():
+            log.warning("Secret %s/%s holds nothing under key %r", namespace, name, key)
+            continue
+        values[(namespace, name, key)] = value
+        if presented_key("vllm", value) != value and any(r.worker_key == (name, key) and r.variant.runtime == "vllm"
+                                                         for (ns, _), r in resources.items() if ns == namespace):
+            # vLLM compares the whole variable (VLLM_API_KEY), a trailing newline included; no header can carry it.
+            log.error("Secret %s/%s key %r is not one bare key: vLLM takes the whole value as its key and will refuse "
+                      "the gateway; store the key alone (kubectl create secret generic %s --from-literal=%s=KEY)",
+                      namespace, name, key, name, key)
+    return values

@@ -26,6 +26,9 @@ from dgemma_operator import models
 VLLM_USER = 2000  # the `vllm` user of vLLM's image
 WORKER_USER = 1000
 TLS_MOUNT = "/etc/dgemma/tls"
+# spec.worker.apiKeySecret's key as the dgemma worker's keys file (DGEMMA_API_KEYS_FILE); vLLM gets it as VLLM_API_KEY.
+API_KEYS_MOUNT = "/etc/dgemma/api-keys"
+API_KEYS_FILE = "keys"
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -107,7 +110,7 @@ def owner_reference(owner: Body) -> Body:
 
 def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     """Errors the schema cannot express; any of them makes the resource Degraded."""
-    problems = _runtime_problems(spec)
+    problems = _runtime_problems(spec) + _env_problems(name, spec)
     if len(child_name(name)) > MAX_DNS_LABEL:
         problems.append(
             f"name {name!r} is too long: the worker Service {child_name(name)!r} must be at most "
@@ -159,6 +162,9 @@ def _runtime_problems(spec: models.DiffusionGemmaSpec) -> list[str]:
     if spec.runtime != "dgemma" and spec.worker.tls_secret:
         # The gateway reaches vLLM over plain HTTP inside the cluster (the NetworkPolicy admits only it).
         problems.append("worker.tlsSecret is for runtime dgemma")
+    if spec.runtime == "external" and (spec.worker.api_key_secret or spec.worker.env):
+        problems.append("worker.apiKeySecret and worker.env are for runtimes that run pods (an external API's key "
+                        "is external.apiKeySecret)")
     fixed = [f for f in models.VLLM_FIXED_SETTINGS if getattr(spec.generation, _snake(f)) is not None]
     if spec.runtime == "vllm" and fixed:
         problems.append(f"generation.{', '.join(fixed)} cannot be set for runtime vllm: vLLM {vllm.VERSION} reads "
@@ -228,6 +234,7 @@ def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> l
         ("DGEMMA_DRAIN_GRACE_S", spec.worker.drain_grace_seconds),
         ("DGEMMA_LOG_FORMAT", spec.worker.log_format),
         *_tls_env(spec),
+        ("DGEMMA_API_KEYS_FILE", f"{API_KEYS_MOUNT}/{API_KEYS_FILE}" if spec.worker.api_key_secret else None),
         ("DGEMMA_DEFAULT_MAX_DENOISING_STEPS", gen.max_denoising_steps),
         ("DGEMMA_DEFAULT_T_MIN", gen.t_min),
         ("DGEMMA_DEFAULT_T_MAX", gen.t_max),
@@ -271,6 +278,40 @@ def _token_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
         return []
     ref: Body = {"name": secret.name, "key": secret.key, "optional": False}
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
+
+
+def _vllm_key_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """vLLM 0.24.0 takes its API key from VLLM_API_KEY (read once, at start; the value is the key exactly)."""
+    secret = spec.worker.api_key_secret
+    if secret is None:
+        return []
+    return [{"name": "VLLM_API_KEY",
+             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": False}}}]
+
+
+def server_env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """The server container's own variables (dgemma worker or vLLM), which spec.worker.env may not override."""
+    return _vllm_env(spec) if spec.runtime == "vllm" else _env(name, namespace, spec)
+
+
+def _user_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """spec.worker.env as the API writes it, after the operator's own (so $(NAME) can refer to those)."""
+    return [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or ()]
+
+
+def _env_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
+    """worker.env may add variables, never replace one the operator sets (which the worker or probes rely on)."""
+    given = [e.name for e in spec.worker.env or ()]
+    problems = []
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        problems.append(f"worker.env: {', '.join(twice)} given more than once")
+    if spec.runtime != "external" and spec.model is not None:
+        taken = sorted(set(given) & {e["name"] for e in server_env(name, None, spec)})
+        if taken:
+            problems.append(f"worker.env: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the "
+                            "operator and cannot be overridden (use the resource's own fields)")
+    return problems
 
 
 def _restricted_container_security() -> Body:
@@ -384,6 +425,11 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
     if spec.worker.tls_secret is not None:
         # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
         volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
+    key = spec.worker.api_key_secret
+    if key is not None and spec.runtime == "dgemma":
+        # Updated in place when the Secret changes; the worker re-reads the file (a rotation needs no restart).
+        volumes.append({"name": "api-keys", "secret": {"secretName": key.name, "defaultMode": 0o440,
+                                                       "items": [{"key": key.key, "path": API_KEYS_FILE}]}})
     return volumes
 
 
@@ -399,9 +445,12 @@ def _mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
 
 
 def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
-    """The server container's mounts: the shared ones and a worker's TLS Secret (the init container needs no key)."""
+    """The server container's mounts: the shared ones, and a worker's TLS and API key Secrets (the init container
+    needs neither)."""
     tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
-    return [*_mounts(spec), *tls]
+    keys = ([{"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True}]
+            if spec.worker.api_key_secret and spec.runtime == "dgemma" else [])
+    return [*_mounts(spec), *tls, *keys]
 
 
 def _probes(spec: models.DiffusionGemmaSpec, action: Body) -> Body:
@@ -438,7 +487,7 @@ def _worker_container(name: str, namespace: str | None, spec: models.DiffusionGe
             {"name": naming.METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
             *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
-        "env": _env(name, namespace, spec),
+        "env": [*_env(name, namespace, spec), *_user_env(spec)],
         # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
         **_probes(spec, {"grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT}}),
     }
@@ -473,7 +522,7 @@ def vllm_args(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     ]
 
 
-def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
+def _vllm_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
     values: list[tuple[str, object | None]] = [
         *_hub_env(spec),
         # The root filesystem is read-only: vLLM's, torch's and Triton's caches go to /tmp (an emptyDir).
@@ -481,6 +530,10 @@ def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         ("TRITON_CACHE_DIR", "/tmp/triton"), ("XDG_CACHE_HOME", "/tmp/cache"),
         ("VLLM_NO_USAGE_STATS", "1"),
     ]
+    return [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec) + _vllm_key_env(spec)
+
+
+def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "name": "vllm",
         "image": image(spec),
@@ -488,7 +541,7 @@ def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         "command": ["vllm", "serve"],
         "args": vllm_args(name, spec),
         "ports": [{"name": naming.HTTP_PORT_NAME, "containerPort": vllm.PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec),
+        "env": [*_vllm_env(spec), *_user_env(spec)],
         **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": naming.HTTP_PORT_NAME}}),
     }
 

@@ -160,6 +160,76 @@ class GenerationDefaults(BaseModel):
     """Confidence a row needs before it may stop."""
 
 
+class KeySelector(BaseModel):
+    """A key of a Secret or ConfigMap in the resource's namespace (core/v1 SecretKeySelector, ConfigMapKeySelector)."""
+
+    model_config = _config()
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret or ConfigMap."""
+    key: str = Field(min_length=1, max_length=253)
+    """The key to read."""
+    optional: bool | None = None
+    """Whether the container may start without it."""
+
+
+class FieldSelector(BaseModel):
+    """A field of the pod (core/v1 ObjectFieldSelector), e.g. metadata.name or status.podIP."""
+
+    model_config = _config()
+    field_path: str = Field(min_length=1, max_length=256)
+    """Path of the field, e.g. metadata.name."""
+    api_version: str | None = Field(default=None, max_length=64)
+    """Version of the schema the path is written in (default v1)."""
+
+
+class ResourceFieldSelector(BaseModel):
+    """A resource limit or request of the container (core/v1 ResourceFieldSelector)."""
+
+    model_config = _config()
+    resource: str = Field(min_length=1, max_length=253)
+    """e.g. limits.memory."""
+    container_name: str | None = Field(default=None, max_length=253)
+    """Container whose resource is read (default this one)."""
+    divisor: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei)?$",
+                                max_length=64)
+    """Output unit, a quantity such as 1Mi (default 1)."""
+
+
+ENV_SOURCES = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
+
+
+class EnvVarSource(BaseModel):
+    """Where a variable's value comes from (core/v1 EnvVarSource): exactly one source."""
+
+    model_config = _config(
+        (" || ".join(f"has(self.{s})" for s in ENV_SOURCES),
+         "valueFrom needs one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"),
+        (" && ".join(f"!(has(self.{a}) && has(self.{b}))"
+                     for i, a in enumerate(ENV_SOURCES) for b in ENV_SOURCES[i + 1:]),
+         "valueFrom takes only one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"),
+    )
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+    field_ref: FieldSelector | None = None
+    """A field of the pod."""
+    resource_field_ref: ResourceFieldSelector | None = None
+    """A resource of the container."""
+
+
+class EnvVar(BaseModel):
+    """An environment variable of the worker container (core/v1 EnvVar)."""
+
+    model_config = _config(("!(has(self.value) && has(self.valueFrom))", "give value or valueFrom, not both"))
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = Field(default=None, max_length=32768)
+    """Its value; $(NAME) expands a variable defined before it, the operator's included."""
+    value_from: EnvVarSource | None = None
+    """Where its value comes from instead."""
+
+
 class WorkerSpec(BaseModel):
     """Per-replica serving limits and lifecycle."""
 
@@ -179,6 +249,18 @@ class WorkerSpec(BaseModel):
     worker serve mutual TLS: its certificate, and the CA that clients' certificates must chain to. The gateway needs
     a client certificate from that CA (the chart's internalTLS issues both). Probes move to a plaintext
     health-only port."""
+    api_key_secret: SecretKeyRef | None = None
+    """A key of a Secret holding the API key the workers require (runtimes dgemma and vllm): every call to a
+    dgemma worker's Denoiser and KServe services, every vLLM request under /v1, needs it; health, probes and
+    metrics stay open. The gateway reads the same Secret and presents the key (give it `get` on the Secret: the
+    chart's gateway.apiKeySecrets). dgemma: one key per line, the gateway presents the first (list a new key
+    beside the old one to rotate without a restart). vLLM: the value is the key exactly (no trailing newline),
+    read when a pod starts."""
+    env: list[EnvVar] | None = Field(default=None, max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    """More environment variables of the server container (dgemma worker or vLLM), e.g. OTEL_EXPORTER_OTLP_ENDPOINT
+    for traces; after the operator's own, whose names they may not take (the resource is Degraded, naming
+    them)."""
 
 
 class VllmSpec(BaseModel):
@@ -256,6 +338,9 @@ class DiffusionGemmaSpec(BaseModel):
         ("!has(self.vllm) || self.runtime == 'vllm'", "the vllm section is for runtime vllm"),
         ("self.runtime != 'external' || !self.autoscaling.enabled", "an external variant has no replicas to scale"),
         ("self.runtime == 'dgemma' || !has(self.worker.tlsSecret)", "worker.tlsSecret is for runtime dgemma"),
+        ("self.runtime != 'external' || (!has(self.worker.apiKeySecret) && !has(self.worker.env))",
+         "worker.apiKeySecret and worker.env are for runtimes that run pods (an external API's key is "
+         "external.apiKeySecret)"),
         (
             "self.runtime != 'vllm' || ("
             + " && ".join(f"!has(self.generation.{name})" for name in VLLM_FIXED_SETTINGS) + ")",

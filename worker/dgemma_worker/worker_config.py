@@ -40,6 +40,8 @@ class WorkerConfig:
     # probes, which cannot speak TLS.
     tls: TlsFiles | None = None
     health_port: int = HEALTH_OFF  # -1: none; 0: pick a free port
+    # API keys the Denoiser and KServe services require (the gateway's file format); None: no keys.
+    api_keys_file: Path | None = None
     max_active: int = 4
     max_queue: int = 16
     dtype: str | None = None
@@ -75,6 +77,7 @@ ENV_VARS = {
     "tls_key_file": "DGEMMA_TLS_KEY_FILE",
     "tls_client_ca_file": "DGEMMA_TLS_CLIENT_CA_FILE",
     "health_port": "DGEMMA_HEALTH_PORT",
+    "api_keys_file": "DGEMMA_API_KEYS_FILE",
     "max_active": "DGEMMA_MAX_ACTIVE",
     "max_queue": "DGEMMA_MAX_QUEUE",
     "dtype": "DGEMMA_DTYPE",
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(mutual TLS; needs --tls-cert-file)", type=Path)
     add("--health-port", "health_port", "plaintext gRPC health-only port for kubelet probes when TLS is on; "
         "0 picks one, 'off' disables (default off)", type=_port_or_off)
+    add("--api-keys-file", "api_keys_file", "file with one API key per line: calls to the Denoiser and KServe "
+        "services need one (authorization: Bearer KEY or x-api-key metadata); health and reflection stay open "
+        "(default: no keys)", type=Path)
     add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
     add("--max-queue", "max_queue", "requests waiting beyond --max-active (default 16)", type=int)
     add("--dtype", "dtype", "weights: float32/fp32, bfloat16/bf16, float16/fp16, or fp8/nvfp4 quantized at load "
@@ -229,6 +235,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         port_file=args.port_file,
         tls=tls,
         health_port=HEALTH_OFF if args.health_port is None else args.health_port,
+        api_keys_file=args.api_keys_file,
         max_active=4 if args.max_active is None else args.max_active,
         max_queue=16 if args.max_queue is None else args.max_queue,
         dtype=args.dtype,
