@@ -11,12 +11,12 @@ fleet of workers: the endpoint and worker-queue gauges read alike on every repli
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.demand import DemandSnapshot
 from dgemma_common.looplag import LAG_BUCKETS
 from dgemma_common.metrics import Kind, add_standard_collectors
 
@@ -27,7 +27,7 @@ PREFIX = "dgemma_gateway"
 KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "request_duration_seconds", "time_to_first_event_seconds", "latency_target", "retries",
-        "ejections", "completion_tokens", "auth_failures", "upstream_throttled")},
+        "ejections", "completion_tokens", "auth_failures", "upstream_throttled", "event_loop_lag_seconds")},
     # What this replica routed or holds.
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "demand_tokens_per_second", "demand_canvases_per_second", "demand_requests_per_second",
@@ -41,7 +41,7 @@ KINDS: dict[str, Kind] = {
 
 
 class _StateCollector(Collector):
-    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, demand: Callable[[], DemandSnapshot]) -> None:
         self._demand = demand
 
     def collect(self) -> Iterator[Metric]:
@@ -70,16 +70,16 @@ class _StateCollector(Collector):
             labels=["variant"])
         held = GaugeMetricFamily(
             "dgemma_gateway_requests_held", "Requests held for a first replica (scale from zero)", labels=["variant"])
-        for name, v in snap["variants"].items():
-            ready.add_metric([name], v["replicas_ready"])
-            measured = (v.get("capacity") or {}).get("tokens_per_s_per_replica")
+        for name, v in snap.variants.items():
+            ready.add_metric([name], v.replicas_ready)
+            measured = v.capacity.tokens_per_s_per_replica
             if measured is not None:
                 capacity.add_metric([name], measured)
-            held.add_metric([name], v["demand"].get("requests_held", 0))
-            total.add_metric([name], v["replicas"])
+            held.add_metric([name], v.demand.requests_held)
+            total.add_metric([name], v.replicas)
             for key, g in gauges.items():
-                g.add_metric([name], v["demand"][key])
-            delivered.add_metric([name], v["delivered"]["tokens_per_s_per_replica"])
+                g.add_metric([name], getattr(v.demand, key))
+            delivered.add_metric([name], v.delivered.tokens_per_s_per_replica)
         yield ready
         yield total
         yield from gauges.values()
@@ -91,7 +91,7 @@ class _StateCollector(Collector):
 class GatewayMetrics:
     """The gateway's metrics on a private registry."""
 
-    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, demand: Callable[[], DemandSnapshot]) -> None:
         self.registry = add_standard_collectors(CollectorRegistry(auto_describe=True))
         r = self.registry
         self.requests = Counter(

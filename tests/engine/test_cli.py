@@ -34,7 +34,7 @@ def test_generate_is_reproducible_with_a_seed(tiny_dir: Path) -> None:
 def test_generate_rejects_a_bad_setting_naming_it(tiny_dir: Path) -> None:
     out = dgemma("generate", "--model", str(tiny_dir), "--steps", "0", "hi")
     assert out.returncode == 2
-    assert "max_denoising_steps: must be in [1, 256], got 0" in out.stderr
+    assert "max_denoising_steps:" in out.stderr and "greater than or equal to 1, got 0" in out.stderr
 
 
 def test_generate_without_a_model_makes_the_bundled_tiny_one(tmp_path: Path) -> None:
@@ -50,6 +50,30 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     written = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= written
+
+
+def test_generate_takes_images_and_counts_their_tokens(tiny_dir: Path, tmp_path: Path) -> None:
+    from dgemma_common.images import VisionSpec, soft_tokens
+    from dgemma_worker.model import TINY_MAX_SOFT_TOKENS
+    from tests.common.imagefiles import image_bytes, truncated
+
+    picture = tmp_path / "picture.jpg"
+    picture.write_bytes(image_bytes("JPEG", (300, 200)))
+    common = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "8", "--steps", "2", "--seed", "1")
+    plain = dgemma(*common, "What is this?")
+    shown = dgemma(*common, "--image", str(picture), "What is this?")
+    assert plain.returncode == 0 and shown.returncode == 0, shown.stderr
+
+    def prompt_tokens(out: subprocess.CompletedProcess[str]) -> int:
+        return int(out.stderr.split(" prompt tokens")[0].rsplit("] ", 1)[1])
+
+    image_tokens = soft_tokens(300, 200, VisionSpec(max_soft_tokens=TINY_MAX_SOFT_TOKENS)) + 2
+    assert prompt_tokens(shown) == prompt_tokens(plain) + image_tokens
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(truncated(image_bytes("PNG", (300, 200))))
+    out = dgemma(*common, "--image", str(picture), "--image", str(broken), "hi")
+    assert out.returncode == 2
+    assert "prompt.chat.messages[0].parts[1]: the image is truncated or corrupt" in out.stderr
 
 
 def test_generate_with_the_compiled_step_prints_what_the_eager_step_does(tiny_dir: Path) -> None:
