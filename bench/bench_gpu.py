@@ -121,10 +121,7 @@ def pause_during_forward(runner: StepRunner, counter: SyncCounter) -> None:
 def engine_step(loaded: LoadedModel, steps: int, batch: int, compiled: bool = False) -> Row:
     """The engine's step runner, eager or compiled: one batch of `batch` rows, one canvas of `steps` steps."""
     device = loaded.device
-    # The step as a GPU runs it, on every device: every position sampled, no sync (a CPU runner would
-    # sample only the accepted positions, with a `nonzero`).
-    runner = (CompiledStepRunner(loaded, max_batch=batch, every_position=True) if compiled
-              else StepRunner(loaded, max_batch=batch, every_position=True))
+    runner = CompiledStepRunner(loaded, max_batch=batch) if compiled else StepRunner(loaded, max_batch=batch)
     params = GenerationParams(max_denoising_steps=steps, confidence_threshold=1e-9)
 
     def canvas(measure: str) -> tuple[float, float, float, int]:

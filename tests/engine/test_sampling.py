@@ -19,7 +19,6 @@ from dgemma_worker.sampling import (
     categorical,
     denoise_step,
     sample,
-    samples_every_position,
     stop_rule,
     take_entropy,
     temperature,
@@ -110,16 +109,13 @@ def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_sampled_frequencies_match_transformers_multinomial_by_chi_square() -> None:
-    """Goodness of fit to softmax(x / t), and homogeneity with transformers' own `torch.multinomial` draws,
-    for both formulations of the step (every position sampled, or only the accepted ones)."""
+    """Goodness of fit to softmax(x / t), and homogeneity with transformers' own `torch.multinomial` draws."""
     vocab, n = 6, 20000
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).expand(1, n, vocab).contiguous()
-    steps = [denoise_step(logits.clone(), temperatures=torch.tensor([0.5]), entropy_bounds=torch.tensor([1e9]),
-                          **draws(1, n, vocab, seed=0), **buffers(logits), every_position=every)
-             for every in (True, False)]
-    assert all(bool(step.accepted.all()) for step in steps)
-    assert torch.equal(steps[0].next_canvas, steps[1].next_canvas)
-    ours = torch.bincount(steps[1].next_canvas[0], minlength=vocab).double()
+    step = denoise_step(logits.clone(), temperatures=torch.tensor([0.5]), entropy_bounds=torch.tensor([1e9]),
+                        **draws(1, n, vocab, seed=0), **buffers(logits))
+    assert bool(step.accepted.all())
+    ours = torch.bincount(step.next_canvas[0], minlength=vocab).double()
     probs = torch.softmax(logits[0, 0] / 0.5, -1).double()
     assert chi_square(ours, probs * n) < CHI2_CRITICAL_0_001[5]
     # transformers' sampler: multinomial over softmax(processed), as `_denoising_step` calls it
@@ -164,29 +160,6 @@ def test_rejected_positions_are_renoised_and_accepted_ones_sampled() -> None:
     assert step.accepted[0, :4].all() and int(step.accepted[0, 4:].sum()) == 1
     assert (step.next_canvas[0, :4] == 7).all()
     assert torch.equal(step.next_canvas[~step.accepted], noise[~step.accepted])
-
-
-def test_sampling_only_the_accepted_positions_draws_the_same_tokens_as_sampling_every_one() -> None:
-    """The CPU's formulation (a `nonzero`, then only the accepted positions) and the sync-free one agree
-    bit for bit on everything a step decides, for bounds that accept one, some or every position."""
-    for seed in range(6):
-        logits = random_logits(seed, batch=3, length=64, vocab=1024, scale=2.0 + 4 * seed)
-        for bound in (0.01, 0.5, 5.0, 1e9):
-            results = [
-                denoise_step(logits.clone(), temperatures=torch.tensor([0.8, 0.5, 0.4]),
-                             entropy_bounds=torch.tensor([bound, bound / 2, bound]), **draws(3, 64, 1024, seed),
-                             **buffers(logits), every_position=every)
-                for every in (True, False)
-            ]
-            assert int(results[1].accepted.sum()) >= 3 and (bound < 1e9 or bool(results[1].accepted.all()))
-            for field in ("next_canvas", "argmax_canvas", "accepted", "entropy", "self_conditioning"):
-                assert torch.equal(getattr(results[0], field), getattr(results[1], field)), (seed, bound, field)
-
-
-def test_only_a_cpu_samples_just_the_accepted_positions() -> None:
-    assert samples_every_position(torch.device("cpu")) is False
-    for device in ("cuda", "cuda:1", "mps", "xpu"):
-        assert samples_every_position(torch.device(device)) is True
 
 
 def test_the_step_decides_like_the_stock_step_of_the_real_model(loaded: LoadedModel) -> None:

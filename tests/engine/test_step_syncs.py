@@ -1,8 +1,8 @@
 """A denoising step makes at most one host-device synchronization: the read of its per-row done flags.
 
 Counted on CPU tensors by `SyncCounter` (the operations that would stall a GPU: reading a value, boolean
-masks, `nonzero`, `torch.equal`, tensors built from Python lists), with the step formulated as on CUDA
-(every position sampled: `samples_every_position`) and the experts as on every device (`grouped_mm`).
+masks, `nonzero`, `torch.equal`, tensors built from Python lists), on the tiny model with the experts it
+has on every device (`grouped_mm`: transformers' `eager` experts loop over the experts with `nonzero`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def steps(runner: StepRunner, prompts: list[list[int]], params: list[GenerationP
 
 
 def test_a_step_syncs_once_at_batch_one(cuda_like: LoadedModel) -> None:
-    runner = StepRunner(cuda_like, every_position=True)
-    counted = steps(runner, [[2, 40, 41]], [GenerationParams(max_denoising_steps=6, seed=0)], 6)
+    counted = steps(StepRunner(cuda_like), [[2, 40, 41]], [GenerationParams(max_denoising_steps=6, seed=0)], 6)
     assert [c.total for c in counted] == [1] * 6, [dict(c.seen) for c in counted]
     assert all(dict(c.seen) == {"Tensor.tolist": 1} for c in counted)
 
@@ -49,23 +48,15 @@ def test_a_step_syncs_once_at_batch_one(cuda_like: LoadedModel) -> None:
 def test_a_batch_with_a_stopped_row_riding_along_still_syncs_once(cuda_like: LoadedModel) -> None:
     params = [GenerationParams(max_denoising_steps=2, seed=0, stability_threshold=2),
               GenerationParams(max_denoising_steps=5, seed=1, t_min=0.3)]
-    runner = StepRunner(cuda_like, max_batch=2, every_position=True)
-    counted = steps(runner, [[2, 40, 41], [2, 50, 51, 52, 53]], params, 5)
+    counted = steps(StepRunner(cuda_like, max_batch=2), [[2, 40, 41], [2, 50, 51, 52, 53]], params, 5)
     assert [c.total for c in counted] == [1] * 5, [dict(c.seen) for c in counted]
 
 
 def test_the_static_shape_step_syncs_once_too(cuda_like: LoadedModel) -> None:
     """The compiled step's forward, run eagerly under the counter, and everything around it."""
-    runner = CompiledStepRunner(cuda_like, eager=True, every_position=True)
+    runner = CompiledStepRunner(cuda_like, eager=True)
     counted = steps(runner, [[2, 40, 41]], [GenerationParams(max_denoising_steps=6, seed=0)], 6)
     assert [c.total for c in counted] == [1] * 6, [dict(c.seen) for c in counted]
-
-
-def test_a_cpu_step_adds_only_the_nonzero_that_finds_the_accepted_positions(cuda_like: LoadedModel) -> None:
-    """What the CPU's formulation costs in syncs (nothing, on a CPU): exactly one more, its `nonzero`."""
-    counted = steps(StepRunner(cuda_like), [[2, 40, 41]], [GenerationParams(max_denoising_steps=6, seed=0)], 6)
-    assert all(dict(c.seen) == {"Tensor.tolist": 1, "aten::nonzero": 1} for c in counted), \
-        [dict(c.seen) for c in counted]
 
 
 def test_the_counter_sees_what_would_stall_a_gpu() -> None:

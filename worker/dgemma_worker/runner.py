@@ -24,7 +24,7 @@ import torch
 from dgemma_common.params import GenerationParams
 
 from .model import LoadedModel
-from .sampling import denoise_step, samples_every_position, stop_rule, temperatures
+from .sampling import denoise_step, stop_rule, temperatures
 from .vision import VisionInputs, batch_vision
 
 
@@ -173,13 +173,7 @@ class StepRunner:
 
     loaded: LoadedModel
     max_batch: int = 1
-    # Sample every position (sync-free: accelerators) or only the accepted ones (CPU): the same tokens.
-    every_position: bool | None = None  # None: `samples_every_position` for the model's device
     _work: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.every_position is None:
-            self.every_position = samples_every_position(self.loaded.device)
 
     @property
     def canvas_length(self) -> int:
@@ -343,7 +337,6 @@ class StepRunner:
             uniforms=state.uniforms,
             noise=state.noise,
             work=self._work_buffer(logits),
-            every_position=bool(self.every_position),
         )
         next_canvas, argmax, self_conditioning = step.next_canvas, step.argmax_canvas, step.self_conditioning
         if not all(going):

@@ -16,9 +16,9 @@ each request's own generator, so the same functions run eagerly or inside `torch
 - `acceptance_mask`: the lowest-entropy positions while (sum - largest) <= bound, via sort + cumsum;
 - `sample`: one token per position by inverse-CDF sampling in two levels (blocks of the vocabulary,
   then within the block), which reads the probabilities once instead of drawing a random number per
-  vocabulary entry. Where a host sync stalls the device, every position is sampled and combined with the
-  renoising draw by `torch.where`, never by indexing; on a CPU, where a sync costs nothing, only the
-  accepted positions are (`samples_every_position`): the same tokens, bit for bit, for less work;
+  vocabulary entry; every position is sampled and combined with the renoising draw by `torch.where`,
+  never by indexing (sampling only the accepted positions needs a `nonzero`, a host sync, and measured
+  no faster on a CPU either: docs/engine.md);
 - `stop_rule`: transformers' stable-and-confident rule with the argmax history as a device ring buffer.
 """
 
@@ -92,17 +92,6 @@ def take_entropy(dist: Categorical) -> torch.Tensor:
     return dist.probs.mul_(dist.log_probs).sum(dim=-1).neg_()
 
 
-def samples_every_position(device: torch.device) -> bool:
-    """Whether the step samples every position (True) or only the accepted ones (False) on `device`.
-
-    Both give the same tokens: each position's draw depends only on its own probabilities and uniform.
-    Sampling only the accepted positions finds them with `nonzero`, a host sync that stalls a GPU's
-    launch queue, so accelerators sample every position and keep the step sync-free. On a CPU a sync
-    costs nothing and the full pass over the canvas x vocabulary probabilities is skipped.
-    """
-    return device.type != "cpu"
-
-
 def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
     """Accept the lowest-entropy positions while (sum of their entropies - the largest) <= bound."""
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
@@ -140,19 +129,6 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor) 
     return torch.where(possible, token, fallback)
 
 
-def sample_accepted(
-    log_probs: torch.Tensor, accepted: torch.Tensor, uniforms: torch.Tensor, argmax: torch.Tensor
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """`sample` at the accepted positions only: where they are, and their tokens (a host sync: CPU only).
-
-    Their probabilities are recomputed from the normalized logits by the same softmax, row by row, so
-    each accepted position draws exactly the token that `sample` over the whole canvas gives it.
-    """
-    where = accepted.nonzero().unbind(1)  # (rows, positions); as_tuple=True escapes SyncCounter in inference mode
-    probs = torch.softmax(log_probs[where], dim=-1).unsqueeze(0)
-    return where, sample(probs, uniforms[where].unsqueeze(0), argmax[where].unsqueeze(0)).squeeze(0)
-
-
 def denoise_step(
     logits: torch.Tensor,
     *,
@@ -161,10 +137,8 @@ def denoise_step(
     uniforms: torch.Tensor,
     noise: torch.Tensor,
     work: torch.Tensor,
-    every_position: bool = True,
 ) -> StepResult:
-    """Accept, sample and renoise one step for each row: pure tensor math, no host syncs (with
-    `every_position`; without it, one `nonzero`, see `samples_every_position`).
+    """Accept, sample and renoise one step for each row: pure tensor math, no host syncs.
 
     `logits` (B, L, V, float32) are overwritten: divided by the temperature, then shifted to
     log-probabilities, which become the next step's self-conditioning (the decoder only takes their
@@ -175,16 +149,10 @@ def denoise_step(
     """
     processed = logits.div_(temperatures.view(-1, 1, 1).to(logits.dtype))
     dist = categorical(processed, work=work)
-    # Every position is sampled before the entropy's product takes the work buffer.
-    sampled = sample(dist.probs, uniforms, dist.argmax) if every_position else None
+    sampled = sample(dist.probs, uniforms, dist.argmax)  # before the entropy's product takes the work buffer
     entropy = take_entropy(dist)
     accepted = acceptance_mask(entropy, entropy_bounds)
-    if sampled is not None:
-        next_canvas = torch.where(accepted, sampled, noise)
-    else:
-        where, tokens = sample_accepted(dist.log_probs, accepted, uniforms, dist.argmax)
-        next_canvas = noise.index_put(where, tokens)
-    return StepResult(next_canvas, dist.argmax, accepted, entropy, dist.log_probs)
+    return StepResult(torch.where(accepted, sampled, noise), dist.argmax, accepted, entropy, dist.log_probs)
 
 
 def stop_rule(

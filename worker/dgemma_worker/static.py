@@ -337,10 +337,9 @@ class CompiledStepRunner(StepRunner):
     """
 
     def __init__(self, loaded: LoadedModel, max_batch: int = 1, *, spare_slots: int = 4,
-                 buckets: Sequence[int] = BUCKETS, mode: str | None = None, eager: bool = False,
-                 every_position: bool | None = None) -> None:
+                 buckets: Sequence[int] = BUCKETS, mode: str | None = None, eager: bool = False) -> None:
         """`eager` runs the same static-shape forward without compiling it (tests, debugging)."""
-        super().__init__(loaded, max_batch, every_position)
+        super().__init__(loaded, max_batch)
         self.eager = eager
         text = loaded.model.config.get_text_config()
         self.layer_types = list(text.layer_types)
