@@ -390,9 +390,8 @@ def torchao_config(dtype: str) -> Any:
 # The MoE experts implementation, on every device: `grouped_mm`, transformers' own default (what a plain
 # `generate()` gets). On CUDA it is one grouped GEMM per projection with no host syncs (`eager` loops over
 # the experts hit, with a `nonzero` and a sync per expert: thousands per step at 128 experts), and a
-# compiled step's single graph cannot hold that loop either. On a CPU (torch 2.13) it is as fast as
-# `eager` or faster, with half the aten ops per forward, which makes it far less sensitive to a loaded
-# machine (docs/engine.md).
+# compiled step's single graph cannot hold that loop either. On a CPU (torch 2.13) it timed the forward
+# ~3-10% faster than `eager` on bench_engine.py's model (docs/benchmarks.md).
 EXPERTS = "grouped_mm"
 
 
