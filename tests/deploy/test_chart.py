@@ -274,24 +274,41 @@ def _ports(rule: Body) -> set[int]:
     return {p["port"] for p in rule["ports"]}
 
 
+def _admitted(policies: list[Body], namespace: str, pod: dict[str, str], port: int) -> list[Body]:
+    """The peers the policies admit to a pod's port (NetworkPolicy ingress semantics: a union of the rules of every
+    policy selecting the pod)."""
+    return [peer for p in policies if p["metadata"]["namespace"] == namespace
+            and p["spec"]["podSelector"]["matchLabels"].items() <= pod.items()
+            for rule in p["spec"]["ingress"] if port in _ports(rule) for peer in rule.get("from", [{}])]
+
+
 def test_only_the_gateway_reaches_the_workers_grpc_port_and_vllm_pods_api_port() -> None:
-    objects = render({"watchNamespaces": ["team-a", "team-b"]})
-    worker_policies = [p for p in find(objects, "NetworkPolicy") if p["metadata"]["name"] == "dgemma-workers"]
-    assert {p["metadata"]["namespace"] for p in worker_policies} == {"team-a", "team-b"}
-    for policy in worker_policies:
-        spec = policy["spec"]
-        assert spec["podSelector"]["matchLabels"] == {
-            "app.kubernetes.io/name": "dgemma-worker",
-            "app.kubernetes.io/component": "worker",
-        }
-        assert spec["policyTypes"] == ["Ingress"]
-        grpc_rules = [r for r in spec["ingress"] if 50051 in _ports(r)]
-        assert len(grpc_rules) == 1 and _ports(grpc_rules[0]) == {50051, 8000}
-        (peer,) = grpc_rules[0]["from"]
-        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
-        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-        # Scrapers reach metrics: a worker's own port, and vLLM's API port (it has no other).
-        assert all(_ports(r) == {9090, 8000} for r in spec["ingress"] if r is not grpc_rules[0])
+    from dgemma_operator import children
+
+    gateway_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "dgemma",
+                                                    "app.kubernetes.io/instance": RELEASE,
+                                                    "app.kubernetes.io/component": "gateway"}}}
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    for values, vllm_peers in (({}, [gateway_peer]),
+                               ({"networkPolicy": {"vllmMetricsFrom": prometheus}}, [gateway_peer, *prometheus])):
+        objects = render({"watchNamespaces": ["team-a", "team-b"], **values})
+        policies = find(objects, "NetworkPolicy")
+        assert {p["metadata"]["namespace"] for p in policies if p["metadata"]["name"] == "dgemma-workers"} == {
+            "team-a", "team-b"}
+        assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+        for runtime in ({"image": "i"}, {"runtime": "vllm"}):
+            spec = children.models.DiffusionGemmaSpec.model_validate(
+                {"servedModelName": "m", "model": {"huggingFace": {"id": "a/b"}}, **runtime})
+            pod = children.worker_labels("x", spec)
+            for namespace in ("team-a", "team-b"):
+                # A dgemma worker's gRPC port: the gateway only; its metrics: `metricsFrom` (default any pod).
+                assert _admitted(policies, namespace, pod, 50051) == [gateway_peer]
+                assert _admitted(policies, namespace, pod, 9090) == [{"namespaceSelector": {}}]
+                # A vLLM pod's API port (vLLM 0.24.0 serves POST /invocations without its key): the gateway only,
+                # unless scrapers are let in by name for vLLM's /metrics.
+                assert _admitted(policies, namespace, pod, 8000) == vllm_peers
+                assert _admitted(policies, namespace, pod, 8080) == []
 
 
 def test_worker_pod_labels_match_what_the_operator_sets() -> None:
