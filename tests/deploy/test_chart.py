@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -10,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dgemma_common.auth import first_key
 from tests.deploy.helpers import (
     CHART,
     CRD_FILE,
@@ -189,15 +191,18 @@ def test_namespaced_mode_binds_roles_only_in_the_watched_namespaces() -> None:
 
 def test_no_rbac_rule_uses_a_wildcard_or_touches_secrets() -> None:
     for setup in ({}, {"watchNamespaces": ["a"]}):
-        for obj in find(render(setup), "ClusterRole") + find(render(setup), "Role"):
+        objects = render(setup)
+        for obj in find(objects, "ClusterRole") + find(objects, "Role"):
             for rule in obj["rules"]:
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-                assert "secrets" not in rule["resources"], rule
                 assert "delete" not in rule["verbs"], rule
+                if "secrets" in rule["resources"]:  # only the gateway, only `get`, only the workers' key by name
+                    assert obj["metadata"]["name"] == "dgemma-gateway", rule
+                    assert rule["verbs"] == ["get"] and rule["resourceNames"] == ["dgemma-worker-api-key"], rule
 
 
 def test_gateway_rbac_is_read_only_discovery() -> None:
-    role = one(render(), "ClusterRole", "dgemma-gateway")
+    role = one(render({"worker": {"apiKey": {"enabled": False}}}), "ClusterRole", "dgemma-gateway")
     assert grants(role["rules"]) == {
         (group, resource, verb)
         for group, resource in (("dgemma.io", "diffusiongemmas"), ("discovery.k8s.io", "endpointslices"))
@@ -212,7 +217,7 @@ def test_gateway_rbac_is_read_only_discovery() -> None:
 ])
 def test_the_gateway_may_read_exactly_the_secrets_named_for_api_keys(secrets: dict[str, list[str]]) -> None:
     for setup in ({}, {"watchNamespaces": ["a"]}):
-        objects = render({**setup, "gateway": secrets})
+        objects = render({**setup, "gateway": secrets, "worker": {"apiKey": {"enabled": False}}})
         role = one(objects, "ClusterRole" if not setup else "Role", "dgemma-gateway")
         (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
         assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["worker-key", "hosted-key"],
@@ -242,7 +247,7 @@ def test_gateway_runs_several_replicas_with_keys_from_a_secret_and_discovery_on(
 
 def test_an_existing_api_key_secret_replaces_the_generated_one() -> None:
     objects = render({"gateway": {"apiKeys": {"existingSecret": "my-keys", "secretKey": "keys.txt"}}})
-    assert not find(objects, "Secret")
+    assert [s["metadata"]["name"] for s in find(objects, "Secret")] == ["dgemma-worker-api-key"]  # the workers' own
     pod = one(objects, "Deployment", "dgemma-gateway")["spec"]["template"]["spec"]
     assert next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == "my-keys"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
@@ -456,3 +461,40 @@ def test_tls_takes_an_existing_secret_or_an_issuer_and_names_what_is_missing() -
         values["watchNamespaces"] = ["team-a"]
         with pytest.raises(helm.HelmError, match=r"tls.internal.issuerRef.*team-a"):
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def _worker_key(secret: Body) -> str:
+    return base64.b64decode(secret["data"]["keys"]).decode()
+
+
+def test_the_chart_generates_the_workers_key_in_every_worker_namespace_for_the_gateway_and_the_examples() -> None:
+    objects = render({"watchNamespaces": ["team-a", "team-b"], "examples": {"enabled": True}}, upgrade=True)
+    secrets = [s for s in find(objects, "Secret") if s["metadata"]["name"] == "dgemma-worker-api-key"]
+    assert {s["metadata"]["namespace"] for s in secrets} == {"team-a", "team-b"}
+    keys = {_worker_key(s) for s in secrets}
+    (key,) = keys  # one key for every namespace: the gateway presents one
+    assert key.startswith("dgw-") and len(key) == 44 and first_key(key) == key
+    assert all(s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for s in secrets)
+    roles = find(objects, "Role", "dgemma-gateway")
+    assert {r["metadata"]["namespace"] for r in roles} == {"team-a", "team-b"}
+    for role in roles:
+        (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+        assert rule["resourceNames"] == ["dgemma-worker-api-key"] and rule["verbs"] == ["get"]
+    for variant in find(objects, "DiffusionGemma"):
+        assert variant["spec"]["worker"]["apiKeySecret"] == {"name": "dgemma-worker-api-key", "key": "keys"}
+    assert "apiKeySecret:" in notes() and "name: dgemma-worker-api-key" in notes()
+
+
+def test_an_existing_worker_key_secret_or_none_replaces_the_generated_one() -> None:
+    objects = render({"examples": {"enabled": True}, "tls": {"internal": {"enabled": True}},
+                      "worker": {"apiKey": {"existingSecret": "my-worker-key", "secretKey": "k"}}}, upgrade=True)
+    assert not [s for s in find(objects, "Secret") if "worker-api-key" in s["metadata"]["name"]]
+    (rule,) = [r for r in one(objects, "ClusterRole", "dgemma-gateway")["rules"] if "secrets" in r["resources"]]
+    assert rule["resourceNames"] == ["my-worker-key"]
+    for variant in find(objects, "DiffusionGemma"):  # beside the internal TLS Secret
+        assert variant["spec"]["worker"] == {"apiKeySecret": {"name": "my-worker-key", "key": "k"},
+                                             "tlsSecret": "dgemma-worker-tls"}
+    off = render({"examples": {"enabled": True}, "worker": {"apiKey": {"enabled": False}}}, upgrade=True)
+    assert not [s for s in find(off, "Secret") if "worker-api-key" in s["metadata"]["name"]]
+    assert all("worker" not in v["spec"] for v in find(off, "DiffusionGemma"))
+    assert "apiKeySecret" not in notes({"worker": {"apiKey": {"enabled": False}}})

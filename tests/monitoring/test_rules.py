@@ -58,7 +58,8 @@ CASES: dict[str, Case] = {
         # A gateway without the key: its load watch is refused every 2 s.
         firing=[(f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="denoiser", reason="missing"}}',
                  "0x10 0+30x30"),
-                (f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="kserve", reason="invalid"}}', "0x40")],
+                (f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="kserve", reason="invalid"}}',
+                 "0x40")],
         healthy=[(f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="denoiser", reason="missing"}}',
                   "0x40")],
         labels={"variant": V, "api": "denoiser"}),
