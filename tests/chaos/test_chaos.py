@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,11 @@ def _lost(results: list[StreamResult | BaseException]) -> list[Any]:
     return [r for r in results if isinstance(r, BaseException) or not (r.completed or r.clean_error)]
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
+
+
 async def _warm(url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(2):  # one per worker (round robin)
@@ -148,11 +153,17 @@ async def _warm(url: str) -> None:
 def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_served_elsewhere(pair: Pair) -> None:
     async def scenario() -> list[StreamResult | BaseException]:
         async with aiohttp.ClientSession() as session:
-            started = asyncio.Event()
             # Round robin: half go to the victim, which runs one and queues the others (no event sent yet).
-            tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, LONG, started)) for _ in range(6)]
-            await asyncio.wait_for(started.wait(), 60)
-            await asyncio.sleep(0.5)
+            # Ten canvases a stream (~6 s), so that the victim's first stream is still running when the others
+            # have sent text: with four canvases a loaded survivor's third stream sent its first text after the
+            # victim's first had ended and its second had not sent any yet.
+            long = {**LONG, "max_tokens": 160}
+            texts = [asyncio.Event() for _ in range(6)]
+            tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, long, text)) for text in texts]
+            # Killed once every stream that can run has sent text: the survivor's three and the victim's one
+            # (killed 0.5 s after the first text of any stream, a loaded victim had at times sent nothing yet).
+            await asyncio.wait_for(_until(lambda: sum(t.is_set() for t in texts) >= 4), 60)
+            assert not any(task.done() for task in tasks), "a stream ended before the victim was killed"
             pair.victim.process.send_signal(signal.SIGKILL)
             return await asyncio.gather(*tasks, return_exceptions=True)
 
