@@ -18,11 +18,11 @@ from typing import Any
 import grpc
 
 from dgemma_gateway.demand import DemandTracker, snapshot
-from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry
+from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry, StepsTaken
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.routing import Decision, Pipeline, route
-from dgemma_gateway.routing.predict import canvases_for
+from dgemma_gateway.routing.predict import Prediction, canvases_for
 from dgemma_gateway.types import RouteRequest
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
@@ -49,6 +49,18 @@ class GatewayRequest:
     def max_tokens(self) -> int:
         """The completion budget."""
         return int(self.settings["max_new_tokens"])
+
+
+# How a finished request says its reply ended: by itself, or cut by its token budget (what replies teach).
+REPLY_ENDS = (pb.STOP_REASON_EOS, pb.STOP_REASON_STOP_STRING, pb.STOP_REASON_LENGTH)
+
+
+def prediction_parts(p: Prediction) -> dict[str, Any]:
+    """What a latency prediction was made of, for the response and logs (milliseconds, rounded)."""
+    return {"canvases": p.canvases, "expected_canvases": round(p.expected_canvases, 3),
+            "steps_per_canvas": round(p.steps_per_canvas, 3),
+            "step_ms": round(p.step_latency_s * 1000, 3), "encoder_ms": round(p.encoder_s * 1000, 3),
+            "queue_wait_ms": round(p.queue_wait_s * 1000, 3), "measured": p.measured}
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,7 @@ class Gateway:
                 endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1,
                 target_ms=None if decision.target_s is None else round(decision.target_s * 1000, 3),
                 predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
+                prediction=None if decision.prediction is None else prediction_parts(decision.prediction),
                 expect_met=decision.expect_met,
             )
             # With the request itself, so its demand can also be attributed to its preferred variant.
@@ -313,13 +326,14 @@ class Gateway:
                   final: pb.Final | None, started: float) -> None:
         now = self.registry.clock()
         elapsed = now - started
-        fraction = None
-        if final is not None and final.stats.canvases:
-            v = self.registry.variants.get(variant)
-            steps = req.settings.get("max_denoising_steps") or (v.max_denoising_steps if v is not None else None)
-            if steps:
-                fraction = final.stats.decoder_passes / (final.stats.canvases * steps)
-        self.registry.record_success(endpoint_id, variant, fraction)
+        taken = None
+        v = self.registry.variants.get(variant)
+        cap = req.settings.get("max_denoising_steps") or (v.max_denoising_steps if v is not None else 0)
+        if final is not None:
+            taken = StepsTaken.of(final.stats.decoder_passes, final.stats.canvases, cap)
+            if final.stop_reason in REPLY_ENDS:
+                self.registry.record_reply(variant, final.stats.canvases, final.stop_reason != pb.STOP_REASON_LENGTH)
+        self.registry.record_success(endpoint_id, variant, taken)
         met = None if decision.target_s is None else elapsed <= decision.target_s
         req.trace.update(elapsed_ms=round(elapsed * 1000, 3), target_met=met)
         tokens = final.stats.completion_tokens if final is not None else 0

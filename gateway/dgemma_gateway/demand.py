@@ -125,26 +125,34 @@ def replica_canvases_per_s(load: EndpointLoad, steps_per_canvas: float) -> float
 
 
 def measured_capacity(ready: Sequence[Candidate]) -> dict[str, Any]:
-    """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did."""
+    """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did.
+
+    A canvas costs the steps the variant's traffic really takes per canvas (its requests' own caps and
+    adaptive stopping); before any finished, the variant's cap times its learned share (1.0: every step).
+    """
     rates: list[float] = []
     tokens: list[float] = []
     steps_seen: list[float] = []
+    latencies: list[tuple[float, float]] = []
     for c in ready:
         if c.load is None:
             continue
-        steps = c.variant.max_denoising_steps * min(1.0, max(0.0, c.step_fraction))
+        steps = (c.steps_per_canvas if c.steps_per_canvas is not None
+                 else c.variant.max_denoising_steps * min(1.0, max(0.0, c.step_fraction)))
         rate = replica_canvases_per_s(c.load, steps)
         if rate is None:
             continue
         rates.append(rate)
         tokens.append(rate * (c.load.canvas_length or c.variant.canvas_length))
         steps_seen.append(max(1.0, steps))
+        latencies.append((c.load.step_latency_s, max(0.0, c.load.encoder_latency_s)))
     if not rates:
         return {"canvases_per_s_per_replica": None, "tokens_per_s_per_replica": None, "steps_per_canvas": None,
-                "replicas_measured": 0}
+                "step_latency_s": None, "encoder_latency_s": None, "replicas_measured": 0}
     n = len(rates)
     return {"canvases_per_s_per_replica": sum(rates) / n, "tokens_per_s_per_replica": sum(tokens) / n,
-            "steps_per_canvas": sum(steps_seen) / n, "replicas_measured": n}
+            "steps_per_canvas": sum(steps_seen) / n, "step_latency_s": sum(s for s, _ in latencies) / n,
+            "encoder_latency_s": sum(e for _, e in latencies) / n, "replicas_measured": n}
 
 
 def snapshot(
@@ -211,5 +219,7 @@ def snapshot(
             },
             # What one ready replica can finish, from the workers' own step timings (None until measured).
             "capacity": measured_capacity(ready),
+            # Learned from finished requests: the share of the step cap a canvas takes, per cap.
+            "step_shares": {str(cap): share for cap, share in (mine[0].step_shares if mine else ())},
         }
     return out

@@ -46,12 +46,18 @@ class _StateCollector(Collector):
             labels=["variant"])
         held = GaugeMetricFamily(
             "dgemma_gateway_requests_held", "Requests held for a first replica (scale from zero)", labels=["variant"])
+        shares = GaugeMetricFamily(
+            "dgemma_gateway_step_share",
+            "Share of the step cap a canvas takes (adaptive stopping), learned from finished requests, per cap",
+            labels=["variant", "cap"])
         for name, v in snap["variants"].items():
             ready.add_metric([name], v["replicas_ready"])
             measured = (v.get("capacity") or {}).get("tokens_per_s_per_replica")
             if measured is not None:
                 capacity.add_metric([name], measured)
             held.add_metric([name], v["demand"].get("requests_held", 0))
+            for cap, share in v.get("step_shares", {}).items():
+                shares.add_metric([name, cap], share)
             total.add_metric([name], v["replicas"])
             for key, g in gauges.items():
                 g.add_metric([name], v["demand"][key])
@@ -62,6 +68,7 @@ class _StateCollector(Collector):
         yield delivered
         yield capacity
         yield held
+        yield shares
 
 
 class GatewayMetrics:
