@@ -14,7 +14,7 @@ from dgemma_common.types import ChatMessage, CommitEvent, DraftEvent, FinalEvent
 def generate_parser() -> argparse.ArgumentParser:
     """Options of `dgemma generate`."""
     gen = argparse.ArgumentParser(prog="dgemma generate",
-                                  description="Generate text locally (the bundled tiny model by default).")
+                                  description="Generate text locally (the bundled trained model by default).")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="checkpoint directory or Hugging Face id")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -43,12 +43,13 @@ def generate(argv: Sequence[str]) -> int:
         "stream_drafts": True if args.drafts else None,
     }
     try:
-        params = params_from_mapping(knobs)
+        params_from_mapping(knobs)  # refuse a bad value before loading anything
     except ParamError as err:
         print(f"dgemma generate: {err}", file=sys.stderr)
         return 2
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0))
+    params = params_from_mapping(knobs, engine.defaults)  # unset knobs: the checkpoint's own settings
     engine.start(warmup=False)
     prompt = Prompt.of_text(args.prompt) if args.raw else Prompt.of_messages([ChatMessage("user", args.prompt)])
     final: FinalEvent | None = None

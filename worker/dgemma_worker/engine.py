@@ -17,13 +17,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
-from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
     Counters,
@@ -64,7 +64,8 @@ class EngineConfig:
     # With batching, how long the first queued request may wait for others to fill its batch.
     batch_window_s: float = 0.01
     limits: Limits = field(default_factory=Limits)
-    defaults: GenerationParams = field(default_factory=GenerationParams)
+    # None: the checkpoint's own settings (its generation_config) over the published ones.
+    defaults: GenerationParams | None = None
     rate_window_s: float = 10.0
 
 
@@ -206,7 +207,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._steps_total = 0
         self._debug_step_delay_s = float(os.environ.get(DEBUG_STEP_DELAY_ENV, "") or 0.0)  # TEST ONLY
-        self.config.defaults.validated(self.config.limits)
+        self.defaults = self.config.defaults or checkpoint_params(loaded, {}, self.config.limits)
+        self.defaults.validated(self.config.limits)
         if self.config.max_batch < 1 or self.config.max_active < 1 or self.config.max_queue < 0:
             raise ValueError("max_batch and max_active must be >= 1 and max_queue >= 0")
 
@@ -277,7 +279,7 @@ class Engine:
             self._thread = None
 
     def _warm_up(self) -> None:
-        params = replace(self.config.defaults, max_new_tokens=self.canvas_length, max_denoising_steps=2, seed=0)
+        params = replace(self.defaults, max_new_tokens=self.canvas_length, max_denoising_steps=2, seed=0)
         for event in self._generate(Prompt.of_text("warm up"), params, None, admit_when_draining=True):
             if isinstance(event, FinalEvent) and event.stop_reason is StopReason.ERROR:
                 raise RuntimeError(f"warm-up failed: {event.error}")
@@ -794,6 +796,11 @@ class Engine:
         else:
             self.counters.encoder_passes += 1
         self.observer.on_step(kind, seconds)
+
+
+def checkpoint_params(loaded: LoadedModel, overrides: Mapping[str, Any], limits: Limits) -> GenerationParams:
+    """Request defaults: `overrides` over the checkpoint's generation_config over the published settings."""
+    return params_from_mapping({**loaded.generation_defaults(), **overrides}, GenerationParams(), limits)
 
 
 def cut_canvas(canvas_ids: list[int], room: int, eos_ids: Sequence[int]) -> tuple[list[int], StopReason | None]:

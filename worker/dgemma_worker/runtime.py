@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
-from dgemma_common.params import GenerationParams
+from dgemma_common.params import GenerationParams, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
     Event,
@@ -46,6 +46,8 @@ class EngineAPI(Protocol):
     def model_revision(self) -> str: ...
     @property
     def canvas_length(self) -> int: ...
+    @property
+    def defaults(self) -> GenerationParams: ...
 
     def stream(
         self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
@@ -78,6 +80,8 @@ class WorkerRuntime:
         self.config = config
         self.metrics = metrics
         self.engine: EngineAPI | None = None
+        # Request defaults: the flags over the published settings until the model loads, then over its own.
+        self.defaults = params_from_mapping(config.default_overrides, GenerationParams(), config.limits)
         self.stopping = asyncio.Event()  # set when load watchers should end (the server is stopping)
         self._draining = False
 

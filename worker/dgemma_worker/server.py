@@ -46,15 +46,14 @@ EngineFactory = Callable[[WorkerConfig, Any], EngineAPI]
 
 def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
-    from dgemma_worker.engine import Engine, EngineConfig
+    from dgemma_worker.engine import Engine, EngineConfig, checkpoint_params
     from dgemma_worker.model import load_model
 
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, revision=config.model_revision)
+    defaults = checkpoint_params(loaded, config.default_overrides, config.limits)
     engine = Engine(
         loaded,
-        EngineConfig(
-            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=config.defaults
-        ),
+        EngineConfig(max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=defaults),
         observer=observer,
     )
     engine.start(warmup=config.warmup)
@@ -139,6 +138,7 @@ class WorkerServer:
         threading.Thread(target=target, name="dgemma-load", daemon=True).start()
         engine = await asyncio.wrap_future(future)
         self.metrics.recording = True  # the warm-up request is not traffic
+        self.runtime.defaults = engine.defaults
         self.runtime.engine = engine
         if self.runtime.ready:
             for service in HEALTH_SERVICES:
