@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,9 +13,10 @@ import grpc
 from aiohttp import web
 
 from dgemma_common.auth import ApiKeys
+from dgemma_common.tls import ReloadingFiles, grpc_server_credentials, keep_reloaded, server_ssl_context
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
-from dgemma_gateway.endpoints import EndpointSource, StaticSource
+from dgemma_gateway.endpoints import EndpointSource, Registry, StaticSource, WorkerTls, channel_factory
 from dgemma_gateway.kserve_front import start_grpc
 from dgemma_gateway.openai_api import OpenAIApp
 from dgemma_gateway.routing import load_profile_file
@@ -28,13 +31,15 @@ class GatewayServer:
         self.config = config
         if sources is None:
             sources = default_sources(config)
-        self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core)
+        self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core,
+                               open_channel=channel_factory(config.worker_tls))
         self.keys = ApiKeys(config.api_keys_file)  # one checker for both listeners
         self.api = OpenAIApp(self.gateway, self.keys, config.limits)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.port: int | None = None
         self.grpc_port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Start the sources and both listeners; write the port file."""
@@ -44,15 +49,26 @@ class GatewayServer:
             # A client that goes away cancels its handler, and so the worker's request, at once.
             self.api.app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        ssl_context = None
+        if cfg.tls is not None:
+            ssl_context = server_ssl_context(cfg.tls)
+            self._tasks.append(asyncio.create_task(keep_reloaded(ssl_context, cfg.tls, cfg.tls_reload_s)))
+        worker_client = cfg.worker_tls.client if cfg.worker_tls is not None else None
+        if worker_client is not None:
+            self._tasks.append(asyncio.create_task(
+                _renew_on_rotation(self.gateway.registry, cfg.worker_tls, cfg.tls_reload_s)))  # type: ignore[arg-type]
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         if cfg.grpc_port >= 0:
+            credentials = grpc_server_credentials(cfg.tls) if cfg.tls is not None else None
             self._grpc, self.grpc_port = await start_grpc(
-                self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens, cfg.limits.default_max_tokens)
-        log.info("gateway listening on http %s:%s, grpc %s", cfg.host, self.port, self.grpc_port)
+                self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens,
+                cfg.limits.default_max_tokens, credentials)
+        log.info("gateway listening on %s %s:%s, grpc %s", "https" if cfg.tls else "http", cfg.host, self.port,
+                 self.grpc_port)
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")
             tmp.write_text(json.dumps({"port": self.port, "grpc_port": self.grpc_port, "pid": os.getpid()}))
@@ -60,11 +76,26 @@ class GatewayServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop listening, let in-flight requests end within the grace period, close upstreams."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.gateway.stop()
+
+
+async def _renew_on_rotation(registry: Registry, tls: WorkerTls, interval_s: float) -> None:
+    """Reopen the worker channels when our client certificate is renewed (a channel keeps the one it opened with)."""
+    assert tls.client is not None
+    files = ReloadingFiles(tls.client)
+    while True:
+        await asyncio.sleep(interval_s)
+        if files.refresh():
+            registry.renew_channels()
 
 
 def default_sources(config: GatewayConfig) -> list[EndpointSource]:

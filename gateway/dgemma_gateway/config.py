@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
-from dgemma_gateway.endpoints import EndpointSpec
+from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
 
@@ -30,6 +31,9 @@ class GatewayConfig:
     kubernetes: bool = False
     namespace: str | None = None
     port_file: Path | None = None
+    tls: TlsFiles | None = None  # HTTPS and gRPC over TLS on the front door
+    worker_tls: WorkerTls | None = None  # TLS (mutual with a client certificate) to the workers
+    tls_reload_s: float = DEFAULT_RELOAD_S  # how often certificate files are looked at for a renewal
     core: GatewaySettings = field(default_factory=GatewaySettings)
     limits: ApiLimits = field(default_factory=ApiLimits)
 
@@ -43,6 +47,9 @@ ENV = {
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
     "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
+    "tls_cert_file": "DGEMMA_TLS_CERT_FILE", "tls_key_file": "DGEMMA_TLS_KEY_FILE",
+    "worker_tls_ca_file": "DGEMMA_WORKER_TLS_CA_FILE", "worker_tls_cert_file": "DGEMMA_WORKER_TLS_CERT_FILE",
+    "worker_tls_key_file": "DGEMMA_WORKER_TLS_KEY_FILE", "worker_tls_server_name": "DGEMMA_WORKER_TLS_SERVER_NAME",
 }
 # With --kubernetes, variants may scale to zero: hold their requests this long for a first replica.
 KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
@@ -101,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true", default=None)
     add("--namespace", "namespace", "namespace(s) to watch, comma-separated (default: all)")
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
+    add_certificate_flags(add, "HTTP and gRPC")
+    add("--worker-tls-ca-file", "worker_tls_ca_file", "speak TLS to the workers, whose certificates chain to this "
+        "PEM CA", type=Path)
+    add("--worker-tls-cert-file", "worker_tls_cert_file", "client certificate presented to the workers (mutual "
+        "TLS; needs --worker-tls-ca-file)", type=Path)
+    add("--worker-tls-key-file", "worker_tls_key_file", "the PEM key of --worker-tls-cert-file", type=Path)
+    add("--worker-tls-server-name", "worker_tls_server_name", "the name the workers' certificates carry (default: "
+        "the address dialled)")
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body (default 4 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
@@ -116,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--demand-window-s", "demand_window_s", "window of the demand measurements for the autoscaler (default 60)",
         type=float)
     return p
+
+
+def _tls(args: argparse.Namespace) -> tuple[TlsFiles | None, WorkerTls | None]:
+    """The front door's certificate and the worker side's settings from the flags."""
+    front = tls_files(args.tls_cert_file, args.tls_key_file, what="--tls-cert-file")
+    client = tls_files(args.worker_tls_cert_file, args.worker_tls_key_file, what="--worker-tls-cert-file")
+    if args.worker_tls_ca_file is None:
+        if client is not None or args.worker_tls_server_name:
+            raise ValueError("--worker-tls-cert-file and --worker-tls-server-name need --worker-tls-ca-file")
+        return front, None
+    return front, WorkerTls(args.worker_tls_ca_file, client, args.worker_tls_server_name or None)
 
 
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -142,6 +168,10 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
     )
+    try:
+        tls, worker_tls = _tls(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     hold = args.hold_for_replica_s
     if hold is None:
         hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
@@ -160,6 +190,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         kubernetes=bool(args.kubernetes),
         namespace=args.namespace,
         port_file=args.port_file,
+        tls=tls,
+        worker_tls=worker_tls,
         core=core,
         limits=limits,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from dgemma_gateway.demand import DemandTracker, snapshot
-from dgemma_gateway.endpoints import Ejection, EndpointSource, Registry, StepsTaken
+from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, Registry, StepsTaken
 from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.routing import Decision, Pipeline, route
@@ -88,13 +88,14 @@ class Gateway:
         sources: Sequence[EndpointSource],
         settings: GatewaySettings | None = None,
         registry: Registry | None = None,
+        open_channel: ChannelFactory | None = None,
     ) -> None:
         self.settings = settings or GatewaySettings()
         self.pipeline = pipeline
         self.sources = list(sources)
         self.registry = registry or Registry(
             ejection=Ejection(self.settings.eject_base_s, self.settings.eject_max_s),
-            watch_interval_s=self.settings.watch_interval_s,
+            watch_interval_s=self.settings.watch_interval_s, open_channel=open_channel,
         )
         self.demand = DemandTracker(self.settings.demand_window_s)
         self._held: dict[str, tuple[int, float]] = {}  # per variant: requests and canvases held for a replica

@@ -15,10 +15,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
+from dgemma_common.tls import TlsFiles, grpc_channel_credentials
 from dgemma_gateway.routing.predict import reply_survival
 from dgemma_gateway.types import Candidate, EndpointLoad, Variant
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -156,6 +158,34 @@ CHANNEL_OPTIONS = [
 ]
 
 
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+# A renewed channel's streams in flight may run this long before the old channel closes under them.
+RENEWED_CHANNEL_GRACE_S = 600.0
+
+
+@dataclass(frozen=True)
+class WorkerTls:
+    """How the gateway reaches workers over TLS: the CA their certificates chain to, our client certificate
+    for mutual TLS, and the name their certificates carry (pods come and go by IP, so a certificate names the
+    service, not the address)."""
+
+    ca_file: Path
+    client: TlsFiles | None = None
+    server_name: str | None = None
+
+
+def channel_factory(tls: WorkerTls | None) -> ChannelFactory:
+    """Opens a channel to a worker: plaintext, or TLS with the files as they are at that moment."""
+    if tls is None:
+        return lambda address: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else [])]
+
+    def open_tls(address: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(address, grpc_channel_credentials(tls.client, tls.ca_file), options=options)
+
+    return open_tls
+
+
 class Registry:
     """The endpoints of every source, their load (kept fresh by one watcher task each), and their health."""
 
@@ -165,9 +195,11 @@ class Registry:
         ejection: Ejection | None = None,
         watch_interval_s: float = 0.5,
         step_fraction_alpha: float = 0.2,
+        open_channel: ChannelFactory | None = None,
         reply_window: int = 256,
     ) -> None:
         self.clock = clock
+        self.open_channel = open_channel or channel_factory(None)
         self.ejection = ejection or Ejection()
         self.watch_interval_s = watch_interval_s
         self._by_source: dict[str, dict[str, EndpointSpec]] = {}
@@ -183,6 +215,7 @@ class Registry:
         self._alpha = step_fraction_alpha
         self.ejections_total = 0
         self.changed = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ---- membership -----------------------------------------------------------------------------
 
@@ -205,7 +238,7 @@ class Registry:
             if endpoint_id in self.endpoints:
                 self.endpoints[endpoint_id].spec = spec  # the variant's settings may have changed
                 continue
-            channel = grpc.aio.insecure_channel(spec.address, options=CHANNEL_OPTIONS)
+            channel = self.open_channel(spec.address)
             state = EndpointState(spec, channel, pb_grpc.DenoiserStub(channel))
             self.endpoints[endpoint_id] = state
             state.watcher = asyncio.get_running_loop().create_task(
@@ -217,8 +250,27 @@ class Registry:
         state = self.endpoints.pop(endpoint_id)
         if state.watcher is not None:
             state.watcher.cancel()
-        # Close after in-flight calls had a chance to finish; closing is async.
-        asyncio.get_running_loop().create_task(_close_later(state.channel, 30.0 if state.inflight else 0.0))
+        # Close after in-flight calls had a chance to finish.
+        self._close_later(state.channel, 30.0 if state.inflight else 0.0)
+
+    def renew_channels(self) -> None:
+        """Open a new channel to every endpoint (our client certificate was renewed); calls in flight finish on
+        the old one, which closes later, and the load watchers move over when they next reconnect."""
+        loop = asyncio.get_running_loop()
+        for state in self.endpoints.values():
+            old = state.channel
+            state.channel = self.open_channel(state.spec.address)
+            state.stub = pb_grpc.DenoiserStub(state.channel)
+            if state.watcher is not None:
+                state.watcher.cancel()
+            state.watcher = loop.create_task(self._watch(state), name=f"watch-load {state.spec.endpoint_id}")
+            self._close_later(old, RENEWED_CHANNEL_GRACE_S if state.inflight else 0.0)
+
+    def _close_later(self, channel: grpc.aio.Channel, delay: float) -> None:
+        # Closing is async; the task is kept so that it is not collected before it runs.
+        task = asyncio.get_running_loop().create_task(_close_later(channel, delay))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         """Stop every watcher and close every channel."""

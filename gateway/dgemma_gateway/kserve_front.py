@@ -182,8 +182,10 @@ KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_na
 
 
 async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_tokens: int = 8192,
-                     default_max_tokens: int = 256) -> tuple[grpc.aio.Server, int]:
-    """Start the KServe front (API keys on the inference service; health and reflection open)."""
+                     default_max_tokens: int = 256,
+                     credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the KServe front (API keys on the inference service; health and reflection open; over TLS with
+    credentials)."""
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -196,7 +198,8 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = KSERVE_SERVICE
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -1,6 +1,14 @@
 """The Kubernetes endpoint source: DiffusionGemma resources give the variants, the worker Services'
 EndpointSlices give their pods. Both are watched (list, then watch from the list's resourceVersion,
-relist on 410 Gone), over plain asyncio HTTP against the API server; no polling, no threads.
+relist on 410 Gone) through kubernetes_asyncio, so the gateway authenticates as other controllers do:
+
+- in a pod, with its service account, whose token file is re-read as the kubelet rotates it (bound tokens
+  expire within the hour);
+- outside one, with the current kubeconfig context: tokens, client certificates, exec plugins (EKS, GKE,
+  OIDC login helpers) renewed as they expire, OIDC auth providers.
+
+The library keeps client certificates and keys given inline (`client-key-data`) in temporary files for the
+process's life and removes them when it exits.
 
 Each `DiffusionGemma` named N has a worker Service `N-worker` (operator convention); its EndpointSlices
 carry `kubernetes.io/service-name: N-worker` and a port named `grpc`. `endpoints_from` is the pure
@@ -10,19 +18,19 @@ function from the watched objects to endpoints.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import os
-import ssl
-import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+from kubernetes_asyncio import watch
+from kubernetes_asyncio.client import ApiClient, Configuration, CustomObjectsApi, DiscoveryV1Api
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import ConfigException, kube_config
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, Variant
@@ -36,6 +44,10 @@ GRPC_PORT = 50051
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # tokens/s per replica until measured, by GPU profile (the operator's profiles.py holds the same priors).
 PROFILE_PRIORS = {"h100": 1100.0, "rtx-pro-6000": 700.0, "dgx-spark": 150.0, "dgx-station": 800.0, "custom": 500.0}
+# The API server ends a watch after this long; the client then resumes from the last resourceVersion.
+WATCH_TIMEOUT_S = 300
+LIST_TIMEOUT_S = 60
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 
 Key = tuple[str, str]  # namespace, name
 
@@ -92,100 +104,132 @@ def endpoints_from(resources: Mapping[Key, Variant], slices: Mapping[Key, Mappin
     return sorted(out.values(), key=lambda e: e.endpoint_id)
 
 
+def parse_namespaces(namespace: str | None) -> tuple[str, ...]:
+    """One namespace, or several separated by commas; none (or "") means all of them."""
+    return tuple(dict.fromkeys(n.strip() for n in (namespace or "").split(",") if n.strip()))
+
+
+# ---- credentials ------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class KubeConfig:
-    """Where the API server is and how to authenticate."""
+class Access:
+    """How to reach the API server: the client configuration, and for credentials that expire (exec plugins,
+    GCP) the loop that renews them in it while the source runs."""
 
-    server: str
-    token: str | None = None
-    ssl: ssl.SSLContext | bool = True
-    namespace: str | None = None  # one namespace, or several separated by commas; None or "": all
-
-    @property
-    def namespaces(self) -> tuple[str, ...]:
-        """The namespaces to watch; empty means all of them."""
-        return tuple(dict.fromkeys(n.strip() for n in (self.namespace or "").split(",") if n.strip()))
+    configuration: Configuration
+    renew: Callable[[], Coroutine[Any, Any, None]] | None = None
 
 
-def _ssl_context(ca_file: str | None, ca_data: str | None, cert: tuple[str, str] | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file, cadata=base64.b64decode(ca_data).decode() if ca_data else None)
-    if cert:
-        ctx.load_cert_chain(*cert)
-    return ctx
+async def in_cluster(sa_dir: Path = SA_DIR, environ: Mapping[str, str] = os.environ) -> Access:
+    """The pod's service account; its token is re-read from the file once it is a minute old."""
+    configuration = Configuration()
+    loader = InClusterConfigLoader(str(sa_dir / "token"), str(sa_dir / "ca.crt"), try_refresh_token=True,
+                                   environ=dict(environ))
+    loader.load_and_set(configuration)
+    return Access(configuration)
 
 
-def load_kube_config(namespace: str | None = None) -> KubeConfig:
-    """In-cluster service account if present, else $KUBECONFIG / ~/.kube/config (current context).
+async def from_kubeconfig(path: str | None = None, context: str | None = None) -> Access:
+    """A kubeconfig context: `path` (several joined by ':' are merged), else $KUBECONFIG, else ~/.kube/config."""
+    # Read KUBECONFIG now: the library reads it once, at import.
+    path = path or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    configuration = Configuration()
+    loader = await kube_config.load_kube_config(
+        config_file=path, context=context, client_configuration=configuration, persist_config=False)
+    if not (loader.current_context or {}).get("context", {}).get("user"):
+        return Access(configuration)
 
-    `namespace`: one or several (comma-separated) to watch; none means all namespaces, as the chart's
-    cluster-wide RBAC and the operator assume (a namespaced install names its namespaces).
-    """
+    async def renew() -> None:
+        # Re-runs an exec plugin (or refreshes a GCP token) as it expires; returns at once for other users.
+        try:
+            await kube_config.refresh_token(loader, configuration)
+        except (ConfigException, OSError, ValueError, TypeError) as exc:
+            # The current credentials keep working until they expire; the API's 401s then say so.
+            log.error("renewing the kubeconfig credentials failed: %s", exc)
+
+    return Access(configuration, renew)
+
+
+async def from_environment() -> Access:
+    """In a pod, its service account; elsewhere the kubeconfig."""
     if os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        return KubeConfig(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(),
-                          _ssl_context(str(SA_DIR / "ca.crt"), None, None), namespace)
-    path = Path(os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))).expanduser()
-    cfg = yaml.safe_load(path.read_text())
-    ctx_name = cfg.get("current-context")
-    ctx = next(c["context"] for c in cfg["contexts"] if c["name"] == ctx_name)
-    cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
-    user: dict[str, Any] = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
-    server = cluster["server"]
-    ssl_opt: ssl.SSLContext | bool = True
-    if server.startswith("https"):
-        if cluster.get("insecure-skip-tls-verify"):
-            ssl_opt = False
-        else:
-            cert = None
-            if user.get("client-certificate") and user.get("client-key"):
-                cert = (user["client-certificate"], user["client-key"])
-            elif user.get("client-certificate-data") and user.get("client-key-data"):
-                files = []
-                for key in ("client-certificate-data", "client-key-data"):
-                    f = tempfile.NamedTemporaryFile(delete=False, suffix=".pem")  # noqa: SIM115
-                    f.write(base64.b64decode(user[key]))
-                    f.close()
-                    files.append(f.name)
-                cert = (files[0], files[1])
-            ssl_opt = _ssl_context(cluster.get("certificate-authority"), cluster.get("certificate-authority-data"),
-                                   cert)
-    return KubeConfig(server.rstrip("/"), user.get("token"), ssl_opt, namespace)
+        return await in_cluster()
+    return await from_kubeconfig()
+
+
+# ---- watching ---------------------------------------------------------------------------------------------
+
+ListFn = Callable[..., Awaitable[Any]]
+
+
+async def list_then_watch(
+    client: ApiClient, list_fn: ListFn, *args: str, timeout_s: int = WATCH_TIMEOUT_S, **params: str,
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """List, then watch from the list's resourceVersion, resuming where each watch ended; on 410 Gone or an
+    error, list again (yielding RESET first). Objects come as the API's JSON dicts."""
+    backoff = BACKOFF_MIN_S
+    while True:
+        try:
+            listed = client.sanitize_for_serialization(await list_fn(*args, **params,
+                                                                     _request_timeout=LIST_TIMEOUT_S))
+            yield "RESET", {}
+            for item in listed.get("items") or []:
+                yield "ADDED", item
+            version = (listed.get("metadata") or {}).get("resourceVersion")
+            backoff = BACKOFF_MIN_S
+            while True:
+                # return_type "object": events stay dicts, not the client's model classes.
+                async with watch.Watch(return_type="object") as w:
+                    stream = w.stream(list_fn, *args, **params, resource_version=version,
+                                      allow_watch_bookmarks=True, timeout_seconds=timeout_s,
+                                      _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 30))
+                    async for event in stream:
+                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            yield event["type"], event["raw_object"]
+                    version = w.resource_version or version
+        except asyncio.CancelledError:
+            raise
+        except ApiException as exc:
+            if exc.status == 410:  # the resourceVersion is too old: list again
+                log.info("watch %s%s expired; listing again", list_fn.__name__, args)
+                continue
+            log.warning("watch %s%s failed: %s %s; retrying in %.1f s", list_fn.__name__, args, exc.status,
+                        exc.reason, backoff)
+        except (aiohttp.ClientError, TimeoutError, ValueError, ConfigException) as exc:
+            log.warning("watch %s%s failed: %s; retrying in %.1f s", list_fn.__name__, args, exc, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(BACKOFF_MAX_S, backoff * 2)
 
 
 class KubernetesSource:
     """Watches DiffusionGemma resources and EndpointSlices; reports the variants' ready worker pods."""
 
-    def __init__(self, config: KubeConfig, name: str = "kubernetes") -> None:
+    def __init__(self, access: Callable[[], Awaitable[Access]] = from_environment, namespace: str | None = None,
+                 name: str = "kubernetes") -> None:
         self.name = name
-        self.config = config
+        self.access = access
+        self.namespaces = parse_namespaces(namespace)
         self.resources: dict[Key, Variant] = {}
         self.slices: dict[Key, dict[str, Any]] = {}
 
     @classmethod
     def from_environment(cls, namespace: str | None = None) -> KubernetesSource:
         """From the pod's service account or the local kubeconfig."""
-        return cls(load_kube_config(namespace))
-
-    def _paths(self, group_version: str, plural: str) -> list[tuple[str | None, str]]:
-        """(namespace, collection path) per watched namespace; (None, the cluster-wide path) for all."""
-        base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-        if not self.config.namespaces:
-            return [(None, f"{base}/{plural}")]
-        return [(ns, f"{base}/namespaces/{ns}/{plural}") for ns in self.config.namespaces]
+        return cls(from_environment, namespace)
 
     async def run(self, sink: Sink) -> None:
         """Watch both kinds until cancelled; report after every change."""
-        headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
-        connector = aiohttp.TCPConnector(ssl=self.config.ssl)
-        async with aiohttp.ClientSession(self.config.server, headers=headers, connector=connector) as session:
+        access = await self.access()
+        async with ApiClient(access.configuration) as client:
+            custom, discovery = CustomObjectsApi(client), DiscoveryV1Api(client)
 
             def report() -> None:
                 sink(self.name, endpoints_from(self.resources, self.slices), list(self.resources.values()))
 
-            async def follow(
-                namespace: str | None, path: str, params: dict[str, str], store: dict[Key, Any], convert: Any
-            ) -> None:
-                async for kind, obj in watch(session, path, params):
+            async def follow(namespace: str | None, events: AsyncIterator[tuple[str, dict[str, Any]]],
+                             store: dict[Key, Any], convert: Callable[[dict[str, Any]], Any]) -> None:
+                async for kind, obj in events:
                     if kind == "RESET":  # a relist replaces what this watch (its namespace) knew
                         for key in [k for k in store if namespace is None or k[0] == namespace]:
                             del store[key]
@@ -198,56 +242,29 @@ class KubernetesSource:
                         try:
                             store[key] = convert(obj)
                         except (TypeError, ValueError, KeyError) as exc:
-                            log.warning("ignoring %s %s/%s: %s", path, *key, exc)
+                            log.warning("ignoring %s %s/%s: %s", obj.get("kind", "object"), *key, exc)
                             continue
                     report()
 
-            slices = {"labelSelector": SERVICE_NAME_LABEL}
-            await asyncio.gather(
-                *(follow(ns, path, {}, self.resources, variant_from_resource)
-                  for ns, path in self._paths(f"{GROUP}/{VERSION}", PLURAL)),
-                *(follow(ns, path, slices, self.slices, lambda o: o)
-                  for ns, path in self._paths("discovery.k8s.io/v1", "endpointslices")),
-            )
+            def keep(obj: dict[str, Any]) -> dict[str, Any]:
+                return obj
 
-
-async def watch(session: aiohttp.ClientSession, path: str, params: Mapping[str, str],
-                timeout_s: int = 300) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """List, then watch from the list's resourceVersion; on expiry or error, relist (yielding RESET)."""
-    backoff = 0.2
-    while True:
-        try:
-            async with session.get(path, params=dict(params)) as r:
-                r.raise_for_status()
-                listed = await r.json()
-            yield "RESET", {}
-            for item in listed.get("items", []):
-                yield "ADDED", item
-            version = listed.get("metadata", {}).get("resourceVersion", "")
-            backoff = 0.2
-            while True:
-                q = {**params, "watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
-                     "timeoutSeconds": str(timeout_s)}
-                async with session.get(path, params=q, timeout=aiohttp.ClientTimeout(total=None,
-                                                                                     sock_read=timeout_s + 30)) as r:
-                    r.raise_for_status()
-                    gone = False
-                    async for line in r.content:
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        kind, obj = event.get("type"), event.get("object") or {}
-                        if kind == "ERROR":
-                            gone = obj.get("code") == 410
-                            break
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if kind in ("ADDED", "MODIFIED", "DELETED"):
-                            yield kind, obj
-                    if gone:
-                        break  # relist
-        except asyncio.CancelledError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("watch %s failed: %s; retrying in %.1f s", path, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(10.0, backoff * 2)
+            # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
+            # restarts the source whole.
+            async with asyncio.TaskGroup() as tasks:
+                if not self.namespaces:
+                    tasks.create_task(follow(None, list_then_watch(
+                        client, custom.list_cluster_custom_object, GROUP, VERSION, PLURAL),
+                        self.resources, variant_from_resource))
+                    tasks.create_task(follow(None, list_then_watch(
+                        client, discovery.list_endpoint_slice_for_all_namespaces, label_selector=SERVICE_NAME_LABEL),
+                        self.slices, keep))
+                for ns in self.namespaces:
+                    tasks.create_task(follow(ns, list_then_watch(
+                        client, custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
+                        self.resources, variant_from_resource))
+                    tasks.create_task(follow(ns, list_then_watch(
+                        client, discovery.list_namespaced_endpoint_slice, ns, label_selector=SERVICE_NAME_LABEL),
+                        self.slices, keep))
+                if access.renew is not None:
+                    tasks.create_task(access.renew())

@@ -12,6 +12,8 @@ from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 MANAGER = "dgemma-operator"
 GRPC_PORT = 50051
 METRICS_PORT = 9090
+HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
+TLS_MOUNT = "/etc/dgemma/tls"
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -140,6 +142,7 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
         ("DGEMMA_DEVICE", "cuda"),
         ("DGEMMA_DRAIN_GRACE_S", spec.worker.drain_grace_seconds),
         ("DGEMMA_LOG_FORMAT", spec.worker.log_format),
+        *_tls_env(spec),
         ("DGEMMA_DEFAULT_MAX_DENOISING_STEPS", gen.max_denoising_steps),
         ("DGEMMA_DEFAULT_T_MIN", gen.t_min),
         ("DGEMMA_DEFAULT_T_MAX", gen.t_max),
@@ -153,6 +156,13 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
     env: list[Body] = [{"name": key, "value": str(value)} for key, value in values if value is not None]
     env.extend(_token_env(spec))
     return env
+
+
+def _tls_env(spec: models.DiffusionGemmaSpec) -> list[tuple[str, object | None]]:
+    if spec.worker.tls_secret is None:
+        return []
+    return [("DGEMMA_TLS_CERT_FILE", f"{TLS_MOUNT}/tls.crt"), ("DGEMMA_TLS_KEY_FILE", f"{TLS_MOUNT}/tls.key"),
+            ("DGEMMA_TLS_CLIENT_CA_FILE", f"{TLS_MOUNT}/ca.crt"), ("DGEMMA_HEALTH_PORT", HEALTH_PORT)]
 
 
 def _hf_home(spec: models.DiffusionGemmaSpec) -> str:
@@ -265,6 +275,9 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
                 "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
             }
         )
+    if spec.worker.tls_secret is not None:
+        # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
+        volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
     return volumes
 
 
@@ -279,9 +292,16 @@ def _mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
     return mounts
 
 
-def _grpc_probe(period_s: int, failures: int, timeout_s: int = 5) -> Body:
+def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """The worker container's mounts: the shared ones and its TLS Secret (the init container needs no key)."""
+    tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
+    return [*_mounts(spec), *tls]
+
+
+def _grpc_probe(spec: models.DiffusionGemmaSpec, period_s: int, failures: int, timeout_s: int = 5) -> Body:
+    # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
     return {
-        "grpc": {"port": GRPC_PORT},
+        "grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT},
         "periodSeconds": period_s,
         "failureThreshold": failures,
         "timeoutSeconds": timeout_s,
@@ -301,19 +321,20 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
         "env": _env(name, spec),
         "resources": _resources(spec),
         # Loading 50 GB of weights takes minutes: the startup probe holds off liveness that long.
         "startupProbe": _grpc_probe(
-            STARTUP_PROBE_PERIOD_S, math.ceil(spec.worker.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
+            spec, STARTUP_PROBE_PERIOD_S, math.ceil(spec.worker.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
         ),
-        "readinessProbe": _grpc_probe(5, 3),
-        "livenessProbe": _grpc_probe(10, 6),
+        "readinessProbe": _grpc_probe(spec, 5, 3),
+        "livenessProbe": _grpc_probe(spec, 10, 6),
         # The sleep lets endpoints drop the pod before SIGTERM starts the worker's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "securityContext": _restricted_container_security(),
-        "volumeMounts": mounts,
+        "volumeMounts": _worker_mounts(spec),
     }
     pod_spec: Body = {
         "automountServiceAccountToken": False,

@@ -84,10 +84,11 @@ async def gateway_urls(url: str) -> list[str]:
 
 
 async def _fetch_one(
-    session: aiohttp.ClientSession, url: str, name: str, timeout_s: float
+    session: aiohttp.ClientSession, url: str, name: str, timeout_s: float, server_hostname: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                               server_hostname=server_hostname) as response:
             if response.status != 200:
                 return None, f"the gateway answered {response.status} at {url}"
             snapshot = await response.json()
@@ -110,7 +111,10 @@ async def fetch_variant(
     Every gateway replica must answer: a partial sum would understate demand and scale down wrongly.
     """
     urls = await gateway_urls(url)
-    results = await asyncio.gather(*(_fetch_one(session, u, name, timeout_s) for u in urls))
+    # Over HTTPS each pod address is checked against the name dialled: the gateway's certificate names the
+    # Service, not its pods' addresses.
+    hostname = urlsplit(url).hostname if urlsplit(url).scheme == "https" else None
+    results = await asyncio.gather(*(_fetch_one(session, u, name, timeout_s, hostname) for u in urls))
     problems = [problem for _, problem in results if problem is not None]
     if problems:
         return None, problems[0] if len(urls) == 1 else f"{len(problems)} of {len(urls)} gateways: {problems[0]}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
+import ssl
 import time
 from typing import Any, cast
 
@@ -50,8 +52,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 @kopf.on.startup()
 async def open_gateway_client(memo: kopf.Memo, **_: Any) -> None:
-    """One HTTP session for the autoscaler's calls to the gateway."""
-    memo.http = aiohttp.ClientSession()
+    """One HTTP session for the autoscaler's calls to the gateway (trusting its CA when it serves HTTPS)."""
+    ca = settings.from_environment().gateway_ca_file
+    if ca is not None and not os.path.exists(ca):
+        ca = None  # the chart mounts the gateway Secret's ca.crt only if it has one: a public CA is trusted anyway
+    memo.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)))
 
 
 @kopf.on.cleanup()

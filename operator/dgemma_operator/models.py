@@ -169,6 +169,11 @@ class WorkerSpec(BaseModel):
     """Time allowed for fetching and loading the weights before the pod is restarted."""
     log_format: Literal["json", "text"] = "json"
     """Worker log format."""
+    tls_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """Secret (type kubernetes.io/tls with tls.crt, tls.key and ca.crt, as cert-manager writes it) that makes the
+    worker serve mutual TLS: its certificate, and the CA that clients' certificates must chain to. The gateway needs
+    a client certificate from that CA (the chart's internalTLS issues both). Probes move to a plaintext
+    health-only port."""
 
 
 class AutoscalingSpec(BaseModel):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 GATEWAY_URL_ENV = "DGEMMA_GATEWAY_URL"
 AUTOSCALE_INTERVAL_ENV = "DGEMMA_AUTOSCALE_INTERVAL_S"
 GATEWAY_TIMEOUT_ENV = "DGEMMA_GATEWAY_TIMEOUT_S"
+GATEWAY_CA_ENV = "DGEMMA_GATEWAY_CA_FILE"
 # The chart's gateway Service, in the operator's own namespace.
 DEFAULT_GATEWAY = "http://dgemma-gateway.{namespace}.svc:8000"
 
@@ -24,6 +25,7 @@ class OperatorSettings:
     gateway_url: str
     autoscale_interval_s: float = 15.0
     gateway_timeout_s: float = 5.0
+    gateway_ca_file: str | None = None  # the CA of an HTTPS gateway's certificate (default: the system's)
 
     @property
     def demand_url(self) -> str:
@@ -39,4 +41,5 @@ def from_environment(env: Mapping[str, str] | None = None) -> OperatorSettings:
         gateway_url=env.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY.format(namespace=namespace),
         autoscale_interval_s=float(env.get(AUTOSCALE_INTERVAL_ENV) or 15.0),
         gateway_timeout_s=float(env.get(GATEWAY_TIMEOUT_ENV) or 5.0),
+        gateway_ca_file=env.get(GATEWAY_CA_ENV) or None,
     )

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from dgemma_common.tls import TlsFiles, server_ssl_context
 from dgemma_operator import gateway_client
 from dgemma_operator.gateway_client import fetch_variant, gateway_urls, merge_views
+from tests.tls.certs import CA
 
 
 def view(canvases: float, met: int, missed: int, waiting: int, held: int = 0, measured: int = 1) -> dict[str, Any]:
@@ -45,8 +49,17 @@ def test_one_view_is_itself() -> None:
     assert merged["demand"]["canvases_per_s"] == 1.0 and merged["demand"]["target_miss_ratio"] == 0.5
 
 
-async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two gateway replicas on 127.0.0.1 and 127.0.0.2, one name resolving to both (as a headless Service)."""
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_every_address_of_the_gateway_name_is_read_and_merged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scheme: str
+) -> None:
+    """Two gateway replicas on 127.0.0.1 and 127.0.0.2, one name resolving to both (as a headless Service).
+
+    Over HTTPS their certificate names the Service only, as the chart's Certificate does, not the pods' addresses.
+    """
+    ca = CA(tmp_path / "ca")
+    served = ca.issue("gateway", dns=("gateway-pods.ml.svc",), ips=())
+    tls = server_ssl_context(TlsFiles(served.cert, served.key)) if scheme == "https" else None
     runners = []
     port = 0
     for address, canvases in (("127.0.0.1", 1.5), ("127.0.0.2", 0.5)):
@@ -60,11 +73,11 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch:
         runner = web.AppRunner(app)
         await runner.setup()
         if port == 0:
-            site = web.TCPSite(runner, address, 0)
+            site = web.TCPSite(runner, address, 0, ssl_context=tls)
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         else:
-            await web.TCPSite(runner, address, port).start()
+            await web.TCPSite(runner, address, port, ssl_context=tls).start()
         runners.append(runner)
     real = asyncio.get_running_loop().getaddrinfo
 
@@ -74,11 +87,12 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(monkeypatch:
         return await real(host, p, **kw)
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolve)
-    url = f"http://gateway-pods.ml.svc:{port}/v1/dgemma/demand"
+    url = f"{scheme}://gateway-pods.ml.svc:{port}/v1/dgemma/demand"
+    trust = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca.path)))
     try:
-        assert await gateway_urls(url) == [f"http://127.0.0.1:{port}/v1/dgemma/demand",
-                                           f"http://127.0.0.2:{port}/v1/dgemma/demand"]
-        async with aiohttp.ClientSession() as session:
+        assert await gateway_urls(url) == [f"{scheme}://127.0.0.1:{port}/v1/dgemma/demand",
+                                           f"{scheme}://127.0.0.2:{port}/v1/dgemma/demand"]
+        async with aiohttp.ClientSession(connector=trust) as session:
             merged, problem = await fetch_variant(session, url, "v", timeout_s=5)
             assert problem is None and merged is not None
             assert merged["demand"]["canvases_per_s"] == 2.0 and merged["gateways"] == 2

@@ -28,9 +28,11 @@ from tests.deploy.helpers import (
 )
 
 # Kinds kubernetes-validate has no schema for; each is checked another way below.
-CUSTOM_KINDS = {"DiffusionGemma", "ServiceMonitor", "PrometheusRule", "HTTPRoute"}
+CUSTOM_KINDS = {"DiffusionGemma", "ServiceMonitor", "PrometheusRule", "HTTPRoute", "Certificate", "Issuer"}
+TLS: Body = {"tls": {"gateway": {"enabled": True}, "internal": {"enabled": True}}}
 SETUPS: dict[str, Body] = {
     "defaults": {},
+    "tls": {**TLS, "examples": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
     "everything": EVERYTHING,
     "namespaced": {
         "watchNamespaces": ["team-a", "team-b"],
@@ -359,3 +361,65 @@ def test_the_operators_autoscaler_reads_this_releases_gateway_even_behind_a_netw
     operator_pods = [r for r in rules if any("podSelector" in p and p["podSelector"]["matchLabels"].get(
         "app.kubernetes.io/component") == "operator" for p in r.get("from", []))]
     assert len(operator_pods) == 1 and _ports(operator_pods[0]) == {8000}
+
+
+def _env(container: Body) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_tls_issues_the_gateways_certificate_and_mutual_tls_to_the_workers_with_cert_manager() -> None:
+    objects = render({**TLS, "examples": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+                     upgrade=True)
+    certificates = {c["metadata"]["name"]: c["spec"] for c in find(objects, "Certificate")}
+    ca_issuer = {"name": "dgemma-internal-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert certificates["dgemma-internal-ca"]["isCA"] is True
+    assert one(objects, "Issuer", "dgemma-internal-ca")["spec"] == {"ca": {"secretName": "dgemma-internal-ca"}}
+    gateway = certificates["dgemma-gateway-tls"]
+    assert gateway["issuerRef"] == ca_issuer and gateway["usages"] == ["server auth", "digital signature"]
+    # The operator dials the headless Service's pods, Prometheus the Service: both names are in the certificate.
+    assert {f"dgemma-gateway-pods.{NAMESPACE}.svc", f"dgemma-gateway.{NAMESPACE}.svc"} <= set(gateway["dnsNames"])
+    client = certificates["dgemma-gateway-client-tls"]
+    assert client["usages"] == ["client auth", "digital signature"] and client["issuerRef"] == ca_issuer
+    worker = certificates["dgemma-worker-tls"]
+    assert worker["secretName"] == "dgemma-worker-tls" and worker["dnsNames"] == ["dgemma-worker"]
+
+    pod = one(objects, "Deployment", "dgemma-gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _env(container)
+    assert env["DGEMMA_TLS_CERT_FILE"] == "/etc/dgemma/tls/tls.crt" and env["DGEMMA_TLS_KEY_FILE"]
+    assert env["DGEMMA_WORKER_TLS_CA_FILE"] == "/etc/dgemma/worker-tls/ca.crt"
+    assert env["DGEMMA_WORKER_TLS_SERVER_NAME"] == "dgemma-worker"
+    volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+    assert volumes["tls"] == "dgemma-gateway-tls" and volumes["worker-tls"] == "dgemma-gateway-client-tls"
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+    operator = one(objects, "Deployment", "dgemma-operator")["spec"]["template"]["spec"]
+    assert _env(operator["containers"][0])["DGEMMA_GATEWAY_URL"].startswith("https://dgemma-gateway-pods.")
+    ca_volume = next(v for v in operator["volumes"] if v["name"] == "gateway-ca")["secret"]
+    assert ca_volume["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "the operator never mounts the key"
+    for variant in find(objects, "DiffusionGemma"):
+        assert variant["spec"]["worker"]["tlsSecret"] == "dgemma-worker-tls"
+    monitor = one(objects, "ServiceMonitor", "dgemma-gateway")["spec"]["endpoints"][0]
+    assert monitor["scheme"] == "https" and monitor["tlsConfig"]["ca"]["secret"]["name"] == "dgemma-gateway-tls"
+
+
+def test_tls_takes_an_existing_secret_or_an_issuer_and_names_what_is_missing() -> None:
+    objects = render({"tls": {"gateway": {"enabled": True, "existingSecret": "my-cert"}}})
+    assert not find(objects, "Certificate") and not find(objects, "Issuer")
+    pod = one(objects, "Deployment", "dgemma-gateway")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "my-cert"
+    issued = render({"tls": {"gateway": {"enabled": True, "certManager": {
+        "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}, "dnsNames": ["api.example.com"]}}}})
+    cert = one(issued, "Certificate", "dgemma-gateway-tls")["spec"]
+    assert cert["issuerRef"] == {"name": "letsencrypt", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert "api.example.com" in cert["dnsNames"]
+    with helm.Chart.load(CHART) as chart:
+        values: dict[str, Any] = copy.deepcopy(chart.values)
+        values["tls"]["gateway"]["enabled"] = True
+        with pytest.raises(helm.HelmError, match=r"tls.gateway.certManager.issuerRef"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        values = copy.deepcopy(chart.values)
+        values["tls"]["internal"]["enabled"] = True
+        values["watchNamespaces"] = ["team-a"]
+        with pytest.raises(helm.HelmError, match=r"tls.internal.issuerRef.*team-a"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)

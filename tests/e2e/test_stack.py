@@ -16,6 +16,7 @@ one replica's measured capacity: a second replica starts and takes traffic. The 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -33,7 +34,7 @@ import pytest
 import yaml
 
 from dgemma_gateway.core import GatewaySettings
-from dgemma_gateway.kube import KubeConfig, KubernetesSource
+from dgemma_gateway.kube import KubernetesSource, from_kubeconfig
 from dgemma_worker.model import tiny_model_dir
 from tests.e2e.kubelet import Kubelet
 from tests.gateway.gateway_harness import RunningGateway
@@ -116,7 +117,7 @@ def crd(k8s: EmulatorThread) -> None:
 @pytest.fixture
 def gateway(k8s: EmulatorThread, crd: None) -> Iterator[RunningGateway]:
     """The real gateway, discovering variants and workers from the API (short demand window, holds 60 s)."""
-    source = KubernetesSource(KubeConfig(k8s.url, token="emulator", namespace="default"))
+    source = KubernetesSource(functools.partial(from_kubeconfig, k8s.kubeconfig), "default")
     settings = GatewaySettings(watch_interval_s=0.2, demand_window_s=3.0, hold_for_replica_s=60.0)
     g = RunningGateway([source], settings=settings)
     try:

@@ -4,11 +4,15 @@ from a background event loop on 127.0.0.1, reached by real clients over TCP."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+import tritonclient.grpc as tc
 
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig
@@ -27,20 +31,21 @@ class RunningGateway:
 
     def __init__(self, sources: Sequence[EndpointSource], *, profile: str = "latency-target",
                  keys: Path | None = None, limits: ApiLimits | None = None,
-                 settings: GatewaySettings | None = None, grpc: bool = False) -> None:
+                 settings: GatewaySettings | None = None, grpc: bool = False, **config_fields: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-gateway-loop", daemon=True)
         self.thread.start()
         config = GatewayConfig(host="127.0.0.1", port=0, grpc_port=0 if grpc else -1, routing_profile=profile,
                                api_keys_file=keys, limits=limits or ApiLimits(),
                                core=settings or GatewaySettings(watch_interval_s=0.2))
+        config = replace(config, **config_fields)  # e.g. tls=..., worker_tls=...
 
         async def make() -> GatewayServer:
             return GatewayServer(config, list(sources))
 
         self.server = self.call(make())
         self.call(self.server.start())
-        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.url = f"{'https' if config.tls else 'http'}://127.0.0.1:{self.server.port}"
         self.grpc_address = f"127.0.0.1:{self.server.grpc_port}"
 
     @property
@@ -61,6 +66,15 @@ class RunningGateway:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def kserve_inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
+    """A tritonclient prompt and its sampling_parameters JSON."""
+    prompt = tc.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    params = tc.InferInput("sampling_parameters", [1], "BYTES")
+    params.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=object))
+    return [prompt, params]
 
 
 def variant(name: str, **kw: Any) -> Variant:

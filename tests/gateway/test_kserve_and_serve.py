@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -12,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from dgemma_serve.serve import checkpoint_shape
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
+from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, kserve_inputs, static, variant
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,25 +32,18 @@ def gw(pool: Pool) -> Iterator[RunningGateway]:
         g.close()
 
 
-def _inputs(text: str, settings: dict[str, Any]) -> list[tc.InferInput]:
-    prompt = tc.InferInput("text_input", [1], "BYTES")
-    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
-    params = tc.InferInput("sampling_parameters", [1], "BYTES")
-    params.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=object))
-    return [prompt, params]
-
-
 def test_tritonclient_infers_through_the_gateway(gw: RunningGateway) -> None:
     client = tc.InferenceServerClient(gw.grpc_address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     assert client.get_model_metadata(MODEL).name == MODEL
-    result = client.infer(MODEL, _inputs("Hello", {"max_tokens": 20, "max_denoising_steps": 2, "ignore_eos": True}))
+    settings = {"max_tokens": 20, "max_denoising_steps": 2, "ignore_eos": True}
+    result = client.infer(MODEL, kserve_inputs("Hello", settings))
     assert len(result.as_numpy("output_ids")) == 20
     assert result.as_numpy("stop_reason")[0] == b"length"
     with pytest.raises(InferenceServerException, match="unknown model"):
-        client.infer("nope", _inputs("Hello", {}))
+        client.infer("nope", kserve_inputs("Hello", {}))
     with pytest.raises(InferenceServerException, match="max_new_tokens"):
-        client.infer(MODEL, _inputs("Hello", {"max_tokens": 0}))
+        client.infer(MODEL, kserve_inputs("Hello", {"max_tokens": 0}))
     client.close()
 
 
@@ -60,8 +51,8 @@ def test_tritonclient_streams_one_response_per_canvas_through_the_gateway(gw: Ru
     client = tc.InferenceServerClient(gw.grpc_address)
     results: queue.Queue[Any] = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(MODEL, _inputs("Hi", {"max_tokens": 40, "max_denoising_steps": 2, "ignore_eos": True}),
-                              request_id="r1")
+    settings = {"max_tokens": 40, "max_denoising_steps": 2, "ignore_eos": True}
+    client.async_stream_infer(MODEL, kserve_inputs("Hi", settings), request_id="r1")
     texts = []
     while True:
         result, error = results.get(timeout=60)

@@ -1,36 +1,106 @@
-"""The Kubernetes source: pure mapping from resources and EndpointSlices, and real watches over HTTP
-against a small API-server stand-in, feeding a gateway in front of a real worker."""
+"""The Kubernetes source: the pure mapping from resources and EndpointSlices, and real watches through
+kubernetes_asyncio against the project's Kubernetes API emulator, with the credentials a cluster hands out
+(a rotating service-account token, an exec plugin, a client certificate)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
+import functools
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+import yaml
+from kubernetes_asyncio.config import incluster_config
 
-from dgemma_gateway.kube import KubeConfig, KubernetesSource, endpoints_from, variant_from_resource
+from dgemma_gateway.endpoints import EndpointSpec
+from dgemma_gateway.kube import KubernetesSource, endpoints_from, from_kubeconfig, in_cluster, variant_from_resource
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway
+from tests.k8s_emulator import EmulatorThread
 
 pytestmark = pytest.mark.timeout(120)
+CRD = "deploy/crds/dgemma.io_diffusiongemmas.yaml"
 
 
-def resource(name: str, **spec: Any) -> dict[str, Any]:
+def resource(name: str, namespace: str = "ml", **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "dgemma.io/v1alpha1", "kind": "DiffusionGemma",
-            "metadata": {"name": name, "namespace": "ml", "resourceVersion": "1"},
+            "metadata": {"name": name, "namespace": namespace},
             "spec": {"servedModelName": MODEL, "image": "x", "model": {"pvc": {"claimName": "c"}}, **spec}}
 
 
 def endpoint_slice(name: str, service: str, addresses: list[tuple[str, bool]], port: int = 50051) -> dict[str, Any]:
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": name, "namespace": "ml", "resourceVersion": "1",
-                         "labels": {"kubernetes.io/service-name": service}},
+            "metadata": {"name": name, "namespace": "ml", "labels": {"kubernetes.io/service-name": service}},
             "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
             "endpoints": [{"addresses": [a], "conditions": {"ready": ready}} for a, ready in addresses]}
+
+
+def apply(k8s: EmulatorThread, *docs: dict[str, Any]) -> None:
+    for doc in docs:
+        k8s.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def namespaces(k8s: EmulatorThread, *names: str) -> None:
+    apply(k8s, *({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+class Seen:
+    """A source running on its own loop in a thread, and what it reported last."""
+
+    def __init__(self, source: KubernetesSource) -> None:
+        self.endpoints: list[EndpointSpec] = []
+        self.variants: set[str] = set()
+        self.loop = asyncio.new_event_loop()
+        self.task = self.loop.create_task(source.run(self.sink))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def sink(self, name: str, endpoints: Any, found: Any = None) -> None:
+        self.endpoints = list(endpoints)
+        self.variants = {v.name for v in found or ()}
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        deadline = time.monotonic() + 10
+        while not self.task.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def watching() -> Iterator[Callable[[KubernetesSource], Seen]]:
+    running: list[Seen] = []
+
+    def start(source: KubernetesSource) -> Seen:
+        running.append(Seen(source))
+        return running[-1]
+
+    yield start
+    for seen in running:
+        seen.stop()
+
+
+# ---- the pure mapping ---------------------------------------------------------------------------------------
 
 
 def test_a_resource_becomes_a_variant_with_its_cost_target_profile_and_canvas() -> None:
@@ -53,97 +123,6 @@ def test_ready_pods_of_each_variants_worker_service_become_endpoints() -> None:
     assert [e.endpoint_id for e in eps] == ["ml/a/10.0.0.1:50051", "ml/b/10.0.0.3:6000"]
 
 
-class FakeApiServer:
-    """Lists and watch streams for DiffusionGemmas and EndpointSlices, fed from the test."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, list[dict[str, Any]]] = {"diffusiongemmas": [], "endpointslices": []}
-        self.queues: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {"diffusiongemmas": [], "endpointslices": []}
-        self.app = web.Application()
-        self.app.router.add_get("/apis/dgemma.io/v1alpha1/namespaces/ml/diffusiongemmas", self.handle)
-        self.app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices", self.handle)
-        self.auth: list[str] = []
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        plural = request.path.rsplit("/", 1)[1]
-        self.auth.append(request.headers.get("Authorization", ""))
-        if request.query.get("watch") != "true":
-            return web.json_response({"items": self.objects[plural], "metadata": {"resourceVersion": "1"}})
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.queues[plural].append(q)
-        while True:
-            await resp.write((json.dumps(await q.get()) + "\n").encode())
-
-    def send(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
-        for q in self.queues[plural]:
-            q.put_nowait({"type": kind, "object": obj})
-
-
-@pytest.fixture
-def api_and_gateway(pool: Pool) -> Iterator[tuple[FakeApiServer, RunningGateway]]:
-    api = FakeApiServer()
-    host, port = pool.fast[0].address.split(":")
-    api.objects["diffusiongemmas"].append(resource("cpu", costWeight=1.5))
-    api.objects["endpointslices"].append(endpoint_slice("cpu-worker-1", "cpu-worker", [(host, True)], int(port)))
-    g = RunningGateway([])
-    runner = web.AppRunner(api.app, handler_cancellation=True, shutdown_timeout=1.0)
-
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-    api_port = g.call(start())
-    source = KubernetesSource(KubeConfig(f"http://127.0.0.1:{api_port}", token="t0ken", ssl=False, namespace="ml"))
-
-    async def attach() -> None:
-        g.gateway._tasks.append(asyncio.create_task(g.gateway._run_source(source)))
-
-    g.call(attach())
-    try:
-        yield api, g
-    finally:
-        try:
-            g.call(g.gateway.stop())  # ends the watches first
-            g.call(runner.cleanup())
-        finally:
-            g.close()
-
-
-def test_the_gateway_follows_resources_and_endpoint_slices_through_watches(
-    api_and_gateway: tuple[FakeApiServer, RunningGateway],
-) -> None:
-    api, g = api_and_gateway
-    g.wait_ready(1, timeout=30)
-    assert api.auth[0] == "Bearer t0ken"
-    (endpoint,) = g.gateway.registry.endpoints.values()
-    assert endpoint.spec.variant.cost_weight == 1.5 and endpoint.spec.variant.model == MODEL
-
-    async def ask() -> tuple[int, str]:
-        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "max_denoising_steps": 1}
-        async with aiohttp.ClientSession() as s, s.post(f"{g.url}/v1/completions", json=body) as r:
-            return r.status, r.headers.get("x-dgemma-variant", "")
-
-    assert asyncio.run(ask()) == (200, "ml/cpu")
-    # The pod goes unready: the slice changes, the endpoint goes.
-    host, port = endpoint.spec.address.split(":")
-    g.loop.call_soon_threadsafe(api.send, "endpointslices", "MODIFIED",
-                                endpoint_slice("cpu-worker-1", "cpu-worker", [(host, False)], int(port)))
-    deadline = time.monotonic() + 10
-    while g.gateway.registry.endpoints and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not g.gateway.registry.endpoints
-    # The resource is deleted: its model is gone too.
-    g.loop.call_soon_threadsafe(api.send, "diffusiongemmas", "DELETED", resource("cpu"))
-    deadline = time.monotonic() + 10
-    while g.gateway.models() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert g.gateway.models() == []
-
-
 def test_a_resource_that_may_have_no_replica_is_a_variant_that_scales_from_zero() -> None:
     autoscaled = resource("a", minReplicas=0, replicas=1, autoscaling={"enabled": True})
     assert variant_from_resource(autoscaled).scale_from_zero
@@ -151,36 +130,165 @@ def test_a_resource_that_may_have_no_replica_is_a_variant_that_scales_from_zero(
     assert not variant_from_resource(resource("c", autoscaling={"enabled": True})).scale_from_zero  # minReplicas 1
 
 
-def test_the_source_watches_the_namespaces_it_is_given_or_all_of_them(k8s: Any) -> None:
-    """Against the Kubernetes API emulator: 'a,b' sees variants in a and b only; no namespace sees all."""
-    k8s.kubectl("apply", "-f", "deploy/crds/dgemma.io_diffusiongemmas.yaml")
-    for ns in ("a", "b", "c"):
-        k8s.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Namespace",
-                                                         "metadata": {"name": ns}}))
-        doc = resource(f"variant-{ns}")
-        doc["metadata"] = {"name": f"variant-{ns}", "namespace": ns}
-        k8s.kubectl("apply", "-f", "-", input=json.dumps(doc))
+# ---- watches against the emulator ---------------------------------------------------------------------------
 
-    def seen(namespace: str | None) -> set[str]:
-        variants: set[str] = set()
 
-        def sink(name: str, endpoints: Any, found: Any = None) -> None:
-            variants.update(v.name for v in found or ())
+def test_the_gateway_follows_resources_and_endpoint_slices_through_watches(pool: Pool, k8s: EmulatorThread) -> None:
+    k8s.kubectl("apply", "-f", CRD)
+    namespaces(k8s, "ml")
+    host, port = pool.fast[0].address.split(":")
+    apply(k8s, resource("cpu", costWeight=1.5),
+          endpoint_slice("cpu-worker-1", "cpu-worker", [(host, True)], int(port)))
+    g = RunningGateway([KubernetesSource(functools.partial(from_kubeconfig, k8s.kubeconfig), "ml")])
+    try:
+        g.wait_ready(1, timeout=30)
+        assert "Bearer emulator" in k8s.authorizations()
+        (endpoint,) = g.gateway.registry.endpoints.values()
+        assert endpoint.spec.variant.cost_weight == 1.5 and endpoint.spec.variant.model == MODEL
 
-        async def run() -> None:
-            source = KubernetesSource(KubeConfig(k8s.url, token="emulator", ssl=False, namespace=namespace))
-            task = asyncio.create_task(source.run(sink))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and len(variants) < (3 if not namespace else 2):
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # anything from a namespace it should not see would have come by now
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        async def ask() -> tuple[int, str]:
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "max_denoising_steps": 1}
+            async with aiohttp.ClientSession() as s, s.post(f"{g.url}/v1/completions", json=body) as r:
+                return r.status, r.headers.get("x-dgemma-variant", "")
 
-        asyncio.run(run())
-        return variants
+        assert asyncio.run(ask()) == (200, "ml/cpu")
+        # The pod goes unready: the slice changes, the endpoint goes.
+        apply(k8s, endpoint_slice("cpu-worker-1", "cpu-worker", [(host, False)], int(port)))
+        assert wait_for(lambda: not g.gateway.registry.endpoints)
+        # The resource is deleted: its model is gone too.
+        k8s.kubectl("delete", "-n", "ml", "dgm", "cpu")
+        assert wait_for(lambda: g.gateway.models() == [])
+    finally:
+        g.close()
 
-    assert seen("a,b") == {"a/variant-a", "b/variant-b"}
-    assert seen(" c ") == {"c/variant-c"}
-    assert seen(None) == {"a/variant-a", "b/variant-b", "c/variant-c"}
+
+def test_the_source_watches_the_namespaces_it_is_given_or_all_of_them(
+    k8s: EmulatorThread, watching: Callable[[KubernetesSource], Seen],
+) -> None:
+    """'a,b' sees variants in a and b only; no namespace sees all."""
+    k8s.kubectl("apply", "-f", CRD)
+    namespaces(k8s, "a", "b", "c")
+    apply(k8s, *(resource(f"variant-{ns}", ns) for ns in ("a", "b", "c")))
+    access = functools.partial(from_kubeconfig, k8s.kubeconfig)
+    some, one, every = (watching(KubernetesSource(access, ns)) for ns in ("a,b", " c ", None))
+    assert wait_for(lambda: len(every.variants) == 3 and len(some.variants) == 2 and len(one.variants) == 1)
+    time.sleep(0.2)  # anything from a namespace it should not see would have come by now
+    assert some.variants == {"a/variant-a", "b/variant-b"}
+    assert one.variants == {"c/variant-c"}
+    assert every.variants == {"a/variant-a", "b/variant-b", "c/variant-c"}
+
+
+def test_a_watch_whose_history_is_gone_lists_again(
+    k8s: EmulatorThread, watching: Callable[[KubernetesSource], Seen],
+) -> None:
+    """410 Gone (etcd compacted the watch's resourceVersion away): the source lists again and misses nothing."""
+    k8s.kubectl("apply", "-f", CRD)
+    namespaces(k8s, "ml")
+    apply(k8s, resource("first"))
+    seen = watching(KubernetesSource(functools.partial(from_kubeconfig, k8s.kubeconfig), "ml"))
+    assert wait_for(lambda: seen.variants == {"ml/first"})
+
+    def lists() -> int:
+        return k8s.call(lambda: sum(1 for r in k8s.handler if r.method.value == "GET"
+                                    and r.url.path.endswith("/diffusiongemmas") and "watch" not in r.params))
+
+    before = lists()
+    namespaces(k8s, "elsewhere")  # the cluster moves on past the watch's resourceVersion...
+    k8s.call(k8s.store.compact)  # ...and forgets the history before now
+    k8s.call(k8s.store.close_watches)  # the watches resume from their resourceVersion: 410
+    k8s.kubectl("delete", "-n", "ml", "dgm", "first")
+    apply(k8s, resource("second"))
+    assert wait_for(lambda: seen.variants == {"ml/second"})
+    assert lists() > before
+
+
+# ---- credentials --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def k8s_tls(tmp_path: pathlib.Path) -> Iterator[EmulatorThread]:
+    """The emulator over HTTPS, as the in-cluster configuration and client certificates need."""
+    with EmulatorThread(tmp_path / "k8s-tls", tls=True) as emulator:
+        yield emulator
+
+
+def test_a_rotated_service_account_token_is_picked_up(
+    k8s_tls: EmulatorThread, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    watching: Callable[[KubernetesSource], Seen],
+) -> None:
+    """In a pod: the kubelet rewrites the projected token (hourly); the gateway's next requests carry the new one.
+
+    The library re-reads the file once its copy is a minute old; the test shortens that minute to nothing."""
+    monkeypatch.setattr(incluster_config, "TOKEN_REFRESH_PERIOD", datetime.timedelta(0))
+    k8s = k8s_tls
+    k8s.kubectl("apply", "-f", CRD)
+    namespaces(k8s, "ml")
+    apply(k8s, resource("gemma"))
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes(pathlib.Path(k8s.ca_file).read_bytes())
+    (sa / "token").write_text("first-token")
+    environ = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": k8s.url.rsplit(":", 1)[1]}
+    start = len(k8s.authorizations())
+    seen = watching(KubernetesSource(functools.partial(in_cluster, sa, environ), "ml"))
+    assert wait_for(lambda: seen.variants == {"ml/gemma"})
+    assert set(k8s.authorizations()[start:]) == {"Bearer first-token"}
+    # The kubelet swaps the file for a new one.
+    (sa / "token.new").write_text("second-token")
+    (sa / "token.new").replace(sa / "token")
+    rotated = len(k8s.authorizations())
+    k8s.call(k8s.store.close_watches)  # the watches reconnect: new requests
+    assert wait_for(lambda: "Bearer second-token" in k8s.authorizations()[rotated:])
+    assert "Bearer first-token" not in k8s.authorizations()[rotated:]
+
+
+def test_an_exec_plugin_supplies_the_credentials(
+    k8s: EmulatorThread, tmp_path: pathlib.Path, watching: Callable[[KubernetesSource], Seen],
+) -> None:
+    """A kubeconfig whose user runs a command for its token (aws eks get-token, gke-gcloud-auth-plugin, kubelogin)."""
+    k8s.kubectl("apply", "-f", CRD)
+    namespaces(k8s, "ml")
+    apply(k8s, resource("gemma"))
+    credential = {"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": "from-the-plugin"}}
+    plugin = {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+              "args": ["-c", f"print({json.dumps(json.dumps(credential))})"], "interactiveMode": "Never"}
+    kubeconfig = tmp_path / "exec-kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(k8s.kubeconfig_dict(user={"exec": plugin})))
+    seen = watching(KubernetesSource(functools.partial(from_kubeconfig, str(kubeconfig)), "ml"))
+    assert wait_for(lambda: seen.variants == {"ml/gemma"})
+    assert "Bearer from-the-plugin" in k8s.authorizations()
+
+
+def test_no_copy_of_the_client_key_is_left_when_the_gateway_exits(tmp_path: pathlib.Path) -> None:
+    """A kubeconfig with an inline client certificate and key: `dgemma gateway --kubernetes` runs with it, and
+    once it has stopped (SIGTERM, as Kubernetes and systemd stop it) no file of its temporary directory holds
+    the key."""
+    with EmulatorThread(tmp_path / "k8s", tls=True) as k8s:
+        assert k8s.ca is not None
+        client = k8s.ca.issue_cert("dgemma-gateway")
+        key = client.private_key_pem.bytes()
+        user = {"client-certificate-data": base64.b64encode(client.cert_chain_pems[0].bytes()).decode(),
+                "client-key-data": base64.b64encode(key).decode()}
+        kubeconfig = tmp_path / "cert-kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(k8s.kubeconfig_dict(user=user)))
+        k8s.kubectl("apply", "-f", CRD)
+        temp = tmp_path / "tmp"
+        temp.mkdir()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TMPDIR": str(temp)}
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "dgemma_cli.main", "gateway", "--kubernetes", "--host", "127.0.0.1",
+             "--port", "0", "--grpc-port", "-1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            listed = lambda: any(r.url.path == "/apis/dgemma.io/v1alpha1/diffusiongemmas" for r in k8s.handler)  # noqa: E731
+            assert wait_for(lambda: k8s.call(listed), timeout=30), "the gateway never reached the API"
+            gateway.send_signal(signal.SIGTERM)
+            output, _ = gateway.communicate(timeout=30)
+            assert gateway.returncode == 0, output.decode()
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait()
+        left = [p for p in temp.rglob("*") if p.is_file() and key.strip() in p.read_bytes()]
+        assert left == []
+

@@ -5,22 +5,29 @@ async with KubernetesEmulator(tmp_path) as k8s:      # in an event loop
 
 with EmulatorThread(tmp_path) as k8s:                 # from synchronous tests: runs its own loop
     ...
+
+With `tls=True` it serves HTTPS with a certificate from its own test CA (`ca`, written to `ca_file` and into
+the kubeconfig), as a real API server does: the in-cluster client configuration insists on https.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import logging
 import os
 import pathlib
+import ssl
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+import aiohttp.test_utils
 import kmock
+import trustme
 import yaml
 
 from tests.k8s_emulator.api import ApiError, Handler, Store
@@ -30,14 +37,31 @@ __all__ = ["ApiError", "EmulatorThread", "Handler", "KubernetesEmulator", "Store
 T = TypeVar("T")
 
 
+def _tls_server(context: ssl.SSLContext) -> type[aiohttp.test_utils.RawTestServer]:
+    """kmock's test server class, listening with TLS."""
+
+    class TlsTestServer(aiohttp.test_utils.RawTestServer):
+        async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+            await super().start_server(loop, ssl=context, **kwargs)
+
+    return TlsTestServer
+
+
 class KubernetesEmulator:
     """The API server as an async context manager; `kubeconfig` is a file for kubectl and clients."""
 
-    def __init__(self, directory: pathlib.Path | str, record: bool = True) -> None:
+    def __init__(self, directory: pathlib.Path | str, record: bool = True, tls: bool = False) -> None:
         self.directory = pathlib.Path(directory)
         self.handler = Handler(record=record)
-        self._server = kmock.Server(self.handler)
+        self.ca = trustme.CA() if tls else None
+        if self.ca is None:
+            self._server = kmock.Server(self.handler)
+        else:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+            self._server = kmock.Server(self.handler, server_cls=_tls_server(context))
         self.kubeconfig = str(self.directory / "kubeconfig")
+        self.ca_file = str(self.directory / "ca.crt")
 
     @property
     def store(self) -> Store:
@@ -45,7 +69,8 @@ class KubernetesEmulator:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.port}"
+        scheme = "http" if self.ca is None else "https"
+        return f"{scheme}://127.0.0.1:{self._server.port}"
 
     async def __aenter__(self) -> Self:
         # One access-log line per request drowns test output and slows the server down.
@@ -53,6 +78,8 @@ class KubernetesEmulator:
         await self.handler.__aenter__()
         await self._server.__aenter__()
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.ca is not None:
+            self.ca.cert_pem.write_to_path(self.ca_file)
         pathlib.Path(self.kubeconfig).write_text(yaml.safe_dump(self.kubeconfig_dict()))
         return self
 
@@ -64,13 +91,17 @@ class KubernetesEmulator:
         await self._server.__aexit__(exc_type, exc, tb)
         await self.handler.__aexit__(exc_type, exc, tb)
 
-    def kubeconfig_dict(self) -> dict[str, Any]:
+    def kubeconfig_dict(self, user: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A kubeconfig for this server; `user`: other credentials than the token `emulator`."""
+        cluster: dict[str, Any] = {"server": self.url}
+        if self.ca is not None:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca.cert_pem.bytes()).decode()
         return {
             "apiVersion": "v1",
             "kind": "Config",
             "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator"}}],
+            "clusters": [{"name": "emulator", "cluster": cluster}],
+            "users": [{"name": "tester", "user": user or {"token": "emulator"}}],
             "contexts": [
                 {
                     "name": "emulator",
@@ -83,8 +114,8 @@ class KubernetesEmulator:
 class EmulatorThread:
     """The emulator on its own event loop in a thread, so synchronous tests and clients can block freely."""
 
-    def __init__(self, directory: pathlib.Path | str, record: bool = True) -> None:
-        self.emulator = KubernetesEmulator(directory, record=record)
+    def __init__(self, directory: pathlib.Path | str, record: bool = True, tls: bool = False) -> None:
+        self.emulator = KubernetesEmulator(directory, record=record, tls=tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="k8s-emulator", daemon=True)
 
@@ -99,6 +130,21 @@ class EmulatorThread:
     @property
     def store(self) -> Store:
         return self.emulator.store
+
+    @property
+    def ca(self) -> trustme.CA | None:
+        return self.emulator.ca
+
+    @property
+    def ca_file(self) -> str:
+        return self.emulator.ca_file
+
+    def kubeconfig_dict(self, user: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.emulator.kubeconfig_dict(user)
+
+    def authorizations(self) -> list[str]:
+        """The Authorization header of every request so far (empty where none), in order."""
+        return self.call(lambda: [r.headers.get("Authorization", "") for r in self.handler])
 
     @property
     def handler(self) -> Handler:

@@ -54,6 +54,12 @@ class ApiError(Exception):
         }
 
 
+def _true(value: str | None) -> bool:
+    """A boolean query parameter as the API server parses it (Go's strconv.ParseBool): kopf and kubectl send
+    `true`, the Python clients `True`."""
+    return value in ("1", "t", "T", "true", "TRUE", "True")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -158,6 +164,7 @@ class Store:
     watchers: dict[tuple[str, str], list[_Watcher]] = attrs.field(factory=dict)
     applied: dict[tuple[tuple[str, str], ObjectKey, str], Body] = attrs.field(factory=dict)
     revision: int = 1000
+    compacted: int = 0  # watches resuming from an older resourceVersion get 410 Gone (etcd compaction)
 
     def __attrs_post_init__(self) -> None:
         for rtype in BUILTINS:
@@ -229,7 +236,9 @@ class Store:
         snapshot = self._present(rtype, obj)
         history = self.history[rtype.key]
         history.append((self.revision, event, snapshot))
-        del history[:-HISTORY]
+        if len(history) > HISTORY:
+            self.compacted = max(self.compacted, history[-HISTORY - 1][0])
+            del history[:-HISTORY]
         for watcher in self.watchers[rtype.key]:
             if watcher.namespace in (None, key[0]) and watcher.matches(snapshot):
                 watcher.queue.put_nowait((event, snapshot))
@@ -490,10 +499,20 @@ class Store:
 
     # watching
 
+    def compact(self) -> None:
+        """Forget the watch history, as etcd compaction does: resuming from before now answers 410 Gone."""
+        self.compacted = self.revision
+        for history in self.history.values():
+            history.clear()
+
     def subscribe(
         self, rtype: ResourceType, namespace: str | None, matches: Callable[[Body], bool], since: str | None
     ) -> tuple[_Watcher, list[tuple[str, Body]]]:
-        """A live watcher plus the events it must see first: the missed ones, or all objects as ADDED."""
+        """A live watcher plus the events it must see first: the missed ones, or all objects as ADDED.
+
+        Raises 410 Gone when the missed events are no longer kept (the client must list again)."""
+        if since and since != "0" and int(since) < self.compacted:
+            raise ApiError(410, "Expired", f"too old resource version: {since} ({self.compacted})")
         watcher = _Watcher(namespace, matches, asyncio.Queue())
         if since and since != "0":
             backlog = [(event, obj) for rv, event, obj in self.history[rtype.key] if rv > int(since)]
@@ -591,7 +610,7 @@ class Handler(kmock.RawHandler):
         if method == "GET":
             return (
                 kmock.action.WATCH
-                if query.get("watch") in ("1", "true")
+                if _true(query.get("watch"))
                 else (kmock.action.FETCH if name else kmock.action.LIST)
             )
         return {
@@ -631,7 +650,7 @@ class Handler(kmock.RawHandler):
         data = request.data
 
         if raw.method == "GET" and not name:
-            if query.get("watch") in ("1", "true"):
+            if _true(query.get("watch")):
                 return await self._watch(raw, rtype, ns, query)
             items = store.select(rtype, ns, query.get("labelSelector"), query.get("fieldSelector"))
             body = {
@@ -641,7 +660,7 @@ class Handler(kmock.RawHandler):
                 "items": items,
             }
             return self._respond(raw, rtype, body)
-        if raw.method == "GET" and name and query.get("watch") in ("1", "true"):
+        if raw.method == "GET" and name and _true(query.get("watch")):
             return await self._watch(raw, rtype, ns, {**query, "fieldSelector": f"metadata.name={name}"})
         if name is None and raw.method != "POST":
             raise ApiError(405, "MethodNotAllowed", f"{raw.method} is not supported on collections")
@@ -705,10 +724,17 @@ class Handler(kmock.RawHandler):
             return labels(obj["metadata"].get("labels") or {}) and fields(obj)
 
         timeout = float(query.get("timeoutSeconds") or 1800)
-        watcher, backlog = self.store.subscribe(rtype, ns, matches, query.get("resourceVersion"))
-        table = "as=Table" in raw.headers.get("Accept", "")
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
+        try:
+            watcher, backlog = self.store.subscribe(rtype, ns, matches, query.get("resourceVersion"))
+        except ApiError as e:
+            # As the API server does: the watch starts (200), and its one event is the error.
+            await response.prepare(raw)
+            await response.write(json.dumps({"type": "ERROR", "object": e.status()}).encode() + b"\n")
+            await response.write_eof()
+            return response
+        table = "as=Table" in raw.headers.get("Accept", "")
         await response.prepare(raw)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

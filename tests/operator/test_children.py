@@ -135,6 +135,23 @@ def test_probes_use_grpc_health_and_allow_a_long_model_load() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
 
 
+def test_a_tls_secret_is_mounted_into_the_worker_which_serves_mutual_tls_and_answers_probes_in_plaintext() -> None:
+    s = spec(worker={"tlsSecret": "gemma-worker-tls"})
+    p = pod(s)
+    worker, fetch = p["containers"][0], p["initContainers"][0]
+    assert {"name": "tls", "secret": {"secretName": "gemma-worker-tls", "defaultMode": 0o440}} in p["volumes"]
+    assert {"name": "tls", "mountPath": "/etc/dgemma/tls", "readOnly": True} in worker["volumeMounts"]
+    assert all(m["name"] != "tls" for m in fetch["volumeMounts"])  # the downloader never sees the key
+    assert {k: v for k, v in env(s).items() if k.startswith("DGEMMA_TLS") or k == "DGEMMA_HEALTH_PORT"} == {
+        "DGEMMA_TLS_CERT_FILE": "/etc/dgemma/tls/tls.crt", "DGEMMA_TLS_KEY_FILE": "/etc/dgemma/tls/tls.key",
+        "DGEMMA_TLS_CLIENT_CA_FILE": "/etc/dgemma/tls/ca.crt", "DGEMMA_HEALTH_PORT": "50052"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["grpc"] == {"port": 50052}
+    assert {"name": "health", "containerPort": 50052, "protocol": "TCP"} in worker["ports"]
+    plain = pod(spec())
+    assert all(v["name"] != "tls" for v in plain["volumes"]) and "DGEMMA_TLS_CERT_FILE" not in env(spec())
+
+
 def test_termination_lets_in_flight_requests_drain() -> None:
     p = pod(spec(worker={"drainGraceSeconds": 45}))
     sleep = p["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]

@@ -27,8 +27,10 @@ def test_environment_sets_everything_and_flags_win() -> None:
         "DGEMMA_DEFAULT_ENTROPY_BOUND": "0.2",
         "DGEMMA_DEFAULT_STABILITY_THRESHOLD": "2",
         "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD": "0.01",
+        "DGEMMA_MAX_DENOISING_STEPS": "32",
     }
     cfg = parse_config(["--port", "7000", "--max-queue", "9"], env)
+    assert cfg.limits.max_denoising_steps == 32
     assert (cfg.port, cfg.max_queue, cfg.max_active) == (7000, 9, 3)
     assert cfg.metrics_port == METRICS_OFF and cfg.host == "127.0.0.1"
     assert (cfg.dtype, cfg.device, cfg.drain_grace_s, cfg.log_format) == ("bfloat16", "cuda:0", 12.5, "json")

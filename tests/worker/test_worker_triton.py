@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -104,3 +105,14 @@ async def test_aio_client_infer_and_stream_infer(worker: RunningWorker) -> None:
                 finals += 1
                 break
         assert finals == 1 and len(texts) == 4
+
+
+def test_a_stream_whose_request_does_not_parse_ends_at_once_instead_of_waiting_for_the_deadline(
+    worker: RunningWorker,
+) -> None:
+    """Found by the fuzz suite: ModelStreamInfer hung until the client's deadline when a message did not parse
+    (field 0 with wire type 7 never parses)."""
+    call = worker.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(iter([b"\x07"]), timeout=20))
+    assert err.value.code() is not grpc.StatusCode.DEADLINE_EXCEEDED

@@ -25,13 +25,14 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.tls import grpc_server_credentials
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.logs import setup_logging
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.runtime import EngineAPI, WorkerRuntime
 from dgemma_worker.servicers import DenoiserServicer, KServeServicer
-from dgemma_worker.worker_config import METRICS_OFF, WorkerConfig, parse_config
+from dgemma_worker.worker_config import HEALTH_OFF, METRICS_OFF, WorkerConfig, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class WorkerServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._drained = asyncio.Event()
 
     def _snapshot_if_loaded(self) -> Any:
@@ -105,23 +108,47 @@ class WorkerServer:
         reflection.enable_server_reflection(
             (DENOISER_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (server.add_insecure_port(address) if cfg.tls is None
+                     else server.add_secure_port(address, grpc_server_credentials(cfg.tls)))
         if self.port == 0:
-            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+            raise OSError(f"cannot bind {address}")
         await server.start()
         self._server = server
+        if cfg.health_port != HEALTH_OFF:
+            self._health_server, self.health_port = await self._start_health_only(cfg.host, cfg.health_port)
         if cfg.metrics_port != METRICS_OFF:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         log.info(
             "listening on %s:%d (metrics %s)", cfg.host, self.port, self.metrics_port,
             extra={"fields": {"event": "listening", "host": cfg.host, "port": self.port,
-                              "metrics_port": self.metrics_port}},
+                              "metrics_port": self.metrics_port, "health_port": self.health_port,
+                              "tls": cfg.tls is not None, "mutual_tls": cfg.tls is not None
+                              and cfg.tls.ca_file is not None}},
         )
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")
-            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                   "health_port": self.health_port, "pid": os.getpid()}))
             tmp.replace(cfg.port_file)  # atomic: readers never see a half-written file
         return self.port
+
+    async def _start_health_only(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+        """A plaintext server with only the health service (the same servicer, so the same status): the
+        kubelet's gRPC probes cannot speak TLS, and health tells nothing a probe may not know."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the health port {host}:{port}")
+        await server.start()
+        return server, bound
+
+    async def _stop_servers(self, grace_s: float | None) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
 
     async def load(self) -> None:
         """Load and warm up the engine on a daemon thread, then report SERVING (unless draining)."""
@@ -165,10 +192,9 @@ class WorkerServer:
         if engine is not None:
             idle = await asyncio.to_thread(engine.wait_idle, max(0.0, deadline - time.monotonic()))
         self.runtime.stopping.set()  # load watchers send a last report and end
-        if self._server is not None:
-            # Requests have finished (or the grace is over): give their last messages a moment to go out.
-            await self._server.stop(max(FINAL_STOP_GRACE_S, deadline - time.monotonic()) if not idle
-                                    else FINAL_STOP_GRACE_S)
+        # Requests have finished (or the grace is over): give their last messages a moment to go out.
+        await self._stop_servers(max(FINAL_STOP_GRACE_S, deadline - time.monotonic()) if not idle
+                                 else FINAL_STOP_GRACE_S)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
         self.metrics.close()
@@ -190,8 +216,7 @@ class WorkerServer:
     async def stop(self) -> None:
         """Stop at once (tests and errors): no grace."""
         self.runtime.stopping.set()
-        if self._server is not None:
-            await self._server.stop(None)
+        await self._stop_servers(None)
         if self.runtime.engine is not None:
             await asyncio.to_thread(self.runtime.engine.shutdown)
         self.metrics.close()

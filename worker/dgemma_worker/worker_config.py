@@ -14,12 +14,14 @@ from typing import Any
 
 from dgemma_common.envflags import fill_from_env
 from dgemma_common.params import GenerationParams, Limits
+from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
 # prompts and KServe tensors while refusing absurd messages in the transport, before any tokenizing.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 METRICS_OFF = -1
+HEALTH_OFF = -1
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class WorkerConfig:
     port: int = 50051
     metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
     port_file: Path | None = None
+    # TLS on the gRPC port (a client CA makes it mutual TLS) and the plaintext health-only port for kubelet
+    # probes, which cannot speak TLS.
+    tls: TlsFiles | None = None
+    health_port: int = HEALTH_OFF  # -1: none; 0: pick a free port
     max_active: int = 4
     max_queue: int = 16
     dtype: str | None = None
@@ -61,6 +67,10 @@ ENV_VARS = {
     "port": "DGEMMA_PORT",
     "metrics_port": "DGEMMA_METRICS_PORT",
     "port_file": "DGEMMA_PORT_FILE",
+    "tls_cert_file": "DGEMMA_TLS_CERT_FILE",
+    "tls_key_file": "DGEMMA_TLS_KEY_FILE",
+    "tls_client_ca_file": "DGEMMA_TLS_CLIENT_CA_FILE",
+    "health_port": "DGEMMA_HEALTH_PORT",
     "max_active": "DGEMMA_MAX_ACTIVE",
     "max_queue": "DGEMMA_MAX_QUEUE",
     "dtype": "DGEMMA_DTYPE",
@@ -70,6 +80,7 @@ ENV_VARS = {
     "log_prompts": "DGEMMA_LOG_PROMPTS",
     "max_message_bytes": "DGEMMA_MAX_MESSAGE_BYTES",
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
+    "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
@@ -90,7 +101,7 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
 
 
-def _metrics_port(value: str) -> int:
+def _port_or_off(value: str) -> int:
     if value.strip().lower() in ("off", "none", "-1"):
         return METRICS_OFF
     return int(value)
@@ -113,8 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", "host", "bind address (default 0.0.0.0)")
     add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
     add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
-        type=_metrics_port)
+        type=_port_or_off)
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
+    add_certificate_flags(add, "gRPC")
+    add("--tls-client-ca-file", "tls_client_ca_file", "require client certificates signed by this PEM CA "
+        "(mutual TLS; needs --tls-cert-file)", type=Path)
+    add("--health-port", "health_port", "plaintext gRPC health-only port for kubelet probes when TLS is on; "
+        "0 picks one, 'off' disables (default off)", type=_port_or_off)
     add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
     add("--max-queue", "max_queue", "requests waiting beyond --max-active (default 16)", type=int)
     add("--dtype", "dtype", "weights: float32/fp32, bfloat16/bf16, float16/fp16, or fp8/nvfp4 quantized at load "
@@ -127,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bool, nargs="?", const=True)
     add("--max-message-bytes", "max_message_bytes", "largest gRPC message accepted or sent", type=int)
     add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
+    add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
+        "for (default 256)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
@@ -154,7 +172,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
     limits = Limits()
     limits = Limits(
         max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
-        max_denoising_steps=limits.max_denoising_steps,
+        max_denoising_steps=args.max_denoising_steps_limit or limits.max_denoising_steps,
         max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
     )
     overrides = {
@@ -176,6 +194,10 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         params_from_mapping(overrides, GenerationParams(), limits)  # refuse a bad value now, not after loading
     except ParamError as exc:
         parser.error(f"default {exc}")
+    try:
+        tls = tls_files(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file, "--tls-cert-file")
+    except ValueError as exc:
+        parser.error(str(exc))
     cfg = WorkerConfig(
         model=args.model,
         model_revision=args.model_revision,
@@ -184,6 +206,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         port=50051 if args.port is None else args.port,
         metrics_port=9090 if args.metrics_port is None else args.metrics_port,
         port_file=args.port_file,
+        tls=tls,
+        health_port=HEALTH_OFF if args.health_port is None else args.health_port,
         max_active=4 if args.max_active is None else args.max_active,
         max_queue=16 if args.max_queue is None else args.max_queue,
         dtype=args.dtype,

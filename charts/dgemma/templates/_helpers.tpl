@@ -109,3 +109,22 @@ securityContext:
 {{- $crdPending := and .Values.crds.install .Release.IsInstall (not (.Capabilities.APIVersions.Has "dgemma.io/v1alpha1/DiffusionGemma")) }}
 {{- if and .Values.examples.enabled (not $crdPending) }}true{{ end }}
 {{- end }}
+
+{{/* The Secret with the gateway's serving certificate (tls.gateway). */}}
+{{- define "dgemma.gatewayTlsSecret" -}}
+{{- default (include "dgemma.componentName" (dict "root" . "component" "gateway-tls")) .Values.tls.gateway.existingSecret }}
+{{- end }}
+
+{{/* The Secret with the gateway's client certificate for the workers (tls.internal). */}}
+{{- define "dgemma.gatewayClientTlsSecret" -}}
+{{- include "dgemma.componentName" (dict "root" . "component" "gateway-client-tls") }}
+{{- end }}
+
+{{/* The cert-manager issuer of the internal certificates: the one given, or the chart's own CA Issuer. */}}
+{{- define "dgemma.internalIssuer" -}}
+{{- if .Values.tls.internal.issuerRef.name }}
+{{- toJson (merge (dict "group" "cert-manager.io") .Values.tls.internal.issuerRef) }}
+{{- else }}
+{{- toJson (dict "name" (include "dgemma.componentName" (dict "root" . "component" "internal-ca")) "kind" "Issuer" "group" "cert-manager.io") }}
+{{- end }}
+{{- end }}
