@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from train_tiny import GENERIC, QUESTIONS, Recipe, corpus, is_heldout
 
-import dgemma_worker.engine as engine_module
+import dgemma_worker.runner as runner_module
 from dgemma_common.params import GenerationParams
 from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt
 from dgemma_worker.engine import Engine, EngineConfig
@@ -138,13 +138,13 @@ class Recorder(StabilityTracker):
 
 @contextmanager
 def recording() -> Iterator[None]:
-    """Let the engine's requests record their steps (one request at a time)."""
-    original = engine_module.StabilityTracker
-    engine_module.StabilityTracker = Recorder  # type: ignore[misc]
+    """Let the engine's requests record their steps (one request at a time): its step runner makes the trackers."""
+    original = runner_module.StabilityTracker
+    runner_module.StabilityTracker = Recorder  # type: ignore[misc]
     try:
         yield
     finally:
-        engine_module.StabilityTracker = original  # type: ignore[misc]
+        runner_module.StabilityTracker = original  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

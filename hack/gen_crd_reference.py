@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from _files import ROOT, write_or_check
 
+from dgemma_common.vllm import VERSION as VLLM_VERSION
+
 CRD = ROOT / "deploy" / "crds" / "dgemma.io_diffusiongemmas.yaml"
 OUTPUT = ROOT / "docs" / "reference.md"
 
@@ -94,6 +96,20 @@ def _profiles() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _vllm_defaults() -> str:
+    from dgemma_common.vllm import RECIPE
+
+    lines = [
+        "| profile | dtype | `--max-num-seqs` | `--gpu-memory-utilization` | more arguments | tokens/s prior |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, d in RECIPE.items():
+        extra = " ".join(f"`{a}`" for a in d.extra_args) or ""
+        prior = f"{d.tokens_per_second_prior:g}" if d.tokens_per_second_prior else "the profile's"
+        lines.append(f"| `{name}` | {d.dtype} | {d.max_num_seqs} | {d.gpu_memory_utilization:g} | {extra} | {prior} |")
+    return "\n".join(lines) + "\n"
+
+
 def render() -> str:
     """The reference page's exact text."""
     crd = yaml.safe_load(CRD.read_text())
@@ -115,9 +131,11 @@ def render() -> str:
 {schema.get("description", "")}
 
 One resource is one *variant*: a model on one GPU profile with one set of serving settings and a cost.
-The operator turns it into a worker Deployment, a headless Service (`<name>-worker`, gRPC 50051,
-metrics 9090) and a PodDisruptionBudget. Several variants may serve the same `servedModelName`; the
-gateway routes among them.
+The operator turns it into a worker Deployment, a headless Service (`<name>-worker`) and a
+PodDisruptionBudget: `dgemma worker` pods (gRPC 50051, metrics 9090) for `runtime: dgemma`, `vllm serve`
+pods (HTTP 8000: the OpenAI API, `/health`, `/metrics`) for `runtime: vllm`, and nothing for
+`runtime: external`, an OpenAI-compatible API outside the cluster that takes only overflow (see
+docs/runtimes.md). Several variants may serve the same `servedModelName`; the gateway routes among them.
 
 Subresources: `status`, and `scale` (`{scale["specReplicasPath"]}` / `{scale["statusReplicasPath"]}`, selector
 `{scale["labelSelectorPath"]}`), so `kubectl scale dgm/NAME --replicas=N`, HPA and KEDA work.
@@ -131,6 +149,13 @@ A profile gives node selection (GPU Feature Discovery's `nvidia.com/gpu.product`
 until measurements exist. Every value can be overridden under `spec.gpu`.
 
 {_profiles()}
+With `runtime: vllm`, the defaults are those of vLLM's DiffusionGemma recipe (vllm-project/recipes,
+`models/Google/diffusiongemma-26B-A4B-it.yaml`, for vLLM {VLLM_VERSION}); `spec.gpu.dtype` and `spec.vllm`
+override them.
+`fp8` is vLLM's online FP8 of a bf16 checkpoint (`--quantization fp8`); `nvfp4` needs an NVFP4 checkpoint as the
+model (such as `nvidia/diffusiongemma-26B-A4B-it-NVFP4`), whose own quantization config vLLM reads.
+
+{_vllm_defaults()}
 ## spec
 
 {_table(schema["properties"]["spec"], "spec")}

@@ -2,8 +2,10 @@
 
 Panels are declared below as (title, unit, queries); the JSON layout is derived, so adding a panel is
 one line. Metric names are the real ones of the gateway (`dgemma_gateway_*`, gateway/dgemma_gateway/
-metrics.py) and the workers (`dgemma_worker_*`, worker/dgemma_worker/metrics.py); tests/deploy check
-that every query names only metrics from those lists.
+metrics.py), the workers (`dgemma_worker_*`, worker/dgemma_worker/metrics.py) and the operator
+(`dgemma_operator_*`, operator/dgemma_operator/metrics.py). tests/deploy check that every query names only
+metrics those modules declare, aggregated as each metric's kind allows (KINDS there), and tests/monitoring
+run every query against a real Prometheus scraping real processes.
 Usage: python hack/gen_dashboard.py [--check]
 """
 
@@ -19,7 +21,7 @@ from _files import ROOT, write_or_check
 OUTPUT = ROOT / "charts" / "dgemma" / "files" / "dashboards" / "dgemma.json"
 UID = "dgemma-overview"
 GW = 'variant=~"$variant"'
-WK = 'dgemma_io_variant=~"$variant"'
+WK = GW  # the workers carry the gateway's variant name (namespace/name) as the same label
 DECODER = WK + ', kind="decoder"'
 
 # (title, unit, [(legend, expr)]); rows of panels in the order shown, two per row.
@@ -32,8 +34,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "Ready replicas per variant",
                 "short",
                 [
-                    ("{{variant}} ready", f"sum by (variant) (dgemma_gateway_endpoints_ready{{{GW}}})"),
-                    ("{{variant}} known", f"sum by (variant) (dgemma_gateway_endpoints{{{GW}}})"),
+                    ("{{variant}} ready", f"max by (variant) (dgemma_gateway_endpoints_ready{{{GW}}})"),
+                    ("{{variant}} known", f"max by (variant) (dgemma_gateway_endpoints{{{GW}}})"),
                 ],
             ),
             (
@@ -148,7 +150,58 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "Requests waiting at the workers",
                 "short",
                 [
-                    ("{{variant}}", f"sum by (variant) (dgemma_gateway_requests_waiting{{{GW}}})"),
+                    ("{{variant}}", f"max by (variant) (dgemma_gateway_requests_waiting{{{GW}}})"),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Autoscaler and operator",
+        [
+            (
+                "Replicas: asked for, ready, bounds",
+                "short",
+                [
+                    ("{{variant}} desired", f"max by (variant) (dgemma_operator_desired_replicas{{{GW}}})"),
+                    ("{{variant}} ready", f"max by (variant) (dgemma_operator_ready_replicas{{{GW}}})"),
+                    ("{{variant}} max", f"max by (variant) (dgemma_operator_max_replicas{{{GW}}})"),
+                ],
+            ),
+            (
+                "Autoscaler decisions by reason",
+                "short",
+                [
+                    (
+                        "{{variant}} {{reason}}",
+                        "sum by (variant, reason) "
+                        f"(increase(dgemma_operator_autoscaler_decisions_total{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "Reconciles by outcome",
+                "short",
+                [
+                    (
+                        "{{variant}} {{outcome}}",
+                        "sum by (variant, outcome) "
+                        f"(increase(dgemma_operator_reconciles_total{{{GW}}}[$__rate_interval]))",
+                    ),
+                ],
+            ),
+            (
+                "Operator handlers: p95 duration and errors",
+                "s",
+                [
+                    (
+                        "{{handler}} p95",
+                        "histogram_quantile(0.95, sum by (le, handler) "
+                        "(rate(dgemma_operator_handler_duration_seconds_bucket[$__rate_interval])))",
+                    ),
+                    (
+                        "{{handler}} {{error}} errors/s",
+                        "sum by (handler, error) (rate(dgemma_operator_handler_errors_total[$__rate_interval]))",
+                    ),
                 ],
             ),
         ],
@@ -177,13 +230,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "s",
                 [
                     (
-                        "{{dgemma_io_variant}} p50",
-                        "histogram_quantile(0.5, sum by (le, dgemma_io_variant) "
+                        "{{variant}} p50",
+                        "histogram_quantile(0.5, sum by (le, variant) "
                         f"(rate(dgemma_worker_step_latency_seconds_bucket{{{DECODER}}}[$__rate_interval])))",
                     ),
                     (
-                        "{{dgemma_io_variant}} p95",
-                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        "{{variant}} p95",
+                        "histogram_quantile(0.95, sum by (le, variant) "
                         f"(rate(dgemma_worker_step_latency_seconds_bucket{{{DECODER}}}[$__rate_interval])))",
                     ),
                 ],
@@ -193,8 +246,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "reqps",
                 [
                     (
-                        "{{dgemma_io_variant}} {{outcome}}",
-                        "sum by (dgemma_io_variant, outcome) "
+                        "{{variant}} {{outcome}}",
+                        "sum by (variant, outcome) "
                         f"(rate(dgemma_worker_requests_total{{{WK}}}[$__rate_interval]))",
                     ),
                 ],
@@ -204,13 +257,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "s",
                 [
                     (
-                        "{{dgemma_io_variant}} queue wait",
-                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        "{{variant}} queue wait",
+                        "histogram_quantile(0.95, sum by (le, variant) "
                         f"(rate(dgemma_worker_queue_wait_seconds_bucket{{{WK}}}[$__rate_interval])))",
                     ),
                     (
-                        "{{dgemma_io_variant}} first commit",
-                        "histogram_quantile(0.95, sum by (le, dgemma_io_variant) "
+                        "{{variant}} first commit",
+                        "histogram_quantile(0.95, sum by (le, variant) "
                         f"(rate(dgemma_worker_time_to_first_commit_seconds_bucket{{{WK}}}[$__rate_interval])))",
                     ),
                 ],
@@ -220,8 +273,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "short",
                 [
                     (
-                        "{{dgemma_io_variant}}",
-                        "sum by (dgemma_io_variant) "
+                        "{{variant}}",
+                        "sum by (variant) "
                         f"(rate(dgemma_worker_decoder_passes_total{{{WK}}}[$__rate_interval]))",
                     ),
                 ],

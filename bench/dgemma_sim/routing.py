@@ -7,9 +7,11 @@ drawn per request (adaptive stopping) and step times noisy, so predictions are n
 
 Routing uses the gateway's real code: each arrival builds the same `Candidate`s the gateway builds
 (load reports refreshed every `report_interval_s`, the gateway's exact in-flight counts) and calls
-`dgemma_gateway.routing.route` with a real profile. The autoscaler reuses this module: pass a
-`controller` that is called every `control_interval_s` with the demand snapshot and returns replicas
-per variant. A replica it adds is paid for at once but takes `startup_s` (loading the model) before it
+`dgemma_gateway.routing.route_with_overflow` with a real profile. An external API (a variant with runtime
+`external`, `shared=False`) serves each request at its own speed up to its concurrency limit; its load is what
+the gateway would measure of its own requests there (`dgemma_gateway.measured_load`). The autoscaler reuses
+this module: pass a `controller` that is called every `control_interval_s` with the demand snapshot and
+returns replicas per variant. A replica it adds is paid for at once but takes `startup_s` (loading the model) before it
 reports ready; one it removes drains its work first. `dgemma_sim.scaling` builds the controllers and traces.
 """
 
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dgemma_gateway.demand import DemandTracker, snapshot
-from dgemma_gateway.routing import Pipeline, route
+from dgemma_gateway.measured_load import MeasuredLatency
+from dgemma_gateway.routing import Pipeline, route_with_overflow
 from dgemma_gateway.routing.predict import canvases_for
 from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
 
@@ -40,6 +43,8 @@ class SimVariant:
     max_queue: int = 8
     noise: float = 0.15  # step times vary by +-noise (uniform)
     startup_s: float = 0.0  # from scheduling a replica until it reports ready (the model loading)
+    shared: bool = True  # False: each request runs at full speed (an external API), up to `capacity` at once
+    request_overhead_s: float = 0.0  # once per request (vLLM's time to first canvas beyond one canvas's work)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class _Job:
     remaining_s: float
     target_s: float
     started: float
+    concurrency: int = 1  # requests at its endpoint when it arrived, itself included
 
 
 @dataclass
@@ -74,11 +80,12 @@ class _Worker:
     report: EndpointLoad | None = None
     retired: bool = False
     ready_at: float = 0.0
+    measured: MeasuredLatency | None = None  # an external API's load, as the gateway measures it
 
     def advance(self, t: float) -> None:
         n = len(self.active)
         if n:
-            share = (t - self.last_t) / n
+            share = (t - self.last_t) / (n if self.sv.shared else 1)
             for j in self.active:
                 j.remaining_s -= share
         self.last_t = t
@@ -86,7 +93,7 @@ class _Worker:
     def next_completion(self) -> float:
         if not self.active:
             return math.inf
-        return self.last_t + min(j.remaining_s for j in self.active) * len(self.active)
+        return self.last_t + min(j.remaining_s for j in self.active) * (len(self.active) if self.sv.shared else 1)
 
     @property
     def in_system(self) -> int:
@@ -114,6 +121,7 @@ class SimResult:
     duration_s: float
     replicas_log: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # after each control
     replica_seconds: dict[str, float] = field(default_factory=dict)  # per variant, starting and draining too
+    request_seconds: dict[str, float] = field(default_factory=dict)  # per external variant: paid per use
 
     def summary(self) -> dict[str, Any]:
         """Attainment, cost and latency percentiles."""
@@ -210,7 +218,7 @@ def simulate(
     def add(sv: SimVariant, t: float, startup_s: float) -> None:
         counters[sv.variant.name] += 1
         workers.append(_Worker(f"{sv.variant.name}/{counters[sv.variant.name]}", sv, last_t=t,
-                               ready_at=t + startup_s))
+                               ready_at=t + startup_s, measured=None if sv.shared else MeasuredLatency()))
 
     for sv in variants:
         for _ in range(sv.replicas):
@@ -220,7 +228,8 @@ def simulate(
     tracker = DemandTracker(window_s=60.0)
     outcomes: list[Outcome] = []
     replicas_log: list[tuple[float, dict[str, int]]] = []
-    replica_s = {name: 0.0 for name in by_name}
+    replica_s = {name: 0.0 for name, sv in by_name.items() if sv.shared}
+    request_s = {name: 0.0 for name, sv in by_name.items() if not sv.shared}
     # Since the last control: seconds of ready replicas and of requests in them, for utilization rules.
     ready_s = {name: 0.0 for name in by_name}
     busy_s = {name: 0.0 for name in by_name}
@@ -233,19 +242,30 @@ def simulate(
 
     def refresh_reports(t: float) -> None:
         for w in workers:
+            if w.measured is not None:
+                w.report = w.measured.load(w.sv.variant, w.in_system, w.sv.capacity, 0, t)
+                continue
             w.report = EndpointLoad(
                 queue_depth=len(w.queue), active=len(w.active), capacity=w.sv.capacity, max_queue=w.sv.max_queue,
-                step_latency_s=w.sv.step_s, encoder_latency_s=w.sv.encoder_s, tokens_per_s=0.0,
+                # A per-request overhead shows up in measured timings; charged per canvas here (conservative).
+                step_latency_s=w.sv.step_s, encoder_latency_s=w.sv.encoder_s + w.sv.request_overhead_s,
+                tokens_per_s=0.0,
                 canvas_length=w.sv.variant.canvas_length, model_name=w.sv.variant.model,
                 ready=not w.retired and t >= w.ready_at, draining=w.retired, observed_at=t)
 
     def candidates() -> list[Candidate]:
-        return [Candidate(w.endpoint_id, w.sv.variant, w.report, inflight=w.in_system, step_fraction=step_fraction)
+        # The gateway learns a variant's steps per canvas from its workers' stats; an external API reports none.
+        return [Candidate(w.endpoint_id, w.sv.variant, w.report, inflight=w.in_system,
+                          step_fraction=step_fraction if w.sv.shared else 1.0)
                 for w in workers if not w.retired]
 
     def finish(w: _Worker, job: _Job, t: float) -> None:
         latency = t - job.req.arrival_s
         met = latency <= job.target_s
+        if w.measured is not None:
+            canvases = canvases_for(job.req.max_tokens, w.sv.variant.canvas_length)
+            w.measured.observe(latency, canvases, job.req.max_tokens, job.concurrency)
+            w.report = w.measured.load(w.sv.variant, w.in_system, w.sv.capacity, 0, t)
         outcomes.append(Outcome(job.seq, job.variant, latency, job.target_s, met,
                                 job.work_s * w.sv.variant.cost_weight, job.req.arrival_s))
         tracker.finished(job.variant, t, job.req.max_tokens, met,
@@ -259,12 +279,14 @@ def simulate(
         dt = max(0.0, min(t_next, end_t) - clock)
         counted = max(0.0, min(t_next, end_t) - max(clock, count_from_s))
         for w in workers:
-            w.advance(t_next)
-            if dt > 0:
+            if not w.sv.shared:  # paid per request-second, not per replica
+                request_s[w.sv.variant.name] += counted * len(w.active)
+            elif dt > 0:
                 replica_s[w.sv.variant.name] += counted
-                if not w.retired and t_next >= w.ready_at:
-                    ready_s[w.sv.variant.name] += dt
-                    busy_s[w.sv.variant.name] += dt * w.in_system
+            w.advance(t_next)
+            if dt > 0 and not w.retired and t_next >= w.ready_at:
+                ready_s[w.sv.variant.name] += dt
+                busy_s[w.sv.variant.name] += dt * w.in_system
         clock = max(clock, min(t_next, end_t))
         if t_next == t_done:
             for w in workers:
@@ -299,25 +321,25 @@ def simulate(
             continue
         req = arrivals.popleft()
         rr = RouteRequest(model, req.max_tokens, req.max_denoising_steps, req.latency_target_ms, seq=seq)
-        decision = route(pipeline, rr, candidates(), t_next)
+        decision = route_with_overflow(pipeline, rr, candidates(), t_next, [sv.variant for sv in variants])
         target_s = (req.latency_target_ms or 0) / 1000.0
         if decision.endpoint is None:
-            outcomes.append(Outcome(seq, None, None, target_s, False, 0.0))
+            outcomes.append(Outcome(seq, None, None, target_s, False, 0.0, req.arrival_s))
             tracker.refused(model)
         else:
             w = next(w for w in workers if w.endpoint_id == decision.endpoint.endpoint_id)
             sv = w.sv
             canvases = canvases_for(req.max_tokens, sv.variant.canvas_length)
-            work = sum(
+            work = sv.request_overhead_s + sum(
                 sv.encoder_s + sum(sv.step_s * rng.uniform(1 - sv.noise, 1 + sv.noise)
                                    for _ in range(req.steps_per_canvas))
                 for _ in range(canvases))
             job = _Job(req, seq, sv.variant.name, work, work,
-                       decision.target_s if decision.target_s is not None else target_s, t_next)
+                       decision.target_s if decision.target_s is not None else target_s, t_next, w.in_system + 1)
             tracker.routed(sv.variant.name, t_next, req.max_tokens, canvases, request=rr)
             (w.active if len(w.active) < sv.capacity else w.queue).append(job)
         seq += 1
-    return SimResult(outcomes, end_t, replicas_log, replica_s)
+    return SimResult(outcomes, end_t, replicas_log, replica_s, request_s)
 
 
 def _add_sim_measurements(

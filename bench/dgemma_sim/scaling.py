@@ -208,9 +208,9 @@ class Fleet:
     policies: Mapping[str, AutoscalingPolicy]
 
     def at(self, which: str) -> list[SimVariant]:
-        """The variants starting at their minimum or maximum replicas."""
+        """The variants starting at their minimum or maximum replicas (an external API, with no policy, as is)."""
         return [replace(sv, replicas=getattr(self.policies[sv.variant.name], f"{which}_replicas"))
-                for sv in self.variants]
+                if sv.variant.name in self.policies else sv for sv in self.variants]
 
 
 ControllerFactory = Callable[[Fleet], tuple[list[SimVariant], Controller | None]]
@@ -244,7 +244,7 @@ class Report:
     requests: int
     attainment: float
     replica_hours: float
-    cost: float  # replica-hours x cost weight
+    cost: float  # replica-hours x cost weight, plus an external API's request-hours x its cost weight
     actions: int  # per variant, each change of desired replicas
     reversals: int  # direction changes of a variant's replicas within constant-load phases
     max_reversals: int  # the most of one variant in one phase: 1 is an overshoot that settles, 2+ a flip-flop
@@ -277,14 +277,17 @@ def report(trace: TraceSpec, name: str, fleet: Fleet, result: SimResult, warmup_
     scored = [o for o in result.outcomes if o.arrival_s >= warmup_s]
     weights = {sv.variant.name: sv.variant.cost_weight for sv in fleet.variants}
     hours = {k: v / 3600 for k, v in result.replica_seconds.items()}
+    used = {k: v / 3600 for k, v in result.request_seconds.items()}  # external APIs: paid per request-hour
     log = [(t - warmup_s, r) for t, r in result.replicas_log if t >= warmup_s]
     start = next((r for t, r in reversed(result.replicas_log) if t < warmup_s), log[0][1] if log else {})
     flips = reversals(log, trace.constant_spans())
     return Report(
         trace=trace.name, controller=name, requests=len(scored),
         attainment=sum(o.met for o in scored) / len(scored) if scored else math.nan,
-        replica_hours=sum(hours.values()), cost=sum(h * weights[k] for k, h in hours.items()),
-        actions=actions(log, start), reversals=sum(flips), max_reversals=max(flips, default=0), by_variant=hours)
+        replica_hours=sum(hours.values()),
+        cost=sum(h * weights[k] for k, h in hours.items()) + sum(h * weights[k] for k, h in used.items()),
+        actions=actions(log, start), reversals=sum(flips), max_reversals=max(flips, default=0),
+        by_variant={**hours, **used})
 
 
 def run(

@@ -33,9 +33,27 @@ class AuthError(Exception):
         self.message = message
 
 
+# Options that may follow a key on its line, separated by whitespace.
+NO_OVERFLOW = "no-overflow"  # this key's requests never go to an external API (docs/runtimes.md)
+KEY_OPTIONS = frozenset({NO_OVERFLOW})
+
+
 def parse_keys(text: str) -> list[str]:
     """One key per line; blank lines and lines starting with # are skipped."""
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [key for key, _ in parse_key_lines(text)]
+
+
+def parse_key_lines(text: str) -> list[tuple[str, frozenset[str]]]:
+    """Each key with its options (`KEY no-overflow`); a line whose trailing words are not all options is one
+    key, as it was before options existed."""
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, *words = line.split()
+        out.append((key, frozenset(words)) if words and set(words) <= KEY_OPTIONS else (line, frozenset()))
+    return out
 
 
 def key_from_headers(get: Callable[[str], str | None]) -> str | None:
@@ -67,6 +85,7 @@ class ApiKeys:
         self.path = path
         self.recheck_s = recheck_s
         self._digests: list[bytes] = []
+        self._no_overflow: frozenset[str] = frozenset()  # ids of the keys with `no-overflow`
         self._mtime: float | None = None
         self._checked = 0.0
         if path is not None:
@@ -90,7 +109,14 @@ class ApiKeys:
             return
         self._mtime = stat.st_mtime
         # Digests of equal length make compare_digest's time independent of the key's length.
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in parse_keys(self.path.read_text())]
+        lines = parse_key_lines(self.path.read_text())
+        self._digests = [hashlib.sha256(k.encode()).digest() for k, _ in lines]
+        self._no_overflow = frozenset(_key_id(d) for d, (_, options) in zip(self._digests, lines, strict=True)
+                                      if NO_OVERFLOW in options)
+
+    def allows_overflow(self, key_id: str) -> bool:
+        """Whether this key's requests may go to an external API (not when its line says `no-overflow`)."""
+        return key_id not in self._no_overflow
 
     def check(self, get: Callable[[str], str | None]) -> str:
         """The caller's key id from its headers or metadata; AuthError when keys are on and none matches.
@@ -113,4 +139,8 @@ class ApiKeys:
             raise AuthError(MISSING, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
         if not matched or len(key) > MAX_KEY_CHARS:
             raise AuthError(INVALID, "invalid API key")
-        return given.hex()[:16]  # an id for per-key limits that never holds the key itself
+        return _key_id(given)
+
+
+def _key_id(digest: bytes) -> str:
+    return digest.hex()[:16]  # an id for per-key limits that never holds the key itself

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
@@ -13,22 +14,15 @@ from dgemma_common.types import (
     FinalEvent,
     LoadSnapshot,
     Prompt,
+    PromptTooLongError,
     RequestStats,
     StopReason,
 )
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
-_OPTIONAL_PARAMS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-    "seed",
-    "draft_interval_s",
-)
+MAX_CHAT_MESSAGES = 4096
+# A client's request id is echoed in every response and written to logs: bounded, so it cannot multiply either.
+MAX_REQUEST_ID_CHARS = 256
 
 STOP_REASONS: dict[StopReason, int] = {
     StopReason.EOS: pb.STOP_REASON_EOS,
@@ -38,6 +32,13 @@ STOP_REASONS: dict[StopReason, int] = {
     StopReason.DEADLINE: pb.STOP_REASON_DEADLINE,
     StopReason.ERROR: pb.STOP_REASON_ERROR,
 }
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """A client's request id, refused if longer than MAX_REQUEST_ID_CHARS (logs escape what it contains)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ParamError(field, f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    return request_id
 
 
 def validate_prompt(prompt: Prompt) -> Prompt:
@@ -58,30 +59,43 @@ def validate_prompt(prompt: Prompt) -> Prompt:
     return prompt
 
 
-def prompt_from_pb(msg: pb.Prompt) -> Prompt:
-    """The engine prompt for a protobuf prompt; exactly one kind must be set."""
+def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
+    """The engine prompt for a protobuf prompt; exactly one kind must be set.
+
+    Counts are checked before anything is copied out of the message, so a message full of token ids or
+    messages costs no Python objects beyond the limit.
+    """
     kind = msg.WhichOneof("kind")
     if kind == "text":
         prompt = Prompt.of_text(msg.text)
     elif kind == "chat":
+        if len(msg.chat.messages) > MAX_CHAT_MESSAGES:
+            raise ParamError("prompt.chat", f"at most {MAX_CHAT_MESSAGES} messages, got {len(msg.chat.messages)}")
         prompt = Prompt.of_messages([ChatMessage(m.role, m.content) for m in msg.chat.messages])
     elif kind == "tokens":
+        if len(msg.tokens.ids) > limits.max_prompt_tokens:
+            raise PromptTooLongError(len(msg.tokens.ids), limits.max_prompt_tokens)
         prompt = Prompt.of_tokens(list(msg.tokens.ids))
     else:
         raise ParamError("prompt", "set one of prompt.text, prompt.chat or prompt.tokens")
     return validate_prompt(prompt)
 
 
+def settings_from_pb(msg: pb.GenerationParams) -> GenerationSettings:
+    """The settings a protobuf message sets (unset optional fields, an empty stop list and false flags are not)."""
+    values: dict[str, Any] = {f.name: list(v) if f.name == "stop" else v for f, v in msg.ListFields()}
+    return GenerationSettings.parse(values)
+
+
+def settings_to_pb(given: Mapping[str, Any]) -> pb.GenerationParams:
+    """Protobuf params for validated settings (`GenerationSettings.given()`); the receiver's defaults fill the rest."""
+    values: dict[str, Any] = {k: list(v) if k == "stop" else v for k, v in given.items()}
+    return pb.GenerationParams(**values)
+
+
 def params_from_pb(msg: pb.GenerationParams, defaults: GenerationParams, limits: Limits) -> GenerationParams:
     """Request params: the set fields over the server defaults, validated against the limits."""
-    values: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
-    if msg.stop:
-        values["stop"] = list(msg.stop)
-    if msg.stream_drafts:
-        values["stream_drafts"] = True
-    if msg.ignore_eos:
-        values["ignore_eos"] = True
-    return params_from_mapping(values, defaults, limits)
+    return settings_from_pb(msg).resolve(defaults, limits)
 
 
 def stats_to_pb(stats: RequestStats) -> pb.RequestStats:
@@ -149,8 +163,10 @@ def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadR
     )
 
 
-def token_ids_from_pb(ids: Any, field: str = "token_ids") -> list[int]:
-    """Token ids from a repeated field, refusing negative ones."""
+def token_ids_from_pb(ids: Any, field: str = "token_ids", limit: int | None = None) -> list[int]:
+    """Token ids from a repeated field, refusing negative ones (and more than `limit`, before copying)."""
+    if limit is not None and len(ids) > limit:
+        raise ParamError(field, f"at most {limit} ids, got {len(ids)}")
     out = [int(i) for i in ids]
     if out and min(out) < 0:
         raise ParamError(field, "token ids must be >= 0")

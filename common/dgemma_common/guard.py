@@ -36,13 +36,17 @@ class _Malformed(Exception):
 
 
 def _tolerant(deserializer: Deserializer | None, method: str) -> Deserializer:
+    # protoc's stubs pass `Message.FromString`: name the message type it parses.
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    expected = message_type.full_name if message_type is not None else f"{method} request"
+
     def deserialize(raw: bytes) -> Any:
         if deserializer is None:
             return raw
         try:
             return deserializer(raw)
         except (DecodeError, ValueError, TypeError, RuntimeError):
-            return Undecodable(f"request: not a valid request message for {method}")
+            return Undecodable(f"request: {len(raw)} bytes that are not a {expected} message")
 
     return deserialize
 

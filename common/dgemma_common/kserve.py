@@ -28,8 +28,10 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kpb
 
-from dgemma_common.convert import validate_prompt
-from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
+from dgemma_common.convert import check_request_id, validate_prompt
+from dgemma_common.logsafe import clip
+from dgemma_common.openai_models import parse_messages_json
+from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt, RequestStats
 
 PLATFORM = "dgemma"
@@ -57,9 +59,11 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     (STOP_REASON, "BYTES", [1]),
 )
 OUTPUT_NAMES = frozenset(name for name, _, _ in OUTPUTS)
-# Request parameters that belong to Triton or KServe rather than to generation.
+LATENCY_TARGET = "latency_target_ms"  # read by the gateway's router; a worker has nothing to route
+# Request parameters that belong to Triton, KServe or routing rather than to generation.
 _TRANSPORT_PARAMETERS = frozenset(
-    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers"}
+    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers",
+     LATENCY_TARGET}
 )
 _ALIASES = {"max_tokens": "max_new_tokens"}  # vLLM's name for the same limit
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "INT64": mc.TYPE_INT64, "BOOL": mc.TYPE_BOOL}
@@ -74,21 +78,30 @@ class InferRequest:
     prompt: Prompt
     params: GenerationParams
     outputs: frozenset[str]
+    settings: Mapping[str, Any]  # what the client set itself (a gateway forwards only these)
 
 
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES tensor wire format: each element is a 4-byte little-endian length, then the bytes."""
-    items: list[bytes] = []
+def deserialize_bytes(raw: bytes, count: int | None = None, name: str = "inputs") -> list[memoryview]:
+    """Triton's BYTES tensor wire format: each element is a 4-byte little-endian length, then the bytes.
+
+    With `count`, exactly that many elements must fill `raw`; parsing stops there, so a tensor that
+    declares one element costs one element's work whatever else it carries. The elements are views, not
+    copies: a prompt is checked by its size before its bytes are copied or decoded.
+    """
+    view = memoryview(raw)
+    items: list[memoryview] = []
     offset = 0
-    while offset < len(raw):
+    while offset < len(raw) and (count is None or len(items) < count):
         if offset + 4 > len(raw):
-            raise ParamError("inputs", "malformed BYTES tensor")
+            raise ParamError(name, "malformed BYTES tensor: a length prefix is cut short")
         (n,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + n > len(raw):
-            raise ParamError("inputs", "malformed BYTES tensor")
-        items.append(raw[offset : offset + n])
+            raise ParamError(name, "malformed BYTES tensor: an element is longer than the data")
+        items.append(view[offset : offset + n])
         offset += n
+    if count is not None and (len(items) != count or offset != len(raw)):
+        raise ParamError(name, f"the BYTES data does not hold exactly the {count} element(s) its shape declares")
     return items
 
 
@@ -97,37 +110,76 @@ def serialize_bytes(items: Iterable[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def _tensor_values(request: kpb.ModelInferRequest, index: int) -> list[Any]:
+# What each input may be: its datatypes, and how many elements it may hold (None: the prompt-token limit).
+_ACCEPTED: dict[str, tuple[tuple[str, ...], int | None]] = {
+    TEXT_INPUT: (("BYTES",), 1),
+    MESSAGES: (("BYTES",), 1),
+    INPUT_IDS: (("INT32", "INT64"), None),
+    SAMPLING_PARAMETERS: (("BYTES",), 1),
+    STREAM: (("BOOL",), 1),
+}
+# The `contents` field that carries each datatype when raw_input_contents is not used.
+_CONTENTS = {"BYTES": "bytes_contents", "INT32": "int_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}
+_WIDTHS = {"INT32": ("<i4", 4), "INT64": ("<i8", 8), "BOOL": ("?", 1)}
+MAX_REQUESTED_OUTPUTS = 16
+MAX_PARAMETERS = 64
+MAX_SAMPLING_PARAMETERS_BYTES = 64 * 1024
+
+
+def element_count(name: str, shape: Sequence[int], limit: int) -> int:
+    """The number of elements a shape declares, refused if a dimension is negative or the total over `limit`."""
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise ParamError(name, f"shape {list(shape)} has a negative dimension")
+        count *= dim
+        if count > limit:
+            raise ParamError(name, f"shape {list(shape)} declares more than the {limit} element(s) allowed")
+    return count
+
+
+def _tensor_values(request: kpb.ModelInferRequest, index: int, limits: Limits) -> list[Any]:
+    """One input's elements, decoded by its declared datatype and shape; anything else is INVALID_ARGUMENT.
+
+    Sizes are checked against the shape before any element is built, so no request costs more than a small
+    multiple of its own size.
+    """
     tensor = request.inputs[index]
-    dtype = tensor.datatype
-    name = tensor.name
-    if index < len(request.raw_input_contents):
+    name, dtype = tensor.name, tensor.datatype
+    datatypes, most = _ACCEPTED[name]
+    if dtype not in datatypes:
+        raise ParamError(name, f"must be a {' or '.join(datatypes)} tensor, got datatype {dtype[:32]!r}")
+    count = element_count(name, tensor.shape, limits.max_prompt_tokens if most is None else most)
+    if most == 1 and count != 1:
+        raise ParamError(name, f"must hold exactly one element, got shape {list(tensor.shape)}")
+    if request.raw_input_contents:
         raw = request.raw_input_contents[index]
+        if tensor.HasField("contents"):
+            raise ParamError(name, "give the data in raw_input_contents or in contents, not both")
         if dtype == "BYTES":
-            return list(deserialize_bytes(raw))
-        if dtype not in _NP_TYPES:
-            raise ParamError(name, f"unsupported datatype {dtype}")
-        try:
-            return list(np.frombuffer(raw, dtype=_NP_TYPES[dtype]).tolist())
-        except ValueError as exc:
-            raise ParamError(name, f"raw contents do not match datatype {dtype}") from exc
-    contents = tensor.contents
-    if dtype == "BYTES":
-        return list(contents.bytes_contents)
-    if dtype in ("INT32", "INT64"):
-        return list(contents.int_contents) + list(contents.int64_contents)
-    if dtype in ("UINT32", "UINT64"):
-        return list(contents.uint_contents) + list(contents.uint64_contents)
-    if dtype == "BOOL":
-        return list(contents.bool_contents)
-    raise ParamError(name, f"unsupported datatype {dtype}")
+            return list(deserialize_bytes(raw, count, name))
+        fmt, width = _WIDTHS[dtype]
+        if len(raw) != count * width:
+            raise ParamError(name, f"raw data of {len(raw)} bytes does not match shape {list(tensor.shape)} "
+                                   f"of {dtype} ({count * width} bytes)")
+        return list(np.frombuffer(raw, dtype=np.dtype(fmt)).tolist())
+    set_fields = [f.name for f, _ in tensor.contents.ListFields()]
+    if any(f != _CONTENTS[dtype] for f in set_fields):
+        raise ParamError(name, f"a {dtype} tensor carries its data in contents.{_CONTENTS[dtype]}")
+    values = getattr(tensor.contents, _CONTENTS[dtype])
+    if len(values) != count:
+        raise ParamError(name, f"holds {len(values)} element(s); its shape {list(tensor.shape)} declares {count}")
+    return list(values)
 
 
-def _one_string(name: str, values: Sequence[Any]) -> str:
-    if len(values) != 1:
-        raise ParamError(name, f"must hold exactly one element, got {len(values)}")
+def _one_string(name: str, values: Sequence[Any], max_bytes: int | None = None) -> str:
+    """The one UTF-8 element of a BYTES tensor; with `max_bytes`, refused by its size before it is decoded."""
+    if len(values) != 1 or not isinstance(values[0], bytes | memoryview):
+        raise ParamError(name, "must hold exactly one BYTES element")
+    if max_bytes is not None and len(values[0]) > max_bytes:
+        raise ParamError(name, f"{len(values[0])} bytes exceeds the limit of {max_bytes} bytes before tokenizing")
     try:
-        return bytes(values[0]).decode("utf-8")
+        return str(values[0], "utf-8")
     except UnicodeDecodeError as exc:
         raise ParamError(name, "must be UTF-8 text") from exc
 
@@ -137,24 +189,22 @@ def parameter_value(p: kpb.InferParameter) -> Any:
     return None if kind is None else getattr(p, kind)
 
 
-def client_settings(request: kpb.ModelInferRequest) -> dict[str, Any]:
-    """The generation settings a request names: its sampling_parameters tensor, then its parameters."""
-    sampling = next(
-        (_tensor_values(request, i) for i, t in enumerate(request.inputs) if t.name == SAMPLING_PARAMETERS), None
-    )
-    return _settings(request, sampling)
-
-
 def _settings(request: kpb.ModelInferRequest, sampling: list[Any] | None) -> dict[str, Any]:
+    """The generation settings a request names: its sampling_parameters tensor, then its parameters."""
     settings: dict[str, Any] = {}
     if sampling is not None:
+        text = _one_string(SAMPLING_PARAMETERS, sampling)
+        if len(text) > MAX_SAMPLING_PARAMETERS_BYTES:
+            raise ParamError(SAMPLING_PARAMETERS, f"must be at most {MAX_SAMPLING_PARAMETERS_BYTES} bytes")
         try:
-            loaded = json.loads(_one_string(SAMPLING_PARAMETERS, sampling))
-        except ValueError as exc:
-            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from exc
+            loaded = json.loads(text)
+        except (ValueError, RecursionError):
+            raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object") from None
         if not isinstance(loaded, dict):
             raise ParamError(SAMPLING_PARAMETERS, "must be a JSON object")
         settings.update(loaded)
+    if len(request.parameters) > MAX_PARAMETERS:
+        raise ParamError("parameters", f"at most {MAX_PARAMETERS} request parameters, got {len(request.parameters)}")
     for key, value in request.parameters.items():
         if key.startswith("triton_") or key in _TRANSPORT_PARAMETERS:
             continue
@@ -203,41 +253,54 @@ async def decoupled_stream(
         await asyncio.gather(reader, *tasks, return_exceptions=True)
 
 
-def _prompt_from_inputs(tensors: Mapping[str, list[Any]]) -> Prompt:
+def _prompt_from_inputs(tensors: Mapping[str, list[Any]], limits: Limits) -> Prompt:
     given = [n for n in (TEXT_INPUT, MESSAGES, INPUT_IDS) if n in tensors]
     if len(given) != 1:
         raise ParamError(TEXT_INPUT, f"give exactly one of {TEXT_INPUT}, {MESSAGES} or {INPUT_IDS}")
     if TEXT_INPUT in tensors:
-        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT])))
+        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT], limits.prompt_byte_limit)))
     if INPUT_IDS in tensors:
         return validate_prompt(Prompt.of_tokens([int(i) for i in tensors[INPUT_IDS]]))
-    try:
-        raw = json.loads(_one_string(MESSAGES, tensors[MESSAGES]))
-        messages = [ChatMessage(str(m["role"]), str(m["content"])) for m in raw]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ParamError(MESSAGES, 'must be a JSON list of {"role": ..., "content": ...}') from exc
-    return validate_prompt(Prompt.of_messages(messages))
+    messages = parse_messages_json(_one_string(MESSAGES, tensors[MESSAGES]), MESSAGES)
+    return validate_prompt(Prompt.of_messages([ChatMessage(m.template_role, m.text()) for m in messages]))
+
+
+def decode_inputs(request: kpb.ModelInferRequest, limits: Limits) -> dict[str, list[Any]]:
+    """Every input tensor by name, each decoded strictly (see `_tensor_values`)."""
+    if len(request.inputs) > len(_ACCEPTED):
+        raise ParamError("inputs", f"at most {len(_ACCEPTED)} inputs ({sorted(_ACCEPTED)}), got {len(request.inputs)}")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise ParamError("raw_input_contents", f"must hold one entry per input ({len(request.inputs)}), "
+                                               f"got {len(request.raw_input_contents)}")
+    tensors: dict[str, list[Any]] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in _ACCEPTED:
+            raise ParamError(clip(tensor.name, 64), f"unknown input; inputs are {sorted(_ACCEPTED)}")
+        if tensor.name in tensors:
+            raise ParamError(tensor.name, "given twice")
+        tensors[tensor.name] = _tensor_values(request, i, limits)
+    return tensors
 
 
 def request_from_infer(
     request: kpb.ModelInferRequest, defaults: GenerationParams, limits: Limits
 ) -> InferRequest:
     """Decode a ModelInferRequest into a prompt and validated params; ParamError names the bad part."""
-    tensors: dict[str, list[Any]] = {}
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name not in {n for n, _, _, _ in INPUTS}:
-            raise ParamError(tensor.name, f"unknown input; inputs are {[n for n, _, _, _ in INPUTS]}")
-        tensors[tensor.name] = _tensor_values(request, i)
-    settings = _settings(request, tensors.get(SAMPLING_PARAMETERS))
+    check_request_id(request.id, "id")
+    tensors = decode_inputs(request, limits)
+    settings = GenerationSettings.parse(_settings(request, tensors.get(SAMPLING_PARAMETERS)))
+    if len(request.outputs) > MAX_REQUESTED_OUTPUTS:
+        raise ParamError("outputs", f"at most {MAX_REQUESTED_OUTPUTS} requested outputs")
     outputs = frozenset(o.name for o in request.outputs) or OUTPUT_NAMES
     unknown = sorted(outputs - OUTPUT_NAMES)
     if unknown:
         raise ParamError("outputs", f"unknown output {unknown[0]!r}; outputs are {sorted(OUTPUT_NAMES)}")
     return InferRequest(
         request_id=request.id,
-        prompt=_prompt_from_inputs(tensors),
-        params=params_from_mapping(settings, defaults, limits),
+        prompt=_prompt_from_inputs(tensors, limits),
+        params=settings.resolve(defaults, limits),
         outputs=outputs,
+        settings=settings.given(),
     )
 
 

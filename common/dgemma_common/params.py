@@ -1,20 +1,35 @@
-"""Per-request generation settings and their validation.
+"""Per-request generation settings: one typed model, the only place their types and ranges are written.
 
-Every knob a client may set is checked here, before anything reaches the model. A bad value raises
-`ParamError` naming the field and its allowed range, so every front end (CLI, gRPC, HTTP) reports it
-the same way.
+`GenerationSettings` is what a client may set (every field optional; unset means the server's default). Every
+front end validates through it: the gateway's OpenAI layer and KServe front, and the worker's dgemma.v1 and
+KServe servicers. Types are strict (a string is never a number, a bool never an integer, NaN and infinities
+are refused) and unknown settings are an error naming them. `resolve` fills the unset fields from a server's
+defaults and checks the server's `Limits`, giving the engine's `GenerationParams`.
+
+A bad value raises `ParamError` naming the field, so every front end reports it the same way.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from dgemma_common.logsafe import brief
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
+# Counts travel as protobuf int64 and are compared with server limits far below this: a type bound, not a limit.
+MAX_COUNT = 2**31 - 1
+# A prompt is refused by its size before tokenizing: real tokenizers average ~4 bytes per token; 16 leaves room
+# for long runs of whitespace or repeated characters without letting a client buy unbounded tokenizer time.
+BYTES_PER_TOKEN = 16
+
+# Strict: no coercion between types; NaN and infinities are not numbers; unknown fields are errors.
+STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 class ParamError(ValueError):
@@ -33,11 +48,107 @@ class Limits:
     max_new_tokens: int = 8192
     max_denoising_steps: int = 256
     max_prompt_tokens: int = 32768
+    max_prompt_bytes: int | None = None  # None: BYTES_PER_TOKEN x max_prompt_tokens
+
+    @property
+    def prompt_byte_limit(self) -> int:
+        """The largest text or chat prompt, in UTF-8 bytes, that is tokenized at all."""
+        return self.max_prompt_bytes if self.max_prompt_bytes is not None else BYTES_PER_TOKEN * self.max_prompt_tokens
+
+
+def _one_or_many(value: Any) -> Any:
+    # OpenAI's `stop` is a string or a list of strings; protobuf and JSON give lists. Anything else is left
+    # for the strict tuple check to refuse.
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+StopStrings = Annotated[tuple[StopString, ...], BeforeValidator(_one_or_many), Field(max_length=MAX_STOP_STRINGS)]
+
+
+def check_order(t_min: float | None, t_max: float | None) -> None:
+    """The temperature schedule runs from t_max down to t_min."""
+    if t_min is not None and t_max is not None and t_max < t_min:
+        raise ParamError("t_max", f"must be >= t_min ({t_min}), got {t_max}")
+
+
+class DenoisingKnobs(BaseModel):
+    """DiffusionGemma's own knobs (and `seed`, `stop`), as every API spells them."""
+
+    model_config = STRICT
+
+    max_denoising_steps: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    """Upper bound on decoder steps per canvas (the server's limit applies)."""
+    t_min: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    """Final sampling temperature of the schedule."""
+    t_max: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    """Initial sampling temperature of the schedule (>= t_min)."""
+    entropy_bound: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    """Entropy bound for accepting tokens in one step."""
+    stability_threshold: Annotated[int, Field(ge=0, le=64)] | None = None
+    """Steps the argmax canvas must stay unchanged before it may stop."""
+    confidence_threshold: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    """Mean entropy below which a stable canvas stops."""
+    stop: StopStrings | None = None
+    """Up to 16 strings (1-256 characters each) that end the reply; a single string is accepted."""
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    """Reproducible sampling."""
+    stream_drafts: bool | None = None
+    """Stream the canvas as it denoises (`dgemma.draft` events, Draft messages)."""
+    draft_interval_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
+    """At most one draft per interval."""
+    ignore_eos: bool | None = None
+    """Keep generating past the end-of-sequence token."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        check_order(self.t_min, self.t_max)
+        return self
+
+
+class GenerationSettings(DenoisingKnobs):
+    """Every generation setting a client may give; unset (None) fields take the server's defaults."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    """Completion budget in tokens (the server's limit applies)."""
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any]) -> GenerationSettings:
+        """Validate a client's mapping (a JSON object, KServe parameters); ParamError names the first bad field."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise param_error(exc) from None
+
+    def given(self) -> dict[str, Any]:
+        """The settings the client set, by name (for forwarding: the receiver's defaults fill the rest)."""
+        return {name: value for name, value in self if value is not None}
+
+    def resolve(self, defaults: GenerationParams, limits: Limits) -> GenerationParams:
+        """The engine's params: these settings over `defaults`, checked against the server's `limits`."""
+        values = {f.name: getattr(defaults, f.name) for f in fields(GenerationParams)}
+        values.update(self.given())
+        params = GenerationParams(**values)
+        check_order(params.t_min, params.t_max)
+        if params.max_new_tokens > limits.max_new_tokens:
+            raise ParamError("max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {params.max_new_tokens}")
+        if params.max_denoising_steps > limits.max_denoising_steps:
+            raise ParamError("max_denoising_steps",
+                             f"must be in [1, {limits.max_denoising_steps}], got {params.max_denoising_steps}")
+        return params
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """The knobs of one request; defaults are the model's published ones."""
+    """The knobs of one request, every one set; defaults are the model's published ones.
+
+    Build it from client input with `GenerationSettings.parse(...).resolve(defaults, limits)`; `validated`
+    puts one built in code (server defaults, the CLI) through the same checks.
+    """
 
     max_new_tokens: int = 256
     max_denoising_steps: int = 48
@@ -51,68 +162,66 @@ class GenerationParams:
     stream_drafts: bool = False
     draft_interval_s: float = 0.0
     ignore_eos: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def validated(self, limits: Limits | None = None) -> GenerationParams:
         """Return self if every field is in range, else raise ParamError naming the first bad field."""
-        validate(self, limits or Limits())
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        GenerationSettings.parse(values).resolve(self, limits or Limits())
         return self
 
 
-FIELD_NAMES = frozenset(f.name for f in fields(GenerationParams)) - {"extra"}
-
-
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamError(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ParamError(name, f"must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ParamError(name, f"must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-    if (value <= lo if lo_open else value < lo) or value > hi:
-        raise ParamError(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-    return float(value)
-
-
-def validate(params: GenerationParams, limits: Limits) -> None:
-    """Raise ParamError for the first field outside its allowed range."""
-    _int("max_new_tokens", params.max_new_tokens, 1, limits.max_new_tokens)
-    _int("max_denoising_steps", params.max_denoising_steps, 1, limits.max_denoising_steps)
-    _float("t_min", params.t_min, 0.0, 10.0, lo_open=True)
-    _float("t_max", params.t_max, 0.0, 10.0, lo_open=True)
-    if params.t_max < params.t_min:
-        raise ParamError("t_max", f"must be >= t_min ({params.t_min}), got {params.t_max}")
-    _float("entropy_bound", params.entropy_bound, 0.0, 1e6, lo_open=True)
-    _int("stability_threshold", params.stability_threshold, 0, 64)
-    _float("confidence_threshold", params.confidence_threshold, 0.0, 1e6, lo_open=True)
-    _float("draft_interval_s", params.draft_interval_s, 0.0, 60.0)
-    if params.seed is not None:
-        _int("seed", params.seed, 0, MAX_SEED)
-    if not isinstance(params.stop, tuple) or len(params.stop) > MAX_STOP_STRINGS:
-        raise ParamError("stop", f"must be a list of at most {MAX_STOP_STRINGS} strings")
-    for s in params.stop:
-        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_STRING_CHARS:
-            raise ParamError("stop", f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters")
-    if not isinstance(params.stream_drafts, bool):
-        raise ParamError("stream_drafts", "must be a boolean")
-    if not isinstance(params.ignore_eos, bool):
-        raise ParamError("ignore_eos", "must be a boolean")
+FIELD_NAMES = frozenset(GenerationSettings.model_fields)
 
 
 def params_from_mapping(
     values: Mapping[str, Any], base: GenerationParams | None = None, limits: Limits | None = None
 ) -> GenerationParams:
-    """Build validated params from a client's mapping (unknown keys are an error naming the key)."""
-    base = base or GenerationParams()
-    unknown = sorted(set(values) - FIELD_NAMES)
-    if unknown:
-        raise ParamError(unknown[0], f"unknown setting; known settings are {sorted(FIELD_NAMES)}")
-    updates = {k: v for k, v in values.items() if v is not None}
-    if "stop" in updates:
-        stop = updates["stop"]
-        updates["stop"] = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
-    return replace(base, **updates).validated(limits)
+    """Validated params from a client's mapping over `base` (unknown keys are an error naming the key)."""
+    return GenerationSettings.parse(values).resolve(base or GenerationParams(), limits or Limits())
+
+
+def error_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a client spells the field: `messages[0].content`.
+
+    Union members and validator names (`str`, `list[int]`, `function-after[...]`) are not fields and are left out.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out
+
+
+def _depth(loc: tuple[int | str, ...]) -> int:
+    return sum(1 for part in loc if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "tuple", "dict", "none", "bytes"})
+
+
+def param_error(exc: ValidationError) -> ParamError:
+    """The first error of a validation as a ParamError naming its field, the input shown short and escaped."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    field = error_path(tuple(first["loc"]))
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):  # raised by a model validator: it names the field under `loc`
+        return ParamError(f"{field}.{cause.field}" if field else cause.field, cause.reason)
+    base = error_path(tuple(first["loc"]))
+    # A union reports one error per member; the member that got deepest into the value says the most.
+    related = [e for e in errors if error_path(tuple(e["loc"])).startswith(base)]
+    deepest = max(related, key=lambda e: (_depth(tuple(e["loc"])), e["type"] != "extra_forbidden"))
+    if deepest is not first and error_path(tuple(deepest["loc"])) != base:
+        first, field = deepest, error_path(tuple(deepest["loc"]))
+    field = field or "body"
+    message = str(first["msg"])
+    if len(related) > 1 and error_path(tuple(first["loc"])) == base and first["type"] != "extra_forbidden":
+        # Every member refused the value itself: say so, with what each expected.
+        message = f"not one of the accepted forms ({'; '.join(sorted({str(e['msg']) for e in related})[:4])})"
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    if "input" in first and first["type"] not in ("missing", "json_invalid", "extra_forbidden"):
+        message = f"{message}, got {brief(first['input'])}"
+    return ParamError(field, message)

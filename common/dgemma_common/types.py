@@ -56,6 +56,7 @@ class RequestStats:
     canvases: int = 0
     decoder_passes: int = 0
     encoder_passes: int = 0
+    encoder_s: float = 0.0  # time in the encoder passes that carried this request (batched passes, whole)
     queue_wait_s: float = 0.0
     time_to_first_commit_s: float | None = None
     total_s: float = 0.0

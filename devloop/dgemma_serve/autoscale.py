@@ -2,8 +2,9 @@
 
 Each tick reads the gateway's demand snapshot in-process, maps it to `Measurements` with the same
 function the operator uses, calls `decide`, and starts `dgemma worker` processes (free ports) or retires
-the newest ones with SIGTERM (they drain their in-flight requests, then exit). `LocalSource` reports the
-bound, live workers to the gateway, and the variant itself even when it has none (scale from zero).
+idle ones with SIGTERM, newest first (they drain, then exit); a busy worker is not retired until it is idle.
+`LocalSource` reports the bound, live workers to the gateway, and the variant itself even when it has none
+(scale from zero).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, ScalerState,
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 
 log = logging.getLogger(__name__)
+
+
+def retirable(live: list[LocalWorker], count: int, busy: Callable[[LocalWorker], bool]) -> list[LocalWorker]:
+    """Up to `count` workers to retire: idle ones only, the newest first."""
+    return [w for w in sorted(live, key=lambda w: -w.index) if not busy(w)][:count]
 
 
 class LocalSource:
@@ -92,18 +98,31 @@ class LocalAutoscaler:
                                        self.settings.prior_canvases_per_s, self.clock())
         decision, self.state = decide(self.settings.policy, m, self.state)
         self.decisions.append(decision)
+        target = current
         if decision.desired_replicas > current:
             for _ in range(decision.desired_replicas - current):
                 self.workers.spawn()
+            target = decision.desired_replicas
         elif decision.desired_replicas < current:
-            for w in sorted(self.live, key=lambda w: w.index)[decision.desired_replicas:]:
+            # Only idle workers are retired: a busy one would cut its streams at the end of its drain grace.
+            # The decision stands, so the next ticks retire the others as they go idle.
+            retired = retirable(self.live, current - decision.desired_replicas, self._busy)
+            for w in retired:
                 self.workers.retire(w)
-        if decision.desired_replicas != current:
-            self.say(f"dgemma serve: {current} -> {decision.desired_replicas} workers: {decision.reason} "
+            target = current - len(retired)
+        if target != current:
+            self.say(f"dgemma serve: {current} -> {target} workers: {decision.reason} "
                      f"(demand {m.demand_canvases_per_s:.2f} canvases/s, waiting {m.waiting_requests}, "
                      f"capacity {decision.capacity_source})")
             self.source.report()
         return decision
+
+    def _busy(self, w: LocalWorker) -> bool:
+        """The gateway has requests in flight there, or the worker's last report shows work."""
+        state = self.gateway.registry.endpoints.get(f"{self.source.variant.name}/{w.address}")
+        if state is None:
+            return False
+        return state.inflight > 0 or (state.load is not None and state.load.active + state.load.queue_depth > 0)
 
     async def run(self) -> None:
         """Decide every interval; between decisions, notice new and exited workers quickly."""

@@ -4,7 +4,8 @@ Without --model the small trained checkpoint that ships with the worker package 
 any laptop (it writes English words, not sense: docs/trained-model.md); the serving path is the real one.
 `--demo` starts everything, sends one streamed chat request through the gateway, prints it as it arrives
 and exits. `--autoscale` lets the operator's decision function start and retire workers as demand changes
-(autoscale.py).
+(autoscale.py). `--overflow-url` adds a hosted OpenAI-compatible API that takes the requests the local
+workers cannot serve in time.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from dgemma_common import logsafe
 from dgemma_gateway.app import GatewayServer
-from dgemma_gateway.config import GatewayConfig
+from dgemma_gateway.config import GatewayConfig, add_overflow_flags, overflow_from_args
 from dgemma_gateway.core import GatewaySettings
+from dgemma_gateway.endpoints import EndpointSource, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
 from dgemma_operator.autoscaler import AutoscalingPolicy
 from dgemma_serve.workers import LocalWorkers
+
+VARIANT = "local"  # the one variant `dgemma serve` routes to (gateway and worker metrics name it alike)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="send one streamed request through the gateway, print it and exit")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long the workers may take to load")
+    p.add_argument("--drain-grace-s", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, how long in-flight requests may run before the gateway and workers stop "
+                        "(default 30)")
     a = p.add_argument_group("autoscaling", "scale the local workers with the operator's decision function")
     a.add_argument("--autoscale", action="store_true", help="start and stop workers as demand changes")
     a.add_argument("--min-replicas", type=int, default=1, help="fewest workers (0: scale to zero when idle)")
@@ -58,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--demand-window-s", type=float, default=10.0, help="demand measurement window (10)")
     a.add_argument("--hold-for-replica-s", type=float, default=120.0,
                    help="hold requests this long while a first worker starts (120; 0: off)")
+    o = p.add_argument_group("overflow", "send requests the local workers cannot serve in time to a hosted API")
+    add_overflow_flags(lambda flag, dest, help_text, **kw: o.add_argument(flag, dest=dest, help=help_text, **kw))
     return p
 
 
@@ -113,6 +124,8 @@ def _check(args: argparse.Namespace) -> str | None:
             return "--autoscale-interval-s and --demand-window-s must be > 0, --target-utilization in (0, 1]"
     elif args.replicas < 1:
         return "--replicas must be >= 1"
+    if args.drain_grace_s < 0:
+        return "--drain-grace-s must be >= 0"
     return None
 
 
@@ -157,10 +170,15 @@ async def serve(args: argparse.Namespace) -> int:
               flush=True)
     model = args.model or str(BUNDLED_MODEL_DIR)
     served = args.served_model_name or Path(model.rstrip("/")).name or model
+    try:
+        overflow = overflow_from_args(args, served) if args.overflow_url else None
+    except (ValueError, OSError) as exc:
+        print(f"dgemma serve: {exc}", file=sys.stderr)
+        return 2
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
     initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
-    workers = LocalWorkers(model, initial, served, extra)
+    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT, drain_grace_s=args.drain_grace_s)
     server: GatewayServer | None = None
     scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()
@@ -170,21 +188,28 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         workers.start()
         await asyncio.to_thread(workers.wait_bound)
-        variant = Variant(name="local", model=served, gpu_profile="custom",
-                          scale_from_zero=args.autoscale and args.min_replicas == 0, **checkpoint_shape(model))
+        variant = Variant(name=VARIANT, model=served, gpu_profile="custom",
+                          scale_from_zero=args.autoscale and args.min_replicas == 0,
+                          allow_overflow=bool(args.overflow_url))
+        shape = checkpoint_shape(model)
+        variant = replace(variant, canvas_length=shape.get("canvas_length", variant.canvas_length),
+                          max_denoising_steps=shape.get("max_denoising_steps", variant.max_denoising_steps))
         source = LocalSource(workers, variant)
+        sources: list[EndpointSource] = [source]
+        if overflow is not None:
+            sources.append(StaticSource([overflow], name="overflow"))
         core = GatewaySettings(demand_window_s=args.demand_window_s,
                                hold_for_replica_s=args.hold_for_replica_s if args.autoscale else 0.0)
         config = GatewayConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
                                routing_profile=args.routing_profile, api_keys_file=args.api_keys_file,
                                limits=ApiLimits(), core=core)
-        server = GatewayServer(config, [source])
+        server = GatewayServer(config, sources)
         await server.start()
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         url = f"http://{shown}:{server.port}"
         print(f"dgemma serve: gateway at {url} (OpenAI API under {url}/v1, KServe gRPC on port "
               f"{server.grpc_port}); loading {initial} worker(s) of {served!r}...", flush=True)
-        waiting = asyncio.create_task(server.gateway.wait_ready(args.ready_timeout_s, initial))
+        waiting = asyncio.create_task(server.gateway.wait_ready(args.ready_timeout_s, initial, local=True))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
@@ -212,9 +237,9 @@ async def serve(args: argparse.Namespace) -> int:
         if scaler is not None:
             scaler.cancel()
             await asyncio.gather(scaler, return_exceptions=True)
-        if server is not None:
-            await server.stop(grace_s=2.0)
-        await asyncio.to_thread(workers.stop)
+        # Together: the workers finish what they hold (their own drain) while the gateway streams it out.
+        await asyncio.gather(*([server.stop(grace_s=args.drain_grace_s)] if server is not None else []),
+                             asyncio.to_thread(workers.stop))
         if workers.workdir is not None:
             with contextlib.suppress(OSError):
                 for f in workers.workdir.iterdir():
@@ -225,4 +250,5 @@ async def serve(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma serve ...`."""
     args = build_parser().parse_args(list(argv))
+    logsafe.install()  # the gateway runs in this process: client strings in its logs are escaped and bounded
     return asyncio.run(serve(args))

@@ -45,6 +45,8 @@ class LocalWorkers:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: Path | None = None
+    variant: str = ""  # the gateway's name for the variant, put on the workers' metrics as `variant`
+    drain_grace_s: float = 30.0  # on SIGTERM, how long a worker lets in-flight requests run (its --drain-grace-s)
     workers: list[LocalWorker] = field(default_factory=list)
     _index: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
@@ -64,8 +66,10 @@ class LocalWorkers:
         port_file.unlink(missing_ok=True)
         log_path = self.workdir / f"worker-{i}.log"
         cmd = [sys.executable, "-m", "dgemma_worker.server", "--model", self.model, "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "off", "--port-file", str(port_file), "--drain-grace-s", "5",
+               "--port", "0", "--metrics-port", "off", "--port-file", str(port_file),
+               "--drain-grace-s", f"{self.drain_grace_s:g}",
                *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
+               *(["--variant", self.variant] if self.variant else []),
                *self.extra_args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -115,8 +119,9 @@ class LocalWorkers:
         return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant) for w in self.workers
                 if w.port is not None]
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (drain), then SIGKILL whatever is left after the timeout."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM (drain), then SIGKILL whatever is left after the timeout (default: the drain grace + 10 s)."""
+        timeout = self.drain_grace_s + 10.0 if timeout is None else timeout
         for w in self.workers:
             if w.process.poll() is None:
                 w.process.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ import grpc
 from aiohttp import web
 
 from dgemma_common.auth import ApiKeys
+from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import ReloadingFiles, grpc_server_credentials, keep_reloaded, server_ssl_context
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
@@ -45,6 +46,7 @@ class GatewayServer:
         """Start the sources and both listeners; write the port file."""
         cfg = self.config
         await self.gateway.start()
+        self._tasks.append(asyncio.create_task(watch_loop_lag(self.gateway.metrics.loop_lag.observe), name="loop-lag"))
         self._runner = web.AppRunner(
             # A client that goes away cancels its handler, and so the worker's request, at once.
             self.api.app, access_log=None, handle_signals=False, handler_cancellation=True)

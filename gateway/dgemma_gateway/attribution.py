@@ -12,7 +12,7 @@ A variant is asked to carry what it is preferred for plus the overflow it takes 
 preferred elsewhere): the cheap variant grows to take its share, and the variant carrying the overflow
 keeps the capacity for it until the cheap one has caught up (or for good, when the cheap one is at
 its maximum). The overflow is therefore counted twice while it lasts, which errs towards meeting
-targets.
+targets. Requests overflowed to an external API are attributed the same way, to a local variant.
 
 Pure functions of request shapes, variants and candidates.
 """
@@ -122,7 +122,9 @@ def attribute(
     preferred elsewhere. A request without a shape (its caller did not say its target) stays where it
     was routed.
     """
-    idle = idle_candidates(variants, candidates, now)
+    # Only local variants can be preferred: a request sent to an external API counts as demand for the local
+    # variant it would have gone to, so that the fleet grows and the overflow shrinks.
+    idle = idle_candidates([v for v in variants if not v.overflow], candidates, now)
     cache_: dict[Shape, Preference | None] = {}
     pref: dict[str, Attributed] = {v.name: Attributed() for v in variants}
     overflow: dict[str, Attributed] = {v.name: Attributed() for v in variants}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -15,7 +15,8 @@ from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags,
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
 from dgemma_gateway.openai_api import ApiLimits
-from dgemma_gateway.types import Variant
+from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
+from dgemma_gateway.types import RUNTIMES, Variant
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,11 @@ ENV = {
     "namespace": "DGEMMA_NAMESPACE", "request_timeout_s": "DGEMMA_REQUEST_TIMEOUT_S",
     "max_body_bytes": "DGEMMA_MAX_BODY_BYTES", "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
-    "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY",
+    "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY", "sse_keepalive_s": "DGEMMA_SSE_KEEPALIVE_S",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
+    "overflow_url": "DGEMMA_OVERFLOW_URL", "overflow_model": "DGEMMA_OVERFLOW_MODEL",
+    "overflow_api_key_file": "DGEMMA_OVERFLOW_API_KEY_FILE",
+    "overflow_max_concurrency": "DGEMMA_OVERFLOW_MAX_CONCURRENCY", "overflow_cost": "DGEMMA_OVERFLOW_COST",
     "tls_cert_file": "DGEMMA_TLS_CERT_FILE", "tls_key_file": "DGEMMA_TLS_KEY_FILE",
     "worker_tls_ca_file": "DGEMMA_WORKER_TLS_CA_FILE", "worker_tls_cert_file": "DGEMMA_WORKER_TLS_CERT_FILE",
     "worker_tls_key_file": "DGEMMA_WORKER_TLS_KEY_FILE", "worker_tls_server_name": "DGEMMA_WORKER_TLS_SERVER_NAME",
@@ -55,8 +59,23 @@ ENV = {
 KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
 
 
+HTTP_SCHEMES = ("http://", "https://")
+# What an external API is assumed to deliver until the gateway has measured its requests (tokens/s), and what
+# a request there costs relative to a local replica-second (it is only used when no local endpoint can serve).
+EXTERNAL_TOKENS_PER_S_PRIOR = 1000.0
+DEFAULT_OVERFLOW_COST = 5.0
+DEFAULT_OVERFLOW_CONCURRENCY = 16
+
+
+def http_spec(variant: Variant, url: str, target: HttpTarget) -> EndpointSpec:
+    """The endpoint of an OpenAI-compatible server."""
+    base = http_base_url(url)
+    return EndpointSpec(f"{variant.name}/{base}", base, variant, http=replace(target, base_url=base))
+
+
 def parse_endpoint(text: str, model: str = "") -> EndpointSpec:
-    """`host:port` or `host:port=variant:model[:cost[:target_ms]]` as a static endpoint."""
+    """`ADDRESS[=variant:model[:cost[:target_ms]]]`: a dgemma worker's `host:port`, or an OpenAI-compatible
+    server's base URL (`http://10.0.0.7:8000/v1`, a vLLM server: its metrics are scraped when it has them)."""
     address, _, rest = text.partition("=")
     parts = rest.split(":") if rest else []
     variant = parts[0] if parts and parts[0] else "default"
@@ -65,8 +84,16 @@ def parse_endpoint(text: str, model: str = "") -> EndpointSpec:
         raise ValueError(f"endpoint {text!r}: name the model (host:port=variant:model) or pass --model")
     cost = float(parts[2]) if len(parts) > 2 and parts[2] else 1.0
     target = float(parts[3]) if len(parts) > 3 and parts[3] else 2000.0
-    return EndpointSpec(f"{variant}/{address}", address,
-                        Variant(name=variant, model=served, cost_weight=cost, latency_target_ms=target))
+    v = Variant(name=variant, model=served, cost_weight=cost, latency_target_ms=target)
+    if address.startswith(HTTP_SCHEMES):
+        return http_spec(replace(v, runtime="vllm"), address, HttpTarget(address, served))
+    if "://" in address:
+        raise ValueError(f"endpoint {text!r}: a worker is host:port, an OpenAI-compatible server http(s)://...")
+    return EndpointSpec(f"{variant}/{address}", address, v)
+
+
+# Keys of an endpoints-file variant that describe its HTTP endpoints rather than the variant itself.
+_HTTP_KEYS = ("upstream_model", "api_key_file", "max_concurrency", "max_queue")
 
 
 def load_endpoints_file(path: Path) -> list[EndpointSpec]:
@@ -75,14 +102,89 @@ def load_endpoints_file(path: Path) -> list[EndpointSpec]:
     variants:
       - {name: fast, model: m, gpu_profile: h100, cost_weight: 3, latency_target_ms: 500,
          canvas_length: 256, endpoints: ["10.0.0.1:50051"]}
+      - {name: vllm-h100, model: m, runtime: vllm, max_concurrency: 4, endpoints: ["http://10.0.0.7:8000/v1"]}
+      - {name: hosted, model: m, runtime: external, upstream_model: google/diffusiongemma-26B-A4B-it,
+         api_key_file: /secrets/key, max_concurrency: 16, cost_weight: 5, endpoints: ["https://api.example/v1"]}
     """
     data = yaml.safe_load(path.read_text()) or {}
     out: list[EndpointSpec] = []
     for v in data.get("variants", []):
         addresses = v.pop("endpoints", [])
+        extra = {k: v.pop(k) for k in _HTTP_KEYS if k in v}
         variant = Variant(**v)
-        out.extend(EndpointSpec(f"{variant.name}/{a}", a, variant) for a in addresses)
+        if variant.runtime not in RUNTIMES:
+            raise ValueError(f"variant {variant.name!r}: runtime must be one of {list(RUNTIMES)}")
+        for address in addresses:
+            out.append(_file_endpoint(variant, str(address), extra))
     return out
+
+
+def _file_endpoint(variant: Variant, address: str, extra: dict[str, object]) -> EndpointSpec:
+    is_http = address.startswith(HTTP_SCHEMES)
+    if is_http == (variant.runtime == "dgemma"):
+        raise ValueError(f"variant {variant.name!r}: a {variant.runtime} endpoint is "
+                         f"{'a host:port' if variant.runtime == 'dgemma' else 'an http(s) base URL'}, not {address!r}")
+    if not is_http:
+        return EndpointSpec(f"{variant.name}/{address}", address, variant)
+    key_file = extra.get("api_key_file")
+    concurrency = int(str(extra.get("max_concurrency", DEFAULT_OVERFLOW_CONCURRENCY if variant.overflow else 4)))
+    target = HttpTarget(address, str(extra.get("upstream_model") or variant.model),
+                        api_key=read_api_key(Path(str(key_file))) if key_file else None,
+                        capacity=concurrency, max_queue=int(str(extra.get("max_queue", 0 if variant.overflow else 16))),
+                        scrape=variant.runtime == "vllm")
+    return http_spec(variant, address, target)
+
+
+def read_api_key(path: Path) -> str:
+    """An API key from a file (a mounted Secret): its first non-empty line."""
+    key = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+    if not key:
+        raise ValueError(f"{path} holds no API key")
+    return key
+
+
+def overflow_spec(url: str, upstream_model: str, served_as: str, key_file: Path | None = None,
+                  max_concurrency: int = DEFAULT_OVERFLOW_CONCURRENCY, cost: float = DEFAULT_OVERFLOW_COST,
+                  latency_target_ms: float = 2000.0) -> EndpointSpec:
+    """The external API of `--overflow-url`: a variant with no pods, used only when local endpoints fall short."""
+    variant = Variant(name="overflow", model=served_as, gpu_profile="external", cost_weight=cost,
+                      latency_target_ms=latency_target_ms, tokens_per_s_prior=EXTERNAL_TOKENS_PER_S_PRIOR,
+                      runtime="external")
+    target = HttpTarget(url, upstream_model, api_key=read_api_key(key_file) if key_file else None,
+                        capacity=max_concurrency, max_queue=0, scrape=False)
+    return http_spec(variant, url, target)
+
+
+def allow_overflow(specs: Sequence[EndpointSpec], model: str) -> list[EndpointSpec]:
+    """The local endpoints of `model` opted in to overflow (giving --overflow-url is the opt-in)."""
+    return [replace(s, variant=replace(s.variant, allow_overflow=True))
+            if s.variant.model == model and not s.variant.overflow else s for s in specs]
+
+
+def add_overflow_flags(add: Callable[..., object]) -> None:
+    """The --overflow-* flags, shared by `dgemma gateway` and `dgemma serve`."""
+    add("--overflow-url", "overflow_url",
+        "an external OpenAI-compatible API (base URL) that takes requests no local endpoint can serve in time")
+    add("--overflow-model", "overflow_model", "the model's name on the --overflow-url service")
+    add("--overflow-api-key-file", "overflow_api_key_file", "file holding the --overflow-url API key", type=Path)
+    add("--overflow-max-concurrency", "overflow_max_concurrency",
+        f"requests in flight at the --overflow-url service at most (default {DEFAULT_OVERFLOW_CONCURRENCY})",
+        type=int)
+    add("--overflow-cost", "overflow_cost",
+        f"cost weight of the overflow variant (default {DEFAULT_OVERFLOW_COST:g})", type=float)
+
+
+def overflow_from_args(args: argparse.Namespace, served_as: str) -> EndpointSpec:
+    """The overflow endpoint the --overflow-* flags describe (--overflow-url given); ValueError if incomplete."""
+    if not args.overflow_model:
+        raise ValueError("--overflow-url needs --overflow-model (the model's name on that service)")
+    concurrency = DEFAULT_OVERFLOW_CONCURRENCY if args.overflow_max_concurrency is None \
+        else args.overflow_max_concurrency
+    cost = DEFAULT_OVERFLOW_COST if args.overflow_cost is None else args.overflow_cost
+    if concurrency < 1 or cost <= 0:
+        raise ValueError("--overflow-max-concurrency must be >= 1 and --overflow-cost > 0")
+    return overflow_spec(args.overflow_url, args.overflow_model, served_as, args.overflow_api_key_file,
+                         concurrency, cost)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--routing-profile", "routing_profile",
         "latency-target, least-loaded, round-robin or a YAML file (default latency-target)")
     add("--api-keys-file", "api_keys_file", "file with one API key per line (default: no keys)", type=Path)
-    add("--endpoint", "endpoint", "static worker: host:port[=variant:model[:cost[:target_ms]]] (repeatable)",
-        action="append", default=[])
+    add("--endpoint", "endpoint", "static endpoint: a worker's host:port, or an OpenAI-compatible (vLLM) base URL "
+        "http(s)://host:port/v1, then [=variant:model[:cost[:target_ms]]] (repeatable)", action="append", default=[])
     add("--model", "model", "served model name of --endpoint entries that name none")
     add("--endpoints-file", "endpoints_file", "YAML file of variants and their endpoints", type=Path)
     add("--kubernetes", "kubernetes", "discover DiffusionGemma variants and their worker pods in the cluster",
@@ -125,14 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-n", "max_n", "largest n (default 4)", type=int)
     add("--max-streams-per-key", "max_streams_per_key", "concurrent requests per API key (default 64; 0: no limit)",
         type=int)
+    add("--sse-keepalive-s", "sse_keepalive_s",
+        "a stream silent this long gets its headers and an SSE comment, and one more each time again (default 2)",
+        type=float)
     add("--hold-for-replica-s", "hold_for_replica_s",
         "hold a request up to this long while a model's first replica starts (scale from zero); 0: off "
         f"(default {KUBERNETES_HOLD_FOR_REPLICA_S:g} with --kubernetes, else 0)", type=float)
     add("--demand-window-s", "demand_window_s", "window of the demand measurements for the autoscaler (default 60)",
         type=float)
+    add_overflow_flags(add)
     return p
 
 
+def _only_model(specs: Sequence[EndpointSpec]) -> str | None:
+    models = {s.variant.model for s in specs}
+    return models.pop() if len(models) == 1 else None
 def _tls(args: argparse.Namespace) -> tuple[TlsFiles | None, WorkerTls | None]:
     """The front door's certificate and the worker side's settings from the flags."""
     front = tls_files(args.tls_cert_file, args.tls_key_file, what="--tls-cert-file")
@@ -155,10 +264,13 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         endpoints += [parse_endpoint(e, args.model or "") for e in args.endpoint]
         if args.endpoints_file is not None:
             endpoints += load_endpoints_file(args.endpoints_file)
+        if args.overflow_url:
+            served = args.model or _only_model(endpoints) or args.overflow_model or ""
+            endpoints = [*allow_overflow(endpoints, served), overflow_from_args(args, served)]
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
     if not endpoints and not args.kubernetes:
-        parser.error("give --endpoint, --endpoints-file or --kubernetes")
+        parser.error("give --endpoint, --endpoints-file, --overflow-url or --kubernetes")
     d = ApiLimits()
     limits = ApiLimits(
         max_body_bytes=args.max_body_bytes or d.max_body_bytes,
@@ -167,6 +279,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         default_max_tokens=args.default_max_tokens or d.default_max_tokens,
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
+        sse_keepalive_s=args.sse_keepalive_s or d.sse_keepalive_s,
     )
     try:
         tls, worker_tls = _tls(args)
@@ -175,6 +288,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
     hold = args.hold_for_replica_s
     if hold is None:
         hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
+    if limits.sse_keepalive_s < 0.05:
+        parser.error("--sse-keepalive-s must be >= 0.05")
     if hold < 0 or (args.demand_window_s is not None and args.demand_window_s <= 0):
         parser.error("--hold-for-replica-s must be >= 0 and --demand-window-s > 0")
     core = GatewaySettings(request_timeout_s=args.request_timeout_s or GatewaySettings().request_timeout_s,

@@ -1,7 +1,10 @@
-"""The gateway: routes each request to a worker, streams its events back, retries before the first event.
+"""The gateway: routes each request to an endpoint, streams its events back, retries before the first event.
 
 Front ends (HTTP OpenAI API, KServe gRPC) turn client requests into a `GatewayRequest`, iterate
-`Gateway.generate` and format what comes out; they never talk to workers themselves.
+`Gateway.generate` and format what comes out; they never talk to endpoints themselves. An endpoint is a
+dgemma worker (gRPC) or an OpenAI-compatible server (vLLM, an external API); both stream the same events.
+An external API takes a request only when no local endpoint is predicted to meet its target
+(`routing.overflow`); the request's demand still counts for the local variant it preferred.
 """
 
 from __future__ import annotations
@@ -10,45 +13,37 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
+from dgemma_common.convert import settings_to_pb
+from dgemma_common.logsafe import clip
+from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, snapshot
-from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, Registry, StepsTaken
-from dgemma_gateway.errors import FAILING, RETRYABLE, GatewayError, from_upstream
+from dgemma_gateway.endpoints import (
+    ChannelFactory,
+    Ejection,
+    EndpointSource,
+    EndpointState,
+    Registry,
+    StepsTaken,
+    worker_events,
+)
+from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream
 from dgemma_gateway.metrics import GatewayMetrics
-from dgemma_gateway.routing import Decision, Pipeline, route
+from dgemma_gateway.request import GatewayRequest
+from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
 from dgemma_gateway.routing.predict import Prediction, canvases_for
+from dgemma_gateway.runtimes import refusal
 from dgemma_gateway.types import RouteRequest
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GatewayRequest:
-    """One generation request, whichever front end it came from."""
-
-    model: str
-    prompt: pb.Prompt
-    settings: Mapping[str, Any]  # validated GenerationParams fields the client set (max_new_tokens always)
-    latency_target_ms: float | None = None
-    strict: bool | None = None
-    timeout_s: float | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    api: str = "openai"
-    param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
-    # Filled in by the gateway as it routes: endpoint, variant, target and prediction (for headers and logs).
-    trace: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def max_tokens(self) -> int:
-        """The completion budget."""
-        return int(self.settings["max_new_tokens"])
+_tracer = trace.get_tracer("dgemma_gateway")
 
 
 # How a finished request says its reply ended: by itself, or cut by its token budget (what replies teach).
@@ -130,24 +125,25 @@ class Gateway:
         self._tasks.clear()
         await self.registry.close()
 
-    async def wait_ready(self, timeout: float, count: int = 1) -> bool:
-        """Wait until `count` endpoints are ready (start-up and tests)."""
+    async def wait_ready(self, timeout: float, count: int = 1, local: bool = False) -> bool:
+        """Wait until `count` endpoints are ready (start-up and tests; `local`: not counting external APIs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready_count() >= count:
+            if self.ready_count(local=local) >= count:
                 return True
             await asyncio.sleep(0.05)
-        return self.ready_count() >= count
+        return self.ready_count(local=local) >= count
 
     # ---- state ----------------------------------------------------------------------------------
 
-    def ready_count(self, model: str | None = None) -> int:
-        """Endpoints that could take a request now."""
+    def ready_count(self, model: str | None = None, local: bool = False) -> int:
+        """Endpoints that could take a request now (`local`: not counting external APIs)."""
         now = self.registry.clock()
         return sum(
             1 for c in self.registry.candidates(now)
-            if (model is None or c.variant.model == model) and c.load is not None and c.load.ready
-            and not c.load.draining and not c.ejected and now - c.load.observed_at <= self.settings.stale_after_s
+            if (model is None or c.variant.model == model) and not (local and c.variant.overflow)
+            and c.load is not None and c.load.ready and not c.load.draining and not c.ejected
+            and now - c.load.observed_at <= self.settings.stale_after_s
         )
 
     def models(self) -> list[str]:
@@ -171,11 +167,11 @@ class Gateway:
         still starting; the held request counts as demand on the cheapest such variant, so the autoscaler
         starts one there.
         """
-        if self.settings.hold_for_replica_s <= 0 or self.ready_count(model) > 0:
+        if self.settings.hold_for_replica_s <= 0 or self.ready_count(model, local=True) > 0:
             return None
         starting = {c.variant.name for c in self.registry.candidates() if c.variant.model == model}
         options = [v for v in self.registry.variants.values()
-                   if v.model == model and (v.scale_from_zero or v.name in starting)]
+                   if v.model == model and not v.overflow and (v.scale_from_zero or v.name in starting)]
         if not options:
             return None
         return min(options, key=lambda v: (v.cost_weight, v.name)).name
@@ -193,13 +189,13 @@ class Gateway:
         self._held[variant] = (n + 1, c + canvases)
         req.trace.update(held_for=variant)
         log.info("request %s: no ready endpoint for %r; holding it up to %.0f s for a replica of %s",
-                 req.request_id, req.model, until - start, variant)
+                 clip(req.request_id, 64), clip(req.model, 64), until - start, variant)
         try:
             while self.registry.clock() < until:
-                if self.ready_count(req.model) > 0:
+                if self.ready_count(req.model, local=True) > 0:
                     return True
                 await asyncio.sleep(self.settings.hold_poll_s)
-            return self.ready_count(req.model) > 0
+            return self.ready_count(req.model, local=True) > 0
         finally:
             n, c = self._held.get(variant, (1, canvases))
             if n <= 1:
@@ -219,18 +215,34 @@ class Gateway:
             latency_target_ms=req.latency_target_ms,
             strict=req.strict,
             seq=seq,
+            allow_overflow=req.allow_overflow,
         )
+
+    def _check_settings(self, req: GatewayRequest) -> None:
+        """400 when no variant of the model can honour the request's settings (vLLM fixes some per server)."""
+        variants = [v for v in self.registry.variants.values() if v.model == req.model]
+        refusals = [refusal(v.runtime, req.settings) for v in variants if not v.overflow]
+        if refusals and all(r is not None for r in refusals):
+            name, why = next(r for r in refusals if r is not None)
+            field = req.client_field(name)
+            raise GatewayError(400, f"{field}: {why}", param=field, code="unsupported_setting")
 
     def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
         now = self.registry.clock()
-        candidates = [c for c in self.registry.candidates(now) if c.endpoint_id not in excluded]
-        return route(self.pipeline, self._route_request(req, seq), candidates, now)
+        candidates = [c for c in self.registry.candidates(now)
+                      if c.endpoint_id not in excluded and refusal(c.variant.runtime, req.settings) is None]
+        return route_with_overflow(self.pipeline, self._route_request(req, seq), candidates, now,
+                                   self.registry.variants.values())
 
     def _refusal(self, req: GatewayRequest, decision: Decision, tried: set[str]) -> GatewayError:
         self.demand.refused(req.model)
         if req.model not in self.registry.models():
             return GatewayError(404, f"model {req.model!r} does not exist; served: {self.registry.models()}",
                                 param="model", code="model_not_found")
+        paused = self._paused_s(req.model)
+        if paused is not None and not tried:
+            return GatewayError(429, "every upstream of the model asked for a pause (429)",
+                                code="upstream_rate_limited", retry_after_s=paused)
         if self.ready_count(req.model) == 0 and not tried:
             return GatewayError(503, f"no ready endpoint for model {req.model!r}", code="no_ready_endpoint",
                                 retry_after_s=5.0)
@@ -238,17 +250,52 @@ class Gateway:
         return GatewayError(429, f"no endpoint can take the request now: {decision.reason}",
                             code="no_capacity", retry_after_s=retry)
 
+    def _paused_s(self, model: str) -> float | None:
+        """Seconds until the model's first endpoint paused by a 429 may be used again; None if none is paused."""
+        now = self.registry.clock()
+        ready = [s for s in self.registry.endpoints.values()
+                 if s.spec.variant.model == model and s.load is not None and s.load.ready]
+        if not ready or any(s.ejected_until <= now or s.failures > 0 for s in ready):
+            return None
+        return min(s.ejected_until - now for s in ready)
+
     def _pb_request(self, req: GatewayRequest, timeout_s: float) -> pb.GenerateRequest:
-        params = pb.GenerationParams()
-        for key, value in req.settings.items():
-            if key == "stop":
-                params.stop.extend([value] if isinstance(value, str) else list(value))
-            else:
-                setattr(params, key, value)
-        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=params, timeout_s=timeout_s)
+        return pb.GenerateRequest(request_id=req.request_id, prompt=req.prompt, params=settings_to_pb(req.settings),
+                                  timeout_s=timeout_s)
+
+    def _call(self, state: EndpointState, req: GatewayRequest, remaining: float, context: Any
+              ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The request's events from this endpoint, whichever kind it is; the request id and trace context
+        travel with the call (gRPC metadata or HTTP headers)."""
+        metadata = outgoing_metadata(req.request_id, context)
+        if state.http is not None:
+            return state.http.generate(req, state.spec.variant, remaining, headers=dict(metadata))
+        return worker_events(state.stub, self._pb_request(req, remaining), remaining, dict(req.param_names),
+                             metadata)
 
     async def generate(self, req: GatewayRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event."""
+        """Route and stream one request; raise GatewayError. Retried elsewhere only before the first event.
+
+        One span per request (a child of the front end's), with the routing decision as attributes; its
+        context travels to the worker in the call's metadata.
+        """
+        span = _tracer.start_span("gateway.generate", attributes={
+            "dgemma.request_id": req.request_id, "dgemma.model": req.model, "dgemma.api": req.api,
+            "dgemma.max_tokens": req.max_tokens})
+        try:
+            async for response in self._generate(req, trace.set_span_in_context(span)):
+                yield response
+        except GatewayError as error:
+            span.set_attribute("http.response.status_code", error.status)
+            span.set_status(trace.StatusCode.ERROR, error.message)
+            raise
+        finally:
+            span.set_attributes({f"dgemma.{k}": v for k, v in req.trace.items()
+                                 if isinstance(v, str | bool | int | float)})
+            span.end()
+
+    async def _generate(self, req: GatewayRequest, context: Any) -> AsyncGenerator[pb.GenerateResponse, None]:
+        self._check_settings(req)
         seq = next(self._seq)
         started = self.registry.clock()
         timeout = req.timeout_s or self.settings.request_timeout_s
@@ -256,6 +303,7 @@ class Gateway:
         tried: set[str] = set()
         attempt = 0
         held = False
+        last_error: GatewayError | None = None
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
@@ -266,7 +314,7 @@ class Gateway:
                     if await self._hold(req, hold_for, deadline):
                         continue
             if chosen is None:
-                error = self._refusal(req, decision, tried)
+                error = last_error or self._refusal(req, decision, tried)
                 self.metrics.requests.labels(req.api, "", str(error.status)).inc()
                 raise error
             state = self.registry.endpoints.get(chosen.endpoint_id)
@@ -280,48 +328,53 @@ class Gateway:
                                    code="timeout")
             canvas = chosen.load.canvas_length if chosen.load and chosen.load.canvas_length else variant.canvas_length
             req.trace.update(
-                endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1,
+                endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1, overflow=variant.overflow,
                 target_ms=None if decision.target_s is None else round(decision.target_s * 1000, 3),
                 predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
                 prediction=None if decision.prediction is None else prediction_parts(decision.prediction),
                 expect_met=decision.expect_met,
             )
-            # With the request itself, so its demand can also be attributed to its preferred variant.
+            # With the request itself, so its demand can also be attributed to its preferred variant (an
+            # overflowed request counts as demand for the local variant it would have preferred).
             self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
                                canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
-            call = state.stub.Generate(self._pb_request(req, remaining), timeout=remaining + 1.0)
+            events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False
             final: pb.Final | None = None
             try:
-                async for response in call:
+                async for response in events:
                     if not sent:
                         sent = True
                         self.metrics.first_byte.labels(variant.name).observe(self.registry.clock() - started)
                     if response.HasField("final"):
                         final = response.final
                     yield response
-            except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if code in FAILING:
-                    self.registry.record_failure(chosen.endpoint_id)
-                    self.metrics.ejections.labels(variant.name).inc()
-                if not sent and code in RETRYABLE and attempt + 1 < self.settings.max_attempts:
+            except UpstreamFailure as failure:
+                self._failed(chosen.endpoint_id, variant.name, failure)
+                if not sent and failure.retryable and attempt + 1 < self.settings.max_attempts:
                     attempt += 1
                     tried.add(chosen.endpoint_id)
-                    self.metrics.retries.labels(code.name.lower()).inc()
+                    last_error = failure.error
+                    self.metrics.retries.labels(failure.reason).inc()
                     log.info("request %s: %s failed before its first event (%s); retrying elsewhere",
-                             req.request_id, chosen.endpoint_id, code.name)
+                             clip(req.request_id, 64), chosen.endpoint_id, failure.reason)
                     continue
-                error = from_upstream(code, err.details() or "", dict(req.param_names))
-                self.metrics.requests.labels(req.api, variant.name, str(error.status)).inc()
-                raise error from None
+                self.metrics.requests.labels(req.api, variant.name, str(failure.error.status)).inc()
+                raise failure.error from None
             finally:
                 state.inflight -= 1
-                if not call.done():
-                    call.cancel()
+                await events.aclose()
             self._finished(req, chosen.endpoint_id, variant.name, decision, final, started)
             return
+
+    def _failed(self, endpoint_id: str, variant: str, failure: UpstreamFailure) -> None:
+        if failure.failing:
+            self.registry.record_failure(endpoint_id)
+            self.metrics.ejections.labels(variant).inc()
+        if failure.cooldown_s is not None:
+            self.registry.record_rate_limited(endpoint_id, failure.cooldown_s)
+            self.metrics.throttled.labels(variant).inc()
 
     def _finished(self, req: GatewayRequest, endpoint_id: str, variant: str, decision: Decision,
                   final: pb.Final | None, started: float) -> None:
@@ -344,7 +397,9 @@ class Gateway:
         m.latency.labels(variant).observe(elapsed)
         m.tokens.labels(variant).inc(tokens)
         if met is not None:
+            # Both series exist from the first target on: a "missed" ratio reads 0, not blank, until one is missed.
             m.targets.labels(variant, "met" if met else "missed").inc()
+            m.targets.labels(variant, "missed" if met else "met").inc(0)
 
     async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.
@@ -367,7 +422,7 @@ class Gateway:
             if c.variant.model != model or c.load is None or not c.load.ready or c.ejected:
                 continue
             state = self.registry.endpoints.get(c.endpoint_id)
-            if state is None:
+            if state is None or state.stub is None:  # an HTTP upstream counts its own prompts
                 continue
             try:
                 reply = await state.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), timeout=10.0)

@@ -1,9 +1,11 @@
 """Endpoints: where they come from (sources), what the gateway knows of each (registry), and their load.
 
-Layers, as in llm-d's metrics: a *scraper* (`watch_load`, the worker's WatchLoad stream) fetches
-reports, an *extractor* (`extract_load`) maps them to the canonical `EndpointLoad`, and routing reads
-only the canonical view. A failing endpoint is ejected for a backoff period that doubles with each
-failure in a row (outlier ejection), and its watcher reconnects with backoff.
+Two kinds of endpoint: a dgemma worker (gRPC, `dgemma.v1.Denoiser`) and an OpenAI-compatible HTTP server
+(a vLLM pod, an external API: `openai_upstream`). Layers, as in llm-d's metrics: a *scraper* fetches
+reports (the worker's WatchLoad stream; a vLLM server's /metrics), an *extractor* maps them to the canonical
+`EndpointLoad` (`extract_load`; `vllm_load`), and routing reads only the canonical view. A failing endpoint
+is ejected for a backoff period that doubles with each failure in a row (outlier ejection), and its watcher
+reconnects with backoff; an upstream that answers 429 is paused for its Retry-After.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import aiohttp
 import grpc
 
 from dgemma_common.tls import TlsFiles, grpc_channel_credentials
+from dgemma_gateway.errors import grpc_failure
+from dgemma_gateway.openai_upstream import HttpTarget, OpenAIUpstream
 from dgemma_gateway.routing.predict import reply_survival
 from dgemma_gateway.types import Candidate, EndpointLoad, Variant
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -33,11 +39,17 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """One worker as a source reports it."""
+    """One endpoint as a source reports it: a worker's gRPC address, or an OpenAI-compatible server."""
 
     endpoint_id: str
-    address: str  # host:port of the worker's gRPC server
+    address: str  # host:port of the worker's gRPC server, or the HTTP server's API root
     variant: Variant
+    http: HttpTarget | None = None  # set for an OpenAI-compatible server
+
+    @property
+    def kind(self) -> Literal["grpc", "http"]:
+        """How the gateway talks to it."""
+        return "grpc" if self.http is None else "http"
 
 
 class Sink(Protocol):
@@ -88,6 +100,21 @@ def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
     )
 
 
+async def worker_events(stub: Any, request: pb.GenerateRequest, timeout_s: float, param_names: dict[str, str],
+                        metadata: Sequence[tuple[str, str]] = ()) -> AsyncGenerator[pb.GenerateResponse, None]:
+    """A worker's Generate stream (`metadata`: the request id and trace context); a failed call raises
+    UpstreamFailure, a closed stream cancels the call."""
+    call = stub.Generate(request, timeout=timeout_s + 1.0, metadata=tuple(metadata))
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as err:
+        raise grpc_failure(err.code(), err.details() or "", param_names) from None
+    finally:
+        if not call.done():
+            call.cancel()
+
+
 async def watch_load(stub: Any, interval_s: float) -> AsyncIterator[pb.LoadReport]:
     """The scraper: the worker's WatchLoad stream (a report now, then one per interval)."""
     call = stub.WatchLoad(pb.WatchLoadRequest(interval_s=interval_s))
@@ -136,8 +163,9 @@ class EndpointState:
     """What the gateway knows about one endpoint; owned by the Registry."""
 
     spec: EndpointSpec
-    channel: grpc.aio.Channel
+    channel: grpc.aio.Channel | None  # a worker's; None for an HTTP endpoint
     stub: Any
+    http: OpenAIUpstream | None = None  # an HTTP endpoint's client
     load: EndpointLoad | None = None
     inflight: int = 0
     failures: int = 0
@@ -215,6 +243,7 @@ class Registry:
         self._alpha = step_fraction_alpha
         self.ejections_total = 0
         self.changed = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None  # shared by every HTTP endpoint
         self._closing: set[asyncio.Task[None]] = set()
 
     # ---- membership -----------------------------------------------------------------------------
@@ -235,30 +264,47 @@ class Registry:
             if endpoint_id not in wanted or wanted[endpoint_id].address != state.spec.address:
                 self._forget(endpoint_id)
         for endpoint_id, spec in wanted.items():
-            if endpoint_id in self.endpoints:
+            if endpoint_id in self.endpoints and self.endpoints[endpoint_id].spec.http == spec.http:
                 self.endpoints[endpoint_id].spec = spec  # the variant's settings may have changed
                 continue
-            channel = self.open_channel(spec.address)
-            state = EndpointState(spec, channel, pb_grpc.DenoiserStub(channel))
+            if endpoint_id in self.endpoints:
+                self._forget(endpoint_id)  # a new model name, key or limit on the same server
+            if spec.http is None:
+                channel = self.open_channel(spec.address)
+                state = EndpointState(spec, channel, pb_grpc.DenoiserStub(channel))
+                watch = self._watch(state)
+            else:
+                state = EndpointState(spec, None, None)
+                state.http = OpenAIUpstream(spec.http, self._http_session(), self.clock, self.watch_interval_s,
+                                            self._reporter(state), partial(_variant_of, state))
+                watch = self._watch_http(state, state.http)
             self.endpoints[endpoint_id] = state
-            state.watcher = asyncio.get_running_loop().create_task(
-                self._watch(state), name=f"watch-load {endpoint_id}"
-            )
+            state.watcher = asyncio.get_running_loop().create_task(watch, name=f"watch-load {endpoint_id}")
         self.changed.set()
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # Upstreams are few and long-lived: keep connections, but no more than the pool's limit to each.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=256))
+        return self._session
 
     def _forget(self, endpoint_id: str) -> None:
         state = self.endpoints.pop(endpoint_id)
         if state.watcher is not None:
             state.watcher.cancel()
-        # Close after in-flight calls had a chance to finish.
-        self._close_later(state.channel, 30.0 if state.inflight else 0.0)
+        if state.channel is not None:
+            # Close after in-flight calls had a chance to finish.
+            self._close_later(state.channel, 30.0 if state.inflight else 0.0)
 
     def renew_channels(self) -> None:
-        """Open a new channel to every endpoint (our client certificate was renewed); calls in flight finish on
-        the old one, which closes later, and the load watchers move over when they next reconnect."""
+        """Open a new channel to every worker (our client certificate was renewed); calls in flight finish on
+        the old one, which closes later, and the load watchers move over when they next reconnect. HTTP
+        endpoints keep their connections."""
         loop = asyncio.get_running_loop()
         for state in self.endpoints.values():
             old = state.channel
+            if old is None:
+                continue
             state.channel = self.open_channel(state.spec.address)
             state.stub = pb_grpc.DenoiserStub(state.channel)
             if state.watcher is not None:
@@ -280,7 +326,9 @@ class Registry:
             if s.watcher is not None:
                 s.watcher.cancel()
         await asyncio.gather(*(s.watcher for s in states if s.watcher is not None), return_exceptions=True)
-        await asyncio.gather(*(s.channel.close(None) for s in states), return_exceptions=True)
+        await asyncio.gather(*(s.channel.close(None) for s in states if s.channel is not None), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
     # ---- load -----------------------------------------------------------------------------------
 
@@ -302,6 +350,25 @@ class Registry:
             await asyncio.sleep(backoff)
             backoff = min(2.0, backoff * 2)
 
+    def _reporter(self, state: EndpointState) -> Callable[[EndpointLoad | None, float | None], None]:
+        def report(load: EndpointLoad | None, step_fraction: float | None) -> None:
+            state.load = load
+            if step_fraction is not None:
+                self.learn_step_fraction(state.spec.variant.name, step_fraction)
+
+        return report
+
+    async def _watch_http(self, state: EndpointState, upstream: OpenAIUpstream) -> None:
+        while True:
+            try:
+                await upstream.watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("load watch of %s failed", state.spec.endpoint_id)
+            state.load = None
+            await asyncio.sleep(1.0)
+
     def set_load(self, endpoint_id: str, load: EndpointLoad | None) -> None:
         """Replace an endpoint's load (tests and simulations)."""
         self.endpoints[endpoint_id].load = load
@@ -319,6 +386,12 @@ class Registry:
         log.warning("ejecting %s for %.1f s after %d failure(s)", endpoint_id,
                     self.ejection.period(state.failures), state.failures)
 
+    def record_rate_limited(self, endpoint_id: str, retry_after_s: float) -> None:
+        """The endpoint asked for a pause (429): out of routing that long; not a failure."""
+        state = self.endpoints.get(endpoint_id)
+        if state is not None:
+            state.ejected_until = max(state.ejected_until, self.clock() + retry_after_s)
+
     def record_success(self, endpoint_id: str, variant: str, steps: StepsTaken | None = None) -> None:
         """The endpoint finished a request: it is healthy; learn how many steps its canvases took at its cap."""
         state = self.endpoints.get(endpoint_id)
@@ -334,6 +407,12 @@ class Registry:
         known = self.variants.get(variant)
         if known is not None and steps.cap == known.max_denoising_steps:
             self.step_fraction[variant] = shares[steps.cap]
+
+    def learn_step_fraction(self, variant: str, step_fraction: float) -> None:
+        """A measured share of max_denoising_steps that a canvas of this variant took, from an endpoint's own
+        metrics (vLLM) rather than per request: the variant's default-cap share, not one per cap."""
+        if 0 < step_fraction <= 1:
+            self.step_fraction[variant] = self._ema(self.step_fraction.get(variant), step_fraction)
 
     def record_reply(self, variant: str, canvases: int, ended: bool) -> None:
         """A request finished after `canvases` canvases, at EOS or a stop string (`ended`) or cut by its budget."""
@@ -373,6 +452,10 @@ class Registry:
     def models(self) -> list[str]:
         """Served model names, sorted."""
         return sorted({v.model for v in self.variants.values()})
+
+
+def _variant_of(state: EndpointState) -> Variant:
+    return state.spec.variant
 
 
 async def _close_later(channel: grpc.aio.Channel, delay: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -19,10 +20,12 @@ from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import kserve
-from dgemma_common.auth import ApiKeys
+from dgemma_common.auth import ApiKeys, AuthError, metadata_getter
 from dgemma_common.guard import RequestGuard
-from dgemma_common.kserve import client_settings, parameter_value
-from dgemma_common.params import Limits, ParamError, params_from_mapping
+from dgemma_common.kserve import parameter_value
+from dgemma_common.openai_models import latency_target_ms
+from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.tracing import RequestContextInterceptor
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError
@@ -63,8 +66,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayErro
 class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService in front of every model the gateway serves."""
 
-    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256) -> None:
+    def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256,
+                 keys: ApiKeys | None = None) -> None:
         self.gateway = gateway
+        self.keys = keys
         self.limits = Limits(max_new_tokens=max_tokens)
         self.default_max_tokens = default_max_tokens
         try:
@@ -76,24 +81,32 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         if name not in self.gateway.models() or version not in ("", "1"):
             raise GatewayError(404, f"unknown model {name!r}; served: {self.gateway.models()}", param="model")
 
-    def _request(self, request: kpb.ModelInferRequest) -> tuple[GatewayRequest, kserve.InferRequest]:
-        self._check_model(request.model_name, request.model_version)
-        target: Any = None
-        if "latency_target_ms" in request.parameters:  # a routing hint, not a generation setting
-            target = parameter_value(request.parameters["latency_target_ms"])
-            request = kpb.ModelInferRequest.FromString(request.SerializeToString())
-            del request.parameters["latency_target_ms"]
+    def _allows_overflow(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """Whether the caller's key lets its requests go to an external API (the guard has checked the key)."""
+        if self.keys is None or not self.keys.enabled:
+            return True
         try:
-            decoded = kserve.request_from_infer(request, params_from_mapping({}), self.limits)
-            settings = client_settings(request)
+            key = self.keys.check(metadata_getter(context.invocation_metadata()))
+        except AuthError:
+            return False
+        return self.keys.allows_overflow(key)
+
+    def _request(self, request: kpb.ModelInferRequest, allow_overflow: bool = True
+                 ) -> tuple[GatewayRequest, kserve.InferRequest]:
+        self._check_model(request.model_name, request.model_version)
+        try:
+            target = None
+            if kserve.LATENCY_TARGET in request.parameters:  # a routing hint (kserve skips it as a setting)
+                target = latency_target_ms(parameter_value(request.parameters[kserve.LATENCY_TARGET]))
+            decoded = kserve.request_from_infer(request, GenerationParams(), self.limits)
         except ParamError as exc:
             raise GatewayError(400, str(exc), param=exc.field) from None
-        settings.setdefault("max_new_tokens", self.default_max_tokens)
-        keep = {k: v for k, v in settings.items() if v is not None}
+        keep = {k: v for k, v in decoded.settings.items() if v is not None}
+        keep.setdefault("max_new_tokens", self.default_max_tokens)
         return GatewayRequest(
             model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
-            latency_target_ms=float(target) if isinstance(target, int | float) else None, api="kserve",
-            **({"request_id": request.id} if request.id else {}),
+            latency_target_ms=target, api="kserve",
+            allow_overflow=allow_overflow, **({"request_id": request.id} if request.id else {}),
         ), decoded
 
     async def ServerLive(self, request: Any, context: Any) -> kpb.ServerLiveResponse:
@@ -144,7 +157,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelInferResponse:
         """The whole reply at once."""
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = self._request(request, self._allows_overflow(context))
             commits: list[CommitEvent] = []
             final: FinalEvent | None = None
             async for kind, event in self._events(greq):
@@ -161,13 +174,15 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """Decoupled streaming: per request, one response per canvas, then a final one (or an error)."""
-        async for response in kserve.decoupled_stream(request_iterator, self._stream_one):
+        one = functools.partial(self._stream_one, allow_overflow=self._allows_overflow(context))
+        async for response in kserve.decoupled_stream(request_iterator, one):
             yield response
 
     async def _stream_one(self, request: kpb.ModelInferRequest,
-                          out: asyncio.Queue[kpb.ModelStreamInferResponse | None]) -> None:
+                          out: asyncio.Queue[kpb.ModelStreamInferResponse | None], allow_overflow: bool = True
+                          ) -> None:
         try:
-            greq, decoded = self._request(request)
+            greq, decoded = self._request(request, allow_overflow)
             async for kind, event in self._events(greq):
                 if kind == "commit":
                     response = kserve.commit_response(request.model_name, decoded, event)
@@ -191,9 +206,11 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
 
     guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
                          on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard])
+    traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
+                                                          f"/{KSERVE_SERVICE}/ModelStreamInfer"))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GatewayKServeServicer(gateway, max_tokens, default_max_tokens), server)
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = KSERVE_SERVICE

@@ -11,13 +11,18 @@ The library keeps client certificates and keys given inline (`client-key-data`) 
 process's life and removes them when it exits.
 
 Each `DiffusionGemma` named N has a worker Service `N-worker` (operator convention); its EndpointSlices
-carry `kubernetes.io/service-name: N-worker` and a port named `grpc`. `endpoints_from` is the pure
-function from the watched objects to endpoints.
+carry `kubernetes.io/service-name: N-worker` and a port named `grpc` (dgemma workers) or `http` (vLLM's
+OpenAI server, `spec.runtime: vllm`). A resource with `spec.runtime: external` has no pods: it is one HTTP
+endpoint, its API, with the key from the Secret it names. `endpoints_from` is the pure function from the
+watched objects to endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -27,13 +32,15 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import watch
-from kubernetes_asyncio.client import ApiClient, Configuration, CustomObjectsApi, DiscoveryV1Api
+from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
+from dgemma_common import variants, vllm
 from dgemma_gateway.endpoints import EndpointSpec, Sink
-from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, Variant
+from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
+from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, RUNTIMES, Variant
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 WORKER_SUFFIX = "-worker"
 GRPC_PORT = 50051
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SECRET_REFRESH_S = 60.0
 # tokens/s per replica until measured, by GPU profile (the operator's profiles.py holds the same priors).
 PROFILE_PRIORS = {"h100": 1100.0, "rtx-pro-6000": 700.0, "dgx-spark": 150.0, "dgx-station": 800.0, "custom": 500.0}
 # The API server ends a watch after this long; the client then resumes from the last resourceVersion.
@@ -54,8 +62,44 @@ Key = tuple[str, str]  # namespace, name
 
 def variant_name(meta: Mapping[str, Any]) -> str:
     """`namespace/name` of a resource, as kubectl writes it: two teams' `gemma` in two namespaces stay apart."""
-    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", "") or "")
-    return f"{namespace}/{name}" if namespace else name
+    return variants.variant_name(str(meta.get("namespace", "") or ""), str(meta.get("name", "")))
+
+
+@dataclass(frozen=True)
+class External:
+    """What an external variant's resource says of its API (`spec.external`)."""
+
+    base_url: str
+    model: str
+    max_concurrency: int
+    secret: tuple[str, str] | None  # (Secret name, key) of the API key, in the resource's namespace
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A DiffusionGemma resource as the gateway uses it: its variant, and how to talk to its endpoints."""
+
+    variant: Variant
+    capacity: int  # requests one vLLM replica runs at once (--max-num-seqs)
+    max_queue: int  # more that may wait there (spec.worker.maxQueue)
+    external: External | None = None
+
+
+def resource_from(obj: Mapping[str, Any]) -> Resource:
+    """A DiffusionGemma resource: its variant, its vLLM limits, its external API."""
+    spec = obj.get("spec", {})
+    variant = variant_from_resource(obj)
+    vllm_spec = spec.get("vllm") or {}
+    profile = str((spec.get("gpu") or {}).get("profile", "h100"))
+    recipe = vllm.RECIPE.get(profile, vllm.RECIPE["custom"])
+    external = None
+    if variant.runtime == "external":
+        ext = spec["external"]
+        ref = ext.get("apiKeySecret")
+        external = External(http_base_url(str(ext["baseURL"])), str(ext["model"]), int(ext.get("maxConcurrency", 16)),
+                            (str(ref["name"]), str(ref.get("key", "token"))) if ref else None)
+    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs),
+                    int((spec.get("worker") or {}).get("maxQueue", 64)), external)
 
 
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
@@ -64,6 +108,9 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
     gpu = spec.get("gpu") or {}
     gen = spec.get("generation") or {}
     profile = str(gpu.get("profile", "h100"))
+    runtime = str(spec.get("runtime", "dgemma"))
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}")
     prior = gpu.get("tokensPerSecondPrior") or (obj.get("status") or {}).get("tokensPerSecondPrior") \
         or PROFILE_PRIORS.get(profile, 500.0)
     autoscaling = spec.get("autoscaling") or {}
@@ -80,28 +127,64 @@ def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
         max_denoising_steps=int(gen.get("maxDenoisingSteps", 48)),
         tokens_per_s_prior=float(prior),
         scale_from_zero=from_zero,
+        runtime=runtime,
+        allow_overflow=bool(spec.get("allowOverflow", False)),
     )
 
 
-def endpoints_from(resources: Mapping[Key, Variant], slices: Mapping[Key, Mapping[str, Any]]) -> list[EndpointSpec]:
-    """Ready endpoints of every variant's worker Service."""
-    by_service = {(ns, f"{name}{WORKER_SUFFIX}"): v for (ns, name), v in resources.items()}
+def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mapping[str, Any]],
+                   api_keys: Mapping[tuple[str, str, str], str] | None = None) -> list[EndpointSpec]:
+    """Ready endpoints of every variant's worker Service, and every external variant's API.
+
+    `api_keys`: (namespace, Secret name, key) -> the API key read from that Secret; an external variant whose
+    Secret could not be read has no endpoint yet.
+    """
+    by_service = {(ns, f"{name}{WORKER_SUFFIX}"): r for (ns, name), r in resources.items()}
     out: dict[str, EndpointSpec] = {}
     for (ns, _), s in slices.items():
         labels = s.get("metadata", {}).get("labels") or {}
-        variant = by_service.get((ns, labels.get(SERVICE_NAME_LABEL, "")))
-        if variant is None:
+        resource = by_service.get((ns, labels.get(SERVICE_NAME_LABEL, "")))
+        if resource is None or resource.variant.overflow:
             continue
-        port = next((p.get("port") for p in s.get("ports") or [] if p.get("name") == "grpc"), GRPC_PORT)
+        ports = {p.get("name"): p.get("port") for p in s.get("ports") or []}
+        http = resource.variant.runtime == "vllm"
+        port = ports.get("http") if http else ports.get("grpc", GRPC_PORT)
+        if port is None:
+            continue  # a slice of the Service's other ports
         for ep in s.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
             if conditions.get("ready") is False or conditions.get("terminating") is True:
                 continue
             for address in (ep.get("addresses") or [])[:1]:
                 host = f"[{address}]" if ":" in address else address
-                endpoint_id = f"{variant.name}/{address}:{port}"
-                out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", variant)
+                endpoint_id = f"{resource.variant.name}/{address}:{port}"
+                if http:
+                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model,
+                                        capacity=resource.capacity, max_queue=resource.max_queue)
+                    out[endpoint_id] = EndpointSpec(endpoint_id, target.base_url, resource.variant, http=target)
+                else:
+                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant)
+    for (ns, _), resource in resources.items():
+        spec = external_endpoint(ns, resource, api_keys or {})
+        if spec is not None:
+            out[spec.endpoint_id] = spec
     return sorted(out.values(), key=lambda e: e.endpoint_id)
+
+
+def external_endpoint(namespace: str, resource: Resource, api_keys: Mapping[tuple[str, str, str], str]
+                      ) -> EndpointSpec | None:
+    """An external variant's API as an endpoint (None for other runtimes, or while its key is unknown)."""
+    ext = resource.external
+    if ext is None:
+        return None
+    key = None
+    if ext.secret is not None:
+        key = api_keys.get((namespace, *ext.secret))
+        if key is None:
+            return None
+    target = HttpTarget(ext.base_url, ext.model, api_key=key, capacity=ext.max_concurrency, max_queue=0,
+                        scrape=False)
+    return EndpointSpec(f"{resource.variant.name}/{ext.base_url}", ext.base_url, resource.variant, http=target)
 
 
 def parse_namespaces(namespace: str | None) -> tuple[str, ...]:
@@ -210,8 +293,10 @@ class KubernetesSource:
         self.name = name
         self.access = access
         self.namespaces = parse_namespaces(namespace)
-        self.resources: dict[Key, Variant] = {}
+        self.resources: dict[Key, Resource] = {}
         self.slices: dict[Key, dict[str, Any]] = {}
+        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> an external API's key
+        self._resources_changed = asyncio.Event()
 
     @classmethod
     def from_environment(cls, namespace: str | None = None) -> KubernetesSource:
@@ -222,10 +307,12 @@ class KubernetesSource:
         """Watch both kinds until cancelled; report after every change."""
         access = await self.access()
         async with ApiClient(access.configuration) as client:
-            custom, discovery = CustomObjectsApi(client), DiscoveryV1Api(client)
+            custom, discovery, core = CustomObjectsApi(client), DiscoveryV1Api(client), CoreV1Api(client)
 
             def report() -> None:
-                sink(self.name, endpoints_from(self.resources, self.slices), list(self.resources.values()))
+                self._resources_changed.set()
+                sink(self.name, endpoints_from(self.resources, self.slices, self.api_keys),
+                     [r.variant for r in self.resources.values()])
 
             async def follow(namespace: str | None, events: AsyncIterator[tuple[str, dict[str, Any]]],
                              store: dict[Key, Any], convert: Callable[[dict[str, Any]], Any]) -> None:
@@ -249,22 +336,57 @@ class KubernetesSource:
             def keep(obj: dict[str, Any]) -> dict[str, Any]:
                 return obj
 
+            async def refresh_keys() -> None:
+                # External variants' API keys: read when a resource changes, and again every minute (rotation).
+                while True:
+                    keys = await read_api_keys(core, self.resources)
+                    if keys != self.api_keys:
+                        self.api_keys = keys
+                        report()
+                    self._resources_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._resources_changed.wait(), SECRET_REFRESH_S)
+
             # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
             # restarts the source whole.
             async with asyncio.TaskGroup() as tasks:
                 if not self.namespaces:
                     tasks.create_task(follow(None, list_then_watch(
                         client, custom.list_cluster_custom_object, GROUP, VERSION, PLURAL),
-                        self.resources, variant_from_resource))
+                        self.resources, resource_from))
                     tasks.create_task(follow(None, list_then_watch(
                         client, discovery.list_endpoint_slice_for_all_namespaces, label_selector=SERVICE_NAME_LABEL),
                         self.slices, keep))
                 for ns in self.namespaces:
                     tasks.create_task(follow(ns, list_then_watch(
                         client, custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-                        self.resources, variant_from_resource))
+                        self.resources, resource_from))
                     tasks.create_task(follow(ns, list_then_watch(
                         client, discovery.list_namespaced_endpoint_slice, ns, label_selector=SERVICE_NAME_LABEL),
                         self.slices, keep))
+                tasks.create_task(refresh_keys())
                 if access.renew is not None:
                     tasks.create_task(access.renew())
+
+
+async def read_api_keys(core: CoreV1Api, resources: Mapping[Key, Resource]) -> dict[tuple[str, str, str], str]:
+    """The API keys the external variants name, from their Secrets (`get` on those Secrets only: the chart's
+    gateway.externalApiKeySecrets); a Secret that cannot be read leaves its variant without an endpoint."""
+    wanted = {(ns, *r.external.secret) for (ns, _), r in resources.items() if r.external and r.external.secret}
+    keys: dict[tuple[str, str, str], str] = {}
+    for namespace, name, key in sorted(wanted):
+        try:
+            secret = await core.read_namespaced_secret(name, namespace, _request_timeout=LIST_TIMEOUT_S)
+            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace").strip()
+        except ApiException as exc:
+            log.warning("cannot read Secret %s/%s for an external API key: %s %s", namespace, name, exc.status,
+                        exc.reason)
+            continue
+        except (aiohttp.ClientError, TimeoutError, binascii.Error) as exc:
+            log.warning("cannot read Secret %s/%s for an external API key: %s", namespace, name, exc)
+            continue
+        if value:
+            keys[(namespace, name, key)] = value
+        else:
+            log.warning("Secret %s/%s has no key %r for an external API", namespace, name, key)
+    return keys

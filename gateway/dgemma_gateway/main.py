@@ -7,6 +7,8 @@ import logging
 import signal
 from collections.abc import Sequence
 
+from dgemma_common.logs import setup_logging
+from dgemma_common.tracing import setup_tracing
 from dgemma_gateway.app import GatewayServer
 from dgemma_gateway.config import GatewayConfig, parse_config
 
@@ -30,5 +32,9 @@ async def serve(config: GatewayConfig) -> int:
 def run(argv: Sequence[str]) -> int:
     """`dgemma gateway ...`."""
     config = parse_config(argv)
+    # Text lines with the request id of each request's records (the CLI's level is kept); client strings
+    # (request ids, paths) are escaped and bounded in every line (logs.TextFormatter is a SafeFormatter).
+    setup_logging("text", logging.getLogger().level or logging.INFO)
     logging.getLogger("dgemma_gateway").setLevel(logging.INFO)
+    setup_tracing("dgemma-gateway")
     return asyncio.run(serve(config))

@@ -2,6 +2,10 @@
 
 Request counters and latency histograms are updated as requests go; endpoint and demand gauges are
 computed at scrape time from the gateway's state by a collector, so they can never go stale.
+
+With several gateway replicas, each counts the requests it routed (sum them), but each sees the whole
+fleet of workers: the endpoint and worker-queue gauges read alike on every replica (take the max).
+`KINDS` says which is which; tests/deploy check every dashboard and rule query against it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,29 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.looplag import LAG_BUCKETS
+from dgemma_common.metrics import Kind, add_standard_collectors
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+PREFIX = "dgemma_gateway"
+KINDS: dict[str, Kind] = {
+    **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
+        "requests", "request_duration_seconds", "time_to_first_event_seconds", "latency_target", "retries",
+        "ejections", "completion_tokens", "auth_failures", "upstream_throttled", "event_loop_lag_seconds")},
+    # What this replica routed or holds.
+    **{f"{PREFIX}_{name}": Kind.SHARE for name in (
+        "demand_tokens_per_second", "demand_canvases_per_second", "demand_requests_per_second",
+        "requests_held")},
+    # From the workers' own reports, which every replica sees alike.
+    **{f"{PREFIX}_{name}": Kind.FLEET for name in (
+        "endpoints_ready", "endpoints", "requests_waiting", "delivered_tokens_per_second_per_replica",
+        "capacity_tokens_per_second_per_replica")},
+    f"{PREFIX}_latency_target_miss_ratio": Kind.LEVEL,
+    # What this replica learned from the requests it routed (a share of the step cap): never summed.
+    f"{PREFIX}_step_share": Kind.LEVEL,
+}
 
 
 class _StateCollector(Collector):
@@ -75,7 +101,7 @@ class GatewayMetrics:
     """The gateway's metrics on a private registry."""
 
     def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = add_standard_collectors(CollectorRegistry(auto_describe=True))
         r = self.registry
         self.requests = Counter(
             "dgemma_gateway_requests", "Requests by API, variant and outcome", ["api", "variant", "outcome"],
@@ -92,11 +118,16 @@ class GatewayMetrics:
                                registry=r)
         self.ejections = Counter("dgemma_gateway_ejections", "Endpoints ejected after failures", ["variant"],
                                  registry=r)
+        self.throttled = Counter("dgemma_gateway_upstream_throttled", "Upstream answers of 429 (the endpoint pauses)",
+                                 ["variant"], registry=r)
         self.tokens = Counter("dgemma_gateway_completion_tokens", "Completion tokens delivered", ["variant"],
                               registry=r)
         self.auth_failures = Counter(
             "dgemma_gateway_auth_failures", "Requests refused for a missing or wrong API key", ["api", "reason"],
             registry=r)
+        self.loop_lag = Histogram(
+            "dgemma_gateway_event_loop_lag_seconds", "How late the event loop woke from a short sleep (blocked time)",
+            buckets=LAG_BUCKETS, registry=r)
         r.register(_StateCollector(demand))
 
     def render(self) -> bytes:

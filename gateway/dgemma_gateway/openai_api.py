@@ -3,52 +3,53 @@ health, metrics, the demand JSON and the OpenAPI document.
 
 Handlers only translate: a body becomes `GatewayRequest`s (validated here, 400 naming the field),
 `Gateway.generate` does the work, and its events become OpenAI JSON or server-sent events. Headers of
-a stream are sent with its first event, so anything that fails before it is a plain HTTP error.
+a stream are sent with its first event or, if that takes longer than `sse_keepalive_s`, with the first
+keep-alive comment: failures known sooner (a strict 429, no endpoint) stay plain HTTP errors, and a request
+that waits (held for a replica, queued, retried) is never silent long enough for a read timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from dgemma_common.auth import ApiKeys
-from dgemma_common.params import FIELD_NAMES, Limits, ParamError, params_from_mapping
+from dgemma_common.logsafe import clip
+from dgemma_common.openai_models import (
+    MAX_JSON_VALUES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    json_values,
+    latency_target_ms,
+    parse_json,
+)
+from dgemma_common.params import MAX_SEED, ParamError
 from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest
 from dgemma_gateway.errors import GatewayError, bad_request
+from dgemma_gateway.observability import echo_request_id, request_context
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENCY_HEADER = "x-dgemma-latency-target-ms"
 DRAFT_EVENT = "dgemma.draft"
 FINISH_REASONS = {pb.STOP_REASON_EOS: "stop", pb.STOP_REASON_STOP_STRING: "stop", pb.STOP_REASON_LENGTH: "length"}
-# DiffusionGemma's own knobs, accepted as extra body fields (and `seed`, `stop` from OpenAI itself).
-DGEMMA_FIELDS = (
-    "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold",
-    "draft_interval_s", "ignore_eos", "stream_drafts",
-)
-# Autoregressive sampling knobs have no meaning for a diffusion model: accepted (clients send them) and ignored.
-IGNORED_FIELDS = frozenset({
-    "temperature", "top_p", "frequency_penalty", "presence_penalty", "user", "logit_bias", "top_k", "min_p",
-    "repetition_penalty", "parallel_tool_calls", "metadata", "store", "service_tier", "reasoning_effort",
-    "modalities", "prediction", "audio", "web_search_options", "echo", "best_of", "suffix", "min_tokens",
-    "top_logprobs", "response_format", "tool_choice", "functions", "function_call", "safety_identifier",
-    "prompt_cache_key", "verbosity",
-})
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSET = object()
+MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "chat": ChatCompletionRequest, "text": CompletionRequest}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ApiLimits:
     default_max_tokens: int = 256
     max_n: int = 4
     max_streams_per_key: int = 64
+    sse_keepalive_s: float = 2.0  # a stream silent this long gets its headers (if not yet sent) and a comment
 
 
 @dataclass(frozen=True)
@@ -74,159 +76,104 @@ class Parsed:
     model: str
 
 
-def _int_field(body: Mapping[str, Any], name: str, lo: int, hi: int, default: Any = UNSET) -> Any:
-    value = body.get(name, default)
-    if value is UNSET or value is None:
-        return default if default is not UNSET else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise bad_request(name, f"must be in [{lo}, {hi}], got {value}")
-    return value
+def _latency_target(body: ChatCompletionRequest | CompletionRequest, header: str | None) -> float | None:
+    if body.latency_target_ms is not None or header is None:
+        return body.latency_target_ms
+    try:
+        return latency_target_ms(float(header), LATENCY_HEADER)
+    except ValueError as exc:
+        if isinstance(exc, ParamError):
+            raise bad_request(LATENCY_HEADER, exc.reason) from None
+        raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds, got {clip(header, 64)!r}") from None
 
 
-def _bool_field(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(name, f"must be a boolean, got {value!r}")
-    return value
-
-
-def _latency_target(body: Mapping[str, Any], header: str | None) -> float | None:
-    value: Any = body.get("latency_target_ms")
-    name = "latency_target_ms"
-    if value is None and header is not None:
-        name = LATENCY_HEADER
-        try:
-            value = float(header)
-        except ValueError:
-            raise bad_request(name, f"must be a number of milliseconds, got {header!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 < value <= 3_600_000:
-        raise bad_request(name, f"must be a number of milliseconds in (0, 3600000], got {value!r}")
-    return float(value)
-
-
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}[{i}]", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    if value is None:
-        return ""
-    raise bad_request(where, "must be a string or a list of text parts")
-
-
-def chat_prompt(messages: Any) -> pb.Prompt:
+def chat_prompt(messages: Sequence[ChatMessage]) -> pb.Prompt:
     """OpenAI chat messages as a chat prompt (the worker applies the model's template)."""
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages", "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        role = ROLES.get(m.get("role"))  # type: ignore[arg-type]
-        if role is None:
-            raise bad_request(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {m.get('role')!r}")
-        out.append(pb.ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
-    return pb.Prompt(chat=pb.ChatMessages(messages=out))
+    return pb.Prompt(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(role=m.template_role, content=m.text()) for m in messages]))
 
 
-def text_prompt(prompt: Any) -> pb.Prompt:
+def text_prompt(prompt: str | list[str] | list[int]) -> pb.Prompt:
     """A completions prompt: a string, a list of one string, or a list of token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
     if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("prompt", "must not be empty")
         return pb.Prompt(text=prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if min(prompt) < 0:
-            raise bad_request("prompt", "token ids must be >= 0")
-        return pb.Prompt(tokens=pb.TokenIds(ids=prompt))
-    raise bad_request("prompt", "must be a non-empty string or a list of token ids (one prompt per request)")
+    if all(isinstance(p, str) for p in prompt):
+        return pb.Prompt(text=str(prompt[0]))
+    return pb.Prompt(tokens=pb.TokenIds(ids=[int(t) for t in prompt]))
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body."""
+def check_content_type(header: str | None, content_type: str) -> None:
+    """A body is JSON: a request that says it is something else is refused before the body is read (a request
+    without the header is read as JSON, as many clients send none)."""
+    if header is not None and content_type != "application/json":
+        raise GatewayError(415, f"Content-Type must be application/json, got {clip(content_type, 64)!r}",
+                           param="Content-Type", code="unsupported_media_type")
+
+
+def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str | None = None) -> Parsed:
+    """Validate an OpenAI chat ('chat') or completions ('text') body into gateway requests (one per choice).
+
+    The body is parsed and validated in one pass by the request model (`dgemma_common.openai_models`); the
+    limits this gateway was configured with are checked after.
+    """
+    values = json_values(raw)
+    if values > max(MAX_JSON_VALUES, 2 * limits.max_prompt_tokens):  # refused before parsing, not after
+        raise GatewayError(413, f"the body holds up to {values} JSON values; the limit is {MAX_JSON_VALUES}",
+                           code="body_too_large")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "the body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def parse_request(
-    body: Mapping[str, Any], kind: str, limits: ApiLimits, latency_header: str | None = None
-) -> Parsed:
-    """Validate an OpenAI chat ('chat') or completions ('text') body into gateway requests (one per choice)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("model", "is required and must be a string")
-    prompt = chat_prompt(body.get("messages")) if kind == "chat" else text_prompt(body.get("prompt"))
-    if body.get("tools"):
-        raise bad_request("tools", "tool calling is not supported")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad_request("logprobs", "log probabilities are not supported")
-    token_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int_field(body, token_field, 1, limits.max_tokens, limits.default_max_tokens)
-    n = _int_field(body, "n", 1, limits.max_n, 1)
-    stream = _bool_field(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("stream_options", "must be an object")
-    include_usage = bool((options or {}).get("include_usage", False))
-    timeout_s = body.get("timeout_s")
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
-                                  or not 0 < timeout_s <= 3600):
-        raise bad_request("timeout_s", f"must be a number of seconds in (0, 3600], got {timeout_s!r}")
-    strict = body.get("latency_strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad_request("latency_strict", f"must be a boolean, got {strict!r}")
-    settings: dict[str, Any] = {"max_new_tokens": max_tokens}
-    for name in (*DGEMMA_FIELDS, "seed", "stop"):
-        if body.get(name) is not None:
-            settings[name] = body[name]
-    try:
-        # The worker checks again against its own limits; this catches bad values before routing.
-        params_from_mapping(settings, limits=Limits(max_new_tokens=limits.max_tokens))
+        body = parse_json(MODELS[kind], raw)
     except ParamError as exc:
-        raise bad_request(token_field if exc.field == "max_new_tokens" else exc.field, exc.reason) from None
-    unknown = sorted(set(body) - KNOWN_FIELDS[kind])
-    if unknown:
-        raise bad_request(unknown[0], "unknown field")
+        if exc.field == "body":
+            raise GatewayError(400, f"the body is not a valid JSON object: {exc.reason}", code="invalid_json") from None
+        raise bad_request(exc.field, exc.reason) from None
+    token_field = body.token_field
+    max_tokens = body.requested_tokens
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif max_tokens > limits.max_tokens:
+        raise bad_request(token_field, f"must be in [1, {limits.max_tokens}], got {max_tokens}")
+    n = body.n or 1
+    if n > limits.max_n:
+        raise bad_request("n", f"must be in [1, {limits.max_n}], got {n}")
+    settings = body.generation_settings(max_tokens).given()
     target = _latency_target(body, latency_header)
+    prompt = chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest) else text_prompt(body.prompt)
     names = {"max_new_tokens": token_field, "prompt": "messages" if kind == "chat" else "prompt"}
     requests = []
     for i in range(n):
         s = dict(settings)
         if n > 1 and "seed" in s:
-            s["seed"] = s["seed"] + i  # distinct but reproducible choices
+            s["seed"] = (s["seed"] + i) % (MAX_SEED + 1)  # distinct but reproducible choices
         requests.append(GatewayRequest(
-            model=model, prompt=prompt, settings=s, latency_target_ms=target, strict=strict,
-            timeout_s=float(timeout_s) if timeout_s is not None else None, param_names=names,
+            model=body.model, prompt=prompt, settings=s, latency_target_ms=target, strict=body.latency_strict,
+            timeout_s=body.timeout_s, param_names=names,
         ))
-    return Parsed(requests, stream, include_usage, bool(settings.get("stream_drafts")), model)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Parsed(requests, bool(body.stream), include_usage, bool(body.stream_drafts), body.model)
 
 
-_COMMON = {"model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "seed", "stop",
-           "latency_target_ms", "latency_strict", "timeout_s", "tools", "logprobs", *DGEMMA_FIELDS}
-KNOWN_FIELDS = {
-    "chat": frozenset(_COMMON | {"messages"} | IGNORED_FIELDS),
-    "text": frozenset(_COMMON | {"prompt"} | IGNORED_FIELDS),
-}
-assert set(DGEMMA_FIELDS) <= FIELD_NAMES
+async def heartbeat(source: AsyncIterator[T], interval_s: float) -> AsyncGenerator[T | None, None]:
+    """The items of `source`, and None each time `interval_s` passes without one (a keep-alive tick)."""
+    items = aiter(source)
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})
 
 
 async def merge(
@@ -293,7 +240,9 @@ class OpenAIApp:
         self.keys = keys
         self.limits = limits or ApiLimits()
         self.streams = StreamLimiter(self.limits.max_streams_per_key)
-        self.app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors])
+        self.app = web.Application(client_max_size=self.limits.max_body_bytes,
+                                   middlewares=[request_context, self._errors])
+        self.app.on_response_prepare.append(echo_request_id)
         r = self.app.router
         r.add_post("/v1/chat/completions", self.chat)
         r.add_post("/v1/completions", self.completions)
@@ -324,7 +273,7 @@ class OpenAIApp:
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
+            log.exception("unhandled error in %s %s", clip(request.method, 16), clip(request.path, 256))
             internal = GatewayError(500, "internal error in the gateway", code="internal_error")
             return web.json_response(internal.body(), status=500)
 
@@ -381,8 +330,11 @@ class OpenAIApp:
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         key = self._authenticate(request)
-        parsed = parse_request(parse_body(await request.read()), kind, self.limits,
-                               request.headers.get(LATENCY_HEADER))
+        check_content_type(request.headers.get("Content-Type"), request.content_type)
+        parsed = parse_request(await request.read(), kind, self.limits, request.headers.get(LATENCY_HEADER))
+        if not self.keys.allows_overflow(key):
+            parsed = dataclasses.replace(
+                parsed, requests=[dataclasses.replace(r, allow_overflow=False) for r in parsed.requests])
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")
@@ -441,6 +393,7 @@ class OpenAIApp:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         finals: list[pb.Final | None] = [None] * n
         ended = 0
+        role_sent = False
 
         def chunk(i: int, delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
             if kind == "chat":
@@ -457,16 +410,30 @@ class OpenAIApp:
             head = f"event: {event}\n" if event else ""
             await response.write(f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
 
+        async def start() -> web.StreamResponse:
+            started = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no", **_trace_headers(parsed.requests[0].trace)})
+            await started.prepare(request)
+            return started
+
         events = merge([self.gateway.generate(r) for r in parsed.requests])
         try:
-            async for i, event in events:
+            async for item in heartbeat(events, self.limits.sse_keepalive_s):
+                if item is None:
+                    # Nothing for a while (held for a replica, queued at a worker, retried after a failure):
+                    # headers now if not yet sent, then an SSE comment, which OpenAI clients skip but which
+                    # keeps read timeouts and proxies from giving up on a request that is still coming.
+                    response = response or await start()
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                i, event = item
                 if response is None:
-                    # The first event: only now is anything sent, so earlier failures were retried or
-                    # reported as plain HTTP errors.
-                    response = web.StreamResponse(headers={
-                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no", **_trace_headers(parsed.requests[0].trace)})
-                    await response.prepare(request)
+                    # The first event, before any keep-alive: failures until now were retried or reported as
+                    # plain HTTP errors.
+                    response = await start()
+                if not role_sent:
+                    role_sent = True
                     if kind == "chat":
                         for j in range(n):
                             await send(chunk(j, None, None, role=True))

@@ -1,32 +1,26 @@
-"""The OpenAPI 3.1 document of the gateway's HTTP API (served at /openapi.json)."""
+"""The OpenAPI 3.1 document of the gateway's HTTP API (served at /openapi.json).
+
+The request bodies' schemas are generated from the pydantic models that validate them
+(`dgemma_common.openai_models`), so the document and the validation cannot disagree.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+from pydantic.json_schema import models_json_schema
+
+from dgemma_common.openai_models import ChatCompletionRequest, CompletionRequest
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_KNOBS: dict[str, Any] = {
-    "max_denoising_steps": {"type": "integer", "minimum": 1, "description": "Upper bound on steps per canvas."},
-    "t_min": {"type": "number", "description": "Final sampling temperature of the schedule."},
-    "t_max": {"type": "number", "description": "Initial sampling temperature of the schedule."},
-    "entropy_bound": {"type": "number", "description": "Entropy bound for accepting tokens per step."},
-    "stability_threshold": {"type": "integer", "description": "Stable steps before a canvas may stop."},
-    "confidence_threshold": {"type": "number", "description": "Mean entropy below which a canvas may stop."},
-    "seed": {"type": "integer", "minimum": 0, "description": "Reproducible sampling."},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "stream_drafts": {"type": "boolean", "description": "Stream `dgemma.draft` events (the canvas as it denoises)."},
-    "draft_interval_s": {"type": "number", "description": "At most one draft per interval."},
-    "ignore_eos": {"type": "boolean"},
-    "latency_target_ms": {"type": "number", "description": "End-to-end target; header x-dgemma-latency-target-ms."},
-    "latency_strict": {"type": "boolean", "description": "429 instead of a predicted miss."},
-    "timeout_s": {"type": "number", "description": "Deadline of the request (504 when it passes upstream)."},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "n": {"type": "integer", "minimum": 1},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "model": {"type": "string"},
-}
+
+
+def request_schemas() -> dict[str, Any]:
+    """JSON Schemas of the request bodies, generated from the models that validate them."""
+    _, top = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+                                ref_template="#/components/schemas/{model}")
+    return dict(top["$defs"])
 
 
 def _op(summary: str, body: str | None, ok: str, errors: tuple[int, ...]) -> dict[str, Any]:
@@ -44,9 +38,10 @@ def _op(summary: str, body: str | None, ok: str, errors: tuple[int, ...]) -> dic
     return op
 
 
-_GEN_ERRORS = (400, 401, 404, 413, 429, 503, 504)
+_GEN_ERRORS = (400, 401, 404, 413, 415, 429, 503, 504)
 
 
+@cache
 def openapi_document() -> dict[str, Any]:
     """The document."""
     return {
@@ -59,13 +54,7 @@ def openapi_document() -> dict[str, Any]:
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
-                "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
-                    **_KNOBS, "messages": {"type": "array", "items": {"type": "object", "properties": {
-                        "role": {"enum": ["system", "developer", "user", "assistant"]},
-                        "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}}}},
-                "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
-                    **_KNOBS, "prompt": {"oneOf": [{"type": "string"},
-                                                   {"type": "array", "items": {"type": "integer"}}]}}},
+                **request_schemas(),
             },
         },
         "security": [{"bearer": []}],

@@ -6,8 +6,14 @@ Everything here is an immutable value; the decision functions in `routing` read 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_LATENCY_TARGET_MS = 2000.0
+
+# What serves a variant: dgemma workers (gRPC), vLLM's OpenAI server (HTTP), or an external OpenAI-compatible
+# API that only takes overflow (HTTP). The runtime decides the endpoint kind and which settings it honours.
+Runtime = Literal["dgemma", "vllm", "external"]
+RUNTIMES: tuple[Runtime, ...] = ("dgemma", "vllm", "external")
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,15 @@ class Variant:
     max_denoising_steps: int = 48
     tokens_per_s_prior: float = 500.0
     scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
+    runtime: Runtime = "dgemma"
+    # A local variant whose requests may overflow to an external variant when it cannot meet their target.
+    # Off by default: sending prompts out of the cluster is an explicit choice.
+    allow_overflow: bool = False
+
+    @property
+    def overflow(self) -> bool:
+        """An external API: used only for requests no local endpoint can serve in time."""
+        return self.runtime == "external"
 
 
 @dataclass(frozen=True)
@@ -77,3 +92,4 @@ class RouteRequest:
     latency_target_ms: float | None = None  # None: the variant's default
     strict: bool | None = None  # None: the profile decides
     seq: int = 0  # a request counter, so round-robin and tie-breaks stay pure functions
+    allow_overflow: bool = True  # False: the caller (its API key) forbids sending this request out

@@ -1,15 +1,28 @@
-"""Pure functions that build the desired child objects of one DiffusionGemma resource."""
+"""Pure functions that build the desired child objects of one DiffusionGemma resource.
+
+A dgemma variant gets a Deployment of `dgemma worker` pods, a headless Service and a PodDisruptionBudget; a
+vLLM variant the same three around `vllm serve` (probes on /health, metrics on /metrics, its API on the
+Service's `http` port); an external variant nothing, since nothing of it runs in the cluster.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
 
+from dgemma_common import vllm
+from dgemma_common.variants import variant_name
 from dgemma_operator import models
 from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
 
 MANAGER = "dgemma-operator"
+RUNTIME_LABEL = "dgemma.io/runtime"
+# Until measured, an external API is assumed as fast as a good GPU (its own latencies replace this).
+EXTERNAL_TOKENS_PER_SECOND_PRIOR = 1000.0
+VLLM_USER = 2000  # the `vllm` user of vLLM's image
+WORKER_USER = 1000
 GRPC_PORT = 50051
 METRICS_PORT = 9090
 HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
@@ -44,13 +57,16 @@ def selector_labels(resource_name: str) -> dict[str, str]:
 
 
 def worker_labels(resource_name: str, spec: models.DiffusionGemmaSpec) -> dict[str, str]:
-    """All labels of the worker pods and the children; the gateway selects on these."""
+    """All labels of the worker pods and the children; the gateway selects on these. A vLLM variant's carry its
+    runtime too (dgemma's do not, so that existing workers are not rolled for a new label)."""
+    runtime = {RUNTIME_LABEL: spec.runtime} if spec.runtime != "dgemma" else {}
     return {
         **selector_labels(resource_name),
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": MANAGER,
         "dgemma.io/variant": resource_name,
         "dgemma.io/model": label_safe(spec.served_model_name),
+        **runtime,
     }
 
 
@@ -59,9 +75,14 @@ def selector_string(resource_name: str) -> str:
     return ",".join(f"{key}={value}" for key, value in selector_labels(resource_name).items())
 
 
-def endpoint(resource_name: str, namespace: str) -> str:
-    """The workers' in-cluster gRPC address the gateway uses."""
-    return f"{child_name(resource_name)}.{namespace}.svc:{GRPC_PORT}"
+def endpoint(resource_name: str, namespace: str, spec: models.DiffusionGemmaSpec) -> str:
+    """Where the gateway reaches the variant: the workers' gRPC Service, vLLM's API root, or the external API."""
+    host = f"{child_name(resource_name)}.{namespace}.svc"
+    if spec.runtime == "vllm":
+        return f"http://{host}:{vllm.PORT}{vllm.API_PREFIX}"
+    if spec.runtime == "external" and spec.external is not None:
+        return spec.external.base_url
+    return f"{host}:{GRPC_PORT}"
 
 
 def child_metadata(owner: Body, labels: Body) -> Body:
@@ -88,7 +109,7 @@ def owner_reference(owner: Body) -> Body:
 
 def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     """Errors the schema cannot express; any of them makes the resource Degraded."""
-    problems: list[str] = []
+    problems = _runtime_problems(spec)
     if len(child_name(name)) > MAX_DNS_LABEL:
         problems.append(
             f"name {name!r} is too long: the worker Service {child_name(name)!r} must be at most "
@@ -102,25 +123,70 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
             f"gpu.resources.limits[{GPU_RESOURCE!r}]={limits[GPU_RESOURCE]} "
             f"contradicts gpu.count={spec.gpu.count}"
         )
-    if spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
+    if spec.model is not None and spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
         problems.append(
             "cache.claimName must differ from model.pvc.claimName (the source is mounted read-only)"
         )
     return problems
 
 
+def _runtime_problems(spec: models.DiffusionGemmaSpec) -> list[str]:
+    """The CRD's runtime rules, checked again here (an API server without CEL lets them through)."""
+    problems = []
+    if spec.runtime != "external" and spec.model is None:
+        problems.append(f"runtime {spec.runtime} needs model")
+    if spec.runtime == "dgemma" and not spec.image:
+        problems.append("runtime dgemma needs image")
+    if (spec.runtime == "external") != (spec.external is not None):
+        problems.append("the external section goes with runtime external, and only with it")
+    if spec.vllm is not None and spec.runtime != "vllm":
+        problems.append("the vllm section is for runtime vllm")
+    if spec.runtime == "external" and spec.autoscaling.enabled:
+        problems.append("an external variant has no replicas to autoscale")
+    if spec.runtime != "dgemma" and spec.worker.tls_secret:
+        # The gateway reaches vLLM over plain HTTP inside the cluster (the NetworkPolicy admits only it).
+        problems.append("worker.tlsSecret is for runtime dgemma")
+    fixed = [f for f in models.VLLM_FIXED_SETTINGS if getattr(spec.generation, _snake(f)) is not None]
+    if spec.runtime == "vllm" and fixed:
+        problems.append(f"generation.{', '.join(fixed)} cannot be set for runtime vllm: vLLM {vllm.VERSION} reads "
+                        "them from the checkpoint's generation_config.json")
+    return problems
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
+
+
+def vllm_defaults(spec: models.DiffusionGemmaSpec) -> vllm.RecipeSettings:
+    """The recipe's settings for the variant's GPU profile."""
+    return vllm.RECIPE[spec.gpu.profile]
+
+
 def dtype(spec: models.DiffusionGemmaSpec) -> str:
-    """The dtype/quantization in effect."""
-    return spec.gpu.dtype or profile(spec.gpu.profile).dtype
+    """The dtype/quantization in effect (vLLM's recipe has its own per-profile defaults)."""
+    if spec.gpu.dtype:
+        return spec.gpu.dtype
+    return vllm_defaults(spec).dtype if spec.runtime == "vllm" else profile(spec.gpu.profile).dtype
 
 
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
     """Expected tokens/s per replica until measured."""
-    return spec.gpu.tokens_per_second_prior or profile(spec.gpu.profile).tokens_per_second_prior
+    if spec.gpu.tokens_per_second_prior:
+        return spec.gpu.tokens_per_second_prior
+    if spec.runtime == "external":
+        return EXTERNAL_TOKENS_PER_SECOND_PRIOR
+    if spec.runtime == "vllm":
+        return vllm_defaults(spec).tokens_per_second_prior or profile(spec.gpu.profile).tokens_per_second_prior
+    return profile(spec.gpu.profile).tokens_per_second_prior
+
+
+def _source(spec: models.DiffusionGemmaSpec) -> models.ModelSource:
+    assert spec.model is not None, "runtimes that run pods have a model (semantic_problems)"
+    return spec.model
 
 
 def _model_location(name: str, spec: models.DiffusionGemmaSpec) -> str:
-    source = spec.model
+    source = _source(spec)
     if source.hugging_face is not None:
         return source.hugging_face.id
     if source.pvc is not None:
@@ -128,11 +194,14 @@ def _model_location(name: str, spec: models.DiffusionGemmaSpec) -> str:
     return f"{spec.cache.mount_path.rstrip('/')}/url/{name}"
 
 
-def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
+def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
     gen = spec.generation
+    source = _source(spec)
     values: list[tuple[str, object | None]] = [
+        # The gateway's name for this variant: the worker's metrics carry it as their `variant` label.
+        ("DGEMMA_VARIANT", variant_name(namespace, name)),
         ("DGEMMA_MODEL", _model_location(name, spec)),
-        ("DGEMMA_MODEL_REVISION", spec.model.hugging_face.revision if spec.model.hugging_face else None),
+        ("DGEMMA_MODEL_REVISION", source.hugging_face.revision if source.hugging_face else None),
         ("DGEMMA_SERVED_MODEL_NAME", spec.served_model_name),
         ("DGEMMA_PORT", GRPC_PORT),
         ("DGEMMA_METRICS_PORT", METRICS_PORT),
@@ -149,9 +218,7 @@ def _env(name: str, spec: models.DiffusionGemmaSpec) -> list[Body]:
         ("DGEMMA_DEFAULT_ENTROPY_BOUND", gen.entropy_bound),
         ("DGEMMA_DEFAULT_STABILITY_THRESHOLD", gen.stability_threshold),
         ("DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD", gen.confidence_threshold),
-        ("HF_HOME", _hf_home(spec)),
-        # The init container fetched the weights; the worker must not download them again.
-        ("HF_HUB_OFFLINE", "1" if spec.model.hugging_face else None),
+        *_hub_env(spec),
     ]
     env: list[Body] = [{"name": key, "value": str(value)} for key, value in values if value is not None]
     env.extend(_token_env(spec))
@@ -169,8 +236,16 @@ def _hf_home(spec: models.DiffusionGemmaSpec) -> str:
     return f"{spec.cache.mount_path.rstrip('/')}/huggingface"
 
 
+def _hub_env(spec: models.DiffusionGemmaSpec) -> list[tuple[str, object | None]]:
+    return [
+        ("HF_HOME", _hf_home(spec)),
+        # The init container fetched the weights; the server must not download them again.
+        ("HF_HUB_OFFLINE", "1" if _source(spec).hugging_face else None),
+    ]
+
+
 def _token_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
-    secret = spec.model.token_secret
+    secret = _source(spec).token_secret
     if secret is None:
         return []
     ref: Body = {"name": secret.name, "key": secret.key, "optional": False}
@@ -203,8 +278,9 @@ _URL_FETCH = (
 
 
 def _fetch_container(name: str, spec: models.DiffusionGemmaSpec, mounts: list[Body]) -> Body | None:
-    """The init container that fills the shared cache once; None when the source is a PVC."""
-    source = spec.model
+    """The init container that fills the shared cache once; None when the source is a PVC. It runs in the
+    server's own image (the dgemma worker's, or vLLM's: both carry huggingface_hub's `hf` and python)."""
+    source = _source(spec)
     env: list[Body] = [{"name": "HF_HOME", "value": _hf_home(spec)}, *_token_env(spec)]
     if source.hugging_face is not None:
         command = ["hf", "download", source.hugging_face.id, "--revision", source.hugging_face.revision]
@@ -218,7 +294,7 @@ def _fetch_container(name: str, spec: models.DiffusionGemmaSpec, mounts: list[Bo
         return None
     return {
         "name": "fetch-model",
-        "image": spec.image,
+        "image": image(spec),
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
         "env": env,
@@ -268,13 +344,10 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
         # torch uses /dev/shm for tensors shared between threads and processes.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
     ]
-    if spec.model.pvc is not None:
-        volumes.append(
-            {
-                "name": "model-source",
-                "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
-            }
-        )
+    pvc = _source(spec).pvc
+    if pvc is not None:
+        claim = {"claimName": pvc.claim_name, "readOnly": True}
+        volumes.append({"name": "model-source", "persistentVolumeClaim": claim})
     if spec.worker.tls_secret is not None:
         # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
         volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
@@ -287,35 +360,44 @@ def _mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if spec.model.pvc is not None:
+    if _source(spec).pvc is not None:
         mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
     return mounts
 
 
 def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
-    """The worker container's mounts: the shared ones and its TLS Secret (the init container needs no key)."""
+    """The server container's mounts: the shared ones and a worker's TLS Secret (the init container needs no key)."""
     tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
     return [*_mounts(spec), *tls]
 
 
-def _grpc_probe(spec: models.DiffusionGemmaSpec, period_s: int, failures: int, timeout_s: int = 5) -> Body:
-    # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
+def _probes(spec: models.DiffusionGemmaSpec, action: Body) -> Body:
+    """Startup, readiness and liveness on one check (a gRPC health call, or GET /health)."""
+
+    def probe(period_s: int, failures: int) -> Body:
+        return {**action, "periodSeconds": period_s, "failureThreshold": failures, "timeoutSeconds": 5}
+
     return {
-        "grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT},
-        "periodSeconds": period_s,
-        "failureThreshold": failures,
-        "timeoutSeconds": timeout_s,
+        # Loading 50 GB of weights takes minutes: the startup probe holds off liveness that long.
+        "startupProbe": probe(STARTUP_PROBE_PERIOD_S,
+                              math.ceil(spec.worker.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)),
+        "readinessProbe": probe(5, 3),
+        "livenessProbe": probe(10, 6),
     }
 
 
-def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
-    """The worker Deployment."""
-    name = owner["metadata"]["name"]
-    labels = worker_labels(name, spec)
-    mounts = _mounts(spec)
-    worker: Body = {
+def image(spec: models.DiffusionGemmaSpec) -> str:
+    """The server's image: the dgemma worker's, or vLLM's."""
+    if spec.runtime == "vllm":
+        return (spec.vllm or models.VllmSpec()).image
+    assert spec.image is not None, "runtime dgemma has an image (semantic_problems)"
+    return spec.image
+
+
+def _worker_container(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> Body:
+    return {
         "name": "worker",
-        "image": spec.image,
+        "image": image(spec),
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dgemma", "worker"],
         "ports": [
@@ -323,33 +405,91 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
-        "env": _env(name, spec),
+        "env": _env(name, namespace, spec),
+        # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
+        **_probes(spec, {"grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT}}),
+    }
+
+
+VLLM_DTYPES = {"bf16": ["--dtype", "bfloat16"], "fp16": ["--dtype", "float16"], "fp32": ["--dtype", "float32"],
+               # Online dynamic FP8 of a bf16 checkpoint; an NVFP4 checkpoint carries its own quantization config.
+               "fp8": ["--quantization", "fp8"], "nvfp4": []}
+
+
+def vllm_args(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
+    """`vllm serve` arguments: the model and its served name, the recipe's limits, the diffusion settings vLLM
+    takes per server, a drain on SIGTERM, then the user's extra arguments (which win)."""
+    v, defaults = spec.vllm or models.VllmSpec(), vllm_defaults(spec)
+    hub = _source(spec).hugging_face
+    diffusion = {"canvas_length": spec.generation.canvas_length,
+                 "max_denoising_steps": spec.generation.max_denoising_steps}
+    return [
+        _model_location(name, spec),
+        *(["--revision", hub.revision] if hub else []),
+        "--served-model-name", spec.served_model_name,
+        "--host", "0.0.0.0", "--port", str(vllm.PORT),
+        "--max-num-seqs", str(v.max_num_seqs or defaults.max_num_seqs),
+        "--gpu-memory-utilization", f"{v.gpu_memory_utilization or defaults.gpu_memory_utilization:g}",
+        "--tensor-parallel-size", str(v.tensor_parallel_size or spec.gpu.count),
+        "--diffusion-config", json.dumps(diffusion, separators=(",", ":")),
+        *VLLM_DTYPES[dtype(spec)],
+        *(["--max-model-len", str(v.max_model_len)] if v.max_model_len else []),
+        "--shutdown-timeout", str(spec.worker.drain_grace_seconds),
+        *defaults.extra_args,
+        *(v.extra_args or []),
+    ]
+
+
+def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
+    values: list[tuple[str, object | None]] = [
+        *_hub_env(spec),
+        # The root filesystem is read-only: vLLM's, torch's and Triton's caches go to /tmp (an emptyDir).
+        ("HOME", "/tmp/home"), ("USER", "vllm"), ("VLLM_CACHE_ROOT", "/tmp/vllm"),
+        ("TRITON_CACHE_DIR", "/tmp/triton"), ("XDG_CACHE_HOME", "/tmp/cache"),
+        ("VLLM_NO_USAGE_STATS", "1"),
+    ]
+    return {
+        "name": "vllm",
+        "image": image(spec),
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["vllm", "serve"],
+        "args": vllm_args(name, spec),
+        "ports": [{"name": "http", "containerPort": vllm.PORT, "protocol": "TCP"}],
+        "env": [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec),
+        **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": "http"}}),
+    }
+
+
+def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
+    """The Deployment of the variant's servers: dgemma workers or vLLM, on the same GPUs, drained alike."""
+    name = owner["metadata"]["name"]
+    labels = worker_labels(name, spec)
+    mounts = _mounts(spec)
+    container = (_vllm_container(name, spec) if spec.runtime == "vllm"
+                 else _worker_container(name, owner["metadata"].get("namespace"), spec))
+    server: Body = {
+        **container,
         "resources": _resources(spec),
-        # Loading 50 GB of weights takes minutes: the startup probe holds off liveness that long.
-        "startupProbe": _grpc_probe(
-            spec, STARTUP_PROBE_PERIOD_S, math.ceil(spec.worker.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
-        ),
-        "readinessProbe": _grpc_probe(spec, 5, 3),
-        "livenessProbe": _grpc_probe(spec, 10, 6),
-        # The sleep lets endpoints drop the pod before SIGTERM starts the worker's drain.
+        # The sleep lets endpoints drop the pod before SIGTERM starts the server's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "securityContext": _restricted_container_security(),
         "volumeMounts": _worker_mounts(spec),
     }
+    user = VLLM_USER if spec.runtime == "vllm" else WORKER_USER
     pod_spec: Body = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": user,
+            "runAsGroup": user,
+            "fsGroup": user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "nodeSelector": _node_selector(spec),
         "tolerations": _tolerations(spec),
         "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + spec.worker.drain_grace_seconds + SHUTDOWN_SLACK_S,
-        "containers": [worker],
+        "containers": [server],
         "volumes": _volumes(spec),
     }
     fetch = _fetch_container(name, spec, mounts)
@@ -376,23 +516,22 @@ def deployment(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
 
 
 def service(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
-    """The headless worker Service; its EndpointSlices are how the gateway finds replicas."""
+    """The headless Service; its EndpointSlices are how the gateway finds replicas (the port's name says how
+    to talk to them: `grpc` a dgemma worker, `http` vLLM's OpenAI server, which serves /metrics too)."""
     name = owner["metadata"]["name"]
+    if spec.runtime == "vllm":
+        ports: list[Body] = [{"name": "http", "port": vllm.PORT, "targetPort": "http", "protocol": "TCP",
+                              "appProtocol": "http"}]
+    else:
+        ports = [
+            {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": child_metadata(owner, worker_labels(name, spec)),
-        "spec": {
-            "clusterIP": "None",
-            "selector": selector_labels(name),
-            "ports": [
-                {
-                    "name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                    "appProtocol": "grpc",
-                },
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
-            ],
-        },
+        "spec": {"clusterIP": "None", "selector": selector_labels(name), "ports": ports},
     }
 
 
@@ -408,5 +547,7 @@ def pod_disruption_budget(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
 
 
 def children(owner: Body, spec: models.DiffusionGemmaSpec) -> list[Body]:
-    """All desired children, in the order they are applied."""
+    """All desired children, in the order they are applied (none for an external API)."""
+    if spec.runtime == "external":
+        return []
     return [service(owner, spec), pod_disruption_budget(owner, spec), deployment(owner, spec)]

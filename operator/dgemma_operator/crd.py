@@ -65,17 +65,14 @@ def printer_columns() -> list[dict[str, Any]]:
     """Columns `kubectl get dgm` shows."""
     return [
         {"name": "Model", "type": "string", "jsonPath": ".spec.servedModelName"},
+        {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtime"},
         {"name": "Profile", "type": "string", "jsonPath": ".spec.gpu.profile"},
         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.measured.tokensPerSecond"},
         {"name": "P95-ms", "type": "number", "jsonPath": ".status.measured.latencyP95Ms"},
-        {
-            "name": "Status",
-            "type": "string",
-            "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
-            "priority": 1,
-        },
+        # Shown by default: "why is it not ready" is the first question (AllReplicasReady, NoReplicasReady, ...).
+        {"name": "Status", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 
@@ -83,7 +80,8 @@ def printer_columns() -> list[dict[str, Any]]:
 def custom_resource_definition() -> dict[str, Any]:
     """The DiffusionGemma CRD as a dict."""
     schema = openapi_schema(models.DiffusionGemma)
-    schema["description"] = "A DiffusionGemma variant: a model on one GPU profile, served by dgemma workers."
+    schema["description"] = ("A DiffusionGemma variant: a model on one GPU profile, served by dgemma workers or "
+                             "vLLM, or an external API that takes overflow.")
     schema["properties"] = {
         "apiVersion": {"type": "string", "description": "API version of this object."},
         "kind": {"type": "string", "description": "Kind of this object."},

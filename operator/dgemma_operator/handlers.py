@@ -6,6 +6,7 @@ import asyncio
 import copy
 import logging
 import os
+import socket
 import ssl
 import time
 from typing import Any, cast
@@ -15,10 +16,12 @@ import kopf
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from dgemma_common.variants import variant_name
 from dgemma_operator import autoscale as scaling
 from dgemma_operator import children, gateway_client, models, reconcile, settings
 from dgemma_operator.autoscaler import ScalerState
 from dgemma_operator.kube import Kube, load_config
+from dgemma_operator.metrics import OperatorMetrics, observe_handler
 
 RESOURCE = (models.GROUP, models.VERSION, models.PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": children.MANAGER}
@@ -44,6 +47,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=models.GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    # `kubectl describe` shows Events as From: dgemma-operator (kopf's default says "kopf").
+    settings.posting.reporting_component = children.MANAGER
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
@@ -59,10 +65,21 @@ async def open_gateway_client(memo: kopf.Memo, **_: Any) -> None:
     memo.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)))
 
 
+@kopf.on.startup()
+def serve_metrics(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """The operator's Prometheus metrics (`dgemma_operator_*`), on the metrics port when one is set."""
+    memo.metrics = OperatorMetrics()
+    port = settings.from_environment().metrics_port
+    if port is not None:
+        bound = memo.metrics.serve("0.0.0.0", port)
+        logger.info("Metrics on port %d.", bound)
+
+
 @kopf.on.cleanup()
 async def close_gateway_client(memo: kopf.Memo, **_: Any) -> None:
-    """Close the autoscaler's HTTP session."""
+    """Close the autoscaler's HTTP session and the metrics endpoint."""
     await memo.http.close()
+    memo.metrics.close()
 
 
 @kopf.on.login()
@@ -98,14 +115,21 @@ def variants(
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE)
+@observe_handler
 def reconcile_variant(
     body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, logger: kopf.Logger, **_: Any
 ) -> None:
     """Make the children match the spec and record the observed state."""
     raw = copy.deepcopy(dict(body))
+    variant = variant_name(body.metadata.namespace, body.metadata.name)
+
+    def counted(outcome: str) -> Any:
+        return memo.metrics.reconciles.labels(variant, outcome)
+
     try:
-        reconcile.converge(memo.kube, raw)
+        spec = reconcile.converge(memo.kube, raw)
     except reconcile.InvalidSpec as e:
+        counted("invalid").inc()
         try:
             reconcile.record_invalid(memo.kube, raw, e)
         except ApiException as status_error:
@@ -114,17 +138,23 @@ def reconcile_variant(
         raise kopf.PermanentError(f"{e.reason}: {e.message}") from e
     except Exception as e:
         temporary = _transient(e, retry)
+        counted("error" if temporary is None else "retry").inc()
         if temporary is None:
             raise
         kopf.warn(_body(raw), reason="ApiError", message=str(temporary))
         raise temporary from e
+    counted("applied").inc()
     verb = {"create": "Created", "update": "Updated", "resume": "Verified"}.get(reason, "Reconciled")
-    message = f"{verb} Deployment, Service and PodDisruptionBudget"
+    if spec.runtime == "external":
+        message = f"{verb} the external API variant: nothing runs in the cluster"
+    else:
+        message = f"{verb} {spec.runtime} Deployment, Service and PodDisruptionBudget"
     kopf.info(_body(raw), reason=f"{verb}Workers", message=message)
     logger.info("Children applied (%s).", reason)
 
 
 @kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
+@observe_handler
 def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Level-based safety net: re-apply children and refresh the status periodically."""
     raw = copy.deepcopy(dict(body))
@@ -135,8 +165,10 @@ def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.delete(*RESOURCE)
-def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+@observe_handler
+def release(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Nothing to clean up by hand: the children go with their ownerReferences; the finalizer is released."""
+    memo.metrics.forget(variant_name(body.metadata.namespace, body.metadata.name))
     kopf.info(body, reason="Deleting", message="workers are garbage-collected with the resource")
     logger.info("Released; the garbage collector removes the children.")
 
@@ -153,6 +185,7 @@ def _owner(body: kopf.Body) -> str | None:
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)  # type: ignore[arg-type]
+@observe_handler
 def child_changed(  # kopf's WatchingFn protocol does not know index kwargs such as `variants`
 
     type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, variants: kopf.Index[Any, Any],
@@ -191,6 +224,7 @@ def autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.timer(*RESOURCE, interval=AUTOSCALE_INTERVAL_S, when=autoscaling_enabled)
+@observe_handler
 async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger,
                     **_: Any) -> None:
     """Decide the replicas from the gateway's measurements; set them through the scale subresource."""
@@ -202,14 +236,17 @@ async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kop
     except reconcile.InvalidSpec:
         return  # the reconcile handler has reported it
     where = settings.from_environment()
-    # The gateway names a variant after its resource as namespace/name (kube.variant_name).
     variant, problem = await gateway_client.fetch_variant(
-        memo.http, where.demand_url, f"{namespace}/{name}", where.gateway_timeout_s
+        memo.http, where.demand_url, variant_name(namespace, name), where.gateway_timeout_s
     )
     # The state lives in this resource's memo; after a restart it is read back from the status.
     state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(raw.get("status"))
     step = scaling.plan(spec, raw.get("status"), variant, problem, state, time.time(), reconcile.now())
     memo.scaler_state = step.state
+    decision = step.status["autoscaling"]["lastDecision"]
+    memo.metrics.decided(variant_name(namespace, name), decision["reason"], decision["desiredReplicas"],
+                         int((raw.get("status") or {}).get("readyReplicas") or 0),
+                         (spec.min_replicas, spec.max_replicas), time.time())
     if step.replicas is not None:
         await asyncio.to_thread(memo.kube.scale, namespace, name, step.replicas)
         logger.info("Scaled %s -> %s replicas.", spec.replicas, step.replicas)

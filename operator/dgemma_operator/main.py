@@ -9,6 +9,7 @@ from typing import Any
 from dgemma_operator import settings
 
 LIVENESS_PATH = "/healthz"
+DEFAULT_METRICS_PORT = 9090
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
                        help="watch this namespace (repeatable; globs allowed, e.g. 'team-*')")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch the whole cluster")
     p.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: none)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the Prometheus /metrics endpoint (-1: none) "
+                        f"[env {settings.METRICS_PORT_ENV}; default {DEFAULT_METRICS_PORT}]")
     peering = p.add_mutually_exclusive_group()
     peering.add_argument("--peering", metavar="NAME", default=None,
                          help="KopfPeering/ClusterKopfPeering used so that one instance is active at a time")
@@ -38,6 +42,12 @@ def export_settings(args: argparse.Namespace) -> None:
     """Hand the autoscaler's flags to the handlers module through its environment variables (flags win)."""
     if args.gateway_url:
         os.environ[settings.GATEWAY_URL_ENV] = args.gateway_url
+    port = args.metrics_port if args.metrics_port is not None else int(
+        os.environ.get(settings.METRICS_PORT_ENV) or DEFAULT_METRICS_PORT)
+    if port < 0:
+        os.environ.pop(settings.METRICS_PORT_ENV, None)
+    else:
+        os.environ[settings.METRICS_PORT_ENV] = str(port)
     if args.autoscale_interval_s is not None:
         if args.autoscale_interval_s <= 0:
             raise SystemExit("dgemma operator: --autoscale-interval-s must be > 0")

@@ -6,12 +6,17 @@ and literals become bounds and enums, and `x-kubernetes-validations` carry the C
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from dgemma_common import vllm
 from dgemma_operator.profiles import Architecture, Dtype, ProfileName
+
+Runtime = Literal["dgemma", "vllm", "external"]
+# Generation settings vLLM reads from the checkpoint, not from its command line (dgemma_common.vllm).
+VLLM_FIXED_SETTINGS = ("tMin", "tMax", "entropyBound", "stabilityThreshold", "confidenceThreshold")
 
 GROUP = "dgemma.io"
 VERSION = "v1alpha1"
@@ -176,6 +181,42 @@ class WorkerSpec(BaseModel):
     health-only port."""
 
 
+class VllmSpec(BaseModel):
+    """vLLM's OpenAI server as the runtime (runtime: vllm): what is tuned per variant."""
+
+    model_config = _config()
+    image: str = Field(default=vllm.IMAGE, min_length=1, max_length=512)
+    """vLLM image (the contract dgemma is pinned to is vLLM 0.24.0's: metric names, /health, flags)."""
+    max_num_seqs: int | None = Field(default=None, ge=1, le=256)
+    """Sequences one replica runs at once (--max-num-seqs); default from the GPU profile, as vLLM's DiffusionGemma
+    recipe gives it (4, which an 80 GB GPU needs; 8 on DGX Spark)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """Share of GPU memory vLLM may take (--gpu-memory-utilization); default from the profile (0.85; 0.8 on
+    DGX Spark)."""
+    tensor_parallel_size: int | None = Field(default=None, ge=1, le=8)
+    """GPUs one replica's model is split over (--tensor-parallel-size); default gpu.count."""
+    max_model_len: int | None = Field(default=None, ge=256, le=1048576)
+    """Longest prompt plus completion in tokens (--max-model-len); default the model's."""
+    extra_args: list[Annotated[str, Field(max_length=1024)]] | None = Field(default=None, max_length=64)
+    """More `vllm serve` arguments, after the operator's (a later flag wins, so these override)."""
+
+
+class ExternalSpec(BaseModel):
+    """An external OpenAI-compatible API (runtime: external): nothing runs in the cluster; the gateway sends it
+    the requests no local variant of the model can serve in time, from variants that allow it."""
+
+    model_config = _config()
+    base_url: str = Field(alias="baseURL", pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=2048)
+    """The API root: http(s)://host[:port]/path, usually ending in /v1 (chat and text completions are under
+    it)."""
+    model: str = Field(min_length=1, max_length=200)
+    """The model's name on that service."""
+    api_key_secret: SecretKeyRef | None = None
+    """Secret holding the API key (sent as a bearer token); the gateway reads it."""
+    max_concurrency: int = Field(default=16, ge=1, le=10000)
+    """Requests in flight there at most (its rate limit); more wait for a local endpoint or are refused."""
+
+
 class AutoscalingSpec(BaseModel):
     """How the autoscaler (not this operator) may change spec.replicas."""
 
@@ -208,13 +249,41 @@ class DiffusionGemmaSpec(BaseModel):
             "self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas",
             "replicas must lie between minReplicas and maxReplicas",
         ),
+        ("self.runtime == 'external' || has(self.model)", "model is required unless runtime is external"),
+        ("self.runtime != 'dgemma' || has(self.image)", "image is required for runtime dgemma"),
+        ("self.runtime != 'external' || has(self.external)", "runtime external needs the external section"),
+        ("!has(self.external) || self.runtime == 'external'", "the external section is for runtime external"),
+        ("!has(self.vllm) || self.runtime == 'vllm'", "the vllm section is for runtime vllm"),
+        ("self.runtime != 'external' || !self.autoscaling.enabled", "an external variant has no replicas to scale"),
+        ("self.runtime == 'dgemma' || !has(self.worker.tlsSecret)", "worker.tlsSecret is for runtime dgemma"),
+        (
+            "self.runtime != 'vllm' || ("
+            + " && ".join(f"!has(self.generation.{name})" for name in VLLM_FIXED_SETTINGS) + ")",
+            f"generation.{', '.join(VLLM_FIXED_SETTINGS)} cannot be set for runtime vllm: vLLM {vllm.VERSION} reads "
+            "them from the checkpoint's generation_config.json",
+        ),
     )
     served_model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     """Model name clients ask for (OpenAI `model`); several variants may serve the same name."""
-    model: ModelSource
-    """Where the weights come from."""
-    image: str = Field(min_length=1, max_length=512)
-    """Worker container image (runs `dgemma worker`)."""
+    runtime: Runtime = Field(
+        default="dgemma",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": "runtime is immutable: create another resource for another runtime"}
+        ]},
+    )
+    """What serves the variant: dgemma workers, vLLM's OpenAI server, or an external OpenAI-compatible API
+    (overflow only). Fixed at creation."""
+    model: ModelSource | None = None
+    """Where the weights come from (not for runtime external)."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Worker container image (runs `dgemma worker`); required for runtime dgemma."""
+    vllm: VllmSpec | None = None
+    """vLLM settings (runtime vllm); every field has a default."""
+    external: ExternalSpec | None = None
+    """The external API (runtime external)."""
+    allow_overflow: bool = False
+    """Let requests this variant cannot serve in time go to an external variant of the same model. Off by
+    default: prompts leave the cluster only by choice."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """Image pull policy."""
     cache: CacheSpec = Field(default_factory=CacheSpec, json_schema_extra=_object_default())
@@ -340,7 +409,8 @@ class DiffusionGemmaStatus(BaseModel):
     selector: str | None = None
     """Label selector of the pods (for the scale subresource and HPA)."""
     endpoint: str | None = None
-    """In-cluster gRPC address of the workers' Service (host:port)."""
+    """Where the gateway reaches the variant: the workers' gRPC Service (host:port), vLLM's HTTP API root, or
+    the external API's."""
     tokens_per_second_prior: float | None = None
     """Expected tokens/s per replica from the GPU profile (until measured)."""
     measured: Measured | None = None
@@ -350,7 +420,7 @@ class DiffusionGemmaStatus(BaseModel):
 
 
 class DiffusionGemma(BaseModel):
-    """A DiffusionGemma variant served by dgemma workers."""
+    """A DiffusionGemma variant: served by dgemma workers, by vLLM, or by an external API taking overflow."""
 
     model_config = _config()
     spec: DiffusionGemmaSpec

@@ -71,7 +71,8 @@ def converge(kube: Kube, body: Body) -> models.DiffusionGemmaSpec:
 def refresh_status(kube: Kube, body: Body, spec: models.DiffusionGemmaSpec, deployment: Body | None) -> bool:
     """Write the observed status if it differs from what the resource says; True if written."""
     meta = body["metadata"]
-    new = status.observed(body, spec, deployment, now())
+    new = status.external(body, spec, now()) if spec.runtime == "external" else \
+        status.observed(body, spec, deployment, now())
     if same_status(body.get("status") or {}, new):
         return False
     kube.patch_status(meta["namespace"], meta["name"], new)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 GATEWAY_URL_ENV = "DGEMMA_GATEWAY_URL"
 AUTOSCALE_INTERVAL_ENV = "DGEMMA_AUTOSCALE_INTERVAL_S"
 GATEWAY_TIMEOUT_ENV = "DGEMMA_GATEWAY_TIMEOUT_S"
+METRICS_PORT_ENV = "DGEMMA_OPERATOR_METRICS_PORT"
 GATEWAY_CA_ENV = "DGEMMA_GATEWAY_CA_FILE"
 # The chart's gateway Service, in the operator's own namespace.
 DEFAULT_GATEWAY = "http://dgemma-gateway.{namespace}.svc:8000"
@@ -25,6 +26,7 @@ class OperatorSettings:
     gateway_url: str
     autoscale_interval_s: float = 15.0
     gateway_timeout_s: float = 5.0
+    metrics_port: int | None = None  # the Prometheus endpoint (0: any free port; None: not served)
     gateway_ca_file: str | None = None  # the CA of an HTTPS gateway's certificate (default: the system's)
 
     @property
@@ -41,5 +43,6 @@ def from_environment(env: Mapping[str, str] | None = None) -> OperatorSettings:
         gateway_url=env.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY.format(namespace=namespace),
         autoscale_interval_s=float(env.get(AUTOSCALE_INTERVAL_ENV) or 15.0),
         gateway_timeout_s=float(env.get(GATEWAY_TIMEOUT_ENV) or 5.0),
+        metrics_port=int(env[METRICS_PORT_ENV]) if env.get(METRICS_PORT_ENV) else None,
         gateway_ca_file=env.get(GATEWAY_CA_ENV) or None,
     )

@@ -85,7 +85,30 @@ def observed(
         "readyReplicas": ready,
         "updatedReplicas": updated,
         "selector": children.selector_string(name),
-        "endpoint": children.endpoint(name, namespace),
+        "endpoint": children.endpoint(name, namespace, spec),
+        "tokensPerSecondPrior": children.tokens_per_second_prior(spec),
+    }
+
+
+def external(owner: Body, spec: models.DiffusionGemmaSpec, now: str) -> Body:
+    """The status of an external variant: nothing runs here, so it is ready as soon as it is valid (the gateway
+    learns whether the API answers from its own requests)."""
+    meta = owner["metadata"]
+    generation = meta.get("generation")
+    previous = list((owner.get("status") or {}).get("conditions") or [])
+    url = children.endpoint(meta["name"], meta["namespace"], spec)
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            _condition("Ready", True, "External", f"requests that overflow go to {url}", generation, previous, now),
+            _condition("Progressing", False, "Complete", "nothing runs in the cluster", generation, previous, now),
+            _condition("Degraded", False, "AsExpected", "", generation, previous, now),
+        ],
+        "replicas": 0,
+        "readyReplicas": 0,
+        "updatedReplicas": 0,
+        "selector": children.selector_string(meta["name"]),
+        "endpoint": url,
         "tokensPerSecondPrior": children.tokens_per_second_prior(spec),
     }
 

@@ -73,3 +73,33 @@ def test_demand_attributed_to_the_cheapest_variant_meeting_the_target_scales_it_
     routed, routed_cost, _, routed_peak_big = final_and_cost("routed_canvases_per_s")
     assert routed["small"] == 0 and routed_peak_big >= 2  # no routed demand ever reaches a variant at zero
     assert cost < routed_cost
+
+
+def test_overflow_carries_a_burst_while_replicas_start_and_the_fleet_still_grows() -> None:
+    """A burst with 90 s replica start-up: with an external API allowed, the requests the starting fleet cannot
+    serve in time go out, and their demand still counts for the local variant, which grows as without it."""
+    from sim_overflow import burst, fleet, window_attainment
+
+    trace = burst(1.5, 8.0, minutes=(3, 5, 1))
+    results = {}
+    for overflow in (False, True):
+        ((report, result),) = run(PIPELINE, fleet(90.0, overflow), trace, {"ours": ours}, warmup_s=120)
+        results[overflow] = (report, result)
+    (without, plain), (with_api, spilled) = results[False], results[True]
+    burst_at = 120 + 180
+    first = window_attainment(spilled, burst_at, burst_at + 180), window_attainment(plain, burst_at, burst_at + 180)
+    assert first[0] > first[1] + 0.1, first
+
+    def sent_share(lo: float, hi: float) -> float:
+        window = [o for o in spilled.outcomes if lo <= o.arrival_s < hi]
+        return sum(o.variant == "hosted" for o in window) / len(window)
+
+    # Before the burst only the odd request no idle local replica could finish in time goes out; while the
+    # fleet is starting, many do.
+    assert sent_share(burst_at, burst_at + 120) > 2 * sent_share(0, burst_at) > 0
+    local_peak = {overflow: max(sum(n for v, n in r.items() if v != "hosted") for _, r in res.replicas_log)
+                  for overflow, (_, res) in results.items()}
+    # Attribution keeps scaling the local fleet (without the API it grows a little further: missed targets
+    # trigger panic scale-ups).
+    assert local_peak[True] >= max(4 * 3, 0.8 * local_peak[False]), local_peak
+    assert with_api.attainment > without.attainment

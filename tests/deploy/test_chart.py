@@ -205,6 +205,15 @@ def test_gateway_rbac_is_read_only_discovery() -> None:
     }
 
 
+def test_the_gateway_may_read_exactly_the_secrets_named_for_external_api_keys() -> None:
+    for setup in ({}, {"watchNamespaces": ["a"]}):
+        objects = render({**setup, "gateway": {"externalApiKeySecrets": ["hosted-key", "other-key"]}})
+        role = one(objects, "ClusterRole" if not setup else "Role", "dgemma-gateway")
+        (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+        assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hosted-key", "other-key"],
+                        "verbs": ["get"]}
+
+
 def test_gateway_runs_several_replicas_with_keys_from_a_secret_and_discovery_on() -> None:
     objects = render()
     deployment = one(objects, "Deployment", "dgemma-gateway")
@@ -260,7 +269,7 @@ def _ports(rule: Body) -> set[int]:
     return {p["port"] for p in rule["ports"]}
 
 
-def test_only_the_gateway_reaches_the_workers_grpc_port() -> None:
+def test_only_the_gateway_reaches_the_workers_grpc_port_and_vllm_pods_api_port() -> None:
     objects = render({"watchNamespaces": ["team-a", "team-b"]})
     worker_policies = [p for p in find(objects, "NetworkPolicy") if p["metadata"]["name"] == "dgemma-workers"]
     assert {p["metadata"]["namespace"] for p in worker_policies} == {"team-a", "team-b"}
@@ -272,11 +281,12 @@ def test_only_the_gateway_reaches_the_workers_grpc_port() -> None:
         }
         assert spec["policyTypes"] == ["Ingress"]
         grpc_rules = [r for r in spec["ingress"] if 50051 in _ports(r)]
-        assert len(grpc_rules) == 1 and _ports(grpc_rules[0]) == {50051}
+        assert len(grpc_rules) == 1 and _ports(grpc_rules[0]) == {50051, 8000}
         (peer,) = grpc_rules[0]["from"]
         assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
         assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-        assert all(_ports(r) == {9090} for r in spec["ingress"] if r is not grpc_rules[0])
+        # Scrapers reach metrics: a worker's own port, and vLLM's API port (it has no other).
+        assert all(_ports(r) == {9090, 8000} for r in spec["ingress"] if r is not grpc_rules[0])
 
 
 def test_worker_pod_labels_match_what_the_operator_sets() -> None:
@@ -284,16 +294,17 @@ def test_worker_pod_labels_match_what_the_operator_sets() -> None:
 
     policy = one(render(), "NetworkPolicy", "dgemma-workers")
     selector = policy["spec"]["podSelector"]["matchLabels"]
-    spec = children.models.DiffusionGemmaSpec.model_validate(
-        {"servedModelName": "m", "model": {"huggingFace": {"id": "a/b"}}, "image": "i"}
-    )
-    assert selector.items() <= children.worker_labels("x", spec).items()
+    for runtime in ({"image": "i"}, {"runtime": "vllm"}):
+        spec = children.models.DiffusionGemmaSpec.model_validate(
+            {"servedModelName": "m", "model": {"huggingFace": {"id": "a/b"}}, **runtime}
+        )
+        assert selector.items() <= children.worker_labels("x", spec).items()
 
 
 def test_without_metrics_peers_nothing_may_scrape_and_without_gateway_peers_anyone_may_call() -> None:
     objects = render({"networkPolicy": {"metricsFrom": []}})
     assert [_ports(r) for r in one(objects, "NetworkPolicy", "dgemma-workers")["spec"]["ingress"]] == [
-        {50051}
+        {50051, 8000}
     ]
     (rule,) = one(objects, "NetworkPolicy", "dgemma-gateway")["spec"]["ingress"]
     assert "from" not in rule and _ports(rule) == {8000, 8001}

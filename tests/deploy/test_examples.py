@@ -20,14 +20,10 @@ def example_resources() -> list[dict]:
     return docs + find(render({"examples": {"enabled": True}}, upgrade=True), "DiffusionGemma")
 
 
-def test_there_is_an_example_for_every_gpu_profile() -> None:
-    profiles = {
-        d["spec"]["gpu"]["profile"]
-        for path in EXAMPLES
-        if path.name != "kustomization.yaml"
-        for d in load_yaml_documents(path)
-    }
-    assert profiles == PROFILES
+def test_there_is_an_example_for_every_gpu_profile_and_runtime() -> None:
+    docs = [d for path in EXAMPLES if path.name != "kustomization.yaml" for d in load_yaml_documents(path)]
+    assert {d["spec"]["gpu"]["profile"] for d in docs if "gpu" in d["spec"]} == PROFILES
+    assert {d["spec"].get("runtime", "dgemma") for d in docs} == {"dgemma", "vllm", "external"}
 
 
 @pytest.mark.parametrize("resource", example_resources(), ids=lambda r: r["metadata"]["name"])

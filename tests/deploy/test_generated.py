@@ -11,7 +11,7 @@ import yaml
 
 from tests.deploy.helpers import CHART, CRD_FILE, KUBE_VERSION, ROOT, Body
 
-GENERATORS = ["sync_crd.py", "render_kustomize.py", "gen_dashboard.py", "gen_crd_reference.py"]
+GENERATORS = ["sync_crd.py", "render_kustomize.py", "gen_dashboard.py", "gen_crd_reference.py", "gen_chart_readme.py"]
 KUSTOMIZATIONS = [
     "deploy/kustomize/base",
     "deploy/kustomize/overlays/monitoring",

@@ -26,7 +26,8 @@ from dgemma_common.types import (
     PromptTooLongError,
     StopReason,
 )
-from dgemma_worker.engine import Engine, EngineConfig, cut_canvas
+from dgemma_worker.commits import cut_canvas
+from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import EOS_ID, LoadedModel, load_model, make_tiny_model
 
 HELLO = Prompt.of_messages([ChatMessage("user", "Hello there")])

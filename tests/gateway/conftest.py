@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
-from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool
+from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     finally:
         p.stop()
 
+
+
+@pytest.fixture
+def client(gw: RunningGateway) -> openai.OpenAI:
+    """The official SDK against the module's `gw` gateway (no keys, no retries)."""
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,3 +113,14 @@ class Pool:
     def stop(self) -> None:
         for g in self.groups:
             g.stop(timeout=5)
+
+
+def fast_gateway(pool: Pool) -> Iterator[RunningGateway]:
+    """A gateway (HTTP and KServe gRPC, no keys) in front of the first fast worker; a module uses it as
+    `gw = pytest.fixture(scope="module", name="gw")(fast_gateway)`."""
+    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
+    try:
+        g.wait_ready(1)
+        yield g
+    finally:
+        g.close()

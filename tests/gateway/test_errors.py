@@ -40,6 +40,7 @@ def post(gw: RunningGateway, body: Any, key: str | None = KEY, path: str = "/v1/
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     async def go() -> tuple[int, dict[str, Any], dict[str, str]]:
         h = {"Authorization": f"Bearer {key}"} if key else {}
+        h["Content-Type"] = "application/json"
         h.update(headers or {})
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         async with aiohttp.ClientSession() as s, s.post(f"{gw.url}{path}", data=data, headers=h) as r:

@@ -7,29 +7,23 @@ import queue
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from dgemma_serve.serve import checkpoint_shape
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
-from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, kserve_inputs, static, variant
+from tests.gateway.gateway_harness import MODEL, RunningGateway, fast_gateway, kserve_inputs
+from tests.procmem import peak_rss_growth
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def gw(pool: Pool) -> Iterator[RunningGateway]:
-    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))], grpc=True)
-    try:
-        g.wait_ready(1)
-        yield g
-    finally:
-        g.close()
+gw = pytest.fixture(scope="module", name="gw")(fast_gateway)
 
 
 def test_tritonclient_infers_through_the_gateway(gw: RunningGateway) -> None:
@@ -84,3 +78,17 @@ def test_serve_gives_its_variant_the_checkpoints_canvas_and_step_cap(tmp_path: P
     assert checkpoint_shape(str(BUNDLED_MODEL_DIR)) == {"canvas_length": 32, "max_denoising_steps": 48}
     (tmp_path / "config.json").write_text('{"canvas_length": "many"}')
     assert checkpoint_shape(str(tmp_path)) == {} and checkpoint_shape("google/diffusiongemma-26B-A4B-it") == {}
+
+
+@pytest.mark.parametrize("n", [12_000_000, 2**30])
+def test_the_gateway_refuses_an_integer_text_input_without_building_that_many_bytes(
+        gw: RunningGateway, n: int) -> None:
+    client = tc.InferenceServerClient(gw.grpc_address)
+    text = tc.InferInput("text_input", [1], "INT64")
+    text.set_data_from_numpy(np.array([n], dtype=np.int64))
+    with peak_rss_growth() as growth, pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [text])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert info.value.message().startswith("text_input: must be a BYTES tensor")
+    assert growth.mib < 64, f"an 8-byte tensor grew the gateway's peak RSS by {growth.mib:.0f} MiB"
+    client.close()

@@ -27,11 +27,6 @@ def gw(pool: Pool) -> Iterator[RunningGateway]:
         g.close()
 
 
-@pytest.fixture
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def test_chat_completion_returns_text_usage_and_dgemma_stats(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=24,
                                        extra_body={"max_denoising_steps": 4, "seed": 1})

@@ -15,6 +15,7 @@ import pytest
 
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, Sink
+from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.types import Variant
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, variant
 
@@ -119,5 +120,30 @@ def test_a_variant_that_cannot_scale_from_zero_is_refused_at_once() -> None:
         with pytest.raises(openai.APIStatusError) as err:
             client.chat.completions.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Hi"}])
         assert err.value.status_code == 503
+    finally:
+        g.close()
+
+
+def test_a_held_stream_sends_headers_and_keep_alives_so_a_read_timeout_never_fires(
+    late: LateSource, pool: Pool
+) -> None:
+    # The SDK's read timeout (1 s) is far shorter than the hold (3 s): only the keep-alive comments, which the
+    # SDK skips, keep it reading. Before them the stream was silent until its first canvas, and the client gave up.
+    g = RunningGateway([late], settings=GatewaySettings(watch_interval_s=0.2, hold_for_replica_s=20.0),
+                       limits=ApiLimits(sse_keepalive_s=0.3))
+    try:
+        client = openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused", max_retries=0,
+                               timeout=openai.Timeout(60.0, read=1.0))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool_of_one:
+            stream = pool_of_one.submit(lambda: "".join(
+                c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                    model=MODEL, max_tokens=16, stream=True, messages=[{"role": "user", "content": "Hi"}],
+                    extra_body={"max_denoising_steps": 2, "ignore_eos": True}) if c.choices))
+            eventually(lambda: held(g) == 1)
+            time.sleep(3.0)
+            assert not stream.done(), stream.exception() if stream.done() else None
+            address = pool.fast[0].address
+            g.call(late.report([EndpointSpec(f"idle/{address}", address, IDLE)]))
+            assert len(stream.result(60)) > 0
     finally:
         g.close()

@@ -262,13 +262,14 @@ class Store:
             v["name"] for v in crd["spec"].get("versions", []) if v.get("storage")
         ]
 
-    def _admit(self, rtype: ResourceType, obj: Body) -> Body:
-        """Pruning, defaulting and validation of custom resources against their CRD's schema."""
+    def _admit(self, rtype: ResourceType, obj: Body, old: Body | None = None) -> Body:
+        """Pruning, defaulting and validation of custom resources against their CRD's schema (and, on an
+        update, its transition rules against the object it replaces)."""
         if rtype.schema is None:
             return obj
         pruned = schema.default(schema.prune(obj, rtype.schema), rtype.schema)
         pruned["metadata"] = obj["metadata"]
-        errors = schema.validate(pruned, rtype.schema)
+        errors = schema.validate(pruned, rtype.schema, old)
         if errors:
             name = obj["metadata"].get("name", "")
             raise ApiError(
@@ -356,7 +357,7 @@ class Store:
                     obj["status"] = copy.deepcopy(old["status"])
                 else:
                     obj.pop("status", None)
-            obj = self._admit(rtype, obj)
+            obj = self._admit(rtype, obj, old)
             if self._essence(obj) != self._essence(old):
                 meta["generation"] += 1
         obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]

@@ -2,7 +2,9 @@
 
 Validation is OpenAPI v3 (via jsonschema) plus the CEL rules of `x-kubernetes-validations`, for
 the subset of CEL that CRDs here use: `self.a.b`, `has(...)`, `!`, `&&`, `||`, comparisons,
-arithmetic and literals. A rule outside that subset fails loudly rather than passing silently.
+arithmetic and literals. A rule outside that subset fails loudly rather than passing silently. A transition
+rule (one that reads `oldSelf`) is checked on updates only, where the old object has the field, as the API
+server does.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ def cel_to_python(rule: str) -> str:
     return re.sub(r"\bhas\(", "_has(", expr)
 
 
-def evaluate_cel(rule: str, value: Any) -> bool:
-    """Evaluate one rule against the value at its schema node."""
+def evaluate_cel(rule: str, value: Any, old: Any = None) -> bool:
+    """Evaluate one rule against the value at its schema node (and the old value, for a transition rule)."""
     code = cel_to_python(rule)
-    return bool(eval(code, {"__builtins__": {}}, {"self": _wrap(value), "_has": _has}))
+    return bool(eval(code, {"__builtins__": {}}, {"self": _wrap(value), "oldSelf": _wrap(old), "_has": _has}))
+
+
+_UNSET = object()
 
 
 def prune(value: Any, schema: dict[str, Any]) -> Any:
@@ -99,19 +104,23 @@ def _path(parts: Any) -> str:
     return out
 
 
-def _cel_errors(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+def _cel_errors(value: Any, schema: dict[str, Any], path: str, old: Any = _UNSET) -> list[str]:
     errors: list[str] = []
     if value is None:
         return errors
     for rule in schema.get("x-kubernetes-validations") or []:
-        if not evaluate_cel(rule["rule"], value):
+        transition = re.search(r"\boldSelf\b", rule["rule"]) is not None
+        if transition and old is _UNSET:
+            continue  # a create, or a field the old object did not have
+        if not evaluate_cel(rule["rule"], value, None if old is _UNSET else old):
             errors.append(
                 f'{path or "<root>"}: Invalid value: "object": {rule.get("message") or rule["rule"]}'
             )
     if isinstance(value, dict):
         for name, sub in (schema.get("properties") or {}).items():
             if name in value:
-                errors += _cel_errors(value[name], sub, f"{path}.{name}" if path else name)
+                before = old.get(name, _UNSET) if isinstance(old, dict) else _UNSET
+                errors += _cel_errors(value[name], sub, f"{path}.{name}" if path else name, before)
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
             errors += _cel_errors(item, schema["items"], f"{path}[{index}]")
@@ -131,8 +140,8 @@ def _draft7(node: Any) -> Any:
     return out
 
 
-def validate(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
-    """Field errors in the API server's wording; empty when valid."""
+def validate(obj: dict[str, Any], schema: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Field errors in the API server's wording; empty when valid (`old`: the object an update replaces)."""
     body = {k: v for k, v in obj.items() if k != "metadata"}
     errors = []
     schema = _draft7(schema)
@@ -152,5 +161,6 @@ def validate(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
         else:
             errors.append(f"{where}: Invalid value: {error.instance!r}: {error.message}")
     if not errors:
-        errors += _cel_errors(body, schema, "")
+        before = _UNSET if old is None else {k: v for k, v in old.items() if k != "metadata"}
+        errors += _cel_errors(body, schema, "", before)
     return errors

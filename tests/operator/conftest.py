@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,8 +21,18 @@ def crd(k8s: EmulatorThread) -> None:
 
 
 @pytest.fixture
-def operator(k8s: EmulatorThread, crd: None) -> Iterator[KopfRunner]:
-    """The operator running in a thread (kopf's KopfRunner) against the emulator."""
+def metrics_port(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A free port for the operator's metrics endpoint (DGEMMA_OPERATOR_METRICS_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    monkeypatch.setenv("DGEMMA_OPERATOR_METRICS_PORT", str(port))
+    return port
+
+
+@pytest.fixture
+def operator(k8s: EmulatorThread, crd: None, metrics_port: int) -> Iterator[KopfRunner]:
+    """The operator running in a thread (kopf's KopfRunner) against the emulator, its metrics on `metrics_port`."""
     with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
         yield runner
     assert runner.exit_code == 0, runner.output[-5000:]

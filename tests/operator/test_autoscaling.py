@@ -17,9 +17,17 @@ def decision(k8s: EmulatorThread, name: str = "gemma") -> dict[str, object]:
     return dict(get(k8s, "dgm", name)["status"]["autoscaling"]["lastDecision"])
 
 
+def events(k8s: EmulatorThread, name: str = "gemma") -> list[tuple[str, str]]:
+    items = json.loads(k8s.kubectl("get", "events", "-o", "json").stdout)["items"]
+    return [(e["reason"], e.get("message", "")) for e in items if e["involvedObject"]["name"] == name]
+
+
 def reasons(k8s: EmulatorThread, name: str = "gemma") -> list[str]:
-    events = json.loads(k8s.kubectl("get", "events", "-o", "json").stdout)["items"]
-    return [e["reason"] for e in events if e["involvedObject"]["name"] == name]
+    return [reason for reason, _ in events(k8s, name)]
+
+
+def scaled_up(k8s: EmulatorThread) -> str | None:
+    return next((message for reason, message in events(k8s) if reason == "ScaledUp"), None)
 
 
 def test_demand_scales_the_resource_through_its_scale_subresource_up_and_back_down(
@@ -28,18 +36,21 @@ def test_demand_scales_the_resource_through_its_scale_subresource_up_and_back_do
     demand.demand("default/gemma", canvases_per_s=1.6, capacity=1.0)  # 1.6 / (1.0 x 0.5) -> 4 replicas
     apply(k8s, sample(replicas=1, maxReplicas=3, autoscaling=FAST))
     eventually(lambda: get(k8s, "deployment", "gemma-worker")["spec"]["replicas"] == 3, timeout=20)
-    d = decision(k8s)
-    assert d["desiredReplicas"] == 3 and "bounded to [1, 3]" in str(d["reason"])
-    assert d["inputs"]["demand_canvases_per_s"] == 1.6  # type: ignore[index]
+    # The scale-up decision as it was made: its event (the next tick, a moment later, overwrites
+    # lastDecision with "steady", so the status alone may no longer show it).
+    message = eventually(lambda: scaled_up(k8s), timeout=10)
+    assert message.startswith("1 -> 3 replicas: ") and "bounded to [1, 3]" in message, message
+    assert "(demand 1.6 canvases/s" in message, message
+    d = decision(k8s)  # the latest decision: it keeps the 3 replicas for the demand it saw
+    assert d["desiredReplicas"] == 3 and d["inputs"]["demand_canvases_per_s"] == 1.6  # type: ignore[index]
     assert get(k8s, "dgm", "gemma")["status"]["autoscaling"]["memory"]["recommendations"]
-    assert "ScaledUp" in reasons(k8s)
     scale_calls = [r for r in k8s.handler if r.subresource == "scale" and r.method.value == "PATCH"]
     assert scale_calls, "replicas are set through the scale subresource"
     mark_ready(k8s, "gemma-worker", 3)
 
     demand.demand("default/gemma", canvases_per_s=0.4, capacity=1.0)  # 0.4 / 0.5 -> 1 replica, one step at a time
     eventually(lambda: get(k8s, "dgm", "gemma")["spec"]["replicas"] == 1, timeout=30)
-    assert "ScaledDown" in reasons(k8s)
+    eventually(lambda: "ScaledDown" in reasons(k8s), timeout=10)  # the event is posted after the scale
 
 
 def test_without_measurements_the_replicas_stay_and_the_reason_is_recorded(

@@ -104,6 +104,7 @@ def test_worker_gets_the_contract_command_ports_and_environment() -> None:
         ("metrics", 9090),
     }
     assert env(s) == {
+        "DGEMMA_VARIANT": "ml/gemma",  # the gateway's name for the variant, the worker metrics' label
         "DGEMMA_MODEL": "google/diffusiongemma-26B-A4B-it",
         "DGEMMA_MODEL_REVISION": "abc123",
         "DGEMMA_SERVED_MODEL_NAME": "google/diffusiongemma-26B-A4B-it",
@@ -219,7 +220,7 @@ def test_labels_let_the_gateway_find_workers_and_owner_references_collect_them()
         ]
     deployment = children.deployment(OWNER, spec())
     assert deployment["spec"]["template"]["metadata"]["labels"]["dgemma.io/variant"] == "gemma"
-    assert children.endpoint("gemma", "ml") == "gemma-worker.ml.svc:50051"
+    assert children.endpoint("gemma", "ml", spec()) == "gemma-worker.ml.svc:50051"
 
 
 def test_the_service_is_headless_with_named_ports_and_the_pdb_allows_one_disruption() -> None:

@@ -29,7 +29,8 @@ def test_the_crd_has_status_scale_printer_columns_and_descriptions() -> None:
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert (
-        columns[:6] == ["Model", "Profile", "Ready", "Desired", "Tokens/s", "P95-ms"] and columns[-1] == "Age"
+        columns[:7] == ["Model", "Runtime", "Profile", "Ready", "Desired", "Tokens/s", "P95-ms"]
+        and columns[-1] == "Age"
     )
 
     def undescribed(node: dict[str, Any], path: str) -> list[str]:
@@ -85,8 +86,12 @@ def test_the_schema_rejects_invalid_resources(
 def test_a_spec_without_required_fields_is_rejected(k8s: EmulatorThread) -> None:
     k8s.kubectl("apply", "-f", CRD_PATH)
     body = sample("bad")
-    del body["spec"]["image"]
+    del body["spec"]["servedModelName"]
     assert "Required value" in apply(k8s, body, check=False)
+    # What a runtime requires is a rule on the spec: a dgemma variant needs its worker image.
+    body = sample("bad")
+    del body["spec"]["image"]
+    assert "image is required for runtime dgemma" in apply(k8s, body, check=False)
 
 
 def test_kubectl_explain_shows_the_descriptions_and_enums(k8s: EmulatorThread) -> None:

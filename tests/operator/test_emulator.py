@@ -142,14 +142,16 @@ def test_created_crds_are_discoverable_with_short_names_and_printer_columns(k8s:
     assert table.split("\n")[0].split() == [
         "NAME",
         "MODEL",
+        "RUNTIME",
         "PROFILE",
         "READY",
         "DESIRED",
         "TOKENS/S",
         "P95-MS",
+        "STATUS",
         "AGE",
     ]
-    assert "google/diffusiongemma-26B-A4B-it" in table and "h100" in table
+    assert "google/diffusiongemma-26B-A4B-it" in table and "h100" in table and "dgemma" in table
     assert "g" in k8s.kubectl("get", "dgemma", "-o", "name").stdout  # the category
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
+from dgemma_worker.model import tiny_model_dir
 from dgemma_worker.worker_config import METRICS_OFF, parse_config
 
 
@@ -64,3 +67,21 @@ def test_bad_settings_are_usage_errors(argv: list[str], env: dict[str, str]) -> 
     with pytest.raises(SystemExit) as info:
         parse_config(argv, env)
     assert info.value.code == 2
+
+
+def test_a_slow_worker_is_chosen_at_load_time_not_in_the_step_loop() -> None:
+    """The gateway and e2e tests make slow workers with DGEMMA_DEBUG_STEP_DELAY_S; it picks the runner."""
+    from dgemma_worker.runner import DelayedStepRunner, StepRunner
+    from dgemma_worker.server import load_engine
+
+    assert parse_config(["--model", "m"], {}).debug_step_delay_s == 0.0
+    slow = parse_config(["--model", str(tiny_model_dir()), "--no-warmup"], {"DGEMMA_DEBUG_STEP_DELAY_S": "0.02"})
+    assert slow.debug_step_delay_s == 0.02
+    for cfg, runner_type in ((slow, DelayedStepRunner), (replace(slow, debug_step_delay_s=0.0), StepRunner)):
+        engine = load_engine(cfg, None)
+        try:
+            assert type(engine.runner) is runner_type  # type: ignore[attr-defined]
+        finally:
+            engine.shutdown()
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "m", "--debug-step-delay-s", "-1"], {})

@@ -133,11 +133,11 @@ def test_out_of_memory_is_resource_exhausted_and_the_worker_stays_up(worker: Run
     def oom(req: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    engine._encode = oom
+    engine.runner.encode = oom
     try:
         code, details = _code(worker.stub.Generate(text_request()))
     finally:
-        del engine._encode
+        del engine.runner.encode
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of memory" in details
     params = pb.GenerationParams(max_new_tokens=8, max_denoising_steps=2)
@@ -150,11 +150,11 @@ def test_an_unexpected_failure_is_internal_without_details(worker: RunningWorker
     def boom(req: object) -> None:
         raise RuntimeError("secret stack detail")
 
-    engine._encode = boom
+    engine.runner.encode = boom
     try:
         code, details = _code(worker.stub.Generate(text_request(request_id="boom-1")))
     finally:
-        del engine._encode
+        del engine.runner.encode
     assert code == grpc.StatusCode.INTERNAL
     assert "secret" not in details and "Traceback" not in details
     assert "boom-1" in details

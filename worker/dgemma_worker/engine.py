@@ -1,10 +1,11 @@
 """The denoising engine: admits requests, interleaves them one denoising step at a time, streams events.
 
-One thread owns the model and runs a round-robin over the active requests: each turn is one unit of work
-for one request (an encoder pass over its uncached tokens, or one denoising step of its current canvas).
-Between turns it admits queued requests, drops cancelled ones and ends those past their deadline, so a
-client that goes away costs at most one more step. Front ends talk to it through `submit` (a sink called
-with each event) or the `stream` / `generate` wrappers.
+One thread owns the model. Each turn it asks the scheduler (`scheduler.py`: admission, fairness,
+cancellation, deadlines) for the next group of requests and has the step runner (`runner.py`: tensors,
+transformers' helpers, sampling) advance that group by one unit: an encoder pass over its uncached tokens,
+or one denoising step of its current canvas. Finished canvases become text through `commits.py`; measured
+speed goes to a `RateMeter`. Front ends talk to the engine through `submit` (a sink called with each
+event) or the `stream` / `generate` wrappers.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
+import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -32,24 +32,23 @@ from dgemma_common.types import (
     FinalEvent,
     LoadSnapshot,
     NotReadyError,
-    OverloadedError,
     Prompt,
     PromptTooLongError,
     RequestStats,
     StopReason,
 )
 
+from . import prompts
+from .commits import commit_canvas
+from .meter import RateMeter
 from .model import LoadedModel
-from .sampling import StabilityTracker, denoise_step, temperature
+from .runner import RowSpec, StepRunner
+from .scheduler import Clock, Group, Scheduler, SchedulerLimits, interrupt_reason
 from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
-
-# TEST ONLY: an artificial delay added to every decoder step, to make a "slow GPU" worker in the gateway's
-# latency-target tests and benchmarks. Never set it in production.
-DEBUG_STEP_DELAY_ENV = "DGEMMA_DEBUG_STEP_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,9 @@ class EngineConfig:
     defaults: GenerationParams | None = None
     rate_window_s: float = 10.0
 
+    def scheduler_limits(self) -> SchedulerLimits:
+        return SchedulerLimits(self.max_active, self.max_queue, self.max_batch, self.batch_window_s)
+
 
 class EngineObserver(Protocol):
     """Metrics hooks, called from the engine thread: keep them cheap."""
@@ -85,35 +87,9 @@ class _NullObserver:
         pass
 
 
-class RateMeter:
-    """Tokens per second over a sliding window, plus an exponential moving average of step latency."""
-
-    def __init__(self, window_s: float, alpha: float = 0.2) -> None:
-        self.window_s = window_s
-        self.alpha = alpha
-        self._events: deque[tuple[float, int]] = deque()
-        self.ema: dict[str, float] = {}
-
-    def add_tokens(self, now: float, tokens: int) -> None:
-        self._events.append((now, tokens))
-        self._trim(now)
-
-    def rate(self, now: float) -> float:
-        self._trim(now)
-        return sum(n for _, n in self._events) / self.window_s if self._events else 0.0
-
-    def observe(self, kind: str, seconds: float) -> None:
-        prev = self.ema.get(kind)
-        self.ema[kind] = seconds if prev is None else prev + self.alpha * (seconds - prev)
-
-    def _trim(self, now: float) -> None:
-        while self._events and self._events[0][0] < now - self.window_s:
-            self._events.popleft()
-
-
-@dataclass
+@dataclass(eq=False)
 class _Request:
-    """One request: its settings, its generator, what it has produced, and its place in a canvas."""
+    """One request: its settings, its generator, what it has produced so far."""
 
     id: str
     prompt_ids: list[int]
@@ -124,37 +100,11 @@ class _Request:
     submitted_at: float
     text: TextAssembler
     stats: RequestStats
-    stability: StabilityTracker
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
     generated: list[int] = field(default_factory=list)
-    remaining: int = 0  # denoising steps left in the current canvas: N..1, as transformers counts them
-    canvas_done: bool = False  # this row's current canvas has stopped; it waits for the rest of its group
     last_draft_at: float = 0.0
     done: bool = False
-
-
-@dataclass
-class _Group:
-    """Requests that share forward passes: a batch with one row per request (one row unless batching).
-
-    Rows are left-padded to a common length, which is exact with an attention mask; every row adds one
-    canvas per round, so they stay aligned. A row that ends is dropped from the batch (and its cache).
-    """
-
-    rows: list[_Request]
-    attention: torch.Tensor  # (B, seq_len) bool: False on left padding
-    pending: torch.Tensor | None  # (B, n) tokens not yet in the cache
-    cache: Any = None
-    canvas: torch.Tensor | None = None  # (B, L) the noisy canvas fed to the next step
-    argmax: torch.Tensor | None = None  # (B, L) the current drafts
-    self_conditioning: torch.Tensor | None = None  # (B, L, V)
-    mask_mapping: Any = None
-    positions: torch.Tensor | None = None  # (1, L)
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.attention.shape[1])
 
 
 class RequestHandle:
@@ -187,18 +137,21 @@ class Engine:
         loaded: LoadedModel,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
+        *,
+        runner: StepRunner | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.observer: EngineObserver = observer or _NullObserver()
+        # Request defaults: the config's, else the checkpoint's own settings over the published ones.
+        self.defaults = self.config.defaults or checkpoint_params(loaded, {}, self.config.limits)
+        self.defaults.validated(self.config.limits)
+        self.scheduler: Scheduler[_Request] = Scheduler(self.config.scheduler_limits(), clock)
+        self.runner = runner or StepRunner(loaded, self.config.max_batch)
+        self.clock = clock
         self.counters = Counters()
         self._meter = RateMeter(self.config.rate_window_s)
-        self._cond = threading.Condition()
-        self._queue: deque[_Request] = deque()
-        self._active: list[_Request] = []  # admitted requests, in groups
-        self._groups: list[_Group] = []
-        self._scratch: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}  # owned by the step thread
-        self._rr = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._fatal: BaseException | None = None
@@ -206,11 +159,6 @@ class Engine:
         self._draining = False
         self._ids = itertools.count(1)
         self._steps_total = 0
-        self._debug_step_delay_s = float(os.environ.get(DEBUG_STEP_DELAY_ENV, "") or 0.0)  # TEST ONLY
-        self.defaults = self.config.defaults or checkpoint_params(loaded, {}, self.config.limits)
-        self.defaults.validated(self.config.limits)
-        if self.config.max_batch < 1 or self.config.max_active < 1 or self.config.max_queue < 0:
-            raise ValueError("max_batch and max_active must be >= 1 and max_queue >= 0")
 
     # ---- identity -------------------------------------------------------------------------------
 
@@ -257,23 +205,14 @@ class Engine:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or active; False if `timeout` passed first."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._active:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+        return self.scheduler.wait_idle(timeout)
 
     def shutdown(self) -> None:
         """Cancel everything and stop the step thread."""
         self._draining = True
-        with self._cond:
-            for req in [*self._queue, *self._active]:
-                req.cancelled.set()
-            self._stopping = True
-            self._cond.notify_all()
+        self._stopping = True
+        for req in self.scheduler.stop():
+            req.cancelled.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -289,28 +228,12 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template."""
-        tok = self.loaded.tokenizer
-        if prompt.token_ids is not None:
-            ids = list(prompt.token_ids)
-            bad = next((t for t in ids if not 0 <= t < self.loaded.vocab_size), None)
-            if bad is not None:
-                raise ParamError("prompt.token_ids", f"ids must be in [0, {self.loaded.vocab_size}), got {bad}")
-        elif prompt.messages is not None:
-            if not prompt.messages:
-                raise ParamError("prompt.messages", "must not be empty")
-            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
-            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-        elif prompt.text is not None:
-            ids = list(tok(prompt.text, add_special_tokens=True)["input_ids"])
-        else:
-            raise ParamError("prompt", "one of text, messages or token_ids is required")
-        if not ids:
-            raise ParamError("prompt", "must not be empty")
-        return ids
+    def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
+        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template (prompts.py)."""
+        return prompts.encode(self.loaded.tokenizer, prompt, self.loaded.vocab_size, max_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        prompts.check_ids(ids, self.loaded.vocab_size)
         return str(self.loaded.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def submit(
@@ -331,16 +254,8 @@ class Engine:
             state = "engine failed" if self._fatal else "draining" if self._draining else "model is loading"
             raise NotReadyError(state)
         req = self._make_request(prompt, params, sink, deadline)
-        with self._cond:
-            # Counted together: a request may sit in the queue for a moment before a free slot takes it.
-            if len(self._active) + len(self._queue) >= self.config.max_active + self.config.max_queue:
-                raise OverloadedError(
-                    f"overloaded: {len(self._active)} active and {len(self._queue)} queued requests "
-                    f"(max_active={self.config.max_active}, max_queue={self.config.max_queue})"
-                )
-            self._queue.append(req)
-            self._cond.notify_all()
-        return RequestHandle(req, self._wake)
+        self.scheduler.offer(req)
+        return RequestHandle(req, self.scheduler.wake)
 
     def _make_request(self, prompt: Prompt, params: GenerationParams, sink: Sink, deadline: float | None) -> _Request:
         """Validate and tokenize: everything that can refuse a request happens before it is queued."""
@@ -358,10 +273,9 @@ class Engine:
             sink=sink,
             deadline=deadline,
             generator=torch.Generator(device=self.loaded.device).manual_seed(seed),
-            submitted_at=time.monotonic(),
+            submitted_at=self.clock(),
             text=TextAssembler(self.detokenize, params.stop),
             stats=RequestStats(prompt_tokens=len(ids)),
-            stability=StabilityTracker(params.stability_threshold, params.confidence_threshold),
         )
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -375,10 +289,6 @@ class Engine:
                 f"{canvas}, needs {needed} positions; the model's context is {context}",
             )
 
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     # ---- convenience front ends -----------------------------------------------------------------
 
     def generate(
@@ -390,8 +300,6 @@ class Engine:
     def _generate(
         self, prompt: Prompt, params: GenerationParams, deadline: float | None, admit_when_draining: bool
     ) -> Iterator[Event]:
-        import queue
-
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         handle = self._submit(prompt, params, events.put, deadline, admit_when_draining)
         try:
@@ -430,17 +338,16 @@ class Engine:
 
     def load_snapshot(self) -> LoadSnapshot:
         """Queue, activity and measured speed, for routers and metrics."""
-        now = time.monotonic()
-        with self._cond:
-            queued, active = len(self._queue), len(self._active)
+        queued, active = self.scheduler.counts()
+        meter = self._meter
         return LoadSnapshot(
             queue_depth=queued,
             active=active,
             capacity=self.config.max_active,
             max_queue=self.config.max_queue,
-            step_latency_s=self._meter.ema.get("decoder", 0.0),
-            tokens_per_s=self._meter.rate(now),
-            encoder_latency_s=self._meter.ema.get("encoder", 0.0),
+            step_latency_s=meter.latency("decoder"),
+            tokens_per_s=meter.rate(self.clock()),
+            encoder_latency_s=meter.latency("encoder"),
             canvas_length=self.canvas_length,
             model_name=self.model_name,
             model_revision=self.model_revision,
@@ -458,105 +365,31 @@ class Engine:
         torch.set_num_threads(threads)
         try:
             while True:
-                group = self._next_group()
-                if group is None:
+                turn = self.scheduler.next_turn()
+                for req, reason in turn.ended:
+                    self._finish(req, reason)
+                if turn.stopping:
                     return
-                self._turn(group)
+                if turn.group is not None:
+                    self._turn(turn.group)
         except BaseException as exc:  # the scheduler itself broke: nothing more will be served
             log.critical("engine step thread died", exc_info=exc)
             self._fatal = exc
-            self._fail_everything()
+            for req in self.scheduler.abandon():
+                self._finish(req, StopReason.ERROR, "engine failure", "internal")
 
-    def _fail_everything(self) -> None:
-        with self._cond:
-            pending = [*self._queue, *self._active]
-            self._queue.clear()
-            self._groups.clear()
-        for req in pending:
-            self._finish(req, StopReason.ERROR, "engine failure", "internal")
-
-    def _next_group(self) -> _Group | None:
-        """Admit queued requests into free slots (as new groups) and pick the next group, round robin."""
-        with self._cond:
-            while True:
-                self._reap_locked()
-                self._admit_locked()
-                if self._groups:
-                    self._rr %= len(self._groups)
-                    group = self._groups[self._rr]
-                    self._rr += 1
-                    return group
-                if self._stopping:
-                    return None
-                self._cond.wait(self._batch_wait_left() or 0.5)
-
-    def _batch_wait_left(self) -> float:
-        """Seconds the oldest queued request may still wait for its batch to fill (0 = admit now)."""
-        free = self.config.max_active - len(self._active)
-        want = min(self.config.max_batch, free)
-        if not self._queue or free <= 0 or len(self._queue) >= want:
-            return 0.0
-        return max(0.0, self._queue[0].submitted_at + self.config.batch_window_s - time.monotonic())
-
-    def _admit_locked(self) -> None:
-        while self._queue and len(self._active) < self.config.max_active:
-            if self.config.max_batch > 1 and self._batch_wait_left() > 0:
-                return  # give the batch a moment to fill, as Triton's max_queue_delay does
-            size = min(self.config.max_batch, self.config.max_active - len(self._active), len(self._queue))
-            rows = [self._queue.popleft() for _ in range(size)]
-            now = time.monotonic()
-            for req in rows:
-                req.started_at = now
-                req.stats.queue_wait_s = now - req.submitted_at
-                self._active.append(req)
-            self._groups.append(self._new_group(rows))
-
-    def _new_group(self, rows: list[_Request]) -> _Group:
-        """Left-pad the prompts of `rows` into one batch."""
-        width = max(len(r.prompt_ids) for r in rows)
-        pad = self.loaded.pad_token_id or 0
-        device = self.loaded.device
-        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-        attention = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            n = len(r.prompt_ids)
-            ids[i, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
-            attention[i, width - n :] = True
-        return _Group(rows=rows, attention=attention, pending=ids)
-
-    def _reap_locked(self) -> None:
-        """End queued requests that were cancelled or ran out of time while waiting."""
-        now = time.monotonic()
-        for req in list(self._queue):
-            reason = self._interrupt_reason(req, now)
-            if reason is not None:
-                self._queue.remove(req)
-                self._finish(req, reason)
-
-    @staticmethod
-    def _interrupt_reason(req: _Request, now: float) -> StopReason | None:
-        if req.cancelled.is_set():
-            return StopReason.CANCELLED
-        if req.deadline is not None and now >= req.deadline:
-            return StopReason.DEADLINE
-        return None
-
-    def _turn(self, group: _Group) -> None:
+    def _turn(self, group: Group[_Request]) -> None:
         """One unit of work for one group, with every failure contained to that group."""
-        now = time.monotonic()
+        now = self.clock()
         for req in group.rows:
-            reason = self._interrupt_reason(req, now)
+            reason = interrupt_reason(req, now)
             if reason is not None:
                 self._finish(req, reason)
         try:
             with torch.inference_mode():
-                self._drop_finished_rows(group)
-                if not group.rows:
-                    pass
-                elif group.canvas is None:
-                    self._encode(group)
-                else:
-                    self._denoise(group)
+                self._drop_ended_rows(group)
+                if group.rows:
+                    self._advance(group)
         except torch.OutOfMemoryError:
             log.error("out of memory in requests %s", [r.id for r in group.rows])
             if torch.cuda.is_available():
@@ -570,196 +403,79 @@ class Engine:
                 self._finish(req, StopReason.ERROR, "internal error", "internal")
             group.rows = []
         if not group.rows:
-            with self._cond:
-                self._groups.remove(group)
+            self.scheduler.retire(group)
 
-    def _drop_finished_rows(self, group: _Group) -> None:
-        """Remove ended requests from the batch: their rows of every tensor and of the cache."""
+    def _drop_ended_rows(self, group: Group[_Request]) -> None:
+        """Remove ended requests from the group and from its batch."""
         keep = [i for i, r in enumerate(group.rows) if not r.done]
         if len(keep) == len(group.rows):
             return
         group.rows = [group.rows[i] for i in keep]
-        if not keep:
+        if group.batch is not None:
+            self.runner.keep_rows(group.batch, keep)
+
+    def _advance(self, group: Group[_Request]) -> None:
+        """An encoder pass when the group has uncached tokens, else one denoising step."""
+        if group.batch is None:
+            for req in group.rows:
+                assert req.started_at is not None
+                req.stats.queue_wait_s = req.started_at - req.submitted_at
+            specs = [RowSpec(r.prompt_ids, r.params, r.generator) for r in group.rows]
+            group.batch = self.runner.new_batch(specs)
+        started = time.perf_counter()
+        if group.batch.needs_encoding:
+            self.runner.encode(group.batch)
+            elapsed = time.perf_counter() - started
+            for req in group.rows:
+                req.stats.encoder_passes += 1
+                req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
+            self._record_step("encoder", elapsed)
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
-        group.attention = group.attention[index]
-        if group.pending is not None:
-            group.pending = group.pending[index]
-        if group.cache is not None:
-            group.cache.batch_select_indices(index)
-        if group.canvas is not None:
-            assert group.argmax is not None
-            group.canvas, group.argmax = group.canvas[index], group.argmax[index]
-            if group.self_conditioning is not None:
-                group.self_conditioning = group.self_conditioning[index]
-            group.mask_mapping = self._decoder_mask(group)
-
-    def _encode(self, group: _Group) -> None:
-        """Put the pending tokens into the group's cache and start a fresh noisy canvas for each row."""
-        model = self.loaded.model
-        device = self.loaded.device
-        assert group.pending is not None
-        started = time.perf_counter()
-        batch, seq_len = len(group.rows), group.seq_len
-        if group.cache is None:
-            group.cache = model._prepare_cache_for_generation(
-                generation_config=model.generation_config, batch_size=batch, max_length=seq_len
-            )
-        positions = torch.arange(seq_len - group.pending.shape[1], seq_len, dtype=torch.int32, device=device)
-        positions = positions.unsqueeze(0)
-        ids, mask = model._prepare_encoder_inputs(
-            input_ids=group.pending,
-            attention_mask=group.attention,
-            encoder_position_ids=positions,
-            past_key_values=group.cache,
-            is_prefill=True,
-            canvas_length=self.canvas_length,
-            batch_size=batch,
-        )
-        out = model.model.encoder(
-            input_ids=ids, attention_mask=mask, past_key_values=group.cache, position_ids=positions
-        )
-        group.cache = out.past_key_values
-        group.pending = None
-        self._start_canvas(group)
-        self._record_step("encoder", time.perf_counter() - started)
-
-    def _start_canvas(self, group: _Group) -> None:
-        length, device = self.canvas_length, self.loaded.device
-        rows = [
-            torch.randint(0, self.loaded.vocab_size, (length,), generator=r.generator, device=device, dtype=torch.long)
-            for r in group.rows
-        ]
-        group.canvas = torch.stack(rows)
-        group.argmax = group.canvas
-        group.self_conditioning = None
-        seq_len = group.seq_len
-        group.positions = torch.arange(seq_len, seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
-        group.mask_mapping = self._decoder_mask(group)
-        for req in group.rows:
-            req.stats.encoder_passes += 1
-            req.remaining = req.params.max_denoising_steps
-            req.canvas_done = False
-            req.stability.reset()
-
-    def _decoder_mask(self, group: _Group) -> Any:
-        assert group.canvas is not None
-        model = self.loaded.model
-        decoder_attention = torch.nn.functional.pad(group.attention, (0, self.canvas_length), value=True)
-        return model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=model.config,
-            inputs_embeds=group.canvas.unsqueeze(-1),
-            past_key_values=group.cache,
-            decoder_attention_mask=decoder_attention,
-        )
-
-    def _denoise(self, group: _Group) -> None:
-        """One denoising step for every row whose canvas is still going; commit when all have stopped."""
-        assert group.canvas is not None and group.argmax is not None
-        model = self.loaded.model
-        started = time.perf_counter()
-        out = model(
-            decoder_input_ids=group.canvas,
-            self_conditioning_logits=group.self_conditioning,
-            decoder_attention_mask=group.mask_mapping,
-            past_key_values=group.cache,
-            decoder_position_ids=group.positions,
-        )
-        if self._debug_step_delay_s > 0:  # TEST ONLY: a slow worker, measured like a slow GPU
-            time.sleep(self._debug_step_delay_s)
-        self.counters.decoder_forward_s += time.perf_counter() - started
-        going = [i for i, r in enumerate(group.rows) if not r.canvas_done]
-        rows = [group.rows[i] for i in going]
-        device = group.canvas.device
-        index = torch.tensor(going, dtype=torch.long, device=device)
-        whole = len(going) == len(group.rows)
-        logits = out.logits if whole else out.logits[index]
-        step = denoise_step(
-            logits,
-            group.canvas if whole else group.canvas[index],
-            temperatures=torch.tensor(
-                [temperature(r.params.t_min, r.params.t_max, r.remaining, r.params.max_denoising_steps) for r in rows],
-                device=device,
-            ),
-            entropy_bounds=torch.tensor([r.params.entropy_bound for r in rows], device=device),
-            vocab_size=self.loaded.vocab_size,
-            generators=[r.generator for r in rows],
-            overwrite_logits=True,
-            scratch=self._scratch_like(logits),
-        )
-        sc_dtype = model.model.decoder.embed_tokens.weight.dtype
-        if whole:
-            group.canvas, group.argmax = step.next_canvas, step.argmax_canvas
-            group.self_conditioning = step.processed_logits.to(sc_dtype)
-        else:
-            # Rows whose canvas has stopped keep their canvas and self-conditioning, as in stock batches.
-            assert group.self_conditioning is not None
-            group.canvas[index] = step.next_canvas
-            group.argmax[index] = step.argmax_canvas
-            group.self_conditioning[index] = step.processed_logits.to(sc_dtype)
-        for j, req in enumerate(rows):
-            req.remaining -= 1
-            req.stats.decoder_passes += 1
-            stop = req.stability.update(step.argmax_canvas[j], step.entropy[j])
-            req.canvas_done = stop or req.remaining == 0
+        report = self.runner.denoise(group.batch)
+        self.counters.decoder_forward_s += report.forward_s
+        for i in report.stepped:
+            group.rows[i].stats.decoder_passes += 1
         self._record_step("decoder", time.perf_counter() - started)
-        if all(r.canvas_done for r in group.rows):
+        if report.canvas_done:
             self._commit(group)
             return
-        for i in going:
-            if group.rows[i].params.stream_drafts and not group.rows[i].canvas_done:
-                self._maybe_draft(group.rows[i], group.argmax[i])
+        for i, req in enumerate(group.rows):
+            if req.params.stream_drafts and self.runner.row_going(group.batch, i):
+                self._maybe_draft(group, i)
 
-    def _scratch_like(self, logits: torch.Tensor) -> torch.Tensor:
-        """A (B, L, V) work buffer reused across steps, one per shape: with batching, groups of different
-        sizes take turns, and a single buffer would be reallocated at every turn."""
-        key = (tuple(logits.shape), logits.dtype)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            if len(self._scratch) >= self.config.max_batch + 1:
-                self._scratch.clear()  # bounded: at most one buffer per batch size (plus one spare)
-            buffer = self._scratch[key] = torch.empty_like(logits)
-        return buffer
-
-    def _maybe_draft(self, req: _Request, argmax: torch.Tensor) -> None:
-        now = time.monotonic()
+    def _maybe_draft(self, group: Group[_Request], i: int) -> None:
+        req = group.rows[i]
+        now = self.clock()
         if now - req.last_draft_at < req.params.draft_interval_s:
             return
         req.last_draft_at = now
-        room = req.params.max_new_tokens - len(req.generated)
-        ids = tuple(argmax[:room].tolist())
-        step = req.params.max_denoising_steps - req.remaining
+        ids = tuple(self.runner.draft(group.batch, i, req.params.max_new_tokens - len(req.generated)))
+        step = self.runner.steps_done(group.batch, i)
         self._emit(req, DraftEvent(req.stats.canvases, step, ids, self.detokenize(ids)))
 
-    def _commit(self, group: _Group) -> None:
+    def _commit(self, group: Group[_Request]) -> None:
         """Commit every row's argmax canvas; the rows that go on feed theirs to the encoder next."""
-        assert group.argmax is not None
-        canvases = group.argmax
-        for i, req in enumerate(group.rows):
-            self._commit_row(req, canvases[i].tolist())
-        group.pending = canvases
-        group.attention = torch.nn.functional.pad(group.attention, (0, self.canvas_length), value=True)
-        group.canvas = group.argmax = group.self_conditioning = group.mask_mapping = None
-        self._drop_finished_rows(group)
+        canvases = self.runner.finish_canvas(group.batch)
+        for req, canvas in zip(group.rows, canvases, strict=True):
+            self._commit_row(req, canvas)
+        self._drop_ended_rows(group)
 
     def _commit_row(self, req: _Request, canvas_ids: list[int]) -> None:
         """Append one row's canvas (cut at EOS, stop string or the token budget) and emit it."""
         req.stats.canvases += 1
-        room = req.params.max_new_tokens - len(req.generated)
-        kept, reason = cut_canvas(canvas_ids, room, () if req.params.ignore_eos else self.loaded.eos_token_ids)
-        req.generated.extend(kept)
-        delta, hit_stop = req.text.push(req.generated, final=reason is not None)
-        if hit_stop:
-            reason = StopReason.STOP_STRING
-        now = time.monotonic()
+        eos = () if req.params.ignore_eos else self.loaded.eos_token_ids
+        commit = commit_canvas(
+            req.generated, req.text, canvas_ids, max_new_tokens=req.params.max_new_tokens, eos_ids=eos
+        )
+        now = self.clock()
         if req.stats.time_to_first_commit_s is None:
             req.stats.time_to_first_commit_s = now - req.submitted_at
         req.stats.completion_tokens = len(req.generated)
-        self._meter.add_tokens(now, len(kept))
-        self.counters.tokens_generated += len(kept)
-        self._emit(req, CommitEvent(req.stats.canvases - 1, tuple(kept), delta))
-        if reason is not None:
-            self._finish(req, reason)
+        self._meter.add_tokens(now, len(commit.kept))
+        self.counters.tokens_generated += len(commit.kept)
+        self._emit(req, CommitEvent(req.stats.canvases - 1, tuple(commit.kept), commit.text))
+        if commit.reason is not None:
+            self._finish(req, commit.reason)
 
     def _finish(
         self, req: _Request, reason: StopReason, error: str | None = None, kind: str | None = None
@@ -769,14 +485,12 @@ class Engine:
             return
         req.done = True
         stats = req.stats
-        stats.total_s = time.monotonic() - req.submitted_at
+        stats.total_s = self.clock() - req.submitted_at
         outcome = reason.value
         # Bookkeeping before the final event, so whoever sees the event sees the slot free and counted.
-        with self._cond:
+        with self.scheduler.cond:
             self.counters.requests_by_outcome[outcome] = self.counters.requests_by_outcome.get(outcome, 0) + 1
-            if req in self._active:
-                self._active.remove(req)
-            self._cond.notify_all()
+            self.scheduler.release(req)
         self.observer.on_request_end(reason, stats)
         self._emit(req, FinalEvent(reason, stats, error, kind))
 
@@ -801,14 +515,3 @@ class Engine:
 def checkpoint_params(loaded: LoadedModel, overrides: Mapping[str, Any], limits: Limits) -> GenerationParams:
     """Request defaults: `overrides` over the checkpoint's generation_config over the published settings."""
     return params_from_mapping({**loaded.generation_defaults(), **overrides}, GenerationParams(), limits)
-
-
-def cut_canvas(canvas_ids: list[int], room: int, eos_ids: Sequence[int]) -> tuple[list[int], StopReason | None]:
-    """The part of a committed canvas to keep: up to the first EOS (excluded) and within `room` tokens."""
-    eos = set(eos_ids)
-    for i, tok in enumerate(canvas_ids[:room]):
-        if tok in eos:
-            return canvas_ids[:i], StopReason.EOS
-    if room <= len(canvas_ids):
-        return canvas_ids[:room], StopReason.LENGTH
-    return canvas_ids, None

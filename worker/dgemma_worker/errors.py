@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dgemma_common.logsafe import clip
 from dgemma_common.params import ParamError
 from dgemma_common.types import (
     FinalEvent,
@@ -55,10 +56,10 @@ def status_for_exception(exc: BaseException, request_id: str = "") -> RpcError:
     if isinstance(exc, DeadlineExceeded):
         return RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded", "deadline")
     if isinstance(exc, MemoryError) or _is_cuda_oom(exc):
-        log.error("out of memory in request %s", request_id, exc_info=exc)
+        log.error("out of memory in request %s", clip(request_id), exc_info=exc)
         return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "worker ran out of memory; retry later", "oom")
     # Anything else is a bug or an environment failure: the details go to the log, not the client.
-    log.error("internal error in request %s", request_id, exc_info=exc)
+    log.error("internal error in request %s", clip(request_id), exc_info=exc)
     return RpcError(grpc.StatusCode.INTERNAL, _internal_message(request_id), "error")
 
 
@@ -70,15 +71,15 @@ def status_for_final(final: FinalEvent, request_id: str = "") -> RpcError | None
         return RpcError(grpc.StatusCode.CANCELLED, "request cancelled", "cancelled")
     if final.stop_reason is StopReason.ERROR:
         if getattr(final, "error_kind", None) == "oom":
-            log.error("out of memory in request %s: %s", request_id, final.error)
+            log.error("out of memory in request %s: %s", clip(request_id), final.error)
             return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "worker ran out of memory; retry later", "oom")
-        log.error("internal error in request %s: %s", request_id, final.error)
+        log.error("internal error in request %s: %s", clip(request_id), final.error)
         return RpcError(grpc.StatusCode.INTERNAL, _internal_message(request_id), "error")
     return None
 
 
 def _internal_message(request_id: str) -> str:
-    suffix = f" (request {request_id})" if request_id else ""
+    suffix = f" (request {clip(request_id, 64)})" if request_id else ""
     return f"internal error{suffix}; details are in the worker log"
 
 

@@ -4,6 +4,9 @@ Counters and histograms are fed by the engine's observer hooks (cheap, called on
 and by the servicer for requests refused before they reach the engine. Gauges (queue depth, active
 requests, moving averages) are read from the engine's load snapshot at scrape time, so they are never
 stale and cost nothing between scrapes.
+
+Every series carries the `variant` label the gateway uses for the same variant (`namespace/name` in a
+cluster; the operator sets it), so one dashboard filter selects gateway and worker series alike.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.looplag import LAG_BUCKETS
+from dgemma_common.metrics import ConstantLabels, Kind, add_standard_collectors
 from dgemma_common.types import LoadSnapshot, RequestStats, StopReason
 
 PREFIX = "dgemma_worker"
@@ -26,12 +31,20 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 class WorkerMetrics:
     """The worker's metrics on their own registry; also the engine's observer."""
 
-    def __init__(self, load: Callable[[], LoadSnapshot | None], registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+    def __init__(self, load: Callable[[], LoadSnapshot | None], variant: str = "") -> None:
+        r = add_standard_collectors(CollectorRegistry())
+        if variant:
+            self.registry = CollectorRegistry()
+            self.registry.register(ConstantLabels(r, {"variant": variant}))
+        else:
+            self.registry = r
         self.requests = Counter(
             f"{PREFIX}_requests", "Requests by outcome (stop reason, or why refused).", ["outcome"], registry=r
         )
+        # Every way a request can end exists from the start at 0: a series born at 1 mid-window makes rate()
+        # and increase() guess at what came before it.
+        for reason in StopReason:
+            self.requests.labels(reason.value)
         self.tokens = Counter(f"{PREFIX}_tokens_generated", "Committed completion tokens.", registry=r)
         self.decoder_passes = Counter(f"{PREFIX}_decoder_passes", "Decoder forward passes (steps).", registry=r)
         self.encoder_passes = Counter(f"{PREFIX}_encoder_passes", "Encoder forward passes.", registry=r)
@@ -50,6 +63,10 @@ class WorkerMetrics:
         self.duration = Histogram(
             f"{PREFIX}_request_duration_seconds", "From arrival to the final event.",
             buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds", "How late the gRPC event loop woke from a short sleep (blocked time).",
+            buckets=LAG_BUCKETS, registry=r,
         )
         r.register(_LoadCollector(load))
         self._server: Any = None
@@ -95,6 +112,19 @@ class WorkerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+# How each metric adds up across workers (dgemma_common.metrics.Kind); tests/deploy check every query.
+KINDS: dict[str, Kind] = {
+    **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
+        "requests", "tokens_generated", "decoder_passes", "encoder_passes", "step_latency_seconds",
+        "time_to_first_commit_seconds", "queue_wait_seconds", "request_duration_seconds",
+        "event_loop_lag_seconds")},
+    **{f"{PREFIX}_{name}": Kind.SHARE for name in (
+        "ready", "draining", "queue_depth", "active_requests", "capacity", "max_queue", "tokens_per_second")},
+    **{f"{PREFIX}_{name}": Kind.LEVEL for name in (
+        "step_latency_avg_seconds", "encoder_latency_avg_seconds", "canvas_length", "model_info")},
+}
 
 
 class _LoadCollector(Collector):

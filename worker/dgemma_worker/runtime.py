@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
-from dgemma_common.params import GenerationParams, params_from_mapping
+from dgemma_common.logsafe import clip
+from dgemma_common.params import GenerationParams, ParamError, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
     Event,
@@ -26,9 +26,13 @@ from dgemma_common.types import (
 )
 from dgemma_worker.errors import DeadlineExceeded, RpcError, status_for_exception, status_for_final
 from dgemma_worker.metrics import WorkerMetrics
+from dgemma_worker.prompts import check_size
+from dgemma_worker.request_trace import RequestSpans
 from dgemma_worker.worker_config import WorkerConfig
 
 log = logging.getLogger("dgemma_worker.requests")
+
+TOKENIZE_CONCURRENCY = 2
 
 
 class EngineAPI(Protocol):
@@ -53,7 +57,7 @@ class EngineAPI(Protocol):
         self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
     ) -> AsyncIterator[Event]: ...
     def load_snapshot(self) -> LoadSnapshot: ...
-    def tokenize(self, prompt: Prompt) -> list[int]: ...
+    def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...
     def drain(self) -> None: ...
     def wait_idle(self, timeout: float) -> bool: ...
@@ -68,11 +72,6 @@ class RequestFailed(Exception):
         self.error = error
 
 
-def new_request_id() -> str:
-    """A fresh request id."""
-    return uuid.uuid4().hex
-
-
 class WorkerRuntime:
     """Holds the engine (None until loaded) and runs requests on it."""
 
@@ -83,6 +82,8 @@ class WorkerRuntime:
         # Request defaults: the flags over the published settings until the model loads, then over its own.
         self.defaults = params_from_mapping(config.default_overrides, GenerationParams(), config.limits)
         self.stopping = asyncio.Event()  # set when load watchers should end (the server is stopping)
+        # Tokenizing is CPU work on threads: a few at a time, so a burst of large prompts cannot starve the engine.
+        self._tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
         self._draining = False
 
     @property
@@ -129,6 +130,22 @@ class WorkerRuntime:
             draining=snap.draining or self._draining,
         )
 
+    async def tokenize(self, engine: EngineAPI, prompt: Prompt) -> list[int]:
+        """A prompt's token ids: refused by size first, then tokenized on a thread, never on the event loop."""
+        limits = self.config.limits
+        check_size(prompt, limits)
+        async with self._tokenizing:
+            return await asyncio.to_thread(engine.tokenize, prompt, limits.max_prompt_tokens)
+
+    async def detokenize(self, engine: EngineAPI, ids: list[int]) -> str:
+        """Text of token ids, bounded in count, decoded on a thread."""
+        limits = self.config.limits
+        most = limits.max_prompt_tokens + limits.max_new_tokens
+        if len(ids) > most:
+            raise ParamError("token_ids", f"at most {most} ids, got {len(ids)}")
+        async with self._tokenizing:
+            return await asyncio.to_thread(engine.detokenize, ids)
+
     def refuse(self, exc: BaseException, *, request_id: str, rpc: str) -> RpcError:
         """Map an error raised before a request reached the engine; count it and log its line."""
         error = status_for_exception(exc, request_id)
@@ -154,11 +171,14 @@ class WorkerRuntime:
         error: RpcError | None = None
         outcome = "cancelled"
         committed: list[str] = []
+        spans = RequestSpans()
         try:
             if deadline is not None and deadline <= started:
                 raise DeadlineExceeded("deadline exceeded before the request started")
             engine = self.require_engine()
-            events = engine.stream(prompt, params, deadline=deadline)
+            ids = await self.tokenize(engine, prompt)
+            # The engine gets the ids: nothing is tokenized on the event loop.
+            events = engine.stream(Prompt.of_tokens(ids), params, deadline=deadline)
             try:
                 async for event in events:
                     if isinstance(event, FinalEvent):
@@ -169,6 +189,7 @@ class WorkerRuntime:
                         outcome = event.stop_reason.value
                     elif isinstance(event, CommitEvent) and self.config.log_prompts:
                         committed.append(event.text)
+                    spans.saw(event)
                     yield event
             finally:
                 # Closing the engine's stream is what cancels the engine request.
@@ -184,6 +205,7 @@ class WorkerRuntime:
         finally:
             if error is not None:
                 outcome = error.outcome
+            spans.end(final)
             self._log_request(rpc, request_id, outcome, error, final, started, prompt, committed)
         if error is not None:
             raise RequestFailed(error)
@@ -202,7 +224,7 @@ class WorkerRuntime:
         fields: dict[str, object] = {
             "event": "request",
             "rpc": rpc,
-            "request_id": request_id,
+            "request_id": clip(request_id),
             "outcome": outcome,
             "code": error.code.name if error else ("CANCELLED" if outcome == "cancelled" else "OK"),
             "wall_s": round(time.monotonic() - started, 6),
@@ -215,7 +237,7 @@ class WorkerRuntime:
         if self.config.log_prompts and prompt is not None:
             fields["prompt"] = _prompt_text(prompt)
             fields["completion"] = "".join(committed)
-        log.info("request %s %s", request_id, outcome, extra={"fields": fields})
+        log.info("request %s %s", clip(request_id), outcome, extra={"fields": fields})
 
 
 def _prompt_text(prompt: Prompt) -> object:

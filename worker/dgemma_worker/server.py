@@ -25,10 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.guard import RequestGuard
+from dgemma_common.logs import setup_logging
+from dgemma_common.looplag import watch_loop_lag
 from dgemma_common.tls import grpc_server_credentials
+from dgemma_common.tracing import RequestContextInterceptor, setup_tracing
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
-from dgemma_worker.logs import setup_logging
 from dgemma_worker.metrics import WorkerMetrics
 from dgemma_worker.runtime import EngineAPI, WorkerRuntime
 from dgemma_worker.servicers import DenoiserServicer, KServeServicer
@@ -49,13 +52,16 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
     from dgemma_worker.engine import Engine, EngineConfig, checkpoint_params
     from dgemma_worker.model import load_model
+    from dgemma_worker.runner import DelayedStepRunner
 
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, revision=config.model_revision)
     defaults = checkpoint_params(loaded, config.default_overrides, config.limits)
+    runner = DelayedStepRunner(loaded, delay_s=config.debug_step_delay_s) if config.debug_step_delay_s else None
     engine = Engine(
         loaded,
         EngineConfig(max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=defaults),
         observer=observer,
+        runner=runner,
     )
     engine.start(warmup=config.warmup)
     return engine
@@ -66,6 +72,12 @@ def _version() -> str:
         return metadata.version("dgemma")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0+unknown"
+# The RPCs that carry one generation: each gets the request id and a server span.
+TRACED_METHODS = (
+    f"/{DENOISER_SERVICE}/Generate",
+    f"/{KSERVE_SERVICE}/ModelInfer",
+    f"/{KSERVE_SERVICE}/ModelStreamInfer",
+)
 
 
 class WorkerServer:
@@ -74,7 +86,7 @@ class WorkerServer:
     def __init__(self, config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> None:
         self.config = config
         self._factory = engine_factory
-        self.metrics = WorkerMetrics(self._snapshot_if_loaded)
+        self.metrics = WorkerMetrics(self._snapshot_if_loaded, config.variant)
         self.runtime = WorkerRuntime(config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -83,6 +95,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._drained = asyncio.Event()
+        self._lag_probe: asyncio.Task[None] | None = None
 
     def _snapshot_if_loaded(self) -> Any:
         return self.runtime.load_snapshot()
@@ -97,7 +110,10 @@ class WorkerServer:
                 ("grpc.so_reuseport", 0),  # a second worker on the same port must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
+            # Bytes that are not a request message are INVALID_ARGUMENT, not grpcio's UNKNOWN (the guard is
+            # outermost); then the request id and trace context of each generation (the gateway's metadata).
+            interceptors=[RequestGuard(), RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -115,6 +131,7 @@ class WorkerServer:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._server = server
+        self._lag_probe = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag.observe), name="loop-lag")
         if cfg.health_port != HEALTH_OFF:
             self._health_server, self.health_port = await self._start_health_only(cfg.host, cfg.health_port)
         if cfg.metrics_port != METRICS_OFF:
@@ -197,6 +214,7 @@ class WorkerServer:
                                  else FINAL_STOP_GRACE_S)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
         self._drained.set()
         log.info("stopped (%s)", "drained" if idle else "grace period over",
@@ -219,7 +237,14 @@ class WorkerServer:
         await self._stop_servers(None)
         if self.runtime.engine is not None:
             await asyncio.to_thread(self.runtime.engine.shutdown)
+        await self._stop_probe()
         self.metrics.close()
+
+    async def _stop_probe(self) -> None:
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            await asyncio.gather(self._lag_probe, return_exceptions=True)
+            self._lag_probe = None
 
 
 async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> int:
@@ -267,6 +292,7 @@ def run(argv: Sequence[str]) -> int:
     """`dgemma worker ...`: parse flags and environment, serve until SIGTERM, return the exit code."""
     config = parse_config(argv)
     setup_logging(config.log_format)
+    setup_tracing("dgemma-worker")
     return asyncio.run(serve(config))
 
 

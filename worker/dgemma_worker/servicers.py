@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -19,11 +20,12 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import convert, kserve
 from dgemma_common.params import ParamError
+from dgemma_common.tracing import current_or_new_request_id
 from dgemma_common.types import CommitEvent, FinalEvent
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.errors import RpcError, UnknownModelError, status_for_exception
-from dgemma_worker.runtime import RequestFailed, WorkerRuntime, monotonic_deadline, new_request_id
+from dgemma_worker.runtime import RequestFailed, WorkerRuntime, monotonic_deadline
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,14 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream one request's events."""
-        rid = request.request_id or new_request_id()
+        rid = request.request_id or current_or_new_request_id()
         cfg = self._rt.config
         try:
-            prompt = convert.prompt_from_pb(request.prompt)
+            convert.check_request_id(rid)
+            prompt = convert.prompt_from_pb(request.prompt, cfg.limits)
             params = convert.params_from_pb(request.params, self._rt.defaults, cfg.limits)
-            if request.timeout_s < 0:
-                raise ParamError("timeout_s", "must be >= 0")
+            if not (math.isfinite(request.timeout_s) and request.timeout_s >= 0):
+                raise ParamError("timeout_s", f"must be a finite number of seconds >= 0, got {request.timeout_s}")
         except Exception as exc:
             await _abort(context, self._rt.refuse(exc, request_id=rid, rpc="Generate"))
         deadline = monotonic_deadline(context.time_remaining(), request.timeout_s)
@@ -72,6 +75,10 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.LoadReport]:
         """A load report now, then one per interval until the client leaves or the worker stops."""
+        if not math.isfinite(request.interval_s):  # NaN would slip through the clamp below and stream unthrottled
+            await _abort(context, RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"interval_s: must be a finite number of seconds, got {request.interval_s}",
+                                           "invalid"))
         interval = request.interval_s or 1.0
         interval = min(max(interval, MIN_WATCH_INTERVAL_S), MAX_WATCH_INTERVAL_S)
         while True:
@@ -89,9 +96,8 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
     ) -> pb.TokenizeResponse:
         """Token ids of a prompt as Generate would see it."""
         try:
-            prompt = convert.prompt_from_pb(request.prompt)
-            engine = self._rt.require_engine()
-            ids = await asyncio.to_thread(engine.tokenize, prompt)
+            prompt = convert.prompt_from_pb(request.prompt, self._rt.config.limits)
+            ids = await self._rt.tokenize(self._rt.require_engine(), prompt)
         except Exception as exc:
             await _abort(context, status_for_exception(exc))
         return pb.TokenizeResponse(token_ids=ids)
@@ -101,9 +107,9 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
     ) -> pb.DetokenizeResponse:
         """Text of token ids (special tokens skipped)."""
         try:
-            ids = convert.token_ids_from_pb(request.token_ids)
-            engine = self._rt.require_engine()
-            text = await asyncio.to_thread(engine.detokenize, ids)
+            limits = self._rt.config.limits
+            ids = convert.token_ids_from_pb(request.token_ids, limit=limits.max_prompt_tokens + limits.max_new_tokens)
+            text = await self._rt.detokenize(self._rt.require_engine(), ids)
         except Exception as exc:
             await _abort(context, status_for_exception(exc))
         return pb.DetokenizeResponse(text=text)
@@ -177,7 +183,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         deadline = monotonic_deadline(context.time_remaining())
         try:
             async for event in self._rt.run(
-                req.prompt, req.params, request_id=req.request_id or new_request_id(), rpc="ModelInfer",
+                req.prompt, req.params, request_id=req.request_id or current_or_new_request_id(), rpc="ModelInfer",
                 deadline=deadline,
             ):
                 if isinstance(event, CommitEvent):
@@ -208,7 +214,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return
         try:
             async for event in self._rt.run(
-                req.prompt, req.params, request_id=req.request_id or new_request_id(), rpc="ModelStreamInfer"
+                req.prompt, req.params, request_id=req.request_id or current_or_new_request_id(), rpc="ModelStreamInfer"
             ):
                 if isinstance(event, CommitEvent):
                     response = kserve.commit_response(self._model, req, event)

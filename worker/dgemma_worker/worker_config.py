@@ -31,6 +31,7 @@ class WorkerConfig:
     model: str
     model_revision: str | None = None
     served_model_name: str = ""
+    variant: str = ""  # the gateway's name for this variant (`namespace/name`): the `variant` metrics label
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
@@ -51,6 +52,7 @@ class WorkerConfig:
     # Request defaults set here; the rest come from the checkpoint's generation_config, then the published ones.
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
+    debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
 
     @property
     def model_name(self) -> str:
@@ -63,6 +65,7 @@ ENV_VARS = {
     "model": "DGEMMA_MODEL",
     "model_revision": "DGEMMA_MODEL_REVISION",
     "served_model_name": "DGEMMA_SERVED_MODEL_NAME",
+    "variant": "DGEMMA_VARIANT",
     "host": "DGEMMA_HOST",
     "port": "DGEMMA_PORT",
     "metrics_port": "DGEMMA_METRICS_PORT",
@@ -82,6 +85,7 @@ ENV_VARS = {
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
     "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
     "default_t_min": "DGEMMA_DEFAULT_T_MIN",
@@ -89,6 +93,7 @@ ENV_VARS = {
     "default_entropy_bound": "DGEMMA_DEFAULT_ENTROPY_BOUND",
     "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
     "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
+    "debug_step_delay_s": "DGEMMA_DEBUG_STEP_DELAY_S",
 }
 
 
@@ -121,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", "model", "checkpoint directory or hub id (default: the bundled small trained model)")
     add("--model-revision", "model_revision", "hub revision of the checkpoint")
     add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
+    add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
+        "metric as the `variant` label")
     add("--host", "host", "bind address (default 0.0.0.0)")
     add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
     add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
@@ -146,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
         "for (default 256)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--max-prompt-bytes", "max_prompt_bytes",
+        "longest text or chat prompt tokenized at all, in UTF-8 bytes (default 16 x --max-prompt-tokens)", type=int)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
         type=int)
@@ -156,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
         type=float)
+    add("--debug-step-delay-s", "debug_step_delay_s", "tests and benchmarks only: add this many seconds to "
+        "every denoising step, to act like a slower GPU (default 0)", type=float)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
     return p
 
@@ -174,6 +185,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         max_new_tokens=args.max_new_tokens_limit or limits.max_new_tokens,
         max_denoising_steps=args.max_denoising_steps_limit or limits.max_denoising_steps,
         max_prompt_tokens=args.max_prompt_tokens or limits.max_prompt_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
     )
     overrides = {
         name: getattr(args, f"default_{name}")
@@ -202,6 +214,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         model=args.model,
         model_revision=args.model_revision,
         served_model_name=args.served_model_name or "",
+        variant=args.variant or "",
         host=args.host or "0.0.0.0",
         port=50051 if args.port is None else args.port,
         metrics_port=9090 if args.metrics_port is None else args.metrics_port,
@@ -219,11 +232,14 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         limits=limits,
         default_overrides=overrides,
         warmup=args.warmup,
+        debug_step_delay_s=args.debug_step_delay_s or 0.0,
     )
     for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
                             ("--port", cfg.port, 0), ("--max-message-bytes", cfg.max_message_bytes, 1024)):
         if value < lo:
             parser.error(f"{name} must be >= {lo}, got {value}")
+    if cfg.debug_step_delay_s < 0:
+        parser.error(f"--debug-step-delay-s must be >= 0, got {cfg.debug_step_delay_s}")
     if cfg.drain_grace_s < 0:
         parser.error(f"--drain-grace-s must be >= 0, got {cfg.drain_grace_s}")
     return cfg

@@ -110,6 +110,14 @@ securityContext:
 {{- if and .Values.examples.enabled (not $crdPending) }}true{{ end }}
 {{- end }}
 
+{{/*
+The label on the one Service per component that a ServiceMonitor scrapes (other Services may front the
+same pods, e.g. the gateway's headless one).
+*/}}
+{{- define "dgemma.scrapeLabel" -}}
+dgemma.io/scrape: "true"
+{{- end }}
+
 {{/* The Secret with the gateway's serving certificate (tls.gateway). */}}
 {{- define "dgemma.gatewayTlsSecret" -}}
 {{- default (include "dgemma.componentName" (dict "root" . "component" "gateway-tls")) .Values.tls.gateway.existingSecret }}

@@ -1,0 +1,301 @@
+"""Chaos with real processes: a worker SIGKILLed mid-stream, SIGTERM drains of a worker, of the gateway and of
+`dgemma serve`, and a 10 MB prompt beside a live stream. Each asks what a client saw: every request ended (no
+hang), a stream cut by a dead worker ended with a clean error event, requests that had not started were served
+elsewhere, a drain lost nothing in flight, a big prompt stalled nobody.
+Workers carry a per-step delay (DGEMMA_DEBUG_STEP_DELAY_S, as on a slower GPU) so that streams last seconds
+without burning the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.workers import LocalWorker, LocalWorkers
+from dgemma_worker.model import tiny_model_dir
+from tests.stack import GatewayProcess, HealthProbe, record
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = "tiny"
+STEP_DELAY_S = 0.05
+SLOW = {"DGEMMA_DEBUG_STEP_DELAY_S": str(STEP_DELAY_S)}
+# A stream of this many steps lasts several seconds: still running when a test acts on it.
+LONG = {"max_tokens": 64, "max_denoising_steps": 12, "ignore_eos": True}
+SHORT = {"max_tokens": 16, "max_denoising_steps": 2, "ignore_eos": True}
+CLIENT_TIMEOUT_S = 90.0  # a request still open after this long is a hang
+
+
+@dataclass
+class StreamResult:
+    """What one streaming client saw."""
+
+    status: int
+    chunks: int = 0
+    error: dict[str, Any] | None = None
+    done: bool = False  # the [DONE] line arrived
+    finish: str | None = None
+    endpoint: str | None = None  # from the final chunk's dgemma extra
+    arrivals: list[float] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.done and self.error is None and self.finish is not None
+
+    @property
+    def clean_error(self) -> bool:
+        """Ended by an error the client can read: an HTTP error, or an error event then [DONE]."""
+        return self.status != 200 or (self.error is not None and self.done)
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, settings: dict[str, Any],
+                      first_chunk: asyncio.Event | None = None) -> StreamResult:
+    """One streamed chat completion, read to its end."""
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Go on"}], **settings}
+    async with session.post(f"{url}/v1/chat/completions", json=body,
+                            timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)) as response:
+        result = StreamResult(response.status)
+        if response.status != 200:
+            result.error = (await response.json()).get("error")
+            return result
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue  # event names, keep-alive comments, blank lines
+            result.arrivals.append(time.monotonic())
+            if line == "data: [DONE]":
+                result.done = True
+                continue
+            data = json.loads(line[len("data: "):])
+            if "error" in data:
+                result.error = data["error"]
+                continue
+            result.chunks += 1
+            if first_chunk is not None and any(c.get("delta", {}).get("content") for c in data["choices"]):
+                first_chunk.set()
+            for choice in data.get("choices", []):
+                result.finish = choice.get("finish_reason") or result.finish
+            result.endpoint = (data.get("dgemma") or {}).get("endpoint") or result.endpoint
+    return result
+
+
+def _workers(tmp: Path, name: str, n: int, args: list[str], env: dict[str, str] | None = None) -> LocalWorkers:
+    workers = LocalWorkers(str(tiny_model_dir()), n, MODEL, args, env=env or SLOW, workdir=tmp / name)
+    (tmp / name).mkdir(exist_ok=True)
+    workers.start()
+    return workers
+
+
+@dataclass
+class Pair:
+    """A victim worker (one stream at a time, a queue behind it), a survivor, and a gateway in front of both."""
+
+    victim: LocalWorker
+    survivor: LocalWorker
+    gateway: GatewayProcess
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    victim = _workers(tmp_path, "victim", 1, ["--max-active", "1", "--max-queue", "8"])
+    survivor = _workers(tmp_path, "survivor", 1, ["--max-active", "4", "--max-queue", "8"])
+    gateway: GatewayProcess | None = None
+    try:
+        victim.wait_bound()
+        survivor.wait_bound()
+        gateway = _gateway(tmp_path, victim.workers[0], survivor.workers[0])
+        asyncio.run(_warm(gateway.url))
+        yield Pair(victim.workers[0], survivor.workers[0], gateway)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        victim.stop(timeout=5)
+        survivor.stop(timeout=5)
+
+
+def _gateway(tmp: Path, *workers: LocalWorker, args: tuple[str, ...] = ()) -> GatewayProcess:
+    # Round robin, so that both workers get streams whatever their measured latency.
+    gateway = GatewayProcess(tmp, [w.address for w in workers], MODEL, ["--routing-profile", "round-robin", *args])
+    gateway.wait_ready()
+    return gateway
+
+
+def _lost(results: list[StreamResult | BaseException]) -> list[Any]:
+    """Requests that neither completed nor ended in a clean error."""
+    return [r for r in results if isinstance(r, BaseException) or not (r.completed or r.clean_error)]
+
+
+async def _warm(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # one per worker (round robin)
+            assert (await stream_chat(session, url, SHORT)).completed
+
+
+def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_served_elsewhere(pair: Pair) -> None:
+    async def scenario() -> list[StreamResult | BaseException]:
+        async with aiohttp.ClientSession() as session:
+            started = asyncio.Event()
+            # Round robin: half go to the victim, which runs one and queues the others (no event sent yet).
+            tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, LONG, started)) for _ in range(6)]
+            await asyncio.wait_for(started.wait(), 60)
+            await asyncio.sleep(0.5)
+            pair.victim.process.send_signal(signal.SIGKILL)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert not _lost(results), f"lost: {_lost(results)}"
+    ok = [r for r in results if isinstance(r, StreamResult) and r.completed]
+    cut = [r for r in results if isinstance(r, StreamResult) and not r.completed]
+    assert cut, "the victim held a stream when it died"
+    for r in cut:  # an error event the OpenAI SDK raises, then [DONE]
+        assert r.error is not None and r.error["code"] == "upstream_unavailable" and r.done, r
+    # Three went to the survivor; of the victim's three, one was running (cut) and two waited in its queue:
+    # those had sent nothing, so they were retried on the survivor.
+    assert len(ok) == 5 and len(cut) == 1, results
+    assert sum(r.endpoint is not None and r.endpoint.endswith(pair.survivor.address) for r in ok) == 5, ok
+    record("chaos-kill", {"requests": len(results), "completed": len(ok), "clean_errors": len(cut),
+                          "lost": len(_lost(results))})
+
+
+def test_a_worker_and_then_the_gateway_drain_on_sigterm_and_lose_nothing_in_flight(pair: Pair) -> None:
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        async with aiohttp.ClientSession() as session:
+            started = asyncio.Event()
+            first = [asyncio.create_task(stream_chat(session, pair.gateway.url, LONG, started)) for _ in range(4)]
+            await asyncio.wait_for(started.wait(), 60)
+            pair.victim.process.send_signal(signal.SIGTERM)  # it finishes what it holds, takes nothing new
+            await asyncio.sleep(1.0)
+            later = [asyncio.create_task(stream_chat(session, pair.gateway.url, SHORT)) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            pair.gateway.process.send_signal(signal.SIGTERM)  # the gateway too: in-flight streams finish
+            return (await asyncio.gather(*first, return_exceptions=True),
+                    await asyncio.gather(*later, return_exceptions=True))
+
+    first, later = asyncio.run(scenario())
+    assert pair.gateway.process.wait(60) == 0
+    assert pair.victim.process.wait(60) == 0
+    results = [*first, *later]
+    assert not [r for r in results if not (isinstance(r, StreamResult) and r.completed)], results
+    assert all(r.endpoint and r.endpoint.endswith(pair.survivor.address) for r in later), later
+    record("chaos-drain-stack", {"requests": len(results), "lost": len(_lost(results)),
+                                 "completed": sum(isinstance(r, StreamResult) and r.completed for r in results)})
+
+
+def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Path) -> None:
+    """Streams longer than the old hard-coded 5 s worker grace, cut short by nothing."""
+    env = {**os.environ, **SLOW, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dgemma_cli.main", "serve", "--replicas", "1", "--port", "0", "--grpc-port", "-1",
+           "--model", str(tiny_model_dir()), "--served-model-name", MODEL, "--drain-grace-s", "60"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = _serve_url(log, proc)
+        very_long = {**LONG, "max_tokens": 160}  # 10 canvases x 12 steps x 50 ms: longer than 5 s
+
+        async def scenario() -> list[Any]:
+            async with aiohttp.ClientSession() as session:
+                started = asyncio.Event()
+                tasks = [asyncio.create_task(stream_chat(session, url, very_long, started)) for _ in range(2)]
+                await asyncio.wait_for(started.wait(), 120)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(scenario())
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert all(isinstance(r, StreamResult) and r.completed for r in results), (results, log.read_text()[-3000:])
+    record("chaos-drain-serve", {"requests": len(results), "lost": len(_lost(results))})
+
+
+def _serve_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if "ready. Try" in text:
+            found = re.search(r"gateway at (http://\S+)", text)
+            assert found, text
+            return found.group(1)
+        assert proc.poll() is None, text
+        time.sleep(0.2)
+    raise AssertionError(f"dgemma serve did not become ready:\n{log.read_text()[-3000:]}")
+
+
+def test_a_10_mb_prompt_beside_a_live_stream_never_stalls_it_beyond_one_step(tmp_path: Path) -> None:
+    """The prompt goes to every door: the worker's Generate and Tokenize, and the gateway's HTTP and KServe
+    fronts. The live stream sends a draft every step; its largest gap stays under one step plus 100 ms."""
+    workers = _workers(tmp_path, "worker", 1, ["--max-active", "2", "--max-queue", "4"])
+    try:
+        workers.wait_bound()
+        gateway = _gateway(tmp_path, workers.workers[0])
+        try:
+            asyncio.run(_warm(gateway.url))
+            with HealthProbe(gateway.url, [workers.workers[0].address]) as probe:
+                gaps, refusals = asyncio.run(_stream_beside_a_big_prompt(gateway, workers.workers[0].address))
+        finally:
+            gateway.stop()
+    finally:
+        workers.stop(timeout=5)
+    step = sorted(gaps)[len(gaps) // 2]  # the stream's own step time, measured in the same run
+    record("chaos-big-prompt", {"largest_gap_ms": round(max(gaps) * 1000, 1), "step_ms": round(step * 1000, 1),
+                                "refusals": refusals, "worst_probe_ms": dict(probe.worst_ms),
+                                "worst_worker_probe_ms": probe.worst_worker_ms})
+    assert max(gaps) < step + 0.1, f"largest gap {max(gaps):.3f} s, step {step:.3f} s; refusals {refusals}"
+    assert all(code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "413") for code in refusals.values()), refusals
+    assert not probe.failures, f"health stayed SERVING: {probe.failures[:3]}"
+
+
+async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str) -> tuple[list[float], dict[str, str]]:
+    big = "x" * (10 * 1024 * 1024)
+    refusals: dict[str, str] = {}
+
+    async def worker_rpc(name: str) -> None:
+        async with grpc.aio.insecure_channel(worker, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.DenoiserStub(ch)
+            try:
+                if name == "Generate":
+                    async for _ in stub.Generate(pb.GenerateRequest(prompt=pb.Prompt(text=big)), timeout=60):
+                        pass
+                else:
+                    await stub.Tokenize(pb.TokenizeRequest(prompt=pb.Prompt(text=big)), timeout=60)
+                refusals[f"worker {name}"] = "OK"
+            except grpc.aio.AioRpcError as err:
+                refusals[f"worker {name}"] = err.code().name
+
+    async def gateway_http(session: aiohttp.ClientSession) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 4}
+        async with session.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+            refusals["gateway http"] = str(r.status)
+
+    async with aiohttp.ClientSession() as session:
+        started = asyncio.Event()
+        live = asyncio.create_task(stream_chat(session, gateway.url, {**LONG, "max_tokens": 48, "stream_drafts": True},
+                                               started))
+        await asyncio.wait_for(started.wait(), 60)
+        for name in ("Generate", "Tokenize"):
+            await worker_rpc(name)
+        await gateway_http(session)
+        result = await live
+    assert result.completed, result
+    gaps = [b - a for a, b in zip(result.arrivals, result.arrivals[1:], strict=False)]
+    return gaps, refusals
+
+
