@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT / "hack"))
 from calibrate_tiny import (  # noqa: E402
     NEVER,
     SEED,
-    Recorder,
     cut_at_eos,
     dictionary,
     generate,
@@ -82,13 +81,13 @@ def engine_section(model: Path, prompts: Sequence[Prompt]) -> dict[str, Any]:
                                                     stability_threshold=1, confidence_threshold=0.005)
     runs: dict[str, list[tuple[Any, list[int]]]] = {name: [] for name in settings}
     try:
-        with recording():
+        with recording() as recorder:
             for i, prompt in enumerate(prompts):
                 for name, base in settings.items():
                     params = replace(base, max_new_tokens=2 * engine.canvas_length, seed=SEED + i)
+                    recorder.canvases = []
                     out = generate(engine, prompt, params)
-                    assert Recorder.last is not None
-                    runs[name].append((out, [len(c) for c in Recorder.last.canvases]))
+                    runs[name].append((out, [len(c) for c in recorder.canvases]))
     finally:
         engine.shutdown()
     eos = loaded.eos_token_ids

@@ -11,7 +11,7 @@ its argmax keeps changing until the last steps of the temperature schedule (41 o
 stopping threshold can stop a canvas that has not converged. So the budget is the checkpoint's too:
 
 1. For each candidate entropy bound, every held-out prompt is generated once at the step cap with stopping
-   off, recording each step's argmax canvas and mean entropy (through the engine's own stopping tracker,
+   off, recording each step's argmax canvas and mean entropy (through the engine's own stopping rule,
    so the numbers are the engine's). With a fixed seed a stopping rule does not change the steps before it
    stops, so one trace per prompt shows where every candidate rule would stop and what it would commit.
 2. Each candidate (entropy bound, stability, confidence) is scored on the traces: steps per canvas, and
@@ -31,7 +31,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,7 +45,6 @@ from dgemma_common.params import GenerationParams
 from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt
 from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel, load_model
-from dgemma_worker.sampling import StabilityTracker
 
 NEVER = 64  # a stability_threshold no canvas of <= 48 steps can meet: stopping off
 ENTROPY_BOUNDS = (0.1, 0.3, 1.0, 3.0)  # 0.1: the published one
@@ -117,34 +116,35 @@ def nll(loaded: LoadedModel, prompt_ids: Sequence[int], reply_ids: Sequence[int]
 # ---- traces ------------------------------------------------------------------------------------
 
 
-class Recorder(StabilityTracker):
-    """The engine's stopping tracker, also recording each step's argmax canvas and mean entropy."""
+class Recorder:
+    """Records, at each step of the engine's stopping rule, the first row's argmax canvas and mean entropy,
+    one list per canvas (the rule's step counter restarts at 0 with each canvas)."""
 
-    last: Recorder | None = None
-
-    def __init__(self, stability_threshold: int, confidence_threshold: float) -> None:
-        super().__init__(stability_threshold, confidence_threshold)
+    def __init__(self) -> None:
         self.canvases: list[list[tuple[torch.Tensor, float]]] = []
-        Recorder.last = self
 
-    def reset(self) -> None:
-        super().reset()
-        self.canvases.append([])
+    def wrap(self, rule: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def recorded(history: torch.Tensor, step: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor,
+                     *thresholds: torch.Tensor) -> torch.Tensor:
+            if int(step) == 0 or not self.canvases:
+                self.canvases.append([])
+            self.canvases[-1].append((argmax[0].clone(), float(entropy[0].mean())))
+            return rule(history, step, argmax, entropy, *thresholds)
 
-    def update(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> bool:
-        self.canvases[-1].append((argmax_canvas.clone(), float(entropy.mean())))
-        return super().update(argmax_canvas, entropy)
+        return recorded
 
 
 @contextmanager
-def recording() -> Iterator[None]:
-    """Let the engine's requests record their steps (one request at a time): its step runner makes the trackers."""
-    original = runner_module.StabilityTracker
-    runner_module.StabilityTracker = Recorder  # type: ignore[misc]
+def recording() -> Iterator[Recorder]:
+    """Let the engine's requests record their steps (one request of one canvas at a time): the step runner
+    applies the stopping rule (`stop_rule`) to every row at every step."""
+    recorder = Recorder()
+    original = runner_module.stop_rule
+    runner_module.stop_rule = recorder.wrap(original)
     try:
-        yield
+        yield recorder
     finally:
-        runner_module.StabilityTracker = original  # type: ignore[misc]
+        runner_module.stop_rule = original
 
 
 @dataclass(frozen=True)
@@ -184,13 +184,15 @@ class Trace:
 def traces(engine: Engine, prompts: Sequence[Prompt], entropy_bound: float, cap: int = CAP) -> list[Trace]:
     """One canvas per prompt, every step recorded (seeded per prompt)."""
     out = []
-    with recording():
+    with recording() as recorder:
         for i, prompt in enumerate(prompts):
             params = replace(engine.defaults, max_new_tokens=engine.canvas_length, max_denoising_steps=cap,
                              entropy_bound=entropy_bound, stability_threshold=NEVER, seed=SEED + i)
+            recorder.canvases = []
             generate(engine, prompt, params)
-            assert Recorder.last is not None
-            out.append(Trace(tuple(engine.tokenize(prompt)), Recorder.last.canvases[0]))
+            steps = recorder.canvases[0]
+            assert len(recorder.canvases) == 1 and len(steps) == cap, [len(c) for c in recorder.canvases]
+            out.append(Trace(tuple(engine.tokenize(prompt)), steps))
     return out
 
 

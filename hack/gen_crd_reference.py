@@ -81,32 +81,43 @@ def _table(node: dict[str, Any], path: str) -> str:
 
 
 def _profiles() -> str:
-    from dgemma_operator.profiles import PROFILES
+    from dgemma_operator.models import GenerationDefaults, WorkerSpec
+    from dgemma_operator.profiles import PROFILES, worker_memory_gib
 
     lines = [
         "| profile | `nvidia.com/gpu.product` | arch | default dtype | tokens/s prior | memory | cpu |",
         "|---|---|---|---|---|---|---|",
     ]
+    active, canvas = WorkerSpec().max_active, GenerationDefaults().canvas_length
     for p in PROFILES.values():
         product = f"`{p.gpu_product}`" if p.gpu_product else "(set `gpu.product` or `gpu.nodeSelector`)"
+        memory = f"{worker_memory_gib(p, p.dtype, active, canvas)}Gi"
+        if p.unified_memory:
+            memory += f" (unified memory: with the weights; at maxActive {active}, canvas {canvas})"
         lines.append(
             f"| `{p.name}` | {product} | {p.architecture} | {p.dtype} | {p.tokens_per_second_prior:g} "
-            f"| {p.memory} | {p.cpu} |"
+            f"| {memory} | {p.cpu} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _vllm_defaults() -> str:
     from dgemma_common.vllm import RECIPE
+    from dgemma_operator.profiles import PROFILES, vllm_memory_gib
 
     lines = [
-        "| profile | dtype | `--max-num-seqs` | `--gpu-memory-utilization` | more arguments | tokens/s prior |",
-        "|---|---|---|---|---|---|",
+        "| profile | dtype | `--max-num-seqs` | `--gpu-memory-utilization` | more arguments | tokens/s prior "
+        "| memory |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, d in RECIPE.items():
         extra = " ".join(f"`{a}`" for a in d.extra_args) or ""
         prior = f"{d.tokens_per_second_prior:g}" if d.tokens_per_second_prior else "the profile's"
-        lines.append(f"| `{name}` | {d.dtype} | {d.max_num_seqs} | {d.gpu_memory_utilization:g} | {extra} | {prior} |")
+        memory = f"{vllm_memory_gib(PROFILES[name], d.gpu_memory_utilization)}Gi"
+        if PROFILES[name].unified_memory:
+            memory += " (unified memory: with vLLM's share of the node)"
+        lines.append(f"| `{name}` | {d.dtype} | {d.max_num_seqs} | {d.gpu_memory_utilization:g} | {extra} | {prior} "
+                     f"| {memory} |")
     return "\n".join(lines) + "\n"
 
 

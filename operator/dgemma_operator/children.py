@@ -13,9 +13,10 @@ import re
 from typing import Any
 
 from dgemma_common import vllm
+from dgemma_common.dtypes import dtype_problem
 from dgemma_common.variants import variant_name
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile
+from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile, vllm_memory_gib, worker_memory_gib
 
 MANAGER = "dgemma-operator"
 RUNTIME_LABEL = "dgemma.io/runtime"
@@ -123,6 +124,21 @@ def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
             f"gpu.resources.limits[{GPU_RESOURCE!r}]={limits[GPU_RESOURCE]} "
             f"contradicts gpu.count={spec.gpu.count}"
         )
+    gpu = profile(spec.gpu.profile)
+    # The dtype and unified-memory rules are the dgemma worker's (its kernels, its loading); vLLM sizes and
+    # checks its own (an external variant runs nothing).
+    if spec.runtime == "dgemma" and spec.gpu.product is None and gpu.gpu_product is not None:
+        trouble = dtype_problem(dtype(spec), gpu.compute_capability, f"profile {gpu.name} ({gpu.gpu_product})")
+        if trouble is not None:
+            problems.append(f"gpu.dtype: {trouble}")
+        given = _given_memory(spec)
+        if gpu.node_memory_gib is not None and given is None and worker_memory(spec) > gpu.node_memory_gib:
+            problems.append(
+                f"worker.maxActive: {spec.worker.max_active} requests in {dtype(spec)} need {worker_memory(spec)}Gi "
+                f"of unified memory, more than a {gpu.name} node's {gpu.node_memory_gib}Gi "
+                "(lower worker.maxActive or generation.canvasLength, pick a smaller dtype, or set "
+                "gpu.resources for a smaller model)"
+            )
     if spec.model is not None and spec.model.pvc is not None and spec.cache.claim_name == spec.model.pvc.claim_name:
         problems.append(
             "cache.claimName must differ from model.pvc.claimName (the source is mounted read-only)"
@@ -167,6 +183,15 @@ def dtype(spec: models.DiffusionGemmaSpec) -> str:
     if spec.gpu.dtype:
         return spec.gpu.dtype
     return vllm_defaults(spec).dtype if spec.runtime == "vllm" else profile(spec.gpu.profile).dtype
+
+
+def worker_memory(spec: models.DiffusionGemmaSpec) -> int:
+    """The server container's memory request and limit in GiB (on unified memory it holds the weights too)."""
+    gpu = profile(spec.gpu.profile)
+    if spec.runtime == "vllm":
+        utilization = (spec.vllm and spec.vllm.gpu_memory_utilization) or vllm_defaults(spec).gpu_memory_utilization
+        return vllm_memory_gib(gpu, utilization)
+    return worker_memory_gib(gpu, dtype(spec), spec.worker.max_active, spec.generation.canvas_length)
 
 
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
@@ -219,6 +244,11 @@ def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> l
         ("DGEMMA_DEFAULT_STABILITY_THRESHOLD", gen.stability_threshold),
         ("DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD", gen.confidence_threshold),
         *_hub_env(spec),
+        # The compiled step's kernels (worker --compile, on by default with CUDA): kept on the cache volume,
+        # so a restarted replica (or, on a shared claim, the next one) skips most of the compiling; the root
+        # file system is read-only.
+        ("TORCHINDUCTOR_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/torchinductor"),
+        ("TRITON_CACHE_DIR", f"{spec.cache.mount_path.rstrip('/')}/triton"),
     ]
     env: list[Body] = [{"name": key, "value": str(value)} for key, value in values if value is not None]
     env.extend(_token_env(spec))
@@ -304,12 +334,24 @@ def _fetch_container(name: str, spec: models.DiffusionGemmaSpec, mounts: list[Bo
     }
 
 
+def _given_memory(spec: models.DiffusionGemmaSpec) -> str | None:
+    """A memory quantity the spec sets under gpu.resources (requests first), replacing the derived one."""
+    given = spec.gpu.resources or {}
+    for section in ("requests", "limits"):
+        values = given.get(section)
+        if isinstance(values, dict) and values.get("memory") is not None:
+            return str(values["memory"])
+    return None
+
+
 def _resources(spec: models.DiffusionGemmaSpec) -> Body:
     prof = profile(spec.gpu.profile)
     gpus = str(spec.gpu.count)
+    # One given quantity stands for both: a limit below the derived request would be refused by the API.
+    memory = _given_memory(spec) or f"{worker_memory(spec)}Gi"
     base: Body = {
-        "requests": {"cpu": prof.cpu, "memory": prof.memory, GPU_RESOURCE: gpus},
-        "limits": {"memory": prof.memory, GPU_RESOURCE: gpus},
+        "requests": {"cpu": prof.cpu, "memory": memory, GPU_RESOURCE: gpus},
+        "limits": {"memory": memory, GPU_RESOURCE: gpus},
     }
     for section, values in (spec.gpu.resources or {}).items():
         if isinstance(values, dict):

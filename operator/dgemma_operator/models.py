@@ -125,7 +125,7 @@ class GpuSpec(BaseModel):
     architecture: Architecture | None = None
     """CPU architecture (kubernetes.io/arch); default from the profile."""
     dtype: Dtype | None = None
-    """Weights dtype/quantization; default from the profile (h100 fp8, dgx-spark nvfp4, others bf16)."""
+    """Weights dtype/quantization; default from the profile (h100 fp8, others bf16)."""
     node_selector: dict[str, str] | None = None
     """Extra node selector terms, merged over the profile's."""
     tolerations: list[dict[str, Any]] | None = None

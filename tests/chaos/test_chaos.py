@@ -210,9 +210,15 @@ def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Pa
 
         async def scenario() -> list[Any]:
             async with aiohttp.ClientSession() as session:
+                async with session.get(f"{url}/v1/models") as response:
+                    served = (await response.json())["data"][0]["id"]  # dgemma serve's default model
                 started = asyncio.Event()
-                tasks = [asyncio.create_task(stream_chat(session, url, very_long, started)) for _ in range(2)]
-                await asyncio.wait_for(started.wait(), 120)
+                tasks = [asyncio.create_task(stream_chat(session, url, {**very_long, "model": served}, started))
+                         for _ in range(2)]
+                waiting = asyncio.create_task(started.wait())
+                await asyncio.wait([waiting, *tasks], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                assert started.is_set(), [t.result() for t in tasks if t.done()]  # a refusal says why
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -152,6 +152,8 @@ class Kubelet:
             "DGEMMA_MODEL": self.model, "DGEMMA_DEVICE": "cpu", "DGEMMA_HOST": "127.0.0.1", "DGEMMA_PORT": "0",
             "DGEMMA_METRICS_PORT": "off", "DGEMMA_PORT_FILE": str(self.workdir / f"{pod}.json"),
             "HF_HOME": str(self.workdir / "hf"), "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+            "TORCHINDUCTOR_CACHE_DIR": str(self.workdir / "torchinductor"),
+            "TRITON_CACHE_DIR": str(self.workdir / "triton"),
             **self.extra_env,
         })
         return env

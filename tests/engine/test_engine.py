@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import threading
 import time
 from dataclasses import replace
@@ -439,21 +440,62 @@ def test_a_dead_step_thread_fails_pending_requests_and_reports_not_alive(
         engine.shutdown()
 
 
-def test_quantized_weight_formats_of_the_gpu_profiles() -> None:
-    from transformers import FineGrainedFP8Config, NVFP4Config
+def test_each_profiles_dtype_resolves_its_dependencies_and_quantizes_linears_and_experts() -> None:
+    """Import-level on a CPU: the fp8 path (torchao Float8, h100) builds its config from installed packages."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, FqnToConfig, PerRow
+    from transformers import TorchAoConfig
 
-    from dgemma_worker.model import quantization_for, resolve_dtype
+    from dgemma_worker.model import EXPERT_WEIGHTS, quantization_for, resolve_dtype, torchao_config
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda, hopper, blackwell = torch.device("cuda"), (9, 0), (10, 0)
     assert resolve_dtype("fp8", cuda) == torch.bfloat16 and resolve_dtype("nvfp4", cuda) == torch.bfloat16
-    assert isinstance(quantization_for("fp8", cuda, checkpoint_quantized=False), FineGrainedFP8Config)
-    assert isinstance(quantization_for("nvfp4", cuda, checkpoint_quantized=False), NVFP4Config)
-    assert quantization_for("fp8", cuda, checkpoint_quantized=True) is None  # a pre-quantized checkpoint
-    assert quantization_for("bf16", cuda, checkpoint_quantized=False) is None
-    with pytest.raises(ValueError, match="dtype: fp8 weights need a CUDA GPU"):
-        quantization_for("fp8", cpu, checkpoint_quantized=False)
+    fp8 = quantization_for("fp8", hopper, checkpoint_quantized=False)
+    assert isinstance(fp8, TorchAoConfig) and isinstance(fp8.quant_type, FqnToConfig)
+    weights = fp8.quant_type.fqn_to_config[EXPERT_WEIGHTS]
+    assert isinstance(weights, Float8DynamicActivationFloat8WeightConfig) and isinstance(weights.granularity[0],
+                                                                                          PerRow)
+    assert "router" in fp8.modules_to_not_convert
+    assert quantization_for("fp8", hopper, checkpoint_quantized=True) is None  # a pre-quantized checkpoint
+    assert quantization_for("bf16", None, checkpoint_quantized=False) is None
+    # nvfp4 (dgx-spark): torchao's NVFP4 config imports; the experts' kernels (MSLK) come with the image.
+    from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig  # noqa: F401
+
+    with pytest.raises(ValueError, match="nvfp4 needs the MSLK kernels"):
+        torchao_config("nvfp4")
+    with pytest.raises(ValueError, match="nvfp4 needs the MSLK kernels"):
+        quantization_for("nvfp4", blackwell, checkpoint_quantized=False)
 
 
-def test_loading_fp8_weights_on_a_cpu_fails_with_a_clear_error(tiny_dir: Path) -> None:
-    with pytest.raises(ValueError, match="dtype: nvfp4 weights need a CUDA GPU that supports them, not cpu"):
+@pytest.mark.parametrize(
+    ("dtype", "capability", "message"),
+    [
+        ("fp8", None, "dtype: dtype fp8 needs an NVIDIA GPU of compute capability 8.9 or newer; this worker's "
+                      "device has no CUDA GPU"),
+        ("fp8", (8, 0), "compute capability 8.9 or newer; this worker's device has 8.0"),
+        ("nvfp4", (9, 0), "dtype nvfp4 needs an NVIDIA GPU of compute capability 10.0 or newer; this worker's "
+                          "device has 9.0"),
+    ],
+)
+def test_a_dtype_the_device_cannot_run_is_a_clear_error(
+    dtype: str, capability: tuple[int, int] | None, message: str
+) -> None:
+    from dgemma_worker.model import quantization_for
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quantization_for(dtype, capability, checkpoint_quantized=False)
+
+
+def test_loading_nvfp4_weights_on_a_cpu_fails_with_a_clear_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"dtype: dtype nvfp4 needs an NVIDIA GPU .* this worker's device has no CUDA"):
         load_model(tiny_dir, device="cpu", dtype="nvfp4")
+
+
+def test_experts_are_pinned_per_device_and_weights_load_straight_to_it(tiny_dir: Path) -> None:
+    from dgemma_worker.model import experts_for
+
+    assert experts_for(torch.device("cuda")) == "grouped_mm"
+    assert experts_for(torch.device("cpu")) == "eager"
+    assert experts_for(torch.device("cpu"), compiled=True) == "grouped_mm"
+    loaded = load_model(tiny_dir, device="cpu")
+    assert loaded.model.config.text_config._experts_implementation == "eager"
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}

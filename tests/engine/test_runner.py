@@ -40,9 +40,13 @@ def test_a_canvas_runs_its_steps_then_commits_and_feeds_the_encoder(loaded: Load
         assert batch.needs_encoding
         runner.encode(batch)
         assert not batch.needs_encoding
-        reports = [runner.denoise(batch) for _ in range(3)]
-        assert [r.canvas_done for r in reports] == [False, False, True]  # random weights never stop early
-        assert [runner.steps_done(batch, 0)] == [3]
+        going = []
+        for _ in range(4):
+            going.append(runner.settle(batch))
+            if going[-1][0]:
+                runner.denoise(batch)
+        assert going == [[True], [True], [True], [False]]  # random weights never stop early
+        assert runner.steps_done(batch, 0) == 3
         (canvas,) = runner.finish_canvas(batch)
     assert len(canvas) == loaded.canvas_length and all(0 <= t < loaded.vocab_size for t in canvas)
     assert batch.needs_encoding  # the committed canvas goes into the cache next

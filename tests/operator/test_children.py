@@ -33,7 +33,7 @@ def env(s: models.DiffusionGemmaSpec) -> dict[str, Any]:
 PROFILES = [
     ("h100", "NVIDIA-H100-80GB-HBM3", "amd64", "fp8", 1100.0),
     ("rtx-pro-6000", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "amd64", "bf16", 700.0),
-    ("dgx-spark", "NVIDIA-GB10", "arm64", "nvfp4", 150.0),
+    ("dgx-spark", "NVIDIA-GB10", "arm64", "bf16", 150.0),
     ("dgx-station", "NVIDIA-GB300", "arm64", "bf16", 800.0),
 ]
 
@@ -123,6 +123,8 @@ def test_worker_gets_the_contract_command_ports_and_environment() -> None:
         "DGEMMA_DEFAULT_STABILITY_THRESHOLD": "3",
         "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD": "0.9",
         "HF_HOME": "/models/huggingface",
+        "TORCHINDUCTOR_CACHE_DIR": "/models/torchinductor",
+        "TRITON_CACHE_DIR": "/models/triton",
         "HF_HUB_OFFLINE": "1",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}},
     }
@@ -262,10 +264,18 @@ def test_offline_validation_is_not_vacuous() -> None:
         ({"gpu": {"profile": "custom"}}, "custom"),
         ({"gpu": {"count": 2, "resources": {"limits": {"nvidia.com/gpu": 1}}}}, "contradicts"),
         ({"model": {"pvc": {"claimName": "w"}}, "cache": {"claimName": "w"}}, "must differ"),
+        ({"gpu": {"profile": "h100", "dtype": "nvfp4"}},
+         "gpu.dtype: dtype nvfp4 needs an NVIDIA GPU of compute capability 10.0 or newer; "
+         "profile h100 (NVIDIA-H100-80GB-HBM3) has 9.0"),
     ],
 )
 def test_semantic_problems_are_reported(overrides: dict[str, Any], problem: str) -> None:
     assert problem in " ".join(children.semantic_problems("gemma", spec(**overrides)))
+
+
+def test_every_profile_can_run_its_own_default_dtype() -> None:
+    for name in ("h100", "rtx-pro-6000", "dgx-spark", "dgx-station"):
+        assert children.semantic_problems("gemma", spec(gpu={"profile": name})) == [], name
 
 
 def test_a_name_too_long_for_a_service_is_a_semantic_problem() -> None:

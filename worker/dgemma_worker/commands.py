@@ -26,13 +26,16 @@ def generate_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat turn")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None)
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="the static-shape compiled decoder step (default: on with CUDA, off on a CPU)")
     return gen
 
 
 def generate(argv: Sequence[str]) -> int:
     """`dgemma generate ...`: one request through the engine in this process."""
     from dgemma_worker.engine import Engine, EngineConfig
-    from dgemma_worker.model import load_model
+    from dgemma_worker.model import experts_for, load_model, resolve_device
+    from dgemma_worker.static import CompiledStepRunner, compiled_by_default
 
     args = generate_parser().parse_args(list(argv))
     knobs = {
@@ -47,8 +50,11 @@ def generate(argv: Sequence[str]) -> int:
     except ParamError as err:
         print(f"dgemma generate: {err}", file=sys.stderr)
         return 2
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0))
+    device = resolve_device(args.device)
+    compiled = compiled_by_default(args.compile, device)
+    loaded = load_model(args.model, device=str(device), dtype=args.dtype, experts=experts_for(device, compiled))
+    runner = CompiledStepRunner(loaded, spare_slots=1) if compiled else None
+    engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0), runner=runner)
     params = params_from_mapping(knobs, engine.defaults)  # unset knobs: the checkpoint's own settings
     engine.start(warmup=False)
     prompt = Prompt.of_text(args.prompt) if args.raw else Prompt.of_messages([ChatMessage("user", args.prompt)])

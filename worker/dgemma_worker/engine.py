@@ -431,17 +431,18 @@ class Engine:
                 req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
             self._record_step("encoder", elapsed)
             return
+        going = self.runner.settle(group.batch)
+        if not any(going):  # every row's canvas stopped at the previous step
+            self._commit(group)
+            return
+        for i, req in enumerate(group.rows):
+            if going[i] and req.params.stream_drafts and self.runner.steps_done(group.batch, i):
+                self._maybe_draft(group, i)  # the previous step's draft, now known not to be the last
         report = self.runner.denoise(group.batch)
         self.counters.decoder_forward_s += report.forward_s
         for i in report.stepped:
             group.rows[i].stats.decoder_passes += 1
         self._record_step("decoder", time.perf_counter() - started)
-        if report.canvas_done:
-            self._commit(group)
-            return
-        for i, req in enumerate(group.rows):
-            if req.params.stream_drafts and self.runner.row_going(group.batch, i):
-                self._maybe_draft(group, i)
 
     def _maybe_draft(self, group: Group[_Request], i: int) -> None:
         req = group.rows[i]

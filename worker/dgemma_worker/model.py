@@ -3,6 +3,7 @@ checkpoint directory or hub id, and the tiny random-weight one that tests needin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dgemma_common.dtypes import QUANTIZED, dtype_problem
 
 from .checkpoints import BUNDLED_MODEL_DIR
 
@@ -83,6 +86,7 @@ class TinyModelSpec:
     bpe_vocab_size: int = 384
     sliding_window: int = 128
     model_vocab_size: int | None = None  # a larger embedding than the tokenizer needs (benchmarks)
+    full_attention_every: int = 0  # the real checkpoint's 5 sliding : 1 full is 6; 0 = only the last is full
 
 
 @dataclass
@@ -164,6 +168,15 @@ def fast_tokenizer(raw: Any) -> Any:
     return tokenizer
 
 
+def layer_types(spec: TinyModelSpec) -> list[str]:
+    """Sliding-window layers with full-attention ones every `full_attention_every` (always the last)."""
+    every = spec.full_attention_every
+    kinds = ["full_attention" if every and (i + 1) % every == 0 else "sliding_attention"
+             for i in range(spec.num_hidden_layers)]
+    kinds[-1] = "full_attention"
+    return kinds
+
+
 def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
     """A DiffusionGemmaConfig for the tiny checkpoint (with a tiny vision tower, see the notes)."""
     from transformers import DiffusionGemmaConfig
@@ -183,7 +196,7 @@ def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
         top_k_experts=spec.top_k_experts,
         moe_intermediate_size=spec.moe_intermediate_size,
         sliding_window=spec.sliding_window,
-        layer_types=["sliding_attention"] * (spec.num_hidden_layers - 1) + ["full_attention"],
+        layer_types=layer_types(spec),
         max_position_embeddings=8192,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
@@ -261,32 +274,88 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Quantized weight formats the GPU profiles name: compute in bf16, weights quantized at load time by
-# transformers (a checkpoint that is already quantized keeps its own quantization config instead).
-QUANTIZED = ("fp8", "nvfp4")
-
-
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """An explicit dtype, else bf16 on CUDA and fp32 on CPU (bf16 is ~30x slower on these CPUs)."""
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype in QUANTIZED:
-        return torch.bfloat16
+        return torch.bfloat16  # the compute dtype around the quantized weights
     try:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype: must be one of {sorted([*DTYPES, *QUANTIZED])} or 'auto', got {dtype!r}") from None
 
 
-def quantization_for(dtype: str | None, device: torch.device, checkpoint_quantized: bool) -> Any:
-    """The transformers quantization config that `dtype` asks for, or None (plain weights, or pre-quantized)."""
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of `device`, None for a device that is not a CUDA GPU."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor)
+
+
+def quantization_for(dtype: str | None, capability: tuple[int, int] | None, checkpoint_quantized: bool) -> Any:
+    """The transformers quantization config that `dtype` asks for, or None (plain weights, or pre-quantized).
+
+    fp8 and nvfp4 weights are quantized at load by torchao (`TorchAoConfig`): every linear layer of the
+    model and the MoE experts' 3-D weights (`FqnToConfig` names them; by default torchao only sees
+    `nn.Linear`), with dynamic per-row (fp8) or per-16-block (nvfp4) activation scales. The router, the
+    embedding/LM head and the vision tower stay in bf16. Raises ValueError where the GPU cannot run it.
+    """
     if dtype not in QUANTIZED or checkpoint_quantized:
         return None
-    if device.type != "cuda":
-        raise ValueError(f"dtype: {dtype} weights need a CUDA GPU that supports them, not {device.type}")
-    from transformers import FineGrainedFP8Config, NVFP4Config
+    problem = dtype_problem(dtype, capability, "this worker's device")
+    if problem is not None:
+        raise ValueError(f"dtype: {problem}")
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
 
-    return FineGrainedFP8Config() if dtype == "fp8" else NVFP4Config()
+    weights = torchao_config(dtype)
+    return TorchAoConfig(
+        FqnToConfig({LINEAR_WEIGHTS: weights, EXPERT_WEIGHTS: weights}),
+        modules_to_not_convert=list(NOT_QUANTIZED),
+    )
+
+
+# Attention projections and the dense / self-conditioning MLPs (nn.Linear modules).
+LINEAR_WEIGHTS = r"re:.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The MoE experts keep their weights as 3-D parameters, not nn.Linear modules: named for torchao.
+EXPERT_WEIGHTS = r"re:.*\.experts\.(gate_up_proj|down_proj)"
+# Kept in bf16: the router decides which experts run (fp8 rounding there changes routing), the tied
+# embedding / LM head sets the logits' precision, and the vision tower is small.
+NOT_QUANTIZED = ("router", "embed_tokens", "lm_head", "vision_tower", "embed_vision")
+
+
+def torchao_config(dtype: str) -> Any:
+    """torchao's weight config for a quantized dtype (imported only when a quantized dtype is used)."""
+    if dtype == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        # Per-row scales: the only granularity torchao's Float8 grouped GEMM (the experts) accepts.
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if dtype == "nvfp4":
+        from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
+
+        # The MoE experts' FP4 grouped GEMM quantizes activations with MSLK's kernels, which PyPI does not
+        # carry: the worker image builds them in (images/worker/Dockerfile).
+        if importlib.util.find_spec("mslk") is None:
+            raise ValueError(
+                "dtype: nvfp4 needs the MSLK kernels for the MoE experts, and this environment has no 'mslk' "
+                "package (PyPI does not carry it): build the worker image with --build-arg MSLK_SOURCE=... "
+                "(images/worker/Dockerfile, docs/engine.md), or serve bf16 or fp8"
+            )
+        return NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False)
+    raise ValueError(f"dtype: {dtype} is not a quantized dtype")
+
+
+def experts_for(device: torch.device, compiled: bool = False) -> str:
+    """The MoE experts implementation to load with, pinned per device.
+
+    On CUDA `grouped_mm`: one grouped GEMM per projection, no host syncs (transformers' `eager` loops over
+    the experts hit, with a `nonzero` and a sync per expert: thousands per step at 128 experts). On a CPU
+    `eager` measured fastest, except in a compiled step, whose single graph cannot hold that loop.
+    """
+    return "grouped_mm" if device.type == "cuda" or compiled else "eager"
 
 
 def load_model(
@@ -296,8 +365,13 @@ def load_model(
     dtype: str | None = None,
     revision: str | None = None,
     name: str | None = None,
+    experts: str | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint from a directory or a Hugging Face id (HF_HUB_OFFLINE is respected)."""
+    """Load a checkpoint from a directory or a Hugging Face id (HF_HUB_OFFLINE is respected).
+
+    Weights go straight to the device (`device_map`): no full copy passes through host memory.
+    `experts` overrides the experts implementation that `experts_for` picks.
+    """
     from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     source = str(model) if model else str(BUNDLED_MODEL_DIR)
@@ -305,13 +379,16 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     config = AutoConfig.from_pretrained(source, **kwargs)
-    quantization = quantization_for(dtype, dev, getattr(config, "quantization_config", None) is not None)
+    quantization = quantization_for(
+        dtype, device_capability(dev), getattr(config, "quantization_config", None) is not None
+    )
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     log.info("loading %s on %s as %s (weights: %s)", source, dev, torch_dtype, dtype or "auto")
     tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "revision"})
-    net = DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    net = net.to(dev).eval()  # type: ignore[arg-type]
+    net = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        source, dtype=torch_dtype, device_map=str(dev), experts_implementation=experts or experts_for(dev), **kwargs
+    ).eval()
     net.requires_grad_(False)
     if net.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         net.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -5,6 +5,11 @@ It drives transformers 5.23's private DiffusionGemma helpers (`_prepare_cache_fo
 `encode` puts a batch's uncached tokens into its KV cache and starts fresh canvases; `denoise` runs one
 denoising step. It knows nothing of queues, events or text: the engine decides what runs when, and what
 a finished canvas means for each request.
+
+A denoising step makes no host-device synchronization but one: per-row settings, step counters, the
+stop rule's history and the random draws all live on the device (`sampling.py` is pure tensor math), and
+each step copies its per-row "done" flags to the host without blocking; the next step of the batch reads
+them. Per canvas (not per step) the committed tokens come to the host, and drafts do when asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +24,29 @@ import torch
 from dgemma_common.params import GenerationParams
 
 from .model import LoadedModel
-from .sampling import StabilityTracker, denoise_step, temperature
+from .sampling import denoise_step, stop_rule, temperatures
+
+
+def decoder_logits(
+    model: Any,
+    canvas: torch.Tensor,
+    self_conditioning: torch.Tensor | None,
+    self_conditioning_mask: torch.Tensor | None,
+    masks: Any,
+    cache: Any,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """One decoder forward through transformers' own entry (self-conditioning included): fp32 logits."""
+    out = model(
+        decoder_input_ids=canvas,
+        self_conditioning_logits=self_conditioning,
+        self_conditioning_mask=self_conditioning_mask,
+        decoder_attention_mask=masks,
+        past_key_values=cache,
+        decoder_position_ids=positions,
+    )
+    logits: torch.Tensor = out.logits
+    return logits
 
 
 @dataclass(frozen=True)
@@ -35,9 +62,67 @@ class RowSpec:
 class _Row:
     params: GenerationParams
     generator: torch.Generator
-    stability: StabilityTracker
-    remaining: int = 0  # denoising steps left in the current canvas: N..1, as transformers counts them
-    canvas_done: bool = False  # this row's canvas has stopped; it rides along until the whole batch has
+    steps_taken: int = 0  # in the current canvas; a host mirror of the device counters, for drafts
+
+
+class RowState:
+    """The device side of a batch's rows: settings, counters, stop-rule history, random draws, flags."""
+
+    def __init__(self, rows: Sequence[_Row], canvas_length: int, device: torch.device) -> None:
+        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)  # once per batch, not per step
+
+        params = [r.params for r in rows]
+        self.t_min = column([p.t_min for p in params], torch.float64)
+        self.t_max = column([p.t_max for p in params], torch.float64)
+        self.max_steps = column([p.max_denoising_steps for p in params], torch.float64)
+        self.entropy_bound = column([p.entropy_bound for p in params], torch.float32)
+        self.stability = column([p.stability_threshold for p in params], torch.long)
+        self.confidence = column([p.confidence_threshold for p in params], torch.float32)
+        self.initial_steps = column([p.max_denoising_steps for p in params], torch.long)
+        size, depth = len(rows), max(p.stability_threshold for p in params)
+        self.remaining = torch.zeros(size, dtype=torch.long, device=device)
+        self.done = torch.zeros(size, dtype=torch.bool, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.history = torch.full((depth, size, canvas_length), -1, dtype=torch.long, device=device)
+        self.uniforms = torch.empty(size, canvas_length, dtype=torch.float32, device=device)
+        self.noise = torch.empty(size, canvas_length, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self.done_host = torch.zeros(size, dtype=torch.bool, pin_memory=pinned)
+        self._event = torch.cuda.Event() if pinned else None
+        self._flags_pending = False
+
+    def start_canvas(self) -> None:
+        """Reset the counters and the history for a fresh canvas (device ops only)."""
+        self.remaining.copy_(self.initial_steps)
+        self.done.zero_()
+        self.step.zero_()
+        self.history.fill_(-1)
+        self.done_host.zero_()
+        self._flags_pending = False
+
+    def queue_flags(self) -> None:
+        """Start copying the done flags to the host; `read_flags` waits for the copy."""
+        self.done_host.copy_(self.done, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self._flags_pending = True
+
+    def read_flags(self) -> list[bool]:
+        """The done flags as of the last queued step: the step's one host sync."""
+        if self._flags_pending and self._event is not None:
+            self._event.synchronize()
+        self._flags_pending = False
+        return [bool(f) for f in self.done_host.tolist()]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows at `index` (a device tensor of row numbers)."""
+        for name in ("t_min", "t_max", "max_steps", "entropy_bound", "stability", "confidence", "initial_steps",
+                     "remaining", "done", "uniforms", "noise"):
+            setattr(self, name, getattr(self, name)[index])
+        self.history = self.history[:, index]
+        keep = index.cpu()
+        self.done_host = self.done_host[keep].pin_memory() if self._event is not None else self.done_host[keep]
 
 
 @dataclass(eq=False)
@@ -49,6 +134,7 @@ class Batch:
     """
 
     rows: list[_Row]
+    state: RowState
     attention: torch.Tensor  # (B, seq_len) bool: False on left padding
     pending: torch.Tensor | None  # (B, n) tokens not yet in the cache
     cache: Any = None
@@ -57,6 +143,8 @@ class Batch:
     self_conditioning: torch.Tensor | None = None  # (B, L, V)
     mask_mapping: Any = None
     positions: torch.Tensor | None = None  # (1, L)
+    going: list[bool] = field(default_factory=list)  # host view: rows that took part in the last step
+    slot: Any = None  # the static-shape step's persistent tensors (static.Slot), when compiled
 
     @property
     def seq_len(self) -> int:
@@ -70,10 +158,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one denoising step did: which rows stepped, and whether every row's canvas has stopped."""
+    """What a call to `denoise` did: which rows stepped, and the decoder forward's host time."""
 
     stepped: list[int]
-    canvas_done: bool
     forward_s: float
 
 
@@ -83,37 +170,46 @@ class StepRunner:
 
     loaded: LoadedModel
     max_batch: int = 1
-    _scratch: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = field(default_factory=dict)
+    _work: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def canvas_length(self) -> int:
         return self.loaded.canvas_length
+
+    @property
+    def self_conditioning_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = self.loaded.model.model.decoder.embed_tokens.weight.dtype
+        return dtype
 
     def new_batch(self, rows: Sequence[RowSpec]) -> Batch:
         """Left-pad the prompts of `rows` into one batch, waiting for its first encoder pass."""
         width = max(len(r.prompt_ids) for r in rows)
         pad = self.loaded.pad_token_id or 0
         device = self.loaded.device
-        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-        attention = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.bool)
         for i, r in enumerate(rows):
             n = len(r.prompt_ids)
-            ids[i, width - n :] = torch.tensor(list(r.prompt_ids), dtype=torch.long, device=device)
+            ids[i, width - n :] = torch.tensor(list(r.prompt_ids), dtype=torch.long)
             attention[i, width - n :] = True
-        states = [
-            _Row(r.params, r.generator, StabilityTracker(r.params.stability_threshold, r.params.confidence_threshold))
-            for r in rows
-        ]
-        return Batch(rows=states, attention=attention, pending=ids)
+        states = [_Row(r.params, r.generator) for r in rows]
+        return Batch(
+            rows=states,
+            state=RowState(states, self.canvas_length, device),
+            attention=attention.to(device),
+            pending=ids.to(device),
+        )
 
     def keep_rows(self, batch: Batch, keep: list[int]) -> None:
         """Keep only the rows at `keep` (in order): their rows of every tensor and of the cache."""
         if len(keep) == len(batch.rows):
             return
         batch.rows = [batch.rows[i] for i in keep]
+        batch.going = [batch.going[i] for i in keep] if batch.going else []
         if not keep:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
+        batch.state.select(index)
         batch.attention = batch.attention[index]
         if batch.pending is not None:
             batch.pending = batch.pending[index]
@@ -132,9 +228,7 @@ class StepRunner:
         assert batch.pending is not None
         size, seq_len = len(batch.rows), batch.seq_len
         if batch.cache is None:
-            batch.cache = model._prepare_cache_for_generation(
-                generation_config=model.generation_config, batch_size=size, max_length=seq_len
-            )
+            batch.cache = self._new_cache(batch)
         positions = torch.arange(
             seq_len - batch.pending.shape[1], seq_len, dtype=torch.int32, device=self.loaded.device
         ).unsqueeze(0)
@@ -154,22 +248,29 @@ class StepRunner:
         batch.pending = None
         self._start_canvas(batch)
 
+    def _new_cache(self, batch: Batch) -> Any:
+        """The KV cache a batch's encoder fills and its decoder reads: transformers' DynamicCache."""
+        model = self.loaded.model
+        return model._prepare_cache_for_generation(
+            generation_config=model.generation_config, batch_size=len(batch.rows), max_length=batch.seq_len
+        )
+
     def _start_canvas(self, batch: Batch) -> None:
-        length, device = self.canvas_length, self.loaded.device
-        noise = [
-            torch.randint(0, self.loaded.vocab_size, (length,), generator=r.generator, device=device, dtype=torch.long)
-            for r in batch.rows
-        ]
-        batch.canvas = torch.stack(noise)
-        batch.argmax = batch.canvas
+        length, device, vocab = self.canvas_length, self.loaded.device, self.loaded.vocab_size
+        canvas = torch.empty(len(batch.rows), length, dtype=torch.long, device=device)
+        for i, row in enumerate(batch.rows):
+            torch.randint(0, vocab, (length,), generator=row.generator, device=device, out=canvas[i])
+            row.steps_taken = 0
+        batch.canvas = batch.argmax = canvas
         batch.self_conditioning = None
         seq_len = batch.seq_len
         batch.positions = torch.arange(seq_len, seq_len + length, dtype=torch.int32, device=device).unsqueeze(0)
         batch.mask_mapping = self._decoder_mask(batch)
-        for row in batch.rows:
-            row.remaining = row.params.max_denoising_steps
-            row.canvas_done = False
-            row.stability.reset()
+        batch.state.start_canvas()
+        self._canvas_started(batch)
+
+    def _canvas_started(self, batch: Batch) -> None:
+        """A hook for runners that keep the step's tensors elsewhere (a fresh canvas is in `batch`)."""
 
     def _decoder_mask(self, batch: Batch) -> Any:
         assert batch.canvas is not None
@@ -188,69 +289,77 @@ class StepRunner:
         batch.mask_mapping = self._decoder_mask(batch)
 
     def decoder_forward(self, batch: Batch) -> torch.Tensor:
-        """The decoder's logits (B, L, V) for the batch's current canvas and self-conditioning."""
-        out = self.loaded.model(
-            decoder_input_ids=batch.canvas,
-            self_conditioning_logits=batch.self_conditioning,
-            decoder_attention_mask=batch.mask_mapping,
-            past_key_values=batch.cache,
-            decoder_position_ids=batch.positions,
-        )
-        logits: torch.Tensor = out.logits
-        return logits
+        """The decoder's logits (B, L, V, float32) for the batch's current canvas and self-conditioning."""
+        assert batch.canvas is not None and batch.positions is not None
+        return decoder_logits(self.loaded.model, batch.canvas, batch.self_conditioning, None, batch.mask_mapping,
+                              batch.cache, batch.positions)
+
+    def _draw(self, batch: Batch) -> None:
+        """This step's random numbers, each row from its own generator (launches only, no sync)."""
+        state, vocab = batch.state, self.loaded.vocab_size
+        for i, row in enumerate(batch.rows):
+            torch.rand(self.canvas_length, generator=row.generator, device=state.uniforms.device,
+                       out=state.uniforms[i])
+            torch.randint(0, vocab, (self.canvas_length,), generator=row.generator, device=state.noise.device,
+                          out=state.noise[i])
+
+    def settle(self, batch: Batch) -> list[bool]:
+        """Which rows are still going, from the done flags of the batch's previous step: the one host
+        sync per step (the flags were copied to the host without blocking when that step was queued)."""
+        batch.going = [not done for done in batch.state.read_flags()]
+        return batch.going
 
     def denoise(self, batch: Batch) -> StepReport:
-        """One denoising step for every row whose canvas is still going."""
+        """One denoising step for the rows `settle` found going (call it first); everything on the device."""
         assert batch.canvas is not None and batch.argmax is not None
+        state, going = batch.state, batch.going
         started = time.perf_counter()
-        all_logits = self.decoder_forward(batch)
+        logits = self.decoder_forward(batch)
         forward_s = time.perf_counter() - started
-        going = [i for i, r in enumerate(batch.rows) if not r.canvas_done]
-        rows = [batch.rows[i] for i in going]
-        device = batch.canvas.device
-        index = torch.tensor(going, dtype=torch.long, device=device)
-        whole = len(going) == len(batch.rows)
-        logits = all_logits if whole else all_logits[index]
+        self._draw(batch)
+        work = self._work_buffers(logits)
         step = denoise_step(
             logits,
-            batch.canvas if whole else batch.canvas[index],
-            temperatures=torch.tensor(
-                [temperature(r.params.t_min, r.params.t_max, r.remaining, r.params.max_denoising_steps) for r in rows],
-                device=device,
-            ),
-            entropy_bounds=torch.tensor([r.params.entropy_bound for r in rows], device=device),
-            vocab_size=self.loaded.vocab_size,
-            generators=[r.generator for r in rows],
-            overwrite_logits=True,
-            scratch=self._scratch_like(logits),
+            temperatures=temperatures(state.t_min, state.t_max, state.remaining, state.max_steps),
+            entropy_bounds=state.entropy_bound,
+            uniforms=state.uniforms,
+            noise=state.noise,
+            scratch=work[0],
+            probs=work[1],
         )
-        sc_dtype = self.loaded.model.model.decoder.embed_tokens.weight.dtype
-        if whole:
-            batch.canvas, batch.argmax = step.next_canvas, step.argmax_canvas
-            batch.self_conditioning = step.processed_logits.to(sc_dtype)
-        else:
-            # Rows whose canvas has stopped keep their canvas and self-conditioning, as in stock batches.
-            assert batch.self_conditioning is not None
-            batch.canvas[index] = step.next_canvas
-            batch.argmax[index] = step.argmax_canvas
-            batch.self_conditioning[index] = step.processed_logits.to(sc_dtype)
-        for j, row in enumerate(rows):
-            row.remaining -= 1
-            stop = row.stability.update(step.argmax_canvas[j], step.entropy[j])
-            row.canvas_done = stop or row.remaining == 0
-        return StepReport(going, all(r.canvas_done for r in batch.rows), forward_s)
+        next_canvas, argmax, self_conditioning = step.next_canvas, step.argmax_canvas, step.self_conditioning
+        if not all(going):
+            # Rows whose canvas has stopped ride along frozen until the batch commits, as in stock batches.
+            frozen = state.done.view(-1, 1)  # the device copy of the flags: no host-to-device copy
+            next_canvas = torch.where(frozen, batch.canvas, next_canvas)
+            argmax = torch.where(frozen, batch.argmax, argmax)
+            if batch.self_conditioning is not None:
+                self_conditioning = torch.where(frozen.unsqueeze(-1), batch.self_conditioning, self_conditioning)
+        stop = stop_rule(state.history, state.step, argmax, step.entropy, state.stability, state.confidence)
+        moving = ~state.done
+        state.remaining.sub_(moving.long())
+        state.done.logical_or_(moving & (stop | (state.remaining == 0)))
+        state.step.add_(1)
+        self._keep_step(batch, next_canvas, argmax, self_conditioning)
+        state.queue_flags()
+        stepped = [i for i, g in enumerate(going) if g]
+        for i in stepped:
+            batch.rows[i].steps_taken += 1
+        return StepReport(stepped, forward_s)
 
-    def row_going(self, batch: Batch, i: int) -> bool:
-        """True while row `i`'s canvas is still being denoised."""
-        return not batch.rows[i].canvas_done
+    def _keep_step(
+        self, batch: Batch, canvas: torch.Tensor, argmax: torch.Tensor, self_conditioning: torch.Tensor
+    ) -> None:
+        """Keep a step's results as the batch's next inputs."""
+        batch.canvas, batch.argmax = canvas, argmax
+        batch.self_conditioning = self_conditioning.to(self.self_conditioning_dtype)
 
     def steps_done(self, batch: Batch, i: int) -> int:
         """Denoising steps row `i` has taken in its current canvas."""
-        row = batch.rows[i]
-        return row.params.max_denoising_steps - row.remaining
+        return batch.rows[i].steps_taken
 
     def draft(self, batch: Batch, i: int, room: int) -> list[int]:
-        """Row `i`'s current argmax canvas (its draft), cut to `room` tokens, on the host."""
+        """Row `i`'s current argmax canvas (its draft), cut to `room` tokens, on the host (a sync)."""
         assert batch.argmax is not None
         return list(batch.argmax[i, :room].tolist())
 
@@ -263,16 +372,16 @@ class StepRunner:
         batch.canvas = batch.argmax = batch.self_conditioning = batch.mask_mapping = None
         return [list(row) for row in canvases.tolist()]
 
-    def _scratch_like(self, logits: torch.Tensor) -> torch.Tensor:
-        """A (B, L, V) work buffer reused across steps, one per shape: with batching, groups of different
-        sizes take turns, and a single buffer would be reallocated at every turn."""
-        key = (tuple(logits.shape), logits.dtype)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            if len(self._scratch) >= self.max_batch + 1:
-                self._scratch.clear()  # bounded: at most one buffer per batch size (plus one spare)
-            buffer = self._scratch[key] = torch.empty_like(logits)
-        return buffer
+    def _work_buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (B, L, V) work buffers reused across steps, per batch shape: with batching, groups of
+        different sizes take turns, and one pair would be reallocated at every turn."""
+        key = tuple(logits.shape)
+        work = self._work.get(key)
+        if work is None:
+            if len(self._work) >= self.max_batch + 1:
+                self._work.clear()  # bounded: at most one pair per batch size (plus one spare)
+            work = self._work[key] = (torch.empty_like(logits), torch.empty_like(logits))
+        return work
 
 
 @dataclass

@@ -1,16 +1,26 @@
-"""The denoising step's sampling math, faster than transformers' stock step and with the same distribution.
+"""The denoising step's math as pure tensor functions: no host syncs and no Python loops over rows.
 
-Stock (transformers 5.23 `_denoising_step`) spends more than half of a CPU step outside the model:
-`torch.multinomial` over the whole canvas x vocabulary, and a `Categorical` entropy computed twice (once
-for acceptance, once for stopping). Here one pass of exponentials serves everything: the entropy (used
-for acceptance and for stopping), and the sampling weights of the accepted positions, which alone are
-sampled (positions are independent, so sampling a subset of rows does not change any row's distribution).
-The renoising draws random tokens only where needed. Every draw takes the request's own generator.
-The work is memory-bound, so the count of passes over the canvas x vocabulary matrix is what matters.
+Transformers 5.23's `_denoising_step` samples every position with `torch.multinomial` (which checks its
+input on the host), computes a `Categorical` entropy twice (acceptance and stopping), and its batch paths
+index with boolean masks; each of those stalls a GPU behind the CPU. Here everything a step decides is
+computed on the device from device tensors, and random numbers come in as tensors the caller drew from
+each request's own generator, so the same functions run eagerly or inside `torch.compile`:
+
+- `processed_logits`: the temperature schedule, per row, from device step counters (the same double
+  arithmetic as transformers' `LinearTemperatureScheduleLogitsProcessor`, so the same float32 values);
+- `categorical`: argmax, entropy and probabilities. The entropy is computed with exactly the operations
+  `torch.distributions.Categorical` uses, so it is bitwise equal to transformers' (tested in fp32); it is
+  computed once and serves both acceptance and the stop rule;
+- `acceptance_mask`: the lowest-entropy positions while (sum - largest) <= bound, via sort + cumsum;
+- `sample`: one token per position by inverse-CDF sampling in two levels (blocks of the vocabulary,
+  then within the block), which reads the probabilities once instead of drawing a random number per
+  vocabulary entry; the result is combined with the renoising draw by `torch.where`, never by indexing;
+- `stop_rule`: transformers' stable-and-confident rule with the argmax history as a device ring buffer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +34,7 @@ class StepResult:
     argmax_canvas: torch.Tensor  # (B, L) the current draft, committed when the row stops
     accepted: torch.Tensor  # (B, L) bool: positions taken from the denoiser this step
     entropy: torch.Tensor  # (B, L) per-position entropy of the temperature-scaled distribution
-    processed_logits: torch.Tensor  # (B, L, V) temperature-scaled logits: next step's self-conditioning
+    self_conditioning: torch.Tensor  # (B, L, V) log-probabilities: softmax equals the processed logits'
 
 
 def temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> float:
@@ -32,36 +42,43 @@ def temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> fl
     return t_min + (t_max - t_min) * (cur_step / max_steps)
 
 
+def temperatures(
+    t_min: torch.Tensor, t_max: torch.Tensor, remaining: torch.Tensor, max_steps: torch.Tensor
+) -> torch.Tensor:
+    """`temperature` per row, on the device: float64 like Python's floats, then float32 like the logits."""
+    return (t_min + (t_max - t_min) * (remaining.double() / max_steps)).float()
+
+
 @dataclass(frozen=True)
-class Distribution:
-    """softmax(x) kept as unnormalized weights exp(x - max) and their sums, with its entropy."""
+class Categorical:
+    """The per-position distribution of the processed logits."""
 
-    weights: torch.Tensor  # (B, L, V) exp(x - max): sampling weights, proportional to the probabilities
+    argmax: torch.Tensor  # (B, L)
     entropy: torch.Tensor  # (B, L)
-    argmax: torch.Tensor  # (B, L) the most likely token at each position
-
-    def probs(self) -> torch.Tensor:
-        return self.weights / self.weights.sum(-1, keepdim=True)
+    probs: torch.Tensor  # (B, L, V)
+    log_probs: torch.Tensor  # (B, L, V) the processed logits shifted by their logsumexp (same softmax)
 
 
-def distribution(
-    processed_logits: torch.Tensor, *, in_place: bool = False, scratch: torch.Tensor | None = None
-) -> Distribution:
-    """Entropy, argmax and sampling weights of softmax(x) in five passes over x (stock takes about twelve).
+def categorical(processed: torch.Tensor, *, scratch: torch.Tensor, probs: torch.Tensor) -> Categorical:
+    """Argmax, entropy and probabilities of softmax(processed), bitwise as transformers computes them.
 
-    H = log Z - sum(p * (x - m)) with shifted weights e = exp(x - m), Z = sum(e), p = e / Z.
-    Equal to `Categorical(logits=x).entropy()` up to float rounding (tested to 1e-4 absolute).
-    `in_place` leaves x shifted by its maximum (x - m) instead of allocating a copy; `scratch`, a tensor
-    of x's shape, receives the weights. Fresh (B, L, V) allocations are a large part of the cost on CPUs.
+    `Categorical(logits=x)` normalizes x - x.logsumexp(-1), takes probs = softmax of that and the entropy
+    -sum(clamp(logits) * probs); the same operations in the same order give the same bits. (The clamp to
+    the dtype's minimum only changes -inf, which soft-capped logits at a positive temperature never hold.)
+    `processed` is overwritten with the normalized log-probabilities; `scratch` and `probs` are work
+    buffers of its shape, so a step allocates nothing of canvas x vocabulary size.
     """
-    # One pass gives both the maximum (for a stable exp) and its position (the draft token).
-    peak, argmax = processed_logits.max(dim=-1, keepdim=True)
-    shifted = processed_logits.sub_(peak) if in_place else processed_logits - peak
-    weights = torch.exp(shifted, out=scratch) if scratch is not None else shifted.exp()
-    total = weights.sum(-1)
-    # A batched dot product per position: one fused read of both matrices, no (B, L, V) temporary.
-    dot = torch.einsum("blv,blv->bl", weights, shifted)
-    return Distribution(weights=weights, entropy=total.log() - dot / total, argmax=argmax.squeeze(-1))
+    # One pass gives the maximum (logsumexp's shift) and its first position (argmax's answer): on a CPU
+    # `argmax` alone costs twice what `max` does, and `amax` is a third pass.
+    peak, argmax = processed.max(dim=-1, keepdim=True)
+    argmax = argmax.squeeze(-1)
+    # logsumexp, step by step as ATen does it, into the scratch buffer instead of a fresh tensor.
+    exps = torch.sub(processed, peak, out=scratch).exp_()
+    lse = exps.sum(dim=-1, keepdim=True).log_().add_(peak.masked_fill(peak.abs() == math.inf, 0))
+    log_probs = processed.sub_(lse)
+    torch.ops.aten._softmax.out(log_probs, -1, False, out=probs)
+    entropy = torch.mul(log_probs, probs, out=scratch).sum(dim=-1).neg_()
+    return Categorical(argmax, entropy, probs, log_probs)
 
 
 def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
@@ -74,70 +91,84 @@ def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) 
     return torch.scatter(torch.zeros_like(selected), dim=-1, index=order, src=selected)
 
 
-def sample_rows(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of a (N, V) matrix of (unnormalized) probabilities."""
-    if probs.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=probs.device)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+def vocab_block(vocab_size: int) -> int:
+    """The block size of two-level sampling: a power of two up to 256 that divides the vocabulary."""
+    return math.gcd(vocab_size, 256)
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """One token per position of (B, L, V) probabilities, given one uniform in [0, 1) per position.
+
+    Inverse-CDF sampling in two levels: the cumulative mass of vocabulary blocks picks a block, the
+    cumulative mass inside it picks the token. Exact up to float rounding; where rounding lands on a
+    token of zero probability (at most ~1e-7 of draws) `fallback` (the argmax) is taken instead.
+    """
+    b, length, vocab = probs.shape
+    block = vocab_block(vocab)
+    blocks = probs.view(b, length, vocab // block, block)
+    block_mass = blocks.sum(dim=-1)
+    block_cdf = block_mass.cumsum(dim=-1)
+    target = (uniforms * block_cdf[..., -1]).unsqueeze(-1)
+    k = torch.searchsorted(block_cdf, target, right=True).clamp_(max=vocab // block - 1)
+    below = torch.gather(block_cdf, -1, k) - torch.gather(block_mass, -1, k)
+    inside = torch.gather(blocks, 2, k.unsqueeze(-1).expand(b, length, 1, block)).squeeze(2)
+    j = torch.searchsorted(inside.cumsum(dim=-1), target - below, right=True).clamp_(max=block - 1)
+    token = (k * block + j).squeeze(-1)
+    possible = torch.gather(probs, -1, token.unsqueeze(-1)).squeeze(-1) > 0
+    return torch.where(possible, token, fallback)
 
 
 def denoise_step(
     logits: torch.Tensor,
-    current_canvas: torch.Tensor,
     *,
     temperatures: torch.Tensor,
     entropy_bounds: torch.Tensor,
-    vocab_size: int,
-    generators: list[torch.Generator | None],
-    overwrite_logits: bool = False,
-    scratch: torch.Tensor | None = None,
+    uniforms: torch.Tensor,
+    noise: torch.Tensor,
+    scratch: torch.Tensor,
+    probs: torch.Tensor,
 ) -> StepResult:
-    """Accept, sample and renoise one step for each row, each row with its own settings and generator.
+    """Accept, sample and renoise one step for each row: pure tensor math, no host syncs.
 
-    With `overwrite_logits` the model's fresh logits become the step's self-conditioning logits in place:
-    divided by the temperature, then shifted by their maximum. The model only takes their softmax, which a
-    shift does not change, and two (B, L, V) copies are saved.
+    `logits` (B, L, V, float32) are overwritten: divided by the temperature, then shifted to
+    log-probabilities, which become the next step's self-conditioning (the decoder only takes their
+    softmax). `uniforms` (B, L) and `noise` (B, L) are the step's random draws, made by the caller from
+    each request's own generator: one uniform per position for sampling, one uniform token per position
+    for renoising. Rejected positions take the noise; accepted ones the sample (stock's accept-then-renoise
+    is the same where).
     """
-    scale = temperatures.view(-1, 1, 1).to(logits.dtype)
-    processed = logits.div_(scale) if overwrite_logits else logits / scale
-    dist = distribution(processed, in_place=overwrite_logits, scratch=scratch)
-    entropy = dist.entropy
-    argmax_canvas = dist.argmax
-    accepted = acceptance_mask(entropy, entropy_bounds)
-    next_canvas = current_canvas.clone()
-    for row, generator in enumerate(generators):
-        mask = accepted[row]
-        # multinomial takes unnormalized weights: no division by the sums needed.
-        next_canvas[row, mask] = sample_rows(dist.weights[row][mask], generator)
-        rejected = int((~mask).sum())
-        if rejected:
-            noise = torch.randint(
-                0, vocab_size, (rejected,), generator=generator, device=current_canvas.device
-            )
-            next_canvas[row, ~mask] = noise
-    return StepResult(next_canvas, argmax_canvas, accepted, entropy, processed)
+    processed = logits.div_(temperatures.view(-1, 1, 1).to(logits.dtype))
+    dist = categorical(processed, scratch=scratch, probs=probs)
+    accepted = acceptance_mask(dist.entropy, entropy_bounds)
+    sampled = sample(dist.probs, uniforms, dist.argmax)
+    next_canvas = torch.where(accepted, sampled, noise)
+    return StepResult(next_canvas, dist.argmax, accepted, dist.entropy, dist.log_probs)
 
 
-class StabilityTracker:
-    """Stock's 'stable and confident' stop rule for one row: argmax unchanged for k steps, low mean entropy."""
+def stop_rule(
+    history: torch.Tensor,
+    step: torch.Tensor,
+    argmax: torch.Tensor,
+    entropy: torch.Tensor,
+    stability_threshold: torch.Tensor,
+    confidence_threshold: torch.Tensor,
+) -> torch.Tensor:
+    """Transformers' stable-and-confident rule per row, with the argmax history as a device ring buffer.
 
-    def __init__(self, stability_threshold: int, confidence_threshold: float) -> None:
-        self.k = stability_threshold
-        self.confidence_threshold = confidence_threshold
-        self._history: list[torch.Tensor] = []
-
-    def reset(self) -> None:
-        self._history.clear()
-
-    def update(self, argmax_canvas: torch.Tensor, entropy: torch.Tensor) -> bool:
-        """Record this step's argmax (L,) and entropy (L,); True when the row should stop."""
-        if self.k == 0:
-            stable = True
-        else:
-            stable = len(self._history) == self.k and all(
-                bool(torch.equal(past, argmax_canvas)) for past in self._history
-            )
-            self._history.append(argmax_canvas)
-            if len(self._history) > self.k:
-                self._history.pop(0)
-        return stable and float(entropy.mean()) < self.confidence_threshold
+    `history` (K, B, L) holds the last K argmax canvases (-1 where not yet written) and `step` (a 0-d
+    device tensor) counts the steps of this canvas; row r is stable when its argmax equals each of its
+    `stability_threshold[r]` most recent ones (always, for 0), and confident when its mean entropy is
+    below `confidence_threshold[r]`. Records this step's argmax in the buffer.
+    """
+    size = history.shape[0]
+    if size:
+        slots = torch.arange(size, device=history.device)
+        age = torch.remainder(step - 1 - slots, size)  # 0 = the previous step
+        relevant = age.unsqueeze(1) < stability_threshold.unsqueeze(0)  # (K, B)
+        same = (history == argmax.unsqueeze(0)).all(dim=-1)  # (K, B)
+        stable = (same | ~relevant).all(dim=0)
+        history.index_copy_(0, torch.remainder(step, size).view(1), argmax.unsqueeze(0))
+    else:
+        stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+    confident = torch.mean(entropy, dim=-1) < confidence_threshold
+    return stable & confident

@@ -52,6 +52,7 @@ class WorkerConfig:
     # Request defaults set here; the rest come from the checkpoint's generation_config, then the published ones.
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
+    compile: bool | None = None  # the static-shape compiled step; None: on CUDA, off on a CPU
     debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
 
     @property
@@ -94,6 +95,7 @@ ENV_VARS = {
     "default_stability_threshold": "DGEMMA_DEFAULT_STABILITY_THRESHOLD",
     "default_confidence_threshold": "DGEMMA_DEFAULT_CONFIDENCE_THRESHOLD",
     "debug_step_delay_s": "DGEMMA_DEBUG_STEP_DELAY_S",
+    "compile": "DGEMMA_COMPILE",
 }
 
 
@@ -165,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int)
     add("--default-confidence-threshold", "default_confidence_threshold", "default confidence_threshold",
         type=float)
+    add("--compile", "compile", "the static-shape compiled decoder step (torch.compile; CUDA graphs on CUDA); "
+        "'false' for the eager step (default: on with CUDA, off on a CPU)", type=_bool, nargs="?", const=True)
     add("--debug-step-delay-s", "debug_step_delay_s", "tests and benchmarks only: add this many seconds to "
         "every denoising step, to act like a slower GPU (default 0)", type=float)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
@@ -232,6 +236,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         limits=limits,
         default_overrides=overrides,
         warmup=args.warmup,
+        compile=args.compile,
         debug_step_delay_s=args.debug_step_delay_s or 0.0,
     )
     for name, value, lo in (("--max-active", cfg.max_active, 1), ("--max-queue", cfg.max_queue, 0),
