@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +108,11 @@ async def measure(address: str, url: str, n: int, concurrency: int, seconds: flo
     }
 
 
-def main() -> None:
-    """Start a worker and a gateway process, measure, print JSON."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    args = ap.parse_args()
+@contextlib.contextmanager
+def local_stack(worker_args: Sequence[str], gateway_args: Sequence[str] = ()) -> Iterator[tuple[str, str]]:
+    """A worker process on the tiny model and a gateway process in front of it: (worker address, gateway URL)."""
     workdir = Path(tempfile.mkdtemp(prefix="dgemma-bench-"))
-    workers = LocalWorkers(str(tiny_model_dir()), 1, MODEL, ["--max-active", "64", "--max-queue", "256"],
-                           workdir=workdir)
+    workers = LocalWorkers(str(tiny_model_dir()), 1, MODEL, list(worker_args), workdir=workdir)
     gateway: subprocess.Popen[bytes] | None = None
     try:
         workers.start()
@@ -125,7 +122,7 @@ def main() -> None:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "dgemma_cli.main", "gateway", "--endpoint", address, "--model", MODEL,
              "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", "--port-file", str(port_file),
-             "--max-streams-per-key", "0"],
+             *gateway_args],
             stdout=subprocess.DEVNULL, env={**os.environ})
         deadline = time.monotonic() + 120
         while not port_file.exists():
@@ -143,17 +140,33 @@ def main() -> None:
                     await asyncio.sleep(0.2)
 
         asyncio.run(asyncio.wait_for(ready(), 180))
-        result = asyncio.run(measure(address, url, args.requests, args.concurrency, args.seconds))
-        result["cpus"] = os.cpu_count()
-        print(json.dumps(result, indent=1))
-        out = Path(__file__).resolve().parent / "out"
-        out.mkdir(exist_ok=True)
-        (out / "bench_gateway.json").write_text(json.dumps(result, indent=1))
+        yield address, url
     finally:
         if gateway is not None:
             gateway.terminate()
             gateway.wait(10)
         workers.stop()
+
+
+def save(name: str, result: dict[str, Any]) -> None:
+    """Print a result and keep it under bench/out/."""
+    print(json.dumps(result, indent=1))
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    """Start a worker and a gateway process, measure, print JSON."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    with local_stack(["--max-active", "64", "--max-queue", "256"], ["--max-streams-per-key", "0"]) as (address, url):
+        result = asyncio.run(measure(address, url, args.requests, args.concurrency, args.seconds))
+    result["cpus"] = os.cpu_count()
+    save("bench_gateway", result)
 
 
 if __name__ == "__main__":

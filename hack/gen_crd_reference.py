@@ -1,7 +1,7 @@
 """Generate docs/reference.md, the DiffusionGemma reference, from the CRD schema (so it cannot drift).
 
 Every field of spec and status, with its type, default, bounds and description, comes from
-deploy/crds/dgemma.io_diffusiongemmas.yaml; the GPU profile table comes from dgemma_operator.profiles.
+deploy/crds/dgemma.io_diffusiongemmas.yaml; the GPU profile table comes from dgemma_common.profiles.
 Usage: python hack/gen_crd_reference.py [--check]
 """
 
@@ -81,8 +81,8 @@ def _table(node: dict[str, Any], path: str) -> str:
 
 
 def _profiles() -> str:
+    from dgemma_common.profiles import PROFILES, worker_memory_gib
     from dgemma_operator.models import GenerationDefaults, WorkerSpec
-    from dgemma_operator.profiles import PROFILES, worker_memory_gib
 
     lines = [
         "| profile | `nvidia.com/gpu.product` | arch | default dtype | tokens/s prior | memory | cpu |",
@@ -102,8 +102,8 @@ def _profiles() -> str:
 
 
 def _vllm_defaults() -> str:
+    from dgemma_common.profiles import PROFILES, vllm_memory_gib
     from dgemma_common.vllm import RECIPE
-    from dgemma_operator.profiles import PROFILES, vllm_memory_gib
 
     lines = [
         "| profile | dtype | `--max-num-seqs` | `--gpu-memory-utilization` | more arguments | tokens/s prior "

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dgemma_common.demand import DemandSnapshot
 from dgemma_gateway.demand import DemandTracker, snapshot
 from dgemma_gateway.measured_load import MeasuredLatency
 from dgemma_gateway.routing import Pipeline, route_with_overflow
@@ -190,7 +191,17 @@ def piecewise_trace(
     return out
 
 
-Controller = Callable[[float, Mapping[str, Any]], Mapping[str, int]]
+@dataclass(frozen=True)
+class ControlInput:
+    """What a controller sees at a control tick: the gateway's demand snapshot, and per variant what the
+    simulated fleet measured besides: requests in ready replicas per slot, averaged since the last control
+    (what a utilization rule such as the HPA's reads)."""
+
+    snapshot: DemandSnapshot
+    slot_utilization: Mapping[str, float]
+
+
+Controller = Callable[[float, ControlInput], Mapping[str, int]]
 
 
 def simulate(
@@ -304,8 +315,7 @@ def simulate(
             continue
         if controller is not None and t_next == next_control:
             snap = snapshot(tracker, [sv.variant for sv in variants], candidates(), t_next, pipeline=pipeline)
-            _add_sim_measurements(snap, workers, step_fraction, ready_s, busy_s)
-            wanted = controller(t_next, snap)
+            wanted = controller(t_next, ControlInput(snap, _slot_utilization(snap, workers, ready_s, busy_s)))
             for name, n in wanted.items():
                 live = [w for w in workers if w.sv.variant.name == name and not w.retired]
                 for _ in range(n - len(live)):
@@ -342,27 +352,15 @@ def simulate(
     return SimResult(outcomes, end_t, replicas_log, replica_s, request_s)
 
 
-def _add_sim_measurements(
-    snap: dict[str, Any], workers: Sequence[_Worker], step_fraction: float, ready_s: Mapping[str, float],
-    busy_s: Mapping[str, float],
-) -> None:
-    """What the simulated fleet measured, added to the demand snapshot for the controllers.
-
-    `capacity`: canvases/s one ready replica finishes (one canvas per expected steps x step latency plus an
-    encoder pass, however many requests interleave), None while no replica of the variant is ready.
-    `sim.slot_utilization`: requests in ready replicas per slot, averaged since the last control (what a
-    utilization rule such as the HPA's reads).
-    """
-    for name, v in snap["variants"].items():
-        ready = [w for w in workers if w.sv.variant.name == name and not w.retired and w.report is not None
-                 and w.report.ready]
-        if "capacity" not in v:  # a gateway that reports capacity itself takes precedence
-            rates = [1.0 / (max(1.0, w.sv.variant.max_denoising_steps * step_fraction) * w.sv.step_s + w.sv.encoder_s)
-                     for w in ready]
-            v["capacity"] = {"canvases_per_s_per_replica": sum(rates) / len(rates) if rates else None}
+def _slot_utilization(
+    snap: DemandSnapshot, workers: Sequence[_Worker], ready_s: Mapping[str, float], busy_s: Mapping[str, float],
+) -> dict[str, float]:
+    """Per variant: requests in ready replicas per slot, averaged since the last control."""
+    out: dict[str, float] = {}
+    for name in snap.variants:
         slots = max((w.sv.capacity for w in workers if w.sv.variant.name == name), default=1)
-        v["sim"] = {"slot_utilization": busy_s[name] / (slots * ready_s[name]) if ready_s[name] > 0 else 0.0,
-                    "replicas_ready_s": ready_s[name]}
+        out[name] = busy_s[name] / (slots * ready_s[name]) if ready_s[name] > 0 else 0.0
+    return out
 
 
 def three_variants(scale: int = 1) -> list[SimVariant]:

@@ -14,12 +14,13 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
+from dgemma_common.demand import VariantView
 from dgemma_gateway.routing import Pipeline
 from dgemma_operator.autoscale import measurements_from_snapshot
 from dgemma_operator.autoscaler import AutoscalingPolicy, Decision, Measurements, ScalerState, decide
 from dgemma_sim.routing import (
+    ControlInput,
     Controller,
     SimRequest,
     SimResult,
@@ -108,11 +109,11 @@ def daily_trace(peak: float, hours_per_day: float = 3.0) -> TraceSpec:
     return TraceSpec("daily", phases, resolution_s=hour_s / 8)
 
 
-def measurements(v: Mapping[str, Any], now: float, replicas: int) -> Measurements:
+def measurements(v: VariantView, now: float, replicas: int) -> Measurements:
     """The decision function's inputs from one variant of the demand snapshot, built as the operator builds
     them (`measurements_from_snapshot`); `replicas`: its spec."""
-    prior = v["tokens_per_s_prior"] / max(1, v["canvas_length"])
-    return measurements_from_snapshot(v, replicas, v["replicas_ready"], prior, now)
+    prior = v.tokens_per_s_prior / v.canvas_length
+    return measurements_from_snapshot(v, replicas, v.replicas_ready, prior, now)
 
 
 @dataclass
@@ -126,14 +127,15 @@ class DgemmaController:
     # Which demand the decision reads: "canvases_per_s" (attributed) or "routed_canvases_per_s".
     demand_field: str = "canvases_per_s"
 
-    def __call__(self, now: float, snap: Mapping[str, Any]) -> dict[str, int]:
-        for name, v in snap["variants"].items():
+    def __call__(self, now: float, seen: ControlInput) -> dict[str, int]:
+        for name, v in seen.snapshot.variants.items():
             if name not in self.policies:
                 continue
             if self.demand_field != "canvases_per_s":
-                d = v["demand"]
-                v = {**v, "demand": {**d, "canvases_per_s": d[self.demand_field],
-                                     "tokens_per_s": d[self.demand_field.replace("canvases", "tokens")]}}
+                d = v.demand
+                v = v.model_copy(update={"demand": d.model_copy(update={
+                    "canvases_per_s": getattr(d, self.demand_field),
+                    "tokens_per_s": getattr(d, self.demand_field.replace("canvases", "tokens"))})})
             m = measurements(v, now, self.spec[name])
             decision, self.states[name] = decide(self.policies[name], m, self.states.get(name, ScalerState()))
             self.decisions.append((now, name, decision))
@@ -168,14 +170,14 @@ class HpaController:
     spec: dict[str, int]
     history: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
-    def __call__(self, now: float, snap: Mapping[str, Any]) -> dict[str, int]:
+    def __call__(self, now: float, seen: ControlInput) -> dict[str, int]:
         b = self.behavior
-        for name, v in snap["variants"].items():
+        for name, v in seen.snapshot.variants.items():
             if name not in self.bounds:
                 continue
             current = self.spec[name]
-            ready = v["replicas_ready"]
-            utilization = v["sim"]["slot_utilization"]
+            ready = v.replicas_ready
+            utilization = seen.slot_utilization[name]
             recommendation = current
             if ready > 0:
                 ratio = utilization / b.target_utilization

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dgemma_common.images import VisionSpec
 from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
 from dgemma_common.types import (
     ChatMessage,
     CommitEvent,
+    ContentPart,
     DraftEvent,
     Event,
     FinalEvent,
+    ImageData,
     LoadSnapshot,
     Prompt,
     PromptTooLongError,
@@ -56,7 +59,35 @@ def validate_prompt(prompt: Prompt) -> Prompt:
             raise ParamError("prompt.tokens", "must have at least one token id")
         if min(prompt.token_ids) < 0:
             raise ParamError("prompt.tokens", "token ids must be >= 0")
+    if prompt.images and prompt.text is None:
+        raise ParamError("prompt.images", "only a text prompt carries images here; chat messages carry theirs "
+                                          "in their parts, token prompts none")
     return prompt
+
+
+def _message_from_pb(m: pb.ChatMessage, where: str) -> ChatMessage:
+    if not m.parts:
+        return ChatMessage(m.role, m.content)
+    if m.content:
+        raise ParamError(f"{where}.content", "leave content empty when parts are given")
+    parts: list[ContentPart] = []
+    for j, part in enumerate(m.parts):
+        which = part.WhichOneof("kind")
+        if which == "text":
+            parts.append(part.text)
+        elif which == "image":
+            parts.append(_image_from_pb(part.image))
+        else:
+            raise ParamError(f"{where}.parts[{j}]", "set text or image")
+    return ChatMessage(m.role, tuple(parts))
+
+
+def _image_from_pb(image: pb.Image) -> ImageData:
+    return ImageData(image.data, image.mime_type or None)
+
+
+def _image_to_pb(image: ImageData) -> pb.Image:
+    return pb.Image(data=image.data, mime_type=image.mime_type or "")
 
 
 def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
@@ -66,19 +97,39 @@ def prompt_from_pb(msg: pb.Prompt, limits: Limits) -> Prompt:
     messages costs no Python objects beyond the limit.
     """
     kind = msg.WhichOneof("kind")
+    images = tuple(_image_from_pb(i) for i in msg.images)
     if kind == "text":
-        prompt = Prompt.of_text(msg.text)
+        prompt = Prompt.of_text(msg.text, images)
     elif kind == "chat":
         if len(msg.chat.messages) > MAX_CHAT_MESSAGES:
             raise ParamError("prompt.chat", f"at most {MAX_CHAT_MESSAGES} messages, got {len(msg.chat.messages)}")
-        prompt = Prompt.of_messages([ChatMessage(m.role, m.content) for m in msg.chat.messages])
+        messages = [_message_from_pb(m, f"prompt.chat.messages[{i}]") for i, m in enumerate(msg.chat.messages)]
+        prompt = Prompt(messages=tuple(messages), images=images)
     elif kind == "tokens":
         if len(msg.tokens.ids) > limits.max_prompt_tokens:
             raise PromptTooLongError(len(msg.tokens.ids), limits.max_prompt_tokens)
-        prompt = Prompt.of_tokens(list(msg.tokens.ids))
+        prompt = Prompt(token_ids=tuple(msg.tokens.ids), images=images)
     else:
         raise ParamError("prompt", "set one of prompt.text, prompt.chat or prompt.tokens")
     return validate_prompt(prompt)
+
+
+def prompt_to_pb(prompt: Prompt) -> pb.Prompt:
+    """The protobuf prompt for an engine prompt (the gateway's KServe front forwards what it decoded)."""
+    images = [_image_to_pb(i) for i in prompt.images]
+    if prompt.text is not None:
+        return pb.Prompt(text=prompt.text, images=images)
+    if prompt.messages is not None:
+        return pb.Prompt(chat=pb.ChatMessages(messages=[_message_to_pb(m) for m in prompt.messages]))
+    return pb.Prompt(tokens=pb.TokenIds(ids=list(prompt.token_ids or ())))
+
+
+def _message_to_pb(m: ChatMessage) -> pb.ChatMessage:
+    if isinstance(m.content, str):
+        return pb.ChatMessage(role=m.role, content=m.content)
+    parts = [pb.ContentPart(text=p) if isinstance(p, str) else pb.ContentPart(image=_image_to_pb(p))
+             for p in m.content]
+    return pb.ChatMessage(role=m.role, parts=parts)
 
 
 def settings_from_pb(msg: pb.GenerationParams) -> GenerationSettings:
@@ -137,6 +188,23 @@ def event_to_pb(request_id: str, event: Event) -> pb.GenerateResponse:
     raise TypeError(f"not an engine event: {event!r}")
 
 
+def vision_to_pb(spec: VisionSpec | None) -> pb.VisionSpec | None:
+    """The protobuf vision spec, or None for a model that takes no images."""
+    if spec is None:
+        return None
+    return pb.VisionSpec(patch_size=spec.patch_size, pooling_kernel_size=spec.pooling_kernel_size,
+                         max_soft_tokens=spec.max_soft_tokens)
+
+
+def vision_from_pb(report: pb.LoadReport) -> VisionSpec | None:
+    """The vision spec a load report carries, or None when its model takes no images."""
+    if not report.HasField("vision"):
+        return None
+    v = report.vision
+    return VisionSpec(patch_size=v.patch_size, pooling_kernel_size=v.pooling_kernel_size,
+                      max_soft_tokens=v.max_soft_tokens)
+
+
 def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadReport:
     """A protobuf load report for an engine snapshot."""
     return pb.LoadReport(
@@ -160,6 +228,8 @@ def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadR
             max_prompt_tokens=limits.max_prompt_tokens,
         ),
         timestamp_unix_s=timestamp,
+        vision=vision_to_pb(snap.vision),
+        encoder_token_latency_s=snap.encoder_token_latency_s,
     )
 
 

@@ -146,11 +146,12 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
 class RequestGuard(grpc.aio.ServerInterceptor):
     """API keys on the `protected` services; INVALID_ARGUMENT for messages that do not parse, on every service.
 
-    `on_refused(reason)` is called for every call refused for its key (reason: "missing" or "invalid").
+    `on_refused(service, reason)` is called for every call refused for its key (the service's full name;
+    reason: "missing" or "invalid").
     """
 
     def __init__(self, keys: ApiKeys | None = None, protected: Iterable[str] = (),
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
         self.keys = keys
         self.protected = tuple(f"/{service}/" for service in protected)
         self.on_refused = on_refused
@@ -170,6 +171,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 self.keys.check(metadata_getter(handler_call_details.invocation_metadata))
             except AuthError as err:
                 if self.on_refused is not None:
-                    self.on_refused(err.reason)
+                    self.on_refused(method.split("/")[1], err.reason)
                 return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, err.message)
         return _guard_decoding(handler, method.rsplit("/", 1)[-1])

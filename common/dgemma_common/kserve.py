@@ -3,8 +3,13 @@
 Tensor names follow Triton's vLLM backend where one exists, so existing Triton LLM clients work:
 
 inputs   text_input           BYTES  [1]   prompt text (one of text_input, messages, input_ids)
-         messages             BYTES  [1]   JSON list of {"role", "content"}; the chat template is applied
+         messages             BYTES  [1]   JSON list of {"role", "content"}; the chat template is applied.
+                                            `content` is a string, or a list of {"type": "text", "text": ...}
+                                            and {"type": "image"} parts (each takes the next `image`)
          input_ids            INT32 | INT64 [n]  prompt token ids, used as is
+         image                BYTES  [n]   optional encoded images (PNG, JPEG, WebP, GIF), one per element:
+                                            with text_input they come before the text; with messages, in
+                                            the order of their {"type": "image"} parts
          sampling_parameters  BYTES  [1]   optional JSON object of generation settings (docs/worker.md)
          stream               BOOL   [1]   optional, accepted for vLLM-backend clients and ignored
 outputs  text_output          BYTES  [1]   ModelInfer: the whole reply; ModelStreamInfer: one canvas
@@ -30,14 +35,15 @@ from tritonclient.grpc import service_pb2 as kpb
 
 from dgemma_common.convert import check_request_id, validate_prompt
 from dgemma_common.logsafe import clip
-from dgemma_common.openai_models import parse_messages_json
+from dgemma_common.openai_models import ImageSlotPart, TensorChatMessage, parse_messages_json
 from dgemma_common.params import GenerationParams, GenerationSettings, Limits, ParamError
-from dgemma_common.types import ChatMessage, CommitEvent, FinalEvent, Prompt, RequestStats
+from dgemma_common.types import ChatMessage, CommitEvent, ContentPart, FinalEvent, ImageData, Prompt, RequestStats
 
 PLATFORM = "dgemma"
 TEXT_INPUT = "text_input"
 MESSAGES = "messages"
 INPUT_IDS = "input_ids"
+IMAGE = "image"
 SAMPLING_PARAMETERS = "sampling_parameters"
 STREAM = "stream"
 TEXT_OUTPUT = "text_output"
@@ -50,6 +56,7 @@ INPUTS: tuple[tuple[str, str, list[int], bool], ...] = (
     (TEXT_INPUT, "BYTES", [1], True),
     (MESSAGES, "BYTES", [1], True),
     (INPUT_IDS, "INT64", [-1], True),
+    (IMAGE, "BYTES", [-1], True),
     (SAMPLING_PARAMETERS, "BYTES", [1], True),
     (STREAM, "BOOL", [1], True),
 )
@@ -115,6 +122,7 @@ _ACCEPTED: dict[str, tuple[tuple[str, ...], int | None]] = {
     TEXT_INPUT: (("BYTES",), 1),
     MESSAGES: (("BYTES",), 1),
     INPUT_IDS: (("INT32", "INT64"), None),
+    IMAGE: (("BYTES",), 64),  # the image limits (at most 8 by default) are checked where they are configured
     SAMPLING_PARAMETERS: (("BYTES",), 1),
     STREAM: (("BOOL",), 1),
 }
@@ -257,12 +265,39 @@ def _prompt_from_inputs(tensors: Mapping[str, list[Any]], limits: Limits) -> Pro
     given = [n for n in (TEXT_INPUT, MESSAGES, INPUT_IDS) if n in tensors]
     if len(given) != 1:
         raise ParamError(TEXT_INPUT, f"give exactly one of {TEXT_INPUT}, {MESSAGES} or {INPUT_IDS}")
+    images = [ImageData(bytes(b)) for b in tensors.get(IMAGE, [])]
     if TEXT_INPUT in tensors:
-        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT], limits.prompt_byte_limit)))
+        return validate_prompt(Prompt.of_text(_one_string(TEXT_INPUT, tensors[TEXT_INPUT], limits.prompt_byte_limit),
+                                              images))
     if INPUT_IDS in tensors:
+        if images:
+            raise ParamError(IMAGE, f"images go with {TEXT_INPUT} or {MESSAGES}, not {INPUT_IDS}")
         return validate_prompt(Prompt.of_tokens([int(i) for i in tensors[INPUT_IDS]]))
-    messages = parse_messages_json(_one_string(MESSAGES, tensors[MESSAGES]), MESSAGES)
-    return validate_prompt(Prompt.of_messages([ChatMessage(m.template_role, m.text()) for m in messages]))
+    raw = parse_messages_json(_one_string(MESSAGES, tensors[MESSAGES]), MESSAGES)
+    messages = [ChatMessage(m.template_role, _content(m)) for m in raw]
+    return validate_prompt(Prompt.of_messages(_place_images(messages, images)))
+
+
+def _content(message: TensorChatMessage) -> str | tuple[ContentPart, ...]:
+    """A message's text, or its text parts and image placeholders (`_place_images` fills them)."""
+    if not isinstance(message.content, list) or not message.has_images:
+        return message.text()
+    return tuple(_PLACEHOLDER if isinstance(p, ImageSlotPart) else p.text for p in message.content)
+
+
+# Where an image of the `image` tensor goes, until `_place_images` puts it there.
+_PLACEHOLDER = ImageData(b"")
+
+
+def _place_images(messages: list[ChatMessage], images: list[ImageData]) -> list[ChatMessage]:
+    """Each {"type": "image"} part takes the next image of the tensor; the counts must match."""
+    slots = sum(1 for m in messages if not isinstance(m.content, str) for p in m.content if p is _PLACEHOLDER)
+    if slots != len(images):
+        raise ParamError(IMAGE, f"{len(images)} images given but the messages have {slots} image parts")
+    queue = iter(images)
+    return [m if isinstance(m.content, str) else
+            ChatMessage(m.role, tuple(next(queue) if p is _PLACEHOLDER else p for p in m.content))
+            for m in messages]
 
 
 def decode_inputs(request: kpb.ModelInferRequest, limits: Limits) -> dict[str, list[Any]]:

@@ -7,14 +7,26 @@ define is refused as OpenAI itself refuses it (400 naming the field). DiffusionG
 `DenoisingKnobs`, so they are spelled and bounded exactly as in every other API. Server limits that depend on
 configuration (largest `max_tokens`, `n`) are checked by the gateway after parsing.
 
-Other runtimes forward these models (vLLM, hosted APIs); the images work adds content parts to `ContentPart`.
+Other runtimes forward these models (vLLM, hosted APIs). A content part is text or an image (`image_url`: a data:
+URL, or an http(s) URL the gateway may fetch); the KServe `messages` tensor uses the same messages with
+`{"type": "image"}` parts standing for the elements of its `image` tensor (`TensorChatMessage`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from dgemma_common.params import MAX_COUNT, DenoisingKnobs, GenerationSettings, ParamError, param_error
 
@@ -37,7 +49,46 @@ class TextPart(BaseModel):
     text: str
 
 
-ContentPart = TextPart
+class ImageUrl(BaseModel):
+    """Where an image part's bytes are."""
+
+    model_config = STRICT
+    url: Annotated[str, StringConstraints(min_length=1)]
+    """A data: URL (base64 PNG, JPEG, WebP or GIF), or an http(s) URL on the gateway's --image-url-hosts."""
+    detail: Literal["auto", "low", "high"] | None = None
+    """Accepted; the model's own resolution is used."""
+
+
+class ImageUrlPart(BaseModel):
+    """An image content part (user messages only)."""
+
+    model_config = STRICT
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class ImageSlotPart(BaseModel):
+    """KServe only: an image part whose bytes are the next element of the request's `image` tensor."""
+
+    model_config = STRICT
+    type: Literal["image"]
+
+
+def _part_type(value: Any) -> str | None:
+    """The tag of a content part. Tags are not identifiers, so the field paths of errors leave them out:
+    `messages[0].content[1].image_url.url`, not `...content[1].image_url.image_url.url`."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"type={kind}" if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("type=text")] | Annotated[ImageUrlPart, Tag("type=image_url")],
+    Discriminator(_part_type, custom_error_type="content_part",
+                  custom_error_message='a content part is {"type": "text", ...} or {"type": "image_url", ...}')]
+TensorContentPart = Annotated[
+    Annotated[TextPart, Tag("type=text")] | Annotated[ImageSlotPart, Tag("type=image")],
+    Discriminator(_part_type, custom_error_type="content_part",
+                  custom_error_message='a content part is {"type": "text", ...} or {"type": "image"}')]
 
 
 class ChatMessage(BaseModel):
@@ -46,7 +97,7 @@ class ChatMessage(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
-    """A string or a list of text parts (joined); null for an empty turn."""
+    """A string, or a list of text and image parts (text parts alone are joined); null for an empty turn."""
     name: Name | None = None
     """Accepted and ignored."""
     refusal: str | None = None
@@ -64,6 +115,10 @@ class ChatMessage(BaseModel):
             raise ParamError("tool_calls", "tool calling is not supported")
         if self.function_call is not None:
             raise ParamError("function_call", "function calling is not supported")
+        if self.role != "user" and isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if isinstance(part, ImageUrlPart):
+                    raise ParamError(f"content[{i}]", "images go in user messages")
         return self
 
     @property
@@ -71,13 +126,25 @@ class ChatMessage(BaseModel):
         """The role the chat template sees."""
         return TEMPLATE_ROLES[self.role]
 
+    @property
+    def has_images(self) -> bool:
+        """Whether the content has image parts."""
+        return isinstance(self.content, list) and any(not isinstance(p, TextPart) for p in self.content)
+
     def text(self) -> str:
-        """The content as one string."""
+        """The content's text as one string (image parts left out)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class TensorChatMessage(ChatMessage):
+    """A message of the KServe `messages` tensor: `{"type": "image"}` parts take the `image` tensor's elements."""
+
+    content: str | list[TensorContentPart] | None = None  # type: ignore[assignment]
+    """A string, or a list of text and image parts (text parts alone are joined); null for an empty turn."""
 
 
 class StreamOptions(BaseModel):
@@ -267,11 +334,12 @@ def json_values(raw: str | bytes) -> int:
     return raw.count(b",") + raw.count(b":")
 
 
-_MESSAGES = TypeAdapter(Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)])
+_MESSAGES = TypeAdapter(Annotated[list[TensorChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)])
 
 
-def parse_messages_json(raw: str | bytes, field: str = "messages") -> list[ChatMessage]:
-    """A JSON list of chat messages (as in a chat completion), validated like one; ParamError names the field."""
+def parse_messages_json(raw: str | bytes, field: str = "messages") -> list[TensorChatMessage]:
+    """A JSON list of chat messages (as in a chat completion, with KServe's image parts), validated like one;
+    ParamError names the field."""
     if json_values(raw) > MAX_JSON_VALUES:
         raise ParamError(field, f"holds more than {MAX_JSON_VALUES} JSON values")
     try:

@@ -40,6 +40,10 @@ class ParamError(ValueError):
         self.field = field_name
         self.reason = message
 
+    def __reduce__(self) -> tuple[type[ParamError], tuple[str, str]]:
+        # Raised in the gateway's image-decoding processes and pickled back to it.
+        return ParamError, (self.field, self.reason)
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -6,26 +6,63 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dgemma_common.images import VisionSpec
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """One encoded image as the client sent it (PNG, JPEG, WebP or GIF bytes); `dgemma_common.images` checks it."""
+
+    data: bytes = field(repr=False)
+    mime_type: str | None = None  # the type the client declared, if it declared one
+
+
+# A part of a chat message: text, or an image at that place in the text.
+ContentPart = str | ImageData
+
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a chat prompt."""
+    """One turn of a chat prompt: plain text, or text and images in order."""
 
     role: str
-    content: str
+    content: str | tuple[ContentPart, ...]
+
+    @property
+    def text(self) -> str:
+        """The message's text, images left out."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p for p in self.content if isinstance(p, str))
+
+    @property
+    def images(self) -> tuple[ImageData, ...]:
+        """The message's images, in order."""
+        if isinstance(self.content, str):
+            return ()
+        return tuple(p for p in self.content if isinstance(p, ImageData))
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Exactly one of text, messages or token_ids is set."""
+    """Exactly one of text, messages or token_ids is set. A text prompt may carry images, placed before the
+    text; chat messages carry theirs in their content; token ids carry none."""
 
     text: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     token_ids: tuple[int, ...] | None = None
+    images: tuple[ImageData, ...] = ()
+
+    @property
+    def all_images(self) -> tuple[ImageData, ...]:
+        """Every image of the prompt, in prompt order."""
+        if self.messages is not None:
+            return tuple(i for m in self.messages for i in m.images)
+        return self.images
 
     @staticmethod
-    def of_text(text: str) -> Prompt:
-        return Prompt(text=text)
+    def of_text(text: str, images: Sequence[ImageData] = ()) -> Prompt:
+        return Prompt(text=text, images=tuple(images))
 
     @staticmethod
     def of_messages(messages: Sequence[ChatMessage]) -> Prompt:
@@ -116,6 +153,8 @@ class LoadSnapshot:
     draining: bool
     steps_total: int = 0
     tokens_total: int = 0
+    vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
+    encoder_token_latency_s: float = 0.0  # moving average of encoder seconds per prompt token
 
 
 @dataclass

@@ -88,13 +88,14 @@ class LocalAutoscaler:
         if changed:
             self.source.report()
 
-    def tick(self) -> Decision:
-        """One decision, acted upon."""
+    def tick(self) -> Decision | None:
+        """One decision, acted upon; None (the workers kept) while the gateway does not know the variant yet."""
         self.housekeeping()
-        name = self.source.variant.name
-        snap = self.gateway.demand_snapshot()["variants"].get(name) or {}
+        view = self.gateway.demand_snapshot().variants.get(self.source.variant.name)
+        if view is None:
+            return None
         current = len(self.live)
-        m = measurements_from_snapshot(snap, current, self.gateway.ready_count(self.source.variant.model),
+        m = measurements_from_snapshot(view, current, self.gateway.ready_count(self.source.variant.model),
                                        self.settings.prior_canvases_per_s, self.clock())
         decision, self.state = decide(self.settings.policy, m, self.state)
         self.decisions.append(decision)

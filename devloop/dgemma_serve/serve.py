@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -178,7 +179,10 @@ async def serve(args: argparse.Namespace) -> int:
     extra = [*(["--max-active", str(args.max_active)] if args.max_active else []),
              *(["--device", args.device] if args.device else [])]
     initial = min(max(args.replicas, args.min_replicas), args.max_replicas) if args.autoscale else args.replicas
-    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT, drain_grace_s=args.drain_grace_s)
+    # A key for this run only, so that another user of this machine cannot use a worker's port directly: the
+    # workers require it and the gateway in this process presents it.
+    workers = LocalWorkers(model, initial, served, extra, variant=VARIANT, drain_grace_s=args.drain_grace_s,
+                           api_key=secrets.token_urlsafe(32))
     server: GatewayServer | None = None
     scaler: asyncio.Task[None] | None = None
     stop = asyncio.Event()

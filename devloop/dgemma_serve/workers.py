@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -47,6 +48,9 @@ class LocalWorkers:
     workdir: Path | None = None
     variant: str = ""  # the gateway's name for the variant, put on the workers' metrics as `variant`
     drain_grace_s: float = 30.0  # on SIGTERM, how long a worker lets in-flight requests run (its --drain-grace-s)
+    # The key every worker requires (its --api-keys-file, written to the work directory, readable by us only) and
+    # the endpoints carry; None: the workers take calls without a key.
+    api_key: str | None = field(default=None, repr=False)
     workers: list[LocalWorker] = field(default_factory=list)
     _index: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
@@ -54,6 +58,16 @@ class LocalWorkers:
         """Spawn the processes (they bind at once and load the model in the background)."""
         for _ in range(self.replicas):
             self.spawn()
+
+    @contextlib.contextmanager
+    def running(self, stop_timeout: float | None = None) -> Iterator[LocalWorkers]:
+        """Started and bound (the model may still be loading) for the `with` block; stopped after it."""
+        try:
+            self.start()
+            self.wait_bound()
+            yield self
+        finally:
+            self.stop(stop_timeout)
 
     def spawn(self) -> LocalWorker:
         """Start one more worker process (on a free port; it loads the model in the background)."""
@@ -70,6 +84,7 @@ class LocalWorkers:
                "--drain-grace-s", f"{self.drain_grace_s:g}",
                *(["--served-model-name", self.served_model_name] if self.served_model_name else []),
                *(["--variant", self.variant] if self.variant else []),
+               *(["--api-keys-file", str(self._key_file())] if self.api_key is not None else []),
                *self.extra_args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -77,6 +92,16 @@ class LocalWorkers:
         worker = LocalWorker(i, proc, port_file, log_path)
         self.workers.append(worker)
         return worker
+
+    def _key_file(self) -> Path:
+        """The workers' API key file (written once, mode 0600: another local user must not read the key)."""
+        assert self.workdir is not None and self.api_key is not None
+        path = self.workdir / "worker-api-keys"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.api_key}\n")
+        return path
 
     def poll_bound(self, w: LocalWorker) -> bool:
         """Whether the worker has written its port file (reads the port once it has)."""
@@ -116,8 +141,8 @@ class LocalWorkers:
 
     def endpoints(self, variant: Variant) -> list[EndpointSpec]:
         """The (bound) workers as static endpoints of one variant."""
-        return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant) for w in self.workers
-                if w.port is not None]
+        return [EndpointSpec(f"{variant.name}/{w.address}", w.address, variant, api_key=self.api_key)
+                for w in self.workers if w.port is not None]
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM (drain), then SIGKILL whatever is left after the timeout (default: the drain grace + 10 s)."""

@@ -18,6 +18,7 @@ from dgemma_common.tls import ReloadingFiles, grpc_server_credentials, keep_relo
 from dgemma_gateway.config import GatewayConfig
 from dgemma_gateway.core import Gateway
 from dgemma_gateway.endpoints import EndpointSource, Registry, StaticSource, WorkerTls, channel_factory
+from dgemma_gateway.images import ImageIntake
 from dgemma_gateway.kserve_front import start_grpc
 from dgemma_gateway.openai_api import OpenAIApp
 from dgemma_gateway.routing import load_profile_file
@@ -35,7 +36,9 @@ class GatewayServer:
         self.gateway = Gateway(load_profile_file(config.routing_profile), sources, config.core,
                                open_channel=channel_factory(config.worker_tls))
         self.keys = ApiKeys(config.api_keys_file)  # one checker for both listeners
-        self.api = OpenAIApp(self.gateway, self.keys, config.limits)
+        # One intake for both fronts, so the bound on images decoded at once holds for the whole process.
+        self.images = ImageIntake(config.limits.images)
+        self.api = OpenAIApp(self.gateway, self.keys, config.limits, self.images)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -46,6 +49,7 @@ class GatewayServer:
         """Start the sources and both listeners; write the port file."""
         cfg = self.config
         await self.gateway.start()
+        await self.images.start()
         self._tasks.append(asyncio.create_task(watch_loop_lag(self.gateway.metrics.loop_lag.observe), name="loop-lag"))
         self._runner = web.AppRunner(
             # A client that goes away cancels its handler, and so the worker's request, at once.
@@ -68,7 +72,7 @@ class GatewayServer:
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls is not None else None
             self._grpc, self.grpc_port = await start_grpc(
                 self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens,
-                cfg.limits.default_max_tokens, credentials)
+                cfg.limits.default_max_tokens, credentials, self.images)
         log.info("gateway listening on %s %s:%s, grpc %s", "https" if cfg.tls else "http", cfg.host, self.port,
                  self.grpc_port)
         if cfg.port_file is not None:
@@ -87,6 +91,7 @@ class GatewayServer:
             await self._grpc.stop(grace_s)
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.images.close()
         await self.gateway.stop()
 
 

@@ -11,11 +11,15 @@ from pathlib import Path
 import yaml
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.images import IMAGE_LIMIT_ENV, add_image_limit_flags, image_limits_from
+from dgemma_common.naming import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
+from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
+from dgemma_gateway.remote_images import RemoteImageSettings
 from dgemma_gateway.types import RUNTIMES, Variant
 
 
@@ -24,8 +28,8 @@ class GatewayConfig:
     """Everything the gateway process needs."""
 
     host: str = "0.0.0.0"
-    port: int = 8000
-    grpc_port: int = 8001  # -1: no gRPC front
+    port: int = GATEWAY_HTTP_PORT
+    grpc_port: int = GATEWAY_GRPC_PORT  # -1: no gRPC front
     routing_profile: str = "latency-target"
     api_keys_file: Path | None = None
     endpoints: tuple[EndpointSpec, ...] = ()
@@ -48,12 +52,15 @@ ENV = {
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
     "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY", "sse_keepalive_s": "DGEMMA_SSE_KEEPALIVE_S",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
+    **IMAGE_LIMIT_ENV, "image_url_hosts": "DGEMMA_IMAGE_URL_HOSTS",
+    "image_fetch_timeout_s": "DGEMMA_IMAGE_FETCH_TIMEOUT_S", "image_decode_slots": "DGEMMA_IMAGE_DECODE_SLOTS",
     "overflow_url": "DGEMMA_OVERFLOW_URL", "overflow_model": "DGEMMA_OVERFLOW_MODEL",
     "overflow_api_key_file": "DGEMMA_OVERFLOW_API_KEY_FILE",
     "overflow_max_concurrency": "DGEMMA_OVERFLOW_MAX_CONCURRENCY", "overflow_cost": "DGEMMA_OVERFLOW_COST",
     "tls_cert_file": "DGEMMA_TLS_CERT_FILE", "tls_key_file": "DGEMMA_TLS_KEY_FILE",
     "worker_tls_ca_file": "DGEMMA_WORKER_TLS_CA_FILE", "worker_tls_cert_file": "DGEMMA_WORKER_TLS_CERT_FILE",
     "worker_tls_key_file": "DGEMMA_WORKER_TLS_KEY_FILE", "worker_tls_server_name": "DGEMMA_WORKER_TLS_SERVER_NAME",
+    "worker_api_key_file": "DGEMMA_WORKER_API_KEY_FILE",
 }
 # With --kubernetes, variants may scale to zero: hold their requests this long for a first replica.
 KUBERNETES_HOLD_FOR_REPLICA_S = 120.0
@@ -143,6 +150,19 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def with_worker_key(specs: Sequence[EndpointSpec], key: str) -> list[EndpointSpec]:
+    """The endpoints with the workers' API key: every dgemma worker, and every vLLM server that has no key of its
+    own (as `Authorization: Bearer`). Never an external API: the key is ours, not a third party's."""
+    def keyed(s: EndpointSpec) -> EndpointSpec:
+        if s.http is None:
+            return replace(s, api_key=key)
+        if s.variant.runtime == "vllm" and s.http.api_key is None:
+            return replace(s, http=replace(s.http, api_key=key))
+        return s
+
+    return [keyed(s) for s in specs]
+
+
 def overflow_spec(url: str, upstream_model: str, served_as: str, key_file: Path | None = None,
                   max_concurrency: int = DEFAULT_OVERFLOW_CONCURRENCY, cost: float = DEFAULT_OVERFLOW_COST,
                   latency_target_ms: float = 2000.0) -> EndpointSpec:
@@ -197,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest, help=f"{help_text}" + (f" [env {env}]" if env else ""), **kw)  # type: ignore[arg-type]
 
     add("--host", "host", "bind address (default 0.0.0.0)")
-    add("--port", "port", "HTTP port (default 8000; 0 picks one)", type=int)
-    add("--grpc-port", "grpc_port", "KServe gRPC port (default 8001; 0 picks one; -1 off)", type=int)
+    add("--port", "port", f"HTTP port (default {GATEWAY_HTTP_PORT}; 0 picks one)", type=int)
+    add("--grpc-port", "grpc_port", f"KServe gRPC port (default {GATEWAY_GRPC_PORT}; 0 picks one; -1 off)", type=int)
     add("--routing-profile", "routing_profile",
         "latency-target, least-loaded, round-robin or a YAML file (default latency-target)")
     add("--api-keys-file", "api_keys_file", "file with one API key per line (default: no keys)", type=Path)
@@ -218,8 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--worker-tls-key-file", "worker_tls_key_file", "the PEM key of --worker-tls-cert-file", type=Path)
     add("--worker-tls-server-name", "worker_tls_server_name", "the name the workers' certificates carry (default: "
         "the address dialled)")
+    add("--worker-api-key-file", "worker_api_key_file", "file whose first line is the API key the static endpoints' "
+        "workers require (their --api-keys-file): sent on every call to a dgemma worker, and as Authorization: "
+        "Bearer to vLLM endpoints without a key of their own; read at start", type=Path)
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
-    add("--max-body-bytes", "max_body_bytes", "largest request body (default 4 MiB)", type=int)
+    add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
     add("--max-tokens", "max_tokens", "largest max_tokens (default 8192)", type=int)
     add("--default-max-tokens", "default_max_tokens", "max_tokens when a request gives none (default 256)",
@@ -235,13 +258,34 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {KUBERNETES_HOLD_FOR_REPLICA_S:g} with --kubernetes, else 0)", type=float)
     add("--demand-window-s", "demand_window_s", "window of the demand measurements for the autoscaler (default 60)",
         type=float)
+    add_image_limit_flags(add)
+    add("--image-url-hosts", "image_url_hosts",
+        "hosts whose http(s) image URLs the gateway fetches, comma-separated; '*.example.com' allows its "
+        "subdomains (default: none, only data: URLs)")
+    add("--image-fetch-timeout-s", "image_fetch_timeout_s", "time limit of one image fetch (default 5)", type=float)
+    add("--image-decode-slots", "image_decode_slots", "images checked at once (default 2); bounds decode memory",
+        type=int)
     add_overflow_flags(add)
     return p
+
+
+def image_settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ImageSettings:
+    """Image limits, remote image URLs and decode slots from the flags."""
+    d = ImageSettings()
+    hosts = tuple(h.strip() for h in (args.image_url_hosts or "").split(",") if h.strip())
+    timeout = d.remote.timeout_s if args.image_fetch_timeout_s is None else args.image_fetch_timeout_s
+    slots = d.decode_slots if args.image_decode_slots is None else args.image_decode_slots
+    if timeout <= 0 or slots < 1:
+        parser.error("--image-fetch-timeout-s must be > 0 and --image-decode-slots >= 1")
+    return ImageSettings(limits=image_limits_from(args, parser),
+                         remote=RemoteImageSettings(allowed_hosts=hosts, timeout_s=timeout), decode_slots=slots)
 
 
 def _only_model(specs: Sequence[EndpointSpec]) -> str | None:
     models = {s.variant.model for s in specs}
     return models.pop() if len(models) == 1 else None
+
+
 def _tls(args: argparse.Namespace) -> tuple[TlsFiles | None, WorkerTls | None]:
     """The front door's certificate and the worker side's settings from the flags."""
     front = tls_files(args.tls_cert_file, args.tls_key_file, what="--tls-cert-file")
@@ -264,6 +308,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         endpoints += [parse_endpoint(e, args.model or "") for e in args.endpoint]
         if args.endpoints_file is not None:
             endpoints += load_endpoints_file(args.endpoints_file)
+        if args.worker_api_key_file is not None:
+            endpoints = with_worker_key(endpoints, read_api_key(args.worker_api_key_file))
         if args.overflow_url:
             served = args.model or _only_model(endpoints) or args.overflow_model or ""
             endpoints = [*allow_overflow(endpoints, served), overflow_from_args(args, served)]
@@ -280,6 +326,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         max_n=args.max_n or d.max_n,
         max_streams_per_key=d.max_streams_per_key if args.max_streams_per_key is None else args.max_streams_per_key,
         sse_keepalive_s=args.sse_keepalive_s or d.sse_keepalive_s,
+        images=image_settings_from(args, parser),
     )
     try:
         tls, worker_tls = _tls(args)
@@ -297,8 +344,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
                            demand_window_s=args.demand_window_s or GatewaySettings().demand_window_s)
     return GatewayConfig(
         host=args.host or "0.0.0.0",
-        port=8000 if args.port is None else args.port,
-        grpc_port=8001 if args.grpc_port is None else args.grpc_port,
+        port=GATEWAY_HTTP_PORT if args.port is None else args.port,
+        grpc_port=GATEWAY_GRPC_PORT if args.grpc_port is None else args.grpc_port,
         routing_profile=args.routing_profile or "latency-target",
         api_keys_file=args.api_keys_file,
         endpoints=tuple(endpoints),

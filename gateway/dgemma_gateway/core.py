@@ -21,9 +21,11 @@ import grpc
 from opentelemetry import trace
 
 from dgemma_common.convert import settings_to_pb
+from dgemma_common.demand import DemandSnapshot
+from dgemma_common.images import VisionSpec
 from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
-from dgemma_gateway.demand import DemandTracker, snapshot
+from dgemma_gateway.demand import DemandTracker, Routed, snapshot
 from dgemma_gateway.endpoints import (
     ChannelFactory,
     Ejection,
@@ -33,13 +35,13 @@ from dgemma_gateway.endpoints import (
     StepsTaken,
     worker_events,
 )
-from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream
+from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, worker_refused_key
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
 from dgemma_gateway.routing.predict import Prediction, canvases_for
-from dgemma_gateway.runtimes import refusal
-from dgemma_gateway.types import RouteRequest
+from dgemma_gateway.runtimes import IMAGE_REFUSAL, IMAGE_RUNTIMES, has_images, refusal
+from dgemma_gateway.types import RouteRequest, Runtime
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -150,13 +152,11 @@ class Gateway:
         """Served model names."""
         return self.registry.models()
 
-    def demand_snapshot(self) -> dict[str, Any]:
+    def demand_snapshot(self) -> DemandSnapshot:
         """Per variant: demand and delivered tokens/s per replica (for the autoscaler, in-process or JSON)."""
         now = self.registry.clock()
-        snap = snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
-                        self.settings.stale_after_s, held=dict(self._held))
-        snap["time_unix_s"] = time.time()
-        return snap
+        return snapshot(self.demand, list(self.registry.variants.values()), self.registry.candidates(now), now,
+                        self.settings.stale_after_s, held=dict(self._held), time_unix_s=time.time())
 
     # ---- scale from zero ------------------------------------------------------------------------
 
@@ -169,7 +169,9 @@ class Gateway:
         """
         if self.settings.hold_for_replica_s <= 0 or self.ready_count(model, local=True) > 0:
             return None
-        starting = {c.variant.name for c in self.registry.candidates() if c.variant.model == model}
+        # A replica that refuses the gateway's API key is not starting: holding for it would only delay the error.
+        starting = {s.spec.variant.name for s in self.registry.endpoints.values()
+                    if s.spec.variant.model == model and s.key_refused is None}
         options = [v for v in self.registry.variants.values()
                    if v.model == model and not v.overflow and (v.scale_from_zero or v.name in starting)]
         if not options:
@@ -215,6 +217,7 @@ class Gateway:
             latency_target_ms=req.latency_target_ms,
             strict=req.strict,
             seq=seq,
+            prompt_tokens=req.prompt_tokens,
             allow_overflow=req.allow_overflow,
         )
 
@@ -226,11 +229,19 @@ class Gateway:
             name, why = next(r for r in refusals if r is not None)
             field = req.client_field(name)
             raise GatewayError(400, f"{field}: {why}", param=field, code="unsupported_setting")
+        if variants and has_images(req.prompt) and not any(v.runtime in IMAGE_RUNTIMES for v in variants):
+            field = req.client_field("prompt")
+            raise GatewayError(400, f"{field}: {IMAGE_REFUSAL}", param=field, code="unsupported_setting")
+
+    @staticmethod
+    def _takes(runtime: Runtime, req: GatewayRequest) -> bool:
+        """Whether an endpoint of this runtime can serve the request (its settings, its images)."""
+        return refusal(runtime, req.settings) is None and (runtime in IMAGE_RUNTIMES or not has_images(req.prompt))
 
     def _route(self, req: GatewayRequest, seq: int, excluded: set[str]) -> Decision:
         now = self.registry.clock()
         candidates = [c for c in self.registry.candidates(now)
-                      if c.endpoint_id not in excluded and refusal(c.variant.runtime, req.settings) is None]
+                      if c.endpoint_id not in excluded and self._takes(c.variant.runtime, req)]
         return route_with_overflow(self.pipeline, self._route_request(req, seq), candidates, now,
                                    self.registry.variants.values())
 
@@ -244,6 +255,9 @@ class Gateway:
             return GatewayError(429, "every upstream of the model asked for a pause (429)",
                                 code="upstream_rate_limited", retry_after_s=paused)
         if self.ready_count(req.model) == 0 and not tried:
+            refused = self.registry.key_refused(req.model)
+            if refused is not None:
+                return worker_refused_key(refused)
             return GatewayError(503, f"no ready endpoint for model {req.model!r}", code="no_ready_endpoint",
                                 retry_after_s=5.0)
         retry = decision.retry_after_s if decision.retry_after_s is not None else 1.0
@@ -304,6 +318,7 @@ class Gateway:
         attempt = 0
         held = False
         last_error: GatewayError | None = None
+        counted: Routed | None = None  # this request's demand, counted once whatever the retries
         while True:
             decision = self._route(req, seq, tried)
             chosen = decision.endpoint
@@ -324,8 +339,9 @@ class Gateway:
             variant = chosen.variant
             remaining = deadline - self.registry.clock()
             if remaining <= 0:
-                raise GatewayError(504, "the request's deadline passed before an endpoint took it",
-                                   code="timeout")
+                error = GatewayError(504, "the request's deadline passed before an endpoint took it", code="timeout")
+                self.metrics.requests.labels(req.api, chosen.variant.name, str(error.status)).inc()
+                raise error
             canvas = chosen.load.canvas_length if chosen.load and chosen.load.canvas_length else variant.canvas_length
             req.trace.update(
                 endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1, overflow=variant.overflow,
@@ -335,9 +351,12 @@ class Gateway:
                 expect_met=decision.expect_met,
             )
             # With the request itself, so its demand can also be attributed to its preferred variant (an
-            # overflowed request counts as demand for the local variant it would have preferred).
-            self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                               canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
+            # overflowed request counts as demand for the local variant it would have preferred). A retry moves
+            # the request's demand to where it is retried: one request, counted once.
+            if counted is not None:
+                self.demand.withdraw(counted)
+            counted = self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
+                                         canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False
@@ -401,21 +420,24 @@ class Gateway:
             m.targets.labels(variant, "met" if met else "missed").inc()
             m.targets.labels(variant, "missed" if met else "met").inc(0)
 
-    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int) -> int | None:
+    def model_vision(self, model: str) -> tuple[bool, VisionSpec | None]:
+        """Whether any endpoint of `model` has reported its load, and the image geometry one of them reported
+        (None: the model takes no images, or nothing is known yet)."""
+        loads = [c.load for c in self.registry.candidates() if c.variant.model == model and c.load is not None]
+        return bool(loads), next((load.vision for load in loads if load.vision is not None), None)
+
+    async def count_prompt_tokens(self, model: str, prompt: pb.Prompt, limit: int, image_tokens: int = 0
+                                  ) -> int | None:
         """Exact token count of a prompt from a ready worker when a cheap bound cannot settle the limit.
 
-        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip.
-        Returns None when the bound already shows the prompt fits.
+        A byte-level BPE never makes more tokens than UTF-8 bytes, so small prompts need no round trip;
+        `image_tokens` (counted from the images' sizes) is added to the bound. Returns None when the bound
+        already shows the prompt fits.
         """
         kind = prompt.WhichOneof("kind")
         if kind == "tokens":
             return len(prompt.tokens.ids)
-        if kind == "text":
-            bound = len(prompt.text.encode())
-        else:
-            # Chat template tokens per message are few; 16 is a generous bound.
-            bound = sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
-        if bound <= limit:
+        if text_bound(prompt) + image_tokens <= limit:
             return None
         now = self.registry.clock()
         for c in self.registry.candidates(now):
@@ -433,3 +455,24 @@ class Gateway:
                 continue
         # No worker could count now: leave the limit to the worker that takes the request.
         return None
+
+
+def text_bound(prompt: pb.Prompt) -> int:
+    """An upper bound on the text tokens of a prompt: UTF-8 bytes (a byte-level BPE never makes more), plus a
+    generous 16 per chat message for its template."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    if prompt.WhichOneof("kind") == "text":
+        return len(prompt.text.encode())
+    return sum(_message_bytes(m) + len(m.role.encode()) + 16 for m in prompt.chat.messages) + 16
+
+
+def estimate_text_tokens(prompt: pb.Prompt) -> int:
+    """The text tokens of a prompt as routing guesses them: about four UTF-8 bytes a token."""
+    if prompt.WhichOneof("kind") == "tokens":
+        return len(prompt.tokens.ids)
+    return max(1, text_bound(prompt) // 4)
+
+
+def _message_bytes(m: pb.ChatMessage) -> int:
+    return len(m.content.encode()) + sum(len(p.text.encode()) for p in m.parts)

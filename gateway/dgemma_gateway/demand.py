@@ -1,19 +1,21 @@
 """Measurements for autoscaling: what each variant is asked for and what its replicas deliver.
 
 `DemandTracker` keeps sliding windows of routed requests and finished ones; `snapshot` is a pure
-function of the tracker and the endpoints' canonical loads, so the autoscaler can call it in-process
-(`Gateway.demand_snapshot()`) or read it as JSON (`GET /v1/dgemma/demand`). A variant's demand is
+function of the tracker and the endpoints' canonical loads, building the versioned contract of
+`dgemma_common.demand`, so the autoscaler can call it in-process (`Gateway.demand_snapshot()`) or read it
+as JSON (`GET /v1/dgemma/demand`). A variant's demand is
 attributed (see attribution.py): what it is preferred for plus the overflow it takes in; what was
 routed to it is reported alongside.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from dgemma_common.demand import VERSION, Capacity, Delivered, Demand, DemandSnapshot, VariantView
 from dgemma_gateway.attribution import Shape, attribute, demand_fields
 from dgemma_gateway.routing import Pipeline
 from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
@@ -29,6 +31,11 @@ class _Window:
     def add(self, now: float, amount: float) -> None:
         self.items.append((now, amount))
         self.trim(now)
+
+    def remove(self, at: float, amount: float) -> None:
+        """Take back one amount added at `at` (gone already if it left the window)."""
+        with contextlib.suppress(ValueError):
+            self.items.remove((at, amount))
 
     def trim(self, now: float) -> None:
         while self.items and self.items[0][0] < now - self.window_s:
@@ -60,6 +67,17 @@ class VariantDemand:
             setattr(self, name, _Window(self.window_s))
 
 
+@dataclass(frozen=True)
+class Routed:
+    """One routing of a request, kept so that a retry elsewhere can take it back (a request is demand once)."""
+
+    variant: str
+    at: float
+    max_tokens: int
+    canvases: int
+    entry: tuple[float, str, Shape | None, int, int]
+
+
 class DemandTracker:
     """Per-variant demand and delivery, fed by the gateway as requests are routed and finish."""
 
@@ -77,15 +95,27 @@ class DemandTracker:
 
     def routed(
         self, variant: str, now: float, max_tokens: int, canvases: int, request: RouteRequest | None = None
-    ) -> None:
+    ) -> Routed:
         """A request was sent to a replica of this variant; `request` lets its demand be attributed."""
         v = self._v(variant)
         v.requests_total += 1
         v.requests.add(now, 1)
         v.tokens.add(now, max_tokens)
         v.canvases.add(now, canvases)
-        self.recent.append((now, variant, None if request is None else Shape.of(request), max_tokens, canvases))
+        entry = (now, variant, None if request is None else Shape.of(request), max_tokens, canvases)
+        self.recent.append(entry)
         self._trim(now)
+        return Routed(variant, now, max_tokens, canvases, entry)
+
+    def withdraw(self, routed: Routed) -> None:
+        """Take back a routing: the request failed there before its first event and is retried elsewhere."""
+        v = self._v(routed.variant)
+        v.requests_total -= 1
+        v.requests.remove(routed.at, 1)
+        v.tokens.remove(routed.at, routed.max_tokens)
+        v.canvases.remove(routed.at, routed.canvases)
+        with contextlib.suppress(ValueError):
+            self.recent.remove(routed.entry)
 
     def _trim(self, now: float) -> None:
         while self.recent and self.recent[0][0] < now - self.window_s:
@@ -124,7 +154,7 @@ def replica_canvases_per_s(load: EndpointLoad, steps_per_canvas: float) -> float
     return 1.0 / (max(1.0, steps_per_canvas) * load.step_latency_s + max(0.0, load.encoder_latency_s))
 
 
-def measured_capacity(ready: Sequence[Candidate]) -> dict[str, Any]:
+def measured_capacity(ready: Sequence[Candidate]) -> Capacity:
     """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did.
 
     A canvas costs the steps the variant's traffic really takes per canvas (its requests' own caps and
@@ -147,27 +177,28 @@ def measured_capacity(ready: Sequence[Candidate]) -> dict[str, Any]:
         steps_seen.append(max(1.0, steps))
         latencies.append((c.load.step_latency_s, max(0.0, c.load.encoder_latency_s)))
     if not rates:
-        return {"canvases_per_s_per_replica": None, "tokens_per_s_per_replica": None, "steps_per_canvas": None,
-                "step_latency_s": None, "encoder_latency_s": None, "replicas_measured": 0}
+        return Capacity(canvases_per_s_per_replica=None, tokens_per_s_per_replica=None, steps_per_canvas=None,
+                        step_latency_s=None, encoder_latency_s=None, replicas_measured=0)
     n = len(rates)
-    return {"canvases_per_s_per_replica": sum(rates) / n, "tokens_per_s_per_replica": sum(tokens) / n,
-            "steps_per_canvas": sum(steps_seen) / n, "step_latency_s": sum(s for s, _ in latencies) / n,
-            "encoder_latency_s": sum(e for _, e in latencies) / n, "replicas_measured": n}
+    return Capacity(canvases_per_s_per_replica=sum(rates) / n, tokens_per_s_per_replica=sum(tokens) / n,
+                    steps_per_canvas=sum(steps_seen) / n, step_latency_s=sum(s for s, _ in latencies) / n,
+                    encoder_latency_s=sum(e for _, e in latencies) / n, replicas_measured=n)
 
 
 def snapshot(
     tracker: DemandTracker, variants: Sequence[Variant], candidates: Sequence[Candidate], now: float,
     stale_after_s: float = 5.0, held: Mapping[str, tuple[int, float]] | None = None,
-    pipeline: Pipeline | None = None,
-) -> dict[str, Any]:
+    pipeline: Pipeline | None = None, time_unix_s: float | None = None,
+) -> DemandSnapshot:
     """The autoscaler's view: per variant, demand and what each ready replica delivers.
 
     `held`: per variant, (requests, canvases) the gateway holds while no replica is ready (scale from zero).
     `pipeline`: the profile attribution asks where a request should go (default: `latency-target`).
+    `time_unix_s`: when, on the wall clock (default: `now`, for simulations).
     """
-    out: dict[str, Any] = {"window_s": tracker.window_s, "variants": {}, "unroutable": dict(tracker.unroutable)}
     preferred, overflow = attribute(tracker.routed_in_window(now), variants, candidates, now, tracker.window_s,
                                     pipeline)
+    views: dict[str, VariantView] = {}
     for variant in sorted(variants, key=lambda v: v.name):
         mine = [c for c in candidates if c.variant.name == variant.name]
         ready = [
@@ -180,46 +211,44 @@ def snapshot(
         )
         v = tracker.variants.get(variant.name) or VariantDemand(tracker.window_s)
         delivered = sum(c.load.tokens_per_s for c in ready if c.load is not None)
-        met, missed = v.met.rate(now) * tracker.window_s, v.missed.rate(now) * tracker.window_s
         requests_rate = v.requests.rate(now)
         canvases_per_request = v.canvases.rate(now) / requests_rate if requests_rate > 0 else 1.0
-        out["variants"][variant.name] = {
-            "model": variant.model,
-            "gpu_profile": variant.gpu_profile,
-            "cost_weight": variant.cost_weight,
-            "latency_target_ms": variant.latency_target_ms,
-            "canvas_length": variant.canvas_length,
-            "tokens_per_s_prior": variant.tokens_per_s_prior,
-            "replicas": len(mine),
-            "replicas_ready": len(ready),
-            "demand": {
+        held_requests, held_canvases = (held or {}).get(variant.name, (0, 0.0))
+        views[variant.name] = VariantView(
+            model=variant.model,
+            gpu_profile=variant.gpu_profile,
+            cost_weight=variant.cost_weight,
+            latency_target_ms=variant.latency_target_ms,
+            canvas_length=variant.canvas_length,
+            tokens_per_s_prior=variant.tokens_per_s_prior,
+            replicas=len(mine),
+            replicas_ready=len(ready),
+            demand=Demand(
                 # Attributed: preferred here plus overflow taken in (what the autoscaler scales on).
                 **demand_fields(preferred, overflow, variant.name),
-                "routed_requests_per_s": v.requests.rate(now),
-                "routed_tokens_per_s": v.tokens.rate(now),
-                "routed_canvases_per_s": v.canvases.rate(now),
-                "requests_waiting": waiting,
-                "canvases_waiting": waiting * canvases_per_request,
-                "requests_in_flight": sum(c.inflight for c in mine),
-                "targets_met": int(met),
-                "targets_missed": int(missed),
-                "target_miss_ratio": (missed / (met + missed)) if met + missed else 0.0,
-                "requests_total": v.requests_total,
-                "targets_met_total": v.targets_met_total,
-                "targets_missed_total": v.targets_missed_total,
-                # Held at the gateway for a replica to start: waiting demand the workers cannot see.
-                "requests_held": (held or {}).get(variant.name, (0, 0.0))[0],
-                "canvases_held": (held or {}).get(variant.name, (0, 0.0))[1],
-            },
-            "delivered": {
-                "tokens_per_s": delivered,
-                "tokens_per_s_per_replica": delivered / len(ready) if ready else 0.0,
-                "completion_tokens_per_s": v.delivered.rate(now),
-                "canvases_per_s_per_replica": v.delivered_canvases.rate(now) / len(ready) if ready else 0.0,
-            },
-            # What one ready replica can finish, from the workers' own step timings (None until measured).
-            "capacity": measured_capacity(ready),
-            # Learned from finished requests: the share of the step cap a canvas takes, per cap.
-            "step_shares": {str(cap): share for cap, share in (mine[0].step_shares if mine else ())},
-        }
-    return out
+                routed_requests_per_s=requests_rate,
+                routed_tokens_per_s=v.tokens.rate(now),
+                routed_canvases_per_s=v.canvases.rate(now),
+                requests_waiting=waiting,
+                canvases_waiting=waiting * canvases_per_request,
+                requests_in_flight=sum(c.inflight for c in mine),
+                targets_met=round(v.met.rate(now) * tracker.window_s),
+                targets_missed=round(v.missed.rate(now) * tracker.window_s),
+                requests_total=v.requests_total,
+                targets_met_total=v.targets_met_total,
+                targets_missed_total=v.targets_missed_total,
+                requests_held=held_requests,
+                canvases_held=float(held_canvases),
+            ),
+            delivered=Delivered(
+                tokens_per_s=delivered,
+                tokens_per_s_per_replica=delivered / len(ready) if ready else 0.0,
+                completion_tokens_per_s=v.delivered.rate(now),
+                canvases_per_s_per_replica=v.delivered_canvases.rate(now) / len(ready) if ready else 0.0,
+            ),
+            capacity=measured_capacity(ready),
+            step_shares={str(cap): share for cap, share in (mine[0].step_shares if mine else ())},
+            gateways=1,
+        )
+    return DemandSnapshot(version=VERSION, time_unix_s=now if time_unix_s is None else time_unix_s,
+                          window_s=tracker.window_s, variants=views, unroutable=dict(tracker.unroutable))

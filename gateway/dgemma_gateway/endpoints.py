@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import grpc
 
+from dgemma_common.convert import vision_from_pb
+from dgemma_common.logsafe import clip
 from dgemma_common.tls import TlsFiles, grpc_channel_credentials
 from dgemma_gateway.errors import grpc_failure
 from dgemma_gateway.openai_upstream import HttpTarget, OpenAIUpstream
@@ -44,7 +46,8 @@ class EndpointSpec:
     endpoint_id: str
     address: str  # host:port of the worker's gRPC server, or the HTTP server's API root
     variant: Variant
-    http: HttpTarget | None = None  # set for an OpenAI-compatible server
+    http: HttpTarget | None = None  # set for an OpenAI-compatible server (which carries its own key)
+    api_key: str | None = field(default=None, repr=False)  # the worker's API key, sent on every call to it
 
     @property
     def kind(self) -> Literal["grpc", "http"]:
@@ -97,6 +100,8 @@ def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
         ready=report.ready,
         draining=report.draining,
         observed_at=observed_at,
+        encoder_token_latency_s=report.encoder_token_latency_s,
+        vision=vision_from_pb(report),
     )
 
 
@@ -113,6 +118,42 @@ async def worker_events(stub: Any, request: pb.GenerateRequest, timeout_s: float
     finally:
         if not call.done():
             call.cancel()
+
+
+def worker_key_metadata(details: grpc.aio.ClientCallDetails, key: str | None) -> grpc.aio.ClientCallDetails:
+    """The call's details with `authorization: Bearer KEY` added (unchanged without a key)."""
+    if not key:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {key}"))
+    return details._replace(metadata=metadata)
+
+
+KeyGetter = Callable[[], str | None]
+
+
+class _KeyOnUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, key: KeyGetter) -> None:
+        self.key = key
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        return await continuation(worker_key_metadata(client_call_details, self.key()), request)
+
+
+class _KeyOnUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: KeyGetter) -> None:
+        self.key = key
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
+        return await continuation(worker_key_metadata(client_call_details, self.key()), request)
+
+
+def worker_key_interceptors(key: KeyGetter) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that put the worker's API key (read at each call, so a rotated key is used at once)
+    on every call of a channel: the Denoiser's RPCs are unary (GetLoad, Tokenize, Detokenize) or
+    server-streaming (Generate, WatchLoad). grpc.aio files an interceptor under one kind only, so one each."""
+    return [_KeyOnUnaryUnary(key), _KeyOnUnaryStream(key)]
 
 
 async def watch_load(stub: Any, interval_s: float) -> AsyncIterator[pb.LoadReport]:
@@ -171,22 +212,27 @@ class EndpointState:
     failures: int = 0
     ejected_until: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Why the worker last refused the gateway's API key on its load watch (cleared by the next report): the
+    # gateway's key is missing or wrong, which clients are told instead of a bare "no ready endpoint".
+    key_refused: str | None = None
 
 
+# The largest gRPC message to or from a worker (a request's images travel in it), as the worker's default.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Reconnect quickly after a worker restarts; the watcher has its own backoff on top.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
-ChannelFactory = Callable[[str], grpc.aio.Channel]
+ChannelFactory = Callable[[str, Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
 # A renewed channel's streams in flight may run this long before the old channel closes under them.
 RENEWED_CHANNEL_GRACE_S = 600.0
 
@@ -203,13 +249,16 @@ class WorkerTls:
 
 
 def channel_factory(tls: WorkerTls | None) -> ChannelFactory:
-    """Opens a channel to a worker: plaintext, or TLS with the files as they are at that moment."""
+    """Opens a channel to a worker (with the given interceptors): plaintext, or TLS with the files as they are at
+    that moment."""
     if tls is None:
-        return lambda address: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return lambda address, interceptors: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                                        interceptors=interceptors)
     options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else [])]
 
-    def open_tls(address: str) -> grpc.aio.Channel:
-        return grpc.aio.secure_channel(address, grpc_channel_credentials(tls.client, tls.ca_file), options=options)
+    def open_tls(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor]) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(address, grpc_channel_credentials(tls.client, tls.ca_file), options=options,
+                                       interceptors=interceptors)
 
     return open_tls
 
@@ -244,6 +293,8 @@ class Registry:
         self.ejections_total = 0
         self.changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None  # shared by every HTTP endpoint
+        # Channels of forgotten endpoints, closing once their calls had a chance to end. Held here: the loop keeps
+        # only weak references to tasks, and close() must not leave them behind.
         self._closing: set[asyncio.Task[None]] = set()
 
     # ---- membership -----------------------------------------------------------------------------
@@ -264,14 +315,14 @@ class Registry:
             if endpoint_id not in wanted or wanted[endpoint_id].address != state.spec.address:
                 self._forget(endpoint_id)
         for endpoint_id, spec in wanted.items():
-            if endpoint_id in self.endpoints and self.endpoints[endpoint_id].spec.http == spec.http:
-                self.endpoints[endpoint_id].spec = spec  # the variant's settings may have changed
+            if endpoint_id in self.endpoints and _same_connection(self.endpoints[endpoint_id].spec, spec):
+                self.endpoints[endpoint_id].spec = spec  # the variant's settings (or the worker's key) may have changed
                 continue
             if endpoint_id in self.endpoints:
-                self._forget(endpoint_id)  # a new model name, key or limit on the same server
+                self._forget(endpoint_id)  # a new model name, key or limit on the same server; a key added or dropped
             if spec.http is None:
-                channel = self.open_channel(spec.address)
-                state = EndpointState(spec, channel, pb_grpc.DenoiserStub(channel))
+                state = EndpointState(spec, None, None)
+                self._open(state)
                 watch = self._watch(state)
             else:
                 state = EndpointState(spec, None, None)
@@ -281,6 +332,14 @@ class Registry:
             self.endpoints[endpoint_id] = state
             state.watcher = asyncio.get_running_loop().create_task(watch, name=f"watch-load {endpoint_id}")
         self.changed.set()
+
+    def _open(self, state: EndpointState) -> None:
+        """A new channel to the worker; with a key, every call on it carries the key its spec has at that moment
+        (a rotated key is used at once). Without one the channel has no interceptor: nothing to pay for."""
+        keyed = state.spec.api_key is not None
+        interceptors = worker_key_interceptors(lambda: state.spec.api_key) if keyed else []
+        state.channel = self.open_channel(state.spec.address, interceptors)
+        state.stub = pb_grpc.DenoiserStub(state.channel)
 
     def _http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -305,8 +364,7 @@ class Registry:
             old = state.channel
             if old is None:
                 continue
-            state.channel = self.open_channel(state.spec.address)
-            state.stub = pb_grpc.DenoiserStub(state.channel)
+            self._open(state)
             if state.watcher is not None:
                 state.watcher.cancel()
             state.watcher = loop.create_task(self._watch(state), name=f"watch-load {state.spec.endpoint_id}")
@@ -319,7 +377,7 @@ class Registry:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Stop every watcher and close every channel."""
+        """Stop every watcher and close every channel, those of forgotten endpoints too (at once)."""
         states = list(self.endpoints.values())
         self.endpoints.clear()
         for s in states:
@@ -327,6 +385,10 @@ class Registry:
                 s.watcher.cancel()
         await asyncio.gather(*(s.watcher for s in states if s.watcher is not None), return_exceptions=True)
         await asyncio.gather(*(s.channel.close(None) for s in states if s.channel is not None), return_exceptions=True)
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()  # _close_later closes its channel when cancelled during its wait
+        await asyncio.gather(*closing, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -338,17 +400,34 @@ class Registry:
             try:
                 async for report in watch_load(state.stub, self.watch_interval_s):
                     state.load = extract_load(report, self.clock())
+                    state.key_refused = None
                     backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as err:
-                log.debug("load watch of %s failed: %s", state.spec.endpoint_id, err.code())
+                if err.code() is grpc.StatusCode.UNAUTHENTICATED:
+                    self._key_refused(state, err.details() or "")
+                else:
+                    log.debug("load watch of %s failed: %s", state.spec.endpoint_id, err.code())
             except Exception:
                 log.exception("load watch of %s failed", state.spec.endpoint_id)
             # The stream ended or failed: the endpoint drops out until it reports again.
             state.load = None
             await asyncio.sleep(backoff)
             backoff = min(2.0, backoff * 2)
+
+    @staticmethod
+    def _key_refused(state: EndpointState, details: str) -> None:
+        if state.key_refused is None:  # once per refusal spell: the watcher retries every 2 s
+            log.error("worker %s refuses the gateway's calls (%s): give the gateway the workers' API key "
+                      "(--worker-api-key-file; in a cluster the resource's spec.worker.apiKeySecret)",
+                      state.spec.endpoint_id, clip(details, 256))
+        state.key_refused = clip(details, 256) or "UNAUTHENTICATED"
+
+    def key_refused(self, model: str) -> str | None:
+        """Why a worker of the model refuses the gateway's API key, when one does (its last load watch)."""
+        return next((s.key_refused for s in self.endpoints.values()
+                     if s.spec.variant.model == model and s.key_refused is not None), None)
 
     def _reporter(self, state: EndpointState) -> Callable[[EndpointLoad | None, float | None], None]:
         def report(load: EndpointLoad | None, step_fraction: float | None) -> None:
@@ -454,13 +533,21 @@ class Registry:
         return sorted({v.model for v in self.variants.values()})
 
 
+def _same_connection(old: EndpointSpec, new: EndpointSpec) -> bool:
+    """Whether an endpoint's connection serves its new spec: the same HTTP target; for a worker, a key on both
+    or on neither (the key interceptor is part of the channel; the key itself is read at each call)."""
+    return old.http == new.http and (old.api_key is None) == (new.api_key is None)
+
+
 def _variant_of(state: EndpointState) -> Variant:
     return state.spec.variant
 
 
 async def _close_later(channel: grpc.aio.Channel, delay: float) -> None:
-    with contextlib.suppress(Exception):
+    try:
         if delay:
             await asyncio.sleep(delay)
-        await channel.close(None)
+    finally:  # cancelled (the registry closes): close now
+        with contextlib.suppress(Exception):
+            await channel.close(None)
 

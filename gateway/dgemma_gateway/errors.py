@@ -33,6 +33,7 @@ GRPC_CODES = {
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,  # gRPC's own HTTP mapping: an upstream's fault is not INTERNAL (our bug)
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -77,13 +78,22 @@ def bad_request(param: str, message: str) -> GatewayError:
     return GatewayError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
-# Upstream codes worth trying on another endpoint, if nothing has reached the client yet.
+# Upstream codes worth trying on another endpoint, if nothing has reached the client yet (a worker that refuses
+# the gateway's key may be the only one with an old or new key during a rotation).
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
-     grpc.StatusCode.INTERNAL}
+     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAUTHENTICATED}
 )
 # Upstream codes that say the endpoint itself is failing (outlier ejection), not just busy or the request bad.
-FAILING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+FAILING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                     grpc.StatusCode.UNAUTHENTICATED})
+
+
+def worker_refused_key(details: str) -> GatewayError:
+    """A worker refused the gateway's own API key: the gateway is misconfigured, not the client's request."""
+    return GatewayError(502, f"the model's workers refuse the gateway's API key ({details}); the gateway needs "
+                        "the workers' key (--worker-api-key-file, or the resource's spec.worker.apiKeySecret)",
+                        code="upstream_misconfigured")
 
 
 def retryable(code: grpc.StatusCode, error: GatewayError) -> bool:
@@ -113,6 +123,8 @@ def from_upstream(code: grpc.StatusCode, details: str, param_names: dict[str, st
         return GatewayError(503, f"upstream unavailable: {details}", code="upstream_unavailable", retry_after_s=1.0)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return GatewayError(504, "the request's deadline passed upstream", code="upstream_timeout")
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return worker_refused_key(details)
     return GatewayError(502, f"upstream error ({code.name})", code="upstream_error")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from importlib import metadata
 from typing import Any, NoReturn
 
@@ -21,30 +22,23 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_common import kserve
 from dgemma_common.auth import ApiKeys, AuthError, metadata_getter
+from dgemma_common.convert import prompt_to_pb
 from dgemma_common.guard import RequestGuard
 from dgemma_common.kserve import parameter_value
 from dgemma_common.openai_models import latency_target_ms
 from dgemma_common.params import GenerationParams, Limits, ParamError
 from dgemma_common.tracing import RequestContextInterceptor
 from dgemma_common.types import CommitEvent, FinalEvent, RequestStats, StopReason
-from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
+from dgemma_gateway.endpoints import MAX_MESSAGE_BYTES
 from dgemma_gateway.errors import GatewayError
+from dgemma_gateway.images import ImageIntake, image_tokens
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _STOP = {pb.STOP_REASON_EOS: StopReason.EOS, pb.STOP_REASON_STOP_STRING: StopReason.STOP_STRING,
          pb.STOP_REASON_LENGTH: StopReason.LENGTH}
-
-
-def _prompt_pb(req: kserve.InferRequest) -> pb.Prompt:
-    p = req.prompt
-    if p.text is not None:
-        return pb.Prompt(text=p.text)
-    if p.messages is not None:
-        return pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.role, content=m.content)
-                                                        for m in p.messages]))
-    return pb.Prompt(tokens=pb.TokenIds(ids=list(p.token_ids or ())))
 
 
 def _final_event(final: pb.Final) -> FinalEvent:
@@ -67,9 +61,10 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService in front of every model the gateway serves."""
 
     def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256,
-                 keys: ApiKeys | None = None) -> None:
+                 keys: ApiKeys | None = None, images: ImageIntake | None = None) -> None:
         self.gateway = gateway
         self.keys = keys
+        self.images = images or ImageIntake()
         self.limits = Limits(max_new_tokens=max_tokens)
         self.default_max_tokens = default_max_tokens
         try:
@@ -80,6 +75,22 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def _check_model(self, name: str, version: str = "") -> None:
         if name not in self.gateway.models() or version not in ("", "1"):
             raise GatewayError(404, f"unknown model {name!r}; served: {self.gateway.models()}", param="model")
+
+    async def _prepared(self, request: kpb.ModelInferRequest, allow_overflow: bool = True
+                        ) -> tuple[GatewayRequest, kserve.InferRequest]:
+        """The decoded request with its images checked and its prompt length known to routing."""
+        greq, decoded = self._request(request, allow_overflow)
+        images = decoded.prompt.all_images
+        extra = 0
+        if images:
+            fields = [f"{kserve.IMAGE}[{k}]" for k in range(len(images))]
+            known, spec = self.gateway.model_vision(greq.model)
+            if known and spec is None:
+                raise GatewayError(400, f"{kserve.IMAGE}: the model {greq.model!r} takes no images",
+                                   param=kserve.IMAGE)
+            infos = await self.images.check([(i.data, i.mime_type) for i in images], fields, kserve.IMAGE)
+            extra = 0 if spec is None else image_tokens(infos, fields, spec)
+        return replace(greq, prompt_tokens=estimate_text_tokens(greq.prompt) + extra), decoded
 
     def _allows_overflow(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         """Whether the caller's key lets its requests go to an external API (the guard has checked the key)."""
@@ -104,7 +115,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         keep = {k: v for k, v in decoded.settings.items() if v is not None}
         keep.setdefault("max_new_tokens", self.default_max_tokens)
         return GatewayRequest(
-            model=request.model_name, prompt=_prompt_pb(decoded), settings=keep,
+            model=request.model_name, prompt=prompt_to_pb(decoded.prompt), settings=keep,
             latency_target_ms=target, api="kserve",
             allow_overflow=allow_overflow, **({"request_id": request.id} if request.id else {}),
         ), decoded
@@ -157,7 +168,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any]) -> kpb.ModelInferResponse:
         """The whole reply at once."""
         try:
-            greq, decoded = self._request(request, self._allows_overflow(context))
+            greq, decoded = await self._prepared(request, self._allows_overflow(context))
             commits: list[CommitEvent] = []
             final: FinalEvent | None = None
             async for kind, event in self._events(greq):
@@ -182,7 +193,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                           out: asyncio.Queue[kpb.ModelStreamInferResponse | None], allow_overflow: bool = True
                           ) -> None:
         try:
-            greq, decoded = self._request(request, allow_overflow)
+            greq, decoded = await self._prepared(request, allow_overflow)
             async for kind, event in self._events(greq):
                 if kind == "commit":
                     response = kserve.commit_response(request.model_name, decoded, event)
@@ -197,20 +208,25 @@ KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_na
 
 
 async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_tokens: int = 8192,
-                     default_max_tokens: int = 256,
-                     credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+                     default_max_tokens: int = 256, credentials: grpc.ServerCredentials | None = None,
+                     images: ImageIntake | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the KServe front (API keys on the inference service; health and reflection open; over TLS with
     credentials)."""
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,),
-                         on_refused=lambda reason: gateway.metrics.auth_failures.labels("kserve", reason).inc())
+    def refused(_service: str, reason: str) -> None:
+        gateway.metrics.auth_failures.labels("kserve", reason).inc()
+
+    guard = RequestGuard(keys, protected=(KSERVE_SERVICE,), on_refused=refused)
     traced = RequestContextInterceptor("dgemma_gateway", (f"/{KSERVE_SERVICE}/ModelInfer",
                                                           f"/{KSERVE_SERVICE}/ModelStreamInfer"))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[guard, traced])
+    # Requests carry images: the same message bound as the gateway's channels to the workers.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                             interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys), server)
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys, images), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = KSERVE_SERVICE

@@ -10,11 +10,14 @@ relist on 410 Gone) through kubernetes_asyncio, so the gateway authenticates as 
 The library keeps client certificates and keys given inline (`client-key-data`) in temporary files for the
 process's life and removes them when it exits.
 
-Each `DiffusionGemma` named N has a worker Service `N-worker` (operator convention); its EndpointSlices
-carry `kubernetes.io/service-name: N-worker` and a port named `grpc` (dgemma workers) or `http` (vLLM's
-OpenAI server, `spec.runtime: vllm`). A resource with `spec.runtime: external` has no pods: it is one HTTP
-endpoint, its API, with the key from the Secret it names. `endpoints_from` is the pure function from the
-watched objects to endpoints.
+Each `DiffusionGemma` named N has a worker Service `N-worker`; its EndpointSlices carry
+`kubernetes.io/service-name: N-worker` and a port named `grpc` (dgemma workers) or `http` (vLLM's OpenAI
+server, `spec.runtime: vllm`): the names the operator gives, from `dgemma_common.naming`. A resource with
+`spec.runtime: external` has no pods: it is one HTTP endpoint, its API, with the key from the Secret it names.
+A resource with `spec.worker.apiKeySecret` has workers that require a key: the gateway reads the same Secret and
+presents it on every call (gRPC metadata to dgemma workers, `Authorization: Bearer` to vLLM pods); Secrets are
+read again every minute and whenever a resource changes. `endpoints_from` is the pure function from the watched
+objects to endpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -37,21 +41,16 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from dgemma_common import variants, vllm
+from dgemma_common import naming, variants, vllm
+from dgemma_common.auth import parse_keys
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
-from dgemma_gateway.types import DEFAULT_LATENCY_TARGET_MS, RUNTIMES, Variant
+from dgemma_gateway.types import Variant
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "dgemma.io", "v1alpha1", "diffusiongemmas"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-WORKER_SUFFIX = "-worker"
-GRPC_PORT = 50051
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SECRET_REFRESH_S = 60.0
-# tokens/s per replica until measured, by GPU profile (the operator's profiles.py holds the same priors).
-PROFILE_PRIORS = {"h100": 1100.0, "rtx-pro-6000": 700.0, "dgx-spark": 150.0, "dgx-station": 800.0, "custom": 500.0}
 # The API server ends a watch after this long; the client then resumes from the last resourceVersion.
 WATCH_TIMEOUT_S = 300
 LIST_TIMEOUT_S = 60
@@ -83,52 +82,60 @@ class Resource:
     capacity: int  # requests one vLLM replica runs at once (--max-num-seqs)
     max_queue: int  # more that may wait there (spec.worker.maxQueue)
     external: External | None = None
+    worker_key: tuple[str, str] | None = None  # (Secret name, key) of the key its workers require
+
+    @property
+    def secrets(self) -> list[tuple[str, str]]:
+        """The (Secret, key) pairs holding keys the gateway presents for this variant."""
+        return [ref for ref in (self.worker_key, self.external.secret if self.external else None) if ref]
 
 
 def resource_from(obj: Mapping[str, Any]) -> Resource:
-    """A DiffusionGemma resource: its variant, its vLLM limits, its external API."""
+    """A DiffusionGemma resource: its variant (the typed read), its vLLM limits, its external API."""
     spec = obj.get("spec", {})
     variant = variant_from_resource(obj)
     vllm_spec = spec.get("vllm") or {}
-    profile = str((spec.get("gpu") or {}).get("profile", "h100"))
-    recipe = vllm.RECIPE.get(profile, vllm.RECIPE["custom"])
+    recipe = vllm.RECIPE.get(variant.gpu_profile, vllm.RECIPE["custom"])
+    worker = spec.get("worker") or {}
     external = None
     if variant.runtime == "external":
         ext = spec["external"]
-        ref = ext.get("apiKeySecret")
         external = External(http_base_url(str(ext["baseURL"])), str(ext["model"]), int(ext.get("maxConcurrency", 16)),
-                            (str(ref["name"]), str(ref.get("key", "token"))) if ref else None)
-    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs),
-                    int((spec.get("worker") or {}).get("maxQueue", 64)), external)
+                            _secret_ref(ext.get("apiKeySecret")))
+    return Resource(variant, int(vllm_spec.get("maxNumSeqs") or recipe.max_num_seqs), int(worker.get("maxQueue", 64)),
+                    external, None if external else _secret_ref(worker.get("apiKeySecret")))
+
+
+def _secret_ref(ref: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    return (str(ref["name"]), str(ref.get("key", "token"))) if ref else None
+
+
+def presented_key(runtime: variants.Runtime, value: str) -> str | None:
+    """The key the gateway presents, from the Secret's value: for dgemma workers the value is their keys file (one
+    key per line, all accepted: a new key listed beside the old one rotates without a refusal), and the first key
+    is presented; vLLM and external APIs take the value as one key."""
+    if runtime == "dgemma":
+        return next(iter(parse_keys(value)), None)
+    key = value.strip()
+    # Several lines or words are no single key (and no header may carry a line break): no key at all.
+    return key if key and not any(c.isspace() for c in key) else None
 
 
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
-    """A DiffusionGemma resource as a routing variant (spec field names as in the CRD)."""
-    meta, spec = obj.get("metadata", {}), obj.get("spec", {})
-    gpu = spec.get("gpu") or {}
-    gen = spec.get("generation") or {}
-    profile = str(gpu.get("profile", "h100"))
-    runtime = str(spec.get("runtime", "dgemma"))
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}")
-    prior = gpu.get("tokensPerSecondPrior") or (obj.get("status") or {}).get("tokensPerSecondPrior") \
-        or PROFILE_PRIORS.get(profile, 500.0)
-    autoscaling = spec.get("autoscaling") or {}
-    # Zero replicas is a normal state when the autoscaler may go there, or when minReplicas allows it.
-    from_zero = int(spec.get("minReplicas", 1)) == 0 and (
-        bool(autoscaling.get("enabled")) or int(spec.get("replicas", 1)) == 0)
+    """A DiffusionGemma resource as a routing variant (read as `dgemma_common.variants` reads it)."""
+    v = variants.read_variant(obj)
     return Variant(
-        name=variant_name(meta),
-        model=str(spec.get("servedModelName", meta.get("name", ""))),
-        gpu_profile=profile,
-        cost_weight=float(spec.get("costWeight", 1.0)),
-        latency_target_ms=float(spec.get("latencyTargetMs", DEFAULT_LATENCY_TARGET_MS)),
-        canvas_length=int(gen.get("canvasLength", 256)),
-        max_denoising_steps=int(gen.get("maxDenoisingSteps", 48)),
-        tokens_per_s_prior=float(prior),
-        scale_from_zero=from_zero,
-        runtime=runtime,
-        allow_overflow=bool(spec.get("allowOverflow", False)),
+        name=v.name,
+        model=v.served_model_name,
+        gpu_profile=v.gpu_profile,
+        cost_weight=v.cost_weight,
+        latency_target_ms=v.latency_target_ms,
+        canvas_length=v.canvas_length,
+        max_denoising_steps=v.max_denoising_steps,
+        tokens_per_s_prior=v.tokens_per_second_prior,
+        scale_from_zero=v.scale_from_zero,
+        runtime=v.runtime,
+        allow_overflow=v.allow_overflow,
     )
 
 
@@ -136,19 +143,24 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
                    api_keys: Mapping[tuple[str, str, str], str] | None = None) -> list[EndpointSpec]:
     """Ready endpoints of every variant's worker Service, and every external variant's API.
 
-    `api_keys`: (namespace, Secret name, key) -> the API key read from that Secret; an external variant whose
-    Secret could not be read has no endpoint yet.
+    `api_keys`: (namespace, Secret name, key) -> the value read from that Secret; a variant whose key Secret could
+    not be read has no endpoint yet (its workers would refuse every call).
     """
-    by_service = {(ns, f"{name}{WORKER_SUFFIX}"): r for (ns, name), r in resources.items()}
+    by_service = {(ns, naming.worker_service(name)): r for (ns, name), r in resources.items()}
     out: dict[str, EndpointSpec] = {}
     for (ns, _), s in slices.items():
         labels = s.get("metadata", {}).get("labels") or {}
-        resource = by_service.get((ns, labels.get(SERVICE_NAME_LABEL, "")))
+        resource = by_service.get((ns, labels.get(naming.SERVICE_NAME_LABEL, "")))
         if resource is None or resource.variant.overflow:
             continue
+        key = None
+        if resource.worker_key is not None:
+            key = presented_key(resource.variant.runtime, (api_keys or {}).get((ns, *resource.worker_key), ""))
+            if key is None:
+                continue
         ports = {p.get("name"): p.get("port") for p in s.get("ports") or []}
         http = resource.variant.runtime == "vllm"
-        port = ports.get("http") if http else ports.get("grpc", GRPC_PORT)
+        port = ports.get(naming.HTTP_PORT_NAME) if http else ports.get(naming.GRPC_PORT_NAME, naming.WORKER_GRPC_PORT)
         if port is None:
             continue  # a slice of the Service's other ports
         for ep in s.get("endpoints") or []:
@@ -159,11 +171,11 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
                 host = f"[{address}]" if ":" in address else address
                 endpoint_id = f"{resource.variant.name}/{address}:{port}"
                 if http:
-                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model,
+                    target = HttpTarget(f"http://{host}:{port}{vllm.API_PREFIX}", resource.variant.model, api_key=key,
                                         capacity=resource.capacity, max_queue=resource.max_queue)
                     out[endpoint_id] = EndpointSpec(endpoint_id, target.base_url, resource.variant, http=target)
                 else:
-                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant)
+                    out[endpoint_id] = EndpointSpec(endpoint_id, f"{host}:{port}", resource.variant, api_key=key)
     for (ns, _), resource in resources.items():
         spec = external_endpoint(ns, resource, api_keys or {})
         if spec is not None:
@@ -179,7 +191,7 @@ def external_endpoint(namespace: str, resource: Resource, api_keys: Mapping[tupl
         return None
     key = None
     if ext.secret is not None:
-        key = api_keys.get((namespace, *ext.secret))
+        key = presented_key("external", api_keys.get((namespace, *ext.secret), ""))
         if key is None:
             return None
     target = HttpTarget(ext.base_url, ext.model, api_key=key, capacity=ext.max_concurrency, max_queue=0,
@@ -247,14 +259,16 @@ ListFn = Callable[..., Awaitable[Any]]
 
 
 async def list_then_watch(
-    client: ApiClient, list_fn: ListFn, *args: str, timeout_s: int = WATCH_TIMEOUT_S, **params: str,
+    client: ApiClient, list_fn: ListFn, timeout_s: int = WATCH_TIMEOUT_S, **params: str,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """List, then watch from the list's resourceVersion, resuming where each watch ended; on 410 Gone or an
     error, list again (yielding RESET first). Objects come as the API's JSON dicts."""
+    call = list_fn.func if isinstance(list_fn, functools.partial) else list_fn
+    what = f"{getattr(call, '__name__', call)}{getattr(list_fn, 'args', ())}"
     backoff = BACKOFF_MIN_S
     while True:
         try:
-            listed = client.sanitize_for_serialization(await list_fn(*args, **params,
+            listed = client.sanitize_for_serialization(await list_fn(**params,
                                                                      _request_timeout=LIST_TIMEOUT_S))
             yield "RESET", {}
             for item in listed.get("items") or []:
@@ -264,7 +278,7 @@ async def list_then_watch(
             while True:
                 # return_type "object": events stay dicts, not the client's model classes.
                 async with watch.Watch(return_type="object") as w:
-                    stream = w.stream(list_fn, *args, **params, resource_version=version,
+                    stream = w.stream(list_fn, **params, resource_version=version,
                                       allow_watch_bookmarks=True, timeout_seconds=timeout_s,
                                       _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 30))
                     async for event in stream:
@@ -275,12 +289,11 @@ async def list_then_watch(
             raise
         except ApiException as exc:
             if exc.status == 410:  # the resourceVersion is too old: list again
-                log.info("watch %s%s expired; listing again", list_fn.__name__, args)
+                log.info("watch %s expired; listing again", what)
                 continue
-            log.warning("watch %s%s failed: %s %s; retrying in %.1f s", list_fn.__name__, args, exc.status,
-                        exc.reason, backoff)
+            log.warning("watch %s failed: %s %s; retrying in %.1f s", what, exc.status, exc.reason, backoff)
         except (aiohttp.ClientError, TimeoutError, ValueError, ConfigException) as exc:
-            log.warning("watch %s%s failed: %s; retrying in %.1f s", list_fn.__name__, args, exc, backoff)
+            log.warning("watch %s failed: %s; retrying in %.1f s", what, exc, backoff)
         await asyncio.sleep(backoff)
         backoff = min(BACKOFF_MAX_S, backoff * 2)
 
@@ -295,7 +308,7 @@ class KubernetesSource:
         self.namespaces = parse_namespaces(namespace)
         self.resources: dict[Key, Resource] = {}
         self.slices: dict[Key, dict[str, Any]] = {}
-        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> an external API's key
+        self.api_keys: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> its value
         self._resources_changed = asyncio.Event()
 
     @classmethod
@@ -337,7 +350,8 @@ class KubernetesSource:
                 return obj
 
             async def refresh_keys() -> None:
-                # External variants' API keys: read when a resource changes, and again every minute (rotation).
+                # The keys the variants name (their workers', external APIs'): read when a resource changes, and
+                # again every minute (rotation).
                 while True:
                     keys = await read_api_keys(core, self.resources)
                     if keys != self.api_keys:
@@ -349,44 +363,52 @@ class KubernetesSource:
 
             # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
             # restarts the source whole.
+            scopes: list[tuple[str | None, ListFn, ListFn]]
+            if self.namespaces:
+                scopes = [(ns, functools.partial(custom.list_namespaced_custom_object, naming.GROUP,
+                                                 naming.VERSION, ns, naming.PLURAL),
+                           functools.partial(discovery.list_namespaced_endpoint_slice, ns))
+                          for ns in self.namespaces]
+            else:
+                scopes = [(None, functools.partial(custom.list_cluster_custom_object, naming.GROUP, naming.VERSION,
+                                                   naming.PLURAL),
+                           functools.partial(discovery.list_endpoint_slice_for_all_namespaces))]
             async with asyncio.TaskGroup() as tasks:
-                if not self.namespaces:
-                    tasks.create_task(follow(None, list_then_watch(
-                        client, custom.list_cluster_custom_object, GROUP, VERSION, PLURAL),
-                        self.resources, resource_from))
-                    tasks.create_task(follow(None, list_then_watch(
-                        client, discovery.list_endpoint_slice_for_all_namespaces, label_selector=SERVICE_NAME_LABEL),
-                        self.slices, keep))
-                for ns in self.namespaces:
-                    tasks.create_task(follow(ns, list_then_watch(
-                        client, custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-                        self.resources, resource_from))
-                    tasks.create_task(follow(ns, list_then_watch(
-                        client, discovery.list_namespaced_endpoint_slice, ns, label_selector=SERVICE_NAME_LABEL),
-                        self.slices, keep))
+                for ns, list_resources, list_slices in scopes:
+                    tasks.create_task(follow(ns, list_then_watch(client, list_resources), self.resources,
+                                             resource_from))
+                    tasks.create_task(follow(ns, list_then_watch(client, list_slices,
+                                                                 label_selector=naming.SERVICE_NAME_LABEL),
+                                             self.slices, keep))
                 tasks.create_task(refresh_keys())
                 if access.renew is not None:
                     tasks.create_task(access.renew())
 
 
 async def read_api_keys(core: CoreV1Api, resources: Mapping[Key, Resource]) -> dict[tuple[str, str, str], str]:
-    """The API keys the external variants name, from their Secrets (`get` on those Secrets only: the chart's
-    gateway.externalApiKeySecrets); a Secret that cannot be read leaves its variant without an endpoint."""
-    wanted = {(ns, *r.external.secret) for (ns, _), r in resources.items() if r.external and r.external.secret}
-    keys: dict[tuple[str, str, str], str] = {}
+    """The values of the Secrets holding the keys the variants name: their workers' (spec.worker.apiKeySecret) and
+    external APIs' (spec.external.apiKeySecret). `get` on those Secrets only (the chart's gateway.apiKeySecrets); a
+    Secret that cannot be read leaves its variant without endpoints."""
+    wanted = {(ns, *ref) for (ns, _), r in resources.items() for ref in r.secrets}
+    values: dict[tuple[str, str, str], str] = {}
     for namespace, name, key in sorted(wanted):
         try:
             secret = await core.read_namespaced_secret(name, namespace, _request_timeout=LIST_TIMEOUT_S)
-            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace").strip()
+            value = base64.b64decode(str((secret.data or {}).get(key, ""))).decode(errors="replace")
         except ApiException as exc:
-            log.warning("cannot read Secret %s/%s for an external API key: %s %s", namespace, name, exc.status,
-                        exc.reason)
+            log.warning("cannot read Secret %s/%s for an API key: %s %s", namespace, name, exc.status, exc.reason)
             continue
         except (aiohttp.ClientError, TimeoutError, binascii.Error) as exc:
-            log.warning("cannot read Secret %s/%s for an external API key: %s", namespace, name, exc)
+            log.warning("cannot read Secret %s/%s for an API key: %s", namespace, name, exc)
             continue
-        if value:
-            keys[(namespace, name, key)] = value
-        else:
-            log.warning("Secret %s/%s has no key %r for an external API", namespace, name, key)
-    return keys
+        if not value.strip():
+            log.warning("Secret %s/%s holds nothing under key %r", namespace, name, key)
+            continue
+        values[(namespace, name, key)] = value
+        if presented_key("vllm", value) != value and any(r.worker_key == (name, key) and r.variant.runtime == "vllm"
+                                                         for (ns, _), r in resources.items() if ns == namespace):
+            # vLLM compares the whole variable (VLLM_API_KEY), a trailing newline included; no header can carry it.
+            log.error("Secret %s/%s key %r is not one bare key: vLLM takes the whole value as its key and will refuse "
+                      "the gateway; store the key alone (kubectl create secret generic %s --from-literal=%s=KEY)",
+                      namespace, name, key, name, key)
+    return values

@@ -11,12 +11,12 @@ fleet of workers: the endpoint and worker-queue gauges read alike on every repli
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.demand import DemandSnapshot
 from dgemma_common.looplag import LAG_BUCKETS
 from dgemma_common.metrics import Kind, add_standard_collectors
 
@@ -43,7 +43,7 @@ KINDS: dict[str, Kind] = {
 
 
 class _StateCollector(Collector):
-    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, demand: Callable[[], DemandSnapshot]) -> None:
         self._demand = demand
 
     def collect(self) -> Iterator[Metric]:
@@ -76,18 +76,18 @@ class _StateCollector(Collector):
             "dgemma_gateway_step_share",
             "Share of the step cap a canvas takes (adaptive stopping), learned from finished requests, per cap",
             labels=["variant", "cap"])
-        for name, v in snap["variants"].items():
-            ready.add_metric([name], v["replicas_ready"])
-            measured = (v.get("capacity") or {}).get("tokens_per_s_per_replica")
+        for name, v in snap.variants.items():
+            ready.add_metric([name], v.replicas_ready)
+            measured = v.capacity.tokens_per_s_per_replica
             if measured is not None:
                 capacity.add_metric([name], measured)
-            held.add_metric([name], v["demand"].get("requests_held", 0))
-            for cap, share in v.get("step_shares", {}).items():
+            held.add_metric([name], v.demand.requests_held)
+            for cap, share in v.step_shares.items():
                 shares.add_metric([name, cap], share)
-            total.add_metric([name], v["replicas"])
+            total.add_metric([name], v.replicas)
             for key, g in gauges.items():
-                g.add_metric([name], v["demand"][key])
-            delivered.add_metric([name], v["delivered"]["tokens_per_s_per_replica"])
+                g.add_metric([name], getattr(v.demand, key))
+            delivered.add_metric([name], v.delivered.tokens_per_s_per_replica)
         yield ready
         yield total
         yield from gauges.values()
@@ -100,7 +100,7 @@ class _StateCollector(Collector):
 class GatewayMetrics:
     """The gateway's metrics on a private registry."""
 
-    def __init__(self, demand: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, demand: Callable[[], DemandSnapshot]) -> None:
         self.registry = add_standard_collectors(CollectorRegistry(auto_describe=True))
         r = self.registry
         self.requests = Counter(

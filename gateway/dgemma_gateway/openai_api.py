@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -30,14 +30,16 @@ from dgemma_common.openai_models import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ImageUrlPart,
     json_values,
     latency_target_ms,
     parse_json,
 )
 from dgemma_common.params import MAX_SEED, ParamError
 from dgemma_gateway.auth import StreamLimiter, authenticate
-from dgemma_gateway.core import Gateway, GatewayRequest
+from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
 from dgemma_gateway.errors import GatewayError, bad_request
+from dgemma_gateway.images import ImageIntake, ImageRef, ImageSettings, image_tokens
 from dgemma_gateway.observability import echo_request_id, request_context
 from dgemma_gateway.openapi import openapi_document
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -56,13 +58,14 @@ MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
 class ApiLimits:
     """What one request may ask for."""
 
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # images come in the body, base64: 4/3 of their size
     max_prompt_tokens: int = 32768
     max_tokens: int = 8192
     default_max_tokens: int = 256
     max_n: int = 4
     max_streams_per_key: int = 64
     sse_keepalive_s: float = 2.0  # a stream silent this long gets its headers (if not yet sent) and a comment
+    images: ImageSettings = field(default_factory=ImageSettings)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Parsed:
     include_usage: bool
     drafts: bool
     model: str
+    images: list[ImageRef] = field(default_factory=list)  # image parts whose bytes are still to be loaded
 
 
 def _latency_target(body: ChatCompletionRequest | CompletionRequest, header: str | None) -> float | None:
@@ -87,10 +91,24 @@ def _latency_target(body: ChatCompletionRequest | CompletionRequest, header: str
         raise bad_request(LATENCY_HEADER, f"must be a number of milliseconds, got {clip(header, 64)!r}") from None
 
 
-def chat_prompt(messages: Sequence[ChatMessage]) -> pb.Prompt:
-    """OpenAI chat messages as a chat prompt (the worker applies the model's template)."""
-    return pb.Prompt(chat=pb.ChatMessages(messages=[
-        pb.ChatMessage(role=m.template_role, content=m.text()) for m in messages]))
+def _message_pb(m: ChatMessage) -> pb.ChatMessage:
+    if not isinstance(m.content, list) or not m.has_images:
+        return pb.ChatMessage(role=m.template_role, content=m.text())
+    return pb.ChatMessage(role=m.template_role, parts=[
+        pb.ContentPart(image=pb.Image()) if isinstance(p, ImageUrlPart) else pb.ContentPart(text=p.text)
+        for p in m.content])
+
+
+def chat_prompt(messages: Sequence[ChatMessage]) -> tuple[pb.Prompt, list[ImageRef]]:
+    """OpenAI chat messages as a chat prompt (the worker applies the model's template), and its image parts,
+    whose bytes `ImageIntake.load` puts in place."""
+    prompt = pb.Prompt(chat=pb.ChatMessages(messages=[_message_pb(m) for m in messages]))
+    # References into the finished prompt (protobuf copies messages as they are added to it).
+    chat = prompt.chat.messages
+    images = [ImageRef(f"messages[{i}].content[{j}]", part.image_url.url, chat[i].parts[j].image)
+              for i, m in enumerate(messages) if isinstance(m.content, list) and m.has_images
+              for j, part in enumerate(m.content) if isinstance(part, ImageUrlPart)]
+    return prompt, images
 
 
 def text_prompt(prompt: str | list[str] | list[int]) -> pb.Prompt:
@@ -137,7 +155,8 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
         raise bad_request("n", f"must be in [1, {limits.max_n}], got {n}")
     settings = body.generation_settings(max_tokens).given()
     target = _latency_target(body, latency_header)
-    prompt = chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest) else text_prompt(body.prompt)
+    prompt, images = chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest) \
+        else (text_prompt(body.prompt), [])
     names = {"max_new_tokens": token_field, "prompt": "messages" if kind == "chat" else "prompt"}
     requests = []
     for i in range(n):
@@ -149,7 +168,7 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
             timeout_s=body.timeout_s, param_names=names,
         ))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return Parsed(requests, bool(body.stream), include_usage, bool(body.stream_drafts), body.model)
+    return Parsed(requests, bool(body.stream), include_usage, bool(body.stream_drafts), body.model, images)
 
 
 async def heartbeat(source: AsyncIterator[T], interval_s: float) -> AsyncGenerator[T | None, None]:
@@ -235,10 +254,12 @@ def _dgemma_extra(finals: Sequence[pb.Final | None], trace: Mapping[str, Any]) -
 class OpenAIApp:
     """The aiohttp application around one Gateway."""
 
-    def __init__(self, gateway: Gateway, keys: ApiKeys, limits: ApiLimits | None = None) -> None:
+    def __init__(self, gateway: Gateway, keys: ApiKeys, limits: ApiLimits | None = None,
+                 images: ImageIntake | None = None) -> None:
         self.gateway = gateway
         self.keys = keys
         self.limits = limits or ApiLimits()
+        self.images = images or ImageIntake(self.limits.images)
         self.streams = StreamLimiter(self.limits.max_streams_per_key)
         self.app = web.Application(client_max_size=self.limits.max_body_bytes,
                                    middlewares=[request_context, self._errors])
@@ -299,7 +320,7 @@ class OpenAIApp:
 
     async def demand(self, request: web.Request) -> web.Response:
         """The autoscaler's measurements (see demand.py)."""
-        return web.json_response(self.gateway.demand_snapshot())
+        return web.json_response(self.gateway.demand_snapshot().model_dump(mode="json"))
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of this API."""
@@ -338,18 +359,34 @@ class OpenAIApp:
         if parsed.model not in self.gateway.models():
             raise GatewayError(404, f"model {parsed.model!r} does not exist; served: {self.gateway.models()}",
                                param="model", code="model_not_found")
-        tokens = await self.gateway.count_prompt_tokens(parsed.model, parsed.requests[0].prompt,
-                                                        self.limits.max_prompt_tokens)
-        if tokens is not None and tokens > self.limits.max_prompt_tokens:
-            raise GatewayError(413, f"the prompt has {tokens} tokens; the limit is {self.limits.max_prompt_tokens}",
-                               param="messages" if kind == "chat" else "prompt", code="prompt_too_long")
         self.streams.acquire(key)
         try:
+            parsed = await self._count_prompt(parsed, "messages" if kind == "chat" else "prompt")
             if parsed.stream:
                 return await self._stream(request, parsed, kind)
             return await self._whole(parsed, kind)
         finally:
             self.streams.release(key)
+
+    async def _count_prompt(self, parsed: Parsed, field: str) -> Parsed:
+        """Load the request's images, refuse a prompt over the limit, and give routing its length."""
+        extra = 0
+        if parsed.images:
+            fields = [r.field for r in parsed.images]
+            known, spec = self.gateway.model_vision(parsed.model)
+            if known and spec is None:
+                raise bad_request(fields[0], f"the model {parsed.model!r} takes no images")
+            infos = await self.images.load(parsed.images, "messages")
+            extra = 0 if spec is None else image_tokens(infos, fields, spec)
+        limit = self.limits.max_prompt_tokens
+        prompt = parsed.requests[0].prompt
+        tokens = await self.gateway.count_prompt_tokens(parsed.model, prompt, limit, extra)
+        if tokens is not None and tokens > limit:
+            raise GatewayError(413, f"the prompt has {tokens} tokens; the limit is {limit}", param=field,
+                               code="prompt_too_long")
+        length = tokens if tokens is not None else estimate_text_tokens(prompt) + extra
+        return dataclasses.replace(parsed, requests=[dataclasses.replace(r, prompt_tokens=length)
+                                                     for r in parsed.requests])
 
     async def _whole(self, parsed: Parsed, kind: str) -> web.Response:
         n = len(parsed.requests)

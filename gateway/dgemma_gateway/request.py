@@ -24,6 +24,7 @@ class GatewayRequest:
     api: str = "openai"
     param_names: Mapping[str, str] = field(default_factory=dict)  # worker field -> client field, for 400s
     allow_overflow: bool = True  # False: the caller's key forbids sending it to an external API
+    prompt_tokens: int = 0  # the prompt's length as far as the gateway knows it, images included (0: unknown)
     # Filled in by the gateway as it routes: endpoint, variant, target and prediction (for headers and logs).
     trace: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -3,7 +3,8 @@
 dgemma workers take every setting (`dgemma_common.params`). A vLLM server takes the budget, stop strings and
 ignore_eos per request; its diffusion settings are fixed when it starts (`dgemma_common.vllm`). An external API
 is any OpenAI-compatible service: it takes OpenAI's own fields (max_tokens, stop, seed) and nothing
-DiffusionGemma-specific. A setting that only paces drafts is moot where a stream carries no drafts.
+DiffusionGemma-specific. A setting that only paces drafts is moot where a stream carries no drafts. Prompts
+with images go only to dgemma workers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from dgemma_common import vllm
 from dgemma_gateway.types import Runtime
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 OPENAI_FIELDS: dict[Runtime, dict[str, str]] = {
     "dgemma": {},
@@ -20,6 +22,18 @@ OPENAI_FIELDS: dict[Runtime, dict[str, str]] = {
     "external": {"max_new_tokens": "max_tokens", "stop": "stop", "seed": "seed"},
 }
 EXTERNAL_REFUSAL = "an external API is a plain OpenAI-compatible service and takes no DiffusionGemma settings"
+# Images reach only dgemma workers: the HTTP upstreams are forwarded text (`openai_upstream.request_body`).
+IMAGE_RUNTIMES: frozenset[Runtime] = frozenset({"dgemma"})
+IMAGE_REFUSAL = "images are served by dgemma workers only, and this model has none (its vLLM or external " \
+                "variants take text)"
+
+
+def has_images(prompt: pb.Prompt) -> bool:
+    """Whether a prompt carries images (a text prompt's own, or image parts of its chat messages)."""
+    if prompt.images:
+        return True
+    return prompt.WhichOneof("kind") == "chat" and any(
+        p.HasField("image") for m in prompt.chat.messages for p in m.parts)
 
 
 def refusal(runtime: Runtime, settings: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -6,14 +6,13 @@ Everything here is an immutable value; the decision functions in `routing` read 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-DEFAULT_LATENCY_TARGET_MS = 2000.0
+from dgemma_common import variants
+from dgemma_common.images import VisionSpec
+from dgemma_common.variants import RUNTIMES as RUNTIMES  # what serves a variant: one definition, re-exported
+from dgemma_common.variants import Runtime as Runtime
 
-# What serves a variant: dgemma workers (gRPC), vLLM's OpenAI server (HTTP), or an external OpenAI-compatible
-# API that only takes overflow (HTTP). The runtime decides the endpoint kind and which settings it honours.
-Runtime = Literal["dgemma", "vllm", "external"]
-RUNTIMES: tuple[Runtime, ...] = ("dgemma", "vllm", "external")
+DEFAULT_LATENCY_TARGET_MS = float(variants.DEFAULT_LATENCY_TARGET_MS)  # the resource's default
 
 
 @dataclass(frozen=True)
@@ -25,8 +24,8 @@ class Variant:
     gpu_profile: str = "custom"
     cost_weight: float = 1.0
     latency_target_ms: float = DEFAULT_LATENCY_TARGET_MS
-    canvas_length: int = 256
-    max_denoising_steps: int = 48
+    canvas_length: int = variants.DEFAULT_CANVAS_LENGTH
+    max_denoising_steps: int = variants.DEFAULT_MAX_DENOISING_STEPS
     tokens_per_s_prior: float = 500.0
     scale_from_zero: bool = False  # may have no replica: the gateway holds its requests while one starts
     runtime: Runtime = "dgemma"
@@ -56,6 +55,8 @@ class EndpointLoad:
     ready: bool
     draining: bool
     observed_at: float  # gateway monotonic clock when the report arrived
+    encoder_token_latency_s: float = 0.0  # encoder seconds per prompt token; 0 = not measured yet
+    vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
 
 
 @dataclass(frozen=True)
@@ -92,4 +93,5 @@ class RouteRequest:
     latency_target_ms: float | None = None  # None: the variant's default
     strict: bool | None = None  # None: the profile decides
     seq: int = 0  # a request counter, so round-robin and tie-breaks stay pure functions
+    prompt_tokens: int = 0  # the prompt's length, image tokens included; 0: unknown
     allow_overflow: bool = True  # False: the caller (its API key) forbids sending this request out

@@ -12,22 +12,23 @@ import math
 import re
 from typing import Any
 
-from dgemma_common import vllm
+from dgemma_common import naming, profiles, vllm
 from dgemma_common.dtypes import dtype_problem
+from dgemma_common.naming import MANAGER as MANAGER  # re-exported: the operator's field manager
+from dgemma_common.naming import RUNTIME_LABEL as RUNTIME_LABEL
+from dgemma_common.naming import WORKER_GRPC_PORT as GRPC_PORT
+from dgemma_common.naming import WORKER_HEALTH_PORT as HEALTH_PORT
+from dgemma_common.naming import WORKER_METRICS_PORT as METRICS_PORT
+from dgemma_common.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile, vllm_memory_gib, worker_memory_gib
 from dgemma_common.variants import variant_name
 from dgemma_operator import models
-from dgemma_operator.profiles import GPU_PRODUCT_LABEL, GPU_RESOURCE, profile, vllm_memory_gib, worker_memory_gib
 
-MANAGER = "dgemma-operator"
-RUNTIME_LABEL = "dgemma.io/runtime"
-# Until measured, an external API is assumed as fast as a good GPU (its own latencies replace this).
-EXTERNAL_TOKENS_PER_SECOND_PRIOR = 1000.0
 VLLM_USER = 2000  # the `vllm` user of vLLM's image
 WORKER_USER = 1000
-GRPC_PORT = 50051
-METRICS_PORT = 9090
-HEALTH_PORT = 50052  # plaintext gRPC health only, for the kubelet's probes when the worker serves TLS
 TLS_MOUNT = "/etc/dgemma/tls"
+# spec.worker.apiKeySecret's key as the dgemma worker's keys file (DGEMMA_API_KEYS_FILE); vLLM gets it as VLLM_API_KEY.
+API_KEYS_MOUNT = "/etc/dgemma/api-keys"
+API_KEYS_FILE = "keys"
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -40,7 +41,7 @@ Body = dict[str, Any]
 
 def child_name(resource_name: str) -> str:
     """Name shared by the Deployment, Service and PodDisruptionBudget of a resource."""
-    return f"{resource_name}-worker"
+    return naming.worker_service(resource_name)
 
 
 def label_safe(value: str) -> str:
@@ -65,8 +66,8 @@ def worker_labels(resource_name: str, spec: models.DiffusionGemmaSpec) -> dict[s
         **selector_labels(resource_name),
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": MANAGER,
-        "dgemma.io/variant": resource_name,
-        "dgemma.io/model": label_safe(spec.served_model_name),
+        naming.VARIANT_LABEL: resource_name,
+        naming.MODEL_LABEL: label_safe(spec.served_model_name),
         **runtime,
     }
 
@@ -78,12 +79,11 @@ def selector_string(resource_name: str) -> str:
 
 def endpoint(resource_name: str, namespace: str, spec: models.DiffusionGemmaSpec) -> str:
     """Where the gateway reaches the variant: the workers' gRPC Service, vLLM's API root, or the external API."""
-    host = f"{child_name(resource_name)}.{namespace}.svc"
     if spec.runtime == "vllm":
-        return f"http://{host}:{vllm.PORT}{vllm.API_PREFIX}"
+        return f"http://{child_name(resource_name)}.{namespace}.svc:{vllm.PORT}{vllm.API_PREFIX}"
     if spec.runtime == "external" and spec.external is not None:
         return spec.external.base_url
-    return f"{host}:{GRPC_PORT}"
+    return naming.worker_address(resource_name, namespace)
 
 
 def child_metadata(owner: Body, labels: Body) -> Body:
@@ -110,7 +110,7 @@ def owner_reference(owner: Body) -> Body:
 
 def semantic_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     """Errors the schema cannot express; any of them makes the resource Degraded."""
-    problems = _runtime_problems(spec)
+    problems = _runtime_problems(spec) + _env_problems(name, spec)
     if len(child_name(name)) > MAX_DNS_LABEL:
         problems.append(
             f"name {name!r} is too long: the worker Service {child_name(name)!r} must be at most "
@@ -162,6 +162,9 @@ def _runtime_problems(spec: models.DiffusionGemmaSpec) -> list[str]:
     if spec.runtime != "dgemma" and spec.worker.tls_secret:
         # The gateway reaches vLLM over plain HTTP inside the cluster (the NetworkPolicy admits only it).
         problems.append("worker.tlsSecret is for runtime dgemma")
+    if spec.runtime == "external" and (spec.worker.api_key_secret or spec.worker.env):
+        problems.append("worker.apiKeySecret and worker.env are for runtimes that run pods (an external API's key "
+                        "is external.apiKeySecret)")
     fixed = [f for f in models.VLLM_FIXED_SETTINGS if getattr(spec.generation, _snake(f)) is not None]
     if spec.runtime == "vllm" and fixed:
         problems.append(f"generation.{', '.join(fixed)} cannot be set for runtime vllm: vLLM {vllm.VERSION} reads "
@@ -196,13 +199,7 @@ def worker_memory(spec: models.DiffusionGemmaSpec) -> int:
 
 def tokens_per_second_prior(spec: models.DiffusionGemmaSpec) -> float:
     """Expected tokens/s per replica until measured."""
-    if spec.gpu.tokens_per_second_prior:
-        return spec.gpu.tokens_per_second_prior
-    if spec.runtime == "external":
-        return EXTERNAL_TOKENS_PER_SECOND_PRIOR
-    if spec.runtime == "vllm":
-        return vllm_defaults(spec).tokens_per_second_prior or profile(spec.gpu.profile).tokens_per_second_prior
-    return profile(spec.gpu.profile).tokens_per_second_prior
+    return profiles.tokens_per_second_prior(spec.gpu.profile, spec.gpu.tokens_per_second_prior, spec.runtime)
 
 
 def _source(spec: models.DiffusionGemmaSpec) -> models.ModelSource:
@@ -237,6 +234,7 @@ def _env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> l
         ("DGEMMA_DRAIN_GRACE_S", spec.worker.drain_grace_seconds),
         ("DGEMMA_LOG_FORMAT", spec.worker.log_format),
         *_tls_env(spec),
+        ("DGEMMA_API_KEYS_FILE", f"{API_KEYS_MOUNT}/{API_KEYS_FILE}" if spec.worker.api_key_secret else None),
         ("DGEMMA_DEFAULT_MAX_DENOISING_STEPS", gen.max_denoising_steps),
         ("DGEMMA_DEFAULT_T_MIN", gen.t_min),
         ("DGEMMA_DEFAULT_T_MAX", gen.t_max),
@@ -280,6 +278,40 @@ def _token_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
         return []
     ref: Body = {"name": secret.name, "key": secret.key, "optional": False}
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
+
+
+def _vllm_key_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """vLLM 0.24.0 takes its API key from VLLM_API_KEY (read once, at start; the value is the key exactly)."""
+    secret = spec.worker.api_key_secret
+    if secret is None:
+        return []
+    return [{"name": "VLLM_API_KEY",
+             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": False}}}]
+
+
+def server_env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """The server container's own variables (dgemma worker or vLLM), which spec.worker.env may not override."""
+    return _vllm_env(spec) if spec.runtime == "vllm" else _env(name, namespace, spec)
+
+
+def _user_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
+    """spec.worker.env as the API writes it, after the operator's own (so $(NAME) can refer to those)."""
+    return [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or ()]
+
+
+def _env_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
+    """worker.env may add variables, never replace one the operator sets (which the worker or probes rely on)."""
+    given = [e.name for e in spec.worker.env or ()]
+    problems = []
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        problems.append(f"worker.env: {', '.join(twice)} given more than once")
+    if spec.runtime != "external" and spec.model is not None:
+        taken = sorted(set(given) & {e["name"] for e in server_env(name, None, spec)})
+        if taken:
+            problems.append(f"worker.env: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the "
+                            "operator and cannot be overridden (use the resource's own fields)")
+    return problems
 
 
 def _restricted_container_security() -> Body:
@@ -393,6 +425,11 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
     if spec.worker.tls_secret is not None:
         # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
         volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
+    key = spec.worker.api_key_secret
+    if key is not None and spec.runtime == "dgemma":
+        # Updated in place when the Secret changes; the worker re-reads the file (a rotation needs no restart).
+        volumes.append({"name": "api-keys", "secret": {"secretName": key.name, "defaultMode": 0o440,
+                                                       "items": [{"key": key.key, "path": API_KEYS_FILE}]}})
     return volumes
 
 
@@ -408,9 +445,12 @@ def _mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
 
 
 def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
-    """The server container's mounts: the shared ones and a worker's TLS Secret (the init container needs no key)."""
+    """The server container's mounts: the shared ones, and a worker's TLS and API key Secrets (the init container
+    needs neither)."""
     tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
-    return [*_mounts(spec), *tls]
+    keys = ([{"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True}]
+            if spec.worker.api_key_secret and spec.runtime == "dgemma" else [])
+    return [*_mounts(spec), *tls, *keys]
 
 
 def _probes(spec: models.DiffusionGemmaSpec, action: Body) -> Body:
@@ -443,11 +483,11 @@ def _worker_container(name: str, namespace: str | None, spec: models.DiffusionGe
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dgemma", "worker"],
         "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": naming.GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": naming.METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
             *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}] if spec.worker.tls_secret else []),
         ],
-        "env": _env(name, namespace, spec),
+        "env": [*_env(name, namespace, spec), *_user_env(spec)],
         # The kubelet's gRPC probe speaks no TLS: a TLS worker answers it on its plaintext health-only port.
         **_probes(spec, {"grpc": {"port": HEALTH_PORT if spec.worker.tls_secret else GRPC_PORT}}),
     }
@@ -482,7 +522,7 @@ def vllm_args(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     ]
 
 
-def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
+def _vllm_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
     values: list[tuple[str, object | None]] = [
         *_hub_env(spec),
         # The root filesystem is read-only: vLLM's, torch's and Triton's caches go to /tmp (an emptyDir).
@@ -490,15 +530,19 @@ def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         ("TRITON_CACHE_DIR", "/tmp/triton"), ("XDG_CACHE_HOME", "/tmp/cache"),
         ("VLLM_NO_USAGE_STATS", "1"),
     ]
+    return [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec) + _vllm_key_env(spec)
+
+
+def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
     return {
         "name": "vllm",
         "image": image(spec),
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["vllm", "serve"],
         "args": vllm_args(name, spec),
-        "ports": [{"name": "http", "containerPort": vllm.PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec),
-        **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": "http"}}),
+        "ports": [{"name": naming.HTTP_PORT_NAME, "containerPort": vllm.PORT, "protocol": "TCP"}],
+        "env": [*_vllm_env(spec), *_user_env(spec)],
+        **_probes(spec, {"httpGet": {"path": vllm.HEALTH_PATH, "port": naming.HTTP_PORT_NAME}}),
     }
 
 
@@ -562,12 +606,14 @@ def service(owner: Body, spec: models.DiffusionGemmaSpec) -> Body:
     to talk to them: `grpc` a dgemma worker, `http` vLLM's OpenAI server, which serves /metrics too)."""
     name = owner["metadata"]["name"]
     if spec.runtime == "vllm":
-        ports: list[Body] = [{"name": "http", "port": vllm.PORT, "targetPort": "http", "protocol": "TCP",
-                              "appProtocol": "http"}]
+        ports: list[Body] = [{"name": naming.HTTP_PORT_NAME, "port": vllm.PORT, "targetPort": naming.HTTP_PORT_NAME,
+                              "protocol": "TCP", "appProtocol": "http"}]
     else:
         ports = [
-            {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
-            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            {"name": naming.GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": naming.GRPC_PORT_NAME, "protocol": "TCP",
+             "appProtocol": "grpc"},
+            {"name": naming.METRICS_PORT_NAME, "port": METRICS_PORT, "targetPort": naming.METRICS_PORT_NAME,
+             "protocol": "TCP"},
         ]
     return {
         "apiVersion": "v1",

@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dgemma_common.variants import variant_name
 from dgemma_operator import autoscale as scaling
-from dgemma_operator import children, gateway_client, models, reconcile, settings
+from dgemma_operator import children, gateway_client, models, reconcile, settings, status
 from dgemma_operator.autoscaler import ScalerState
 from dgemma_operator.kube import Kube, load_config
 from dgemma_operator.metrics import OperatorMetrics, observe_handler
@@ -239,14 +239,27 @@ async def autoscale(body: kopf.Body, name: str, namespace: str | None, memo: kop
     variant, problem = await gateway_client.fetch_variant(
         memo.http, where.demand_url, variant_name(namespace, name), where.gateway_timeout_s
     )
+    current = status.read(raw)
     # The state lives in this resource's memo; after a restart it is read back from the status.
-    state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(raw.get("status"))
-    step = scaling.plan(spec, raw.get("status"), variant, problem, state, time.time(), reconcile.now())
+    state: ScalerState = memo.get("scaler_state") or scaling.state_from_status(current)
+    step = scaling.plan(spec, current, variant, problem, state, time.time(), reconcile.now(),
+                        raw["metadata"].get("generation"))
+    if step.conditions is not None:
+        # The conditions list is shared with the reconciler: written whole, so only over the version read.
+        try:
+            await asyncio.to_thread(memo.kube.patch_status, namespace, name,
+                                    models.DiffusionGemmaStatus(conditions=step.conditions),
+                                    raw["metadata"].get("resourceVersion"))
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            logger.info("The resource changed while deciding; deciding again at the next tick.")
+            return
     memo.scaler_state = step.state
-    decision = step.status["autoscaling"]["lastDecision"]
-    memo.metrics.decided(variant_name(namespace, name), decision["reason"], decision["desiredReplicas"],
-                         int((raw.get("status") or {}).get("readyReplicas") or 0),
-                         (spec.min_replicas, spec.max_replicas), time.time())
+    decision = step.status.autoscaling.last_decision if step.status.autoscaling is not None else None
+    if decision is not None:
+        memo.metrics.decided(variant_name(namespace, name), decision.reason, decision.desired_replicas,
+                             current.ready_replicas or 0, (spec.min_replicas, spec.max_replicas), time.time())
     if step.replicas is not None:
         await asyncio.to_thread(memo.kube.scale, namespace, name, step.replicas)
         logger.info("Scaled %s -> %s replicas.", spec.replicas, step.replicas)

@@ -11,6 +11,7 @@ import kubernetes
 
 from dgemma_operator import models
 from dgemma_operator.children import MANAGER
+from dgemma_operator.status import as_patch
 
 Body = dict[str, Any]
 APPLY = "application/apply-patch+yaml"
@@ -72,9 +73,15 @@ class Kube:
             _content_type=MERGE, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S,
         )
 
-    def patch_status(self, namespace: str, name: str, status: Body) -> None:
-        """Merge the given fields into the resource's status (other writers' fields are kept)."""
+    def patch_status(self, namespace: str, name: str, status: models.DiffusionGemmaStatus,
+                     resource_version: str | None = None) -> None:
+        """Merge the fields set in `status` into the resource's status (other writers' fields are kept).
+
+        With `resource_version`, only if the resource is still at that version (else 409 Conflict)."""
+        patch: Body = {"status": as_patch(status)}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            models.GROUP, models.VERSION, namespace, models.PLURAL, name, {"status": status},
+            models.GROUP, models.VERSION, namespace, models.PLURAL, name, patch,
             _content_type=MERGE, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S,
         )

@@ -11,17 +11,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dgemma_common import vllm
-from dgemma_operator.profiles import Architecture, Dtype, ProfileName
+from dgemma_common import variants, vllm
+from dgemma_common.naming import GROUP as GROUP  # the resource's names, re-exported for the operator
+from dgemma_common.naming import KIND as KIND
+from dgemma_common.naming import PLURAL as PLURAL
+from dgemma_common.naming import VERSION as VERSION
+from dgemma_common.profiles import Architecture, Dtype, ProfileName
+from dgemma_common.variants import Runtime
 
-Runtime = Literal["dgemma", "vllm", "external"]
 # Generation settings vLLM reads from the checkpoint, not from its command line (dgemma_common.vllm).
 VLLM_FIXED_SETTINGS = ("tMin", "tMax", "entropyBound", "stabilityThreshold", "confidenceThreshold")
 
-GROUP = "dgemma.io"
-VERSION = "v1alpha1"
-KIND = "DiffusionGemma"
-PLURAL = "diffusiongemmas"
 SINGULAR = "diffusiongemma"
 SHORT_NAMES = ["dgm"]
 CATEGORIES = ["dgemma", "all-models"]
@@ -116,7 +116,7 @@ class GpuSpec(BaseModel):
     """Which GPUs to run on: a named profile whose every default can be overridden."""
 
     model_config = _config()
-    profile: ProfileName = "h100"
+    profile: ProfileName = variants.DEFAULT_GPU_PROFILE
     """GPU profile: rtx-pro-6000, h100, dgx-spark, dgx-station or custom."""
     product: str | None = Field(default=None, max_length=63)
     """Override of the nvidia.com/gpu.product node label (GPU Feature Discovery); required for custom."""
@@ -144,9 +144,9 @@ class GenerationDefaults(BaseModel):
     model_config = _config(
         ("!has(self.tMin) || !has(self.tMax) || self.tMin <= self.tMax", "tMin must not exceed tMax"),
     )
-    canvas_length: int = Field(default=256, ge=16, le=4096)
+    canvas_length: int = Field(default=variants.DEFAULT_CANVAS_LENGTH, ge=16, le=4096)
     """Tokens per canvas (block)."""
-    max_denoising_steps: int = Field(default=48, ge=1, le=512)
+    max_denoising_steps: int = Field(default=variants.DEFAULT_MAX_DENOISING_STEPS, ge=1, le=512)
     """Upper bound on denoising steps per canvas."""
     t_min: float | None = Field(default=None, ge=0, le=10)
     """Final sampling temperature of the schedule."""
@@ -158,6 +158,76 @@ class GenerationDefaults(BaseModel):
     """Steps the argmax canvas must stay unchanged before a row stops."""
     confidence_threshold: float | None = Field(default=None, ge=0, le=1)
     """Confidence a row needs before it may stop."""
+
+
+class KeySelector(BaseModel):
+    """A key of a Secret or ConfigMap in the resource's namespace (core/v1 SecretKeySelector, ConfigMapKeySelector)."""
+
+    model_config = _config()
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret or ConfigMap."""
+    key: str = Field(min_length=1, max_length=253)
+    """The key to read."""
+    optional: bool | None = None
+    """Whether the container may start without it."""
+
+
+class FieldSelector(BaseModel):
+    """A field of the pod (core/v1 ObjectFieldSelector), e.g. metadata.name or status.podIP."""
+
+    model_config = _config()
+    field_path: str = Field(min_length=1, max_length=256)
+    """Path of the field, e.g. metadata.name."""
+    api_version: str | None = Field(default=None, max_length=64)
+    """Version of the schema the path is written in (default v1)."""
+
+
+class ResourceFieldSelector(BaseModel):
+    """A resource limit or request of the container (core/v1 ResourceFieldSelector)."""
+
+    model_config = _config()
+    resource: str = Field(min_length=1, max_length=253)
+    """e.g. limits.memory."""
+    container_name: str | None = Field(default=None, max_length=253)
+    """Container whose resource is read (default this one)."""
+    divisor: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei)?$",
+                                max_length=64)
+    """Output unit, a quantity such as 1Mi (default 1)."""
+
+
+ENV_SOURCES = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
+
+
+class EnvVarSource(BaseModel):
+    """Where a variable's value comes from (core/v1 EnvVarSource): exactly one source."""
+
+    model_config = _config(
+        (" || ".join(f"has(self.{s})" for s in ENV_SOURCES),
+         "valueFrom needs one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"),
+        (" && ".join(f"!(has(self.{a}) && has(self.{b}))"
+                     for i, a in enumerate(ENV_SOURCES) for b in ENV_SOURCES[i + 1:]),
+         "valueFrom takes only one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"),
+    )
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+    field_ref: FieldSelector | None = None
+    """A field of the pod."""
+    resource_field_ref: ResourceFieldSelector | None = None
+    """A resource of the container."""
+
+
+class EnvVar(BaseModel):
+    """An environment variable of the worker container (core/v1 EnvVar)."""
+
+    model_config = _config(("!(has(self.value) && has(self.valueFrom))", "give value or valueFrom, not both"))
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = Field(default=None, max_length=32768)
+    """Its value; $(NAME) expands a variable defined before it, the operator's included."""
+    value_from: EnvVarSource | None = None
+    """Where its value comes from instead."""
 
 
 class WorkerSpec(BaseModel):
@@ -179,6 +249,18 @@ class WorkerSpec(BaseModel):
     worker serve mutual TLS: its certificate, and the CA that clients' certificates must chain to. The gateway needs
     a client certificate from that CA (the chart's internalTLS issues both). Probes move to a plaintext
     health-only port."""
+    api_key_secret: SecretKeyRef | None = None
+    """A key of a Secret holding the API key the workers require (runtimes dgemma and vllm): every call to a
+    dgemma worker's Denoiser and KServe services, every vLLM request under /v1, needs it; health, probes and
+    metrics stay open. The gateway reads the same Secret and presents the key (give it `get` on the Secret: the
+    chart's gateway.apiKeySecrets). dgemma: one key per line, the gateway presents the first (list a new key
+    beside the old one to rotate without a restart). vLLM: the value is the key exactly (no trailing newline),
+    read when a pod starts."""
+    env: list[EnvVar] | None = Field(default=None, max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    """More environment variables of the server container (dgemma worker or vLLM), e.g. OTEL_EXPORTER_OTLP_ENDPOINT
+    for traces; after the operator's own, whose names they may not take (the resource is Degraded, naming
+    them)."""
 
 
 class VllmSpec(BaseModel):
@@ -256,6 +338,9 @@ class DiffusionGemmaSpec(BaseModel):
         ("!has(self.vllm) || self.runtime == 'vllm'", "the vllm section is for runtime vllm"),
         ("self.runtime != 'external' || !self.autoscaling.enabled", "an external variant has no replicas to scale"),
         ("self.runtime == 'dgemma' || !has(self.worker.tlsSecret)", "worker.tlsSecret is for runtime dgemma"),
+        ("self.runtime != 'external' || (!has(self.worker.apiKeySecret) && !has(self.worker.env))",
+         "worker.apiKeySecret and worker.env are for runtimes that run pods (an external API's key is "
+         "external.apiKeySecret)"),
         (
             "self.runtime != 'vllm' || ("
             + " && ".join(f"!has(self.generation.{name})" for name in VLLM_FIXED_SETTINGS) + ")",
@@ -266,7 +351,7 @@ class DiffusionGemmaSpec(BaseModel):
     served_model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     """Model name clients ask for (OpenAI `model`); several variants may serve the same name."""
     runtime: Runtime = Field(
-        default="dgemma",
+        default=variants.DEFAULT_RUNTIME,
         json_schema_extra={"x-kubernetes-validations": [
             {"rule": "self == oldSelf", "message": "runtime is immutable: create another resource for another runtime"}
         ]},
@@ -281,7 +366,7 @@ class DiffusionGemmaSpec(BaseModel):
     """vLLM settings (runtime vllm); every field has a default."""
     external: ExternalSpec | None = None
     """The external API (runtime external)."""
-    allow_overflow: bool = False
+    allow_overflow: bool = variants.DEFAULT_ALLOW_OVERFLOW
     """Let requests this variant cannot serve in time go to an external variant of the same model. Off by
     default: prompts leave the cluster only by choice."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -290,15 +375,15 @@ class DiffusionGemmaSpec(BaseModel):
     """Model cache shared by the replicas."""
     gpu: GpuSpec = Field(default_factory=GpuSpec, json_schema_extra=_object_default())
     """GPU profile and overrides."""
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int = Field(default=variants.DEFAULT_REPLICAS, ge=0, le=1000)
     """Desired replicas (the scale subresource writes this)."""
-    min_replicas: int = Field(default=1, ge=0, le=1000)
+    min_replicas: int = Field(default=variants.DEFAULT_MIN_REPLICAS, ge=0, le=1000)
     """Lower bound for scaling."""
     max_replicas: int = Field(default=4, ge=1, le=1000)
     """Upper bound for scaling."""
-    cost_weight: float = Field(default=1.0, gt=0, le=1000)
+    cost_weight: float = Field(default=variants.DEFAULT_COST_WEIGHT, gt=0, le=1000)
     """Relative cost of one replica-second; the gateway prefers cheaper variants that meet the target."""
-    latency_target_ms: int = Field(default=2000, ge=1, le=600000)
+    latency_target_ms: int = Field(default=variants.DEFAULT_LATENCY_TARGET_MS, ge=1, le=600000)
     """Default end-to-end latency target for requests that carry none."""
     generation: GenerationDefaults = Field(
         default_factory=GenerationDefaults, json_schema_extra=_object_default()
@@ -317,7 +402,7 @@ class Condition(BaseModel):
 
     model_config = _config()
     type: str
-    """Ready, Progressing or Degraded."""
+    """Ready, Progressing or Degraded (the reconciler's), or ScalingActive (the autoscaler's)."""
     status: Literal["True", "False", "Unknown"]
     """Condition status."""
     reason: str = ""
@@ -399,7 +484,8 @@ class DiffusionGemmaStatus(BaseModel):
     observed_generation: int | None = None
     """The spec generation the status describes."""
     conditions: list[Condition] | None = None
-    """Ready, Progressing and Degraded."""
+    """Ready, Progressing and Degraded; with autoscaling on, ScalingActive (False while the autoscaler has no valid
+    measurements, with the reason: the replicas are then kept)."""
     replicas: int | None = None
     """Replicas that exist (the scale subresource reads this)."""
     ready_replicas: int | None = None

@@ -6,6 +6,7 @@ import datetime
 from typing import Any
 
 import pydantic
+from kubernetes.utils.quantity import parse_quantity
 
 from dgemma_operator import children, models, status
 from dgemma_operator.kube import Kube
@@ -41,14 +42,32 @@ def parse_spec(body: Body) -> models.DiffusionGemmaSpec:
     return spec
 
 
-def is_subset(desired: Any, observed: Any) -> bool:
-    """Whether every field we set is present with our value (fields others add are fine)."""
+def is_subset(desired: Any, observed: Any, path: tuple[str, ...] = ()) -> bool:
+    """Whether every field we set is present with our value (fields others add are fine).
+
+    Resource quantities compare by amount: the API server stores them in canonical form (`1024Mi` as `1Gi`),
+    which is no drift."""
     if isinstance(desired, dict):
-        return isinstance(observed, dict) and all(is_subset(v, observed.get(k)) for k, v in desired.items())
+        return isinstance(observed, dict) and all(
+            is_subset(v, observed.get(k), (*path, k)) for k, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(observed, list) and len(desired) == len(observed)
-                and all(is_subset(d, o) for d, o in zip(desired, observed, strict=True)))
+                and all(is_subset(d, o, path) for d, o in zip(desired, observed, strict=True)))
+    if _is_quantity(path) and desired != observed:
+        return _same_quantity(desired, observed)
     return bool(desired == observed)
+
+
+def _is_quantity(path: tuple[str, ...]) -> bool:
+    """Container resources (`resources.requests.cpu`, `resources.limits.memory`) and emptyDir size limits."""
+    return path[-3:-1] in (("resources", "requests"), ("resources", "limits")) or path[-1:] == ("sizeLimit",)
+
+
+def _same_quantity(desired: Any, observed: Any) -> bool:
+    try:
+        return bool(parse_quantity(desired) == parse_quantity(observed))
+    except ValueError:
+        return False
 
 
 def same_status(old: Body, new: Body) -> bool:
@@ -70,20 +89,19 @@ def converge(kube: Kube, body: Body) -> models.DiffusionGemmaSpec:
 
 def refresh_status(kube: Kube, body: Body, spec: models.DiffusionGemmaSpec, deployment: Body | None) -> bool:
     """Write the observed status if it differs from what the resource says; True if written."""
-    meta = body["metadata"]
     new = status.external(body, spec, now()) if spec.runtime == "external" else \
         status.observed(body, spec, deployment, now())
-    if same_status(body.get("status") or {}, new):
-        return False
-    kube.patch_status(meta["namespace"], meta["name"], new)
-    return True
+    return _write_status(kube, body, new)
 
 
 def record_invalid(kube: Kube, body: Body, error: InvalidSpec) -> bool:
     """Write Degraded with the reason; True if the status changed."""
-    meta = body["metadata"]
-    new = status.invalid(body, error.reason, error.message, now())
-    if same_status(body.get("status") or {}, new):
+    return _write_status(kube, body, status.invalid(body, error.reason, error.message, now()))
+
+
+def _write_status(kube: Kube, body: Body, new: models.DiffusionGemmaStatus) -> bool:
+    if same_status(body.get("status") or {}, status.as_patch(new)):
         return False
+    meta = body["metadata"]
     kube.patch_status(meta["namespace"], meta["name"], new)
     return True

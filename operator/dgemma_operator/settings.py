@@ -10,13 +10,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dgemma_common.naming import GATEWAY_HTTP_PORT
+
 GATEWAY_URL_ENV = "DGEMMA_GATEWAY_URL"
 AUTOSCALE_INTERVAL_ENV = "DGEMMA_AUTOSCALE_INTERVAL_S"
 GATEWAY_TIMEOUT_ENV = "DGEMMA_GATEWAY_TIMEOUT_S"
 METRICS_PORT_ENV = "DGEMMA_OPERATOR_METRICS_PORT"
 GATEWAY_CA_ENV = "DGEMMA_GATEWAY_CA_FILE"
 # The chart's gateway Service, in the operator's own namespace.
-DEFAULT_GATEWAY = "http://dgemma-gateway.{namespace}.svc:8000"
+DEFAULT_GATEWAY = "http://dgemma-gateway.{namespace}.svc:" + str(GATEWAY_HTTP_PORT)
 
 
 @dataclass(frozen=True)

@@ -12,41 +12,32 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from dgemma_common.demand import merge_views
 from dgemma_common.tls import TlsFiles, server_ssl_context
 from dgemma_operator import gateway_client
-from dgemma_operator.gateway_client import fetch_variant, gateway_urls, merge_views
+from dgemma_operator.gateway_client import fetch_variant, gateway_urls
+from tests.autoscaler.views import snapshot, view
 from tests.tls.certs import CA
 
 
-def view(canvases: float, met: int, missed: int, waiting: int, held: int = 0, measured: int = 1) -> dict[str, Any]:
-    return {
-        "model": "m", "canvas_length": 256, "tokens_per_s_prior": 1100.0, "replicas": 3, "replicas_ready": 3,
-        "demand": {"canvases_per_s": canvases, "tokens_per_s": canvases * 256, "requests_per_s": canvases / 2,
-                   "requests_waiting": waiting, "canvases_waiting": 2.0 * waiting, "requests_held": held,
-                   "canvases_held": held * 1.0, "targets_met": met, "targets_missed": missed,
-                   "target_miss_ratio": missed / (met + missed) if met + missed else 0.0},
-        "delivered": {"tokens_per_s": 900.0, "completion_tokens_per_s": canvases * 200},
-        "capacity": {"canvases_per_s_per_replica": 4.0 + measured, "replicas_measured": measured},
-    }
-
-
 def test_flows_add_up_and_what_the_workers_report_counts_once() -> None:
-    merged = merge_views([view(1.5, met=8, missed=2, waiting=3, held=1), view(0.5, met=10, missed=0, waiting=4,
-                                                                               measured=3)])
-    d = merged["demand"]
-    assert d["canvases_per_s"] == 2.0 and d["tokens_per_s"] == 512.0 and d["requests_per_s"] == 1.0
-    assert (d["targets_met"], d["targets_missed"]) == (18, 2) and d["target_miss_ratio"] == pytest.approx(0.1)
-    assert d["requests_held"] == 1  # held at one gateway
-    assert (d["requests_waiting"], d["canvases_waiting"]) == (4, 8.0)  # worker queues: seen by both, once
-    assert merged["delivered"]["tokens_per_s"] == 900.0  # the workers' own measurement, once
-    assert merged["delivered"]["completion_tokens_per_s"] == 400.0
-    assert merged["capacity"]["replicas_measured"] == 3  # the best measured view
-    assert merged["replicas_ready"] == 3 and merged["gateways"] == 2
+    merged = merge_views([view(1.5, met=8, missed=2, waiting=3, held=1, canvases_held=1.0, replicas=3,
+                               delivered_tokens_per_s=900.0),
+                          view(0.5, met=10, missed=0, waiting=4, measured=3, capacity=3.0, replicas=3,
+                               delivered_tokens_per_s=900.0)])
+    d = merged.demand
+    assert d.canvases_per_s == 2.0 and d.tokens_per_s == 512.0 and d.requests_per_s == 2.0
+    assert (d.targets_met, d.targets_missed) == (18, 2) and d.target_miss_ratio == pytest.approx(0.1)
+    assert d.requests_held == 1  # held at one gateway
+    assert (d.requests_waiting, d.canvases_waiting) == (4, 4.0)  # worker queues: seen by both, once
+    assert merged.delivered.tokens_per_s == 900.0  # the workers' own measurement, once
+    assert merged.capacity.replicas_measured == 3 and merged.capacity.canvases_per_s_per_replica == 3.0
+    assert merged.replicas_ready == 3 and merged.gateways == 2
 
 
 def test_one_view_is_itself() -> None:
-    merged = merge_views([view(1.0, met=1, missed=1, waiting=0)])
-    assert merged["demand"]["canvases_per_s"] == 1.0 and merged["demand"]["target_miss_ratio"] == 0.5
+    one = view(1.0, met=1, missed=1)
+    assert merge_views([one]) == one and one.demand.target_miss_ratio == 0.5
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -64,10 +55,10 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(
     port = 0
     for address, canvases in (("127.0.0.1", 1.5), ("127.0.0.2", 0.5)):
         app = web.Application()
-        snapshot = {"variants": {"v": view(canvases, met=5, missed=0, waiting=1)}}
+        answer = snapshot({"v": view(canvases, met=5, missed=0, waiting=1)}).model_dump(mode="json")
 
-        async def demand(request: web.Request, snapshot: dict[str, Any] = snapshot) -> web.Response:
-            return web.json_response(snapshot)
+        async def demand(request: web.Request, answer: dict[str, Any] = answer) -> web.Response:
+            return web.json_response(answer)
 
         app.router.add_get("/v1/dgemma/demand", demand)
         runner = web.AppRunner(app)
@@ -95,10 +86,11 @@ async def test_every_address_of_the_gateway_name_is_read_and_merged(
         async with aiohttp.ClientSession(connector=trust) as session:
             merged, problem = await fetch_variant(session, url, "v", timeout_s=5)
             assert problem is None and merged is not None
-            assert merged["demand"]["canvases_per_s"] == 2.0 and merged["gateways"] == 2
+            assert merged.demand.canvases_per_s == 2.0 and merged.gateways == 2
             await runners[1].cleanup()  # one replica gone: no partial sum
             merged, problem = await fetch_variant(session, url, "v", timeout_s=5)
-            assert merged is None and problem is not None and problem.startswith("1 of 2 gateways")
+            assert merged is None and problem is not None and problem.message.startswith("1 of 2 gateways")
+            assert problem.reason == "GatewayUnreachable"
     finally:
         for runner in runners:
             await runner.cleanup()

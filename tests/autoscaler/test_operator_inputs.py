@@ -10,6 +10,7 @@ import pytest
 
 from dgemma_operator import models
 from dgemma_operator.autoscale import (
+    Problem,
     measurements_from_snapshot,
     memory_status,
     plan,
@@ -18,6 +19,8 @@ from dgemma_operator.autoscale import (
     state_from_status,
 )
 from dgemma_operator.autoscaler import ScalerState
+from dgemma_operator.status import as_patch
+from tests.autoscaler.views import view
 
 NOW = 1_800_000_000.0
 
@@ -26,17 +29,6 @@ def spec(**fields: Any) -> models.DiffusionGemmaSpec:
     base: dict[str, Any] = {"servedModelName": "m", "model": {"pvc": {"claimName": "c"}}, "image": "i",
                             "gpu": {"profile": "h100"}, "generation": {"canvasLength": 256}}
     return models.DiffusionGemmaSpec.model_validate({**base, **fields})
-
-
-def variant(canvases_per_s: float = 0.0, capacity: float | None = 2.0, waiting: int = 0, held: int = 0,
-            canvases_held: float = 0.0) -> dict[str, Any]:
-    return {"canvas_length": 256,
-            "demand": {"canvases_per_s": canvases_per_s, "tokens_per_s": canvases_per_s * 256,
-                       "requests_waiting": waiting, "canvases_waiting": float(waiting), "target_miss_ratio": 0.0,
-                       "requests_held": held, "canvases_held": canvases_held},
-            "delivered": {"tokens_per_s": 300.0},
-            "capacity": {"canvases_per_s_per_replica": capacity,
-                         "tokens_per_s_per_replica": None if capacity is None else capacity * 256}}
 
 
 def test_the_resources_settings_become_the_policy() -> None:
@@ -51,7 +43,7 @@ def test_the_resources_settings_become_the_policy() -> None:
 
 
 def test_the_snapshot_becomes_measurements_with_held_requests_counted_as_waiting() -> None:
-    m = measurements_from_snapshot(variant(1.5, capacity=None, waiting=2, held=3, canvases_held=3.0), 2, 1,
+    m = measurements_from_snapshot(view(1.5, capacity=None, waiting=2, held=3, canvases_held=3.0), 2, 1,
                                    prior_canvases_per_s(spec()), NOW)
     assert (m.replicas, m.ready_replicas, m.demand_canvases_per_s) == (2, 1, 1.5)
     assert (m.waiting_requests, m.waiting_canvases) == (5, 5.0)
@@ -60,35 +52,48 @@ def test_the_snapshot_becomes_measurements_with_held_requests_counted_as_waiting
 
 def test_the_state_survives_a_round_trip_through_the_status() -> None:
     state = ScalerState(recommendations=((NOW - 5, 2), (NOW, 3)), panic_until=NOW + 60, first_seen=NOW - 100)
-    stored = json.loads(json.dumps(memory_status(state)))  # JSON-safe: no infinities
-    assert stored["lastDemandAt"] is None
-    back = state_from_status({"autoscaling": {"memory": stored}})
+    written = as_patch(models.DiffusionGemmaStatus(autoscaling=models.AutoscalingStatus(memory=memory_status(state))))
+    stored = json.loads(json.dumps(written, allow_nan=False))  # JSON-safe: no infinities
+    assert stored["autoscaling"]["memory"]["lastDemandAt"] is None  # null: a merge patch removes it
+    back = state_from_status(models.DiffusionGemmaStatus.model_validate(stored))
     assert back == state
-    assert state_from_status(None) == ScalerState() and math.isinf(state_from_status({}).panic_until)
+    assert state_from_status(None) == ScalerState()
+    assert math.isinf(state_from_status(models.DiffusionGemmaStatus()).panic_until)
 
 
 def test_a_tick_without_measurements_keeps_the_replicas_and_says_why_once() -> None:
     s = spec(replicas=2, autoscaling={"enabled": True})
-    step = plan(s, {}, None, "the gateway is unreachable", ScalerState(), NOW, "t")
+    unreachable = Problem("GatewayUnreachable", "the gateway is unreachable")
+    step = plan(s, None, None, unreachable, ScalerState(), NOW, "t")
     assert step.replicas is None and step.event is not None and step.event[:2] == ("Warning", "NoMeasurements")
-    assert step.status["autoscaling"]["lastDecision"]["reason"] == "kept 2 replicas: the gateway is unreachable"
-    again = plan(s, step.status, None, "the gateway is unreachable", ScalerState(), NOW + 1, "t")
+    written = as_patch(step.status)
+    assert written["autoscaling"]["lastDecision"]["reason"] == "kept 2 replicas: the gateway is unreachable"
+    assert "memory" not in written["autoscaling"] and "measured" not in written  # left as they were
+    assert step.conditions is not None
+    (active,) = step.conditions
+    assert (active.type, active.status, active.reason) == ("ScalingActive", "False", "GatewayUnreachable")
+    now = models.DiffusionGemmaStatus(autoscaling=step.status.autoscaling, conditions=step.conditions)
+    again = plan(s, now, None, unreachable, ScalerState(), NOW + 1, "t")
     assert again.event is None  # the same problem is not reported again and again
+    assert again.conditions is None  # nor written again
 
 
 def test_a_tick_scales_up_through_the_decision_and_records_its_inputs() -> None:
     s = spec(replicas=1, autoscaling={"enabled": True, "targetUtilization": 0.5})
-    step = plan(s, {"readyReplicas": 1}, variant(1.6, capacity=2.0), None, ScalerState(), NOW, "t")
+    step = plan(s, models.DiffusionGemmaStatus(ready_replicas=1), view(1.6, capacity=2.0), None, ScalerState(),
+                NOW, "t")
     assert step.replicas == 2 and step.event is not None and step.event[1] == "ScaledUp"
-    record = step.status["autoscaling"]["lastDecision"]
+    written = as_patch(step.status)
+    record = written["autoscaling"]["lastDecision"]
     assert record["desiredReplicas"] == 2 and record["reason"].startswith("scale up")
     assert record["inputs"]["demand_canvases_per_s"] == 1.6 and record["inputs"]["capacitySource"] == "measured"
-    assert step.status["measured"]["tokensPerSecondPerReplica"] == 512.0
-    json.dumps(step.status, allow_nan=False)
+    assert written["measured"]["tokensPerSecondPerReplica"] == 512.0
+    json.dumps(written, allow_nan=False)
+    assert step.conditions is not None and step.conditions[0].reason == "ValidMeasurements"
 
 
 def test_scale_from_zero_on_held_requests() -> None:
     s = spec(replicas=0, minReplicas=0, autoscaling={"enabled": True, "scaleToZero": True})
-    step = plan(s, {}, variant(0.0, capacity=None, held=1, canvases_held=1.0), None, ScalerState(), NOW, "t")
+    step = plan(s, None, view(0.0, capacity=None, held=1, canvases_held=1.0), None, ScalerState(), NOW, "t")
     assert step.replicas == 1
-    json.dumps(step.status, allow_nan=False)  # utilization is infinite with zero replicas: stored as null
+    json.dumps(as_patch(step.status), allow_nan=False)  # utilization is infinite with zero replicas: null

@@ -205,12 +205,17 @@ def test_gateway_rbac_is_read_only_discovery() -> None:
     }
 
 
-def test_the_gateway_may_read_exactly_the_secrets_named_for_external_api_keys() -> None:
+@pytest.mark.parametrize("secrets", [
+    {"apiKeySecrets": ["worker-key", "hosted-key"]},
+    {"externalApiKeySecrets": ["worker-key", "hosted-key"]},  # the former name still works
+    {"apiKeySecrets": ["worker-key"], "externalApiKeySecrets": ["hosted-key", "worker-key"]},  # both: the union
+])
+def test_the_gateway_may_read_exactly_the_secrets_named_for_api_keys(secrets: dict[str, list[str]]) -> None:
     for setup in ({}, {"watchNamespaces": ["a"]}):
-        objects = render({**setup, "gateway": {"externalApiKeySecrets": ["hosted-key", "other-key"]}})
+        objects = render({**setup, "gateway": secrets})
         role = one(objects, "ClusterRole" if not setup else "Role", "dgemma-gateway")
         (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
-        assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hosted-key", "other-key"],
+        assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["worker-key", "hosted-key"],
                         "verbs": ["get"]}
 
 

@@ -14,6 +14,7 @@ from dgemma_common.types import LoadSnapshot
 from dgemma_gateway import metrics as gateway_metrics
 from dgemma_operator import metrics as operator_metrics
 from dgemma_worker import metrics as worker_metrics
+from tests.autoscaler.views import snapshot, view
 from tests.deploy.helpers import CHART, EVERYTHING, NAMESPACE, ROOT, find, one, render
 from tests.deploy.promql import base_name, uses
 
@@ -60,7 +61,7 @@ def _exported(registry: CollectorRegistry) -> set[str]:
 
 
 def test_every_exported_metric_declares_how_it_adds_up_across_replicas() -> None:
-    gateway = gateway_metrics.GatewayMetrics(lambda: {"variants": {"ns/a": _GATEWAY_VARIANT}})
+    gateway = gateway_metrics.GatewayMetrics(lambda: snapshot({"ns/a": view(1.0)}))  # every gauge present
     worker = worker_metrics.WorkerMetrics(lambda: _LOAD, variant="ns/a")
     operator = operator_metrics.OperatorMetrics()
     operator.decided("ns/a", "steady", 1, 1, (1, 2), 0.0)
@@ -177,13 +178,6 @@ def _resource(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     return owner
 
 
-_GATEWAY_VARIANT: dict[str, Any] = {
-    "replicas": 2, "replicas_ready": 2,
-    "demand": {"tokens_per_s": 1.0, "canvases_per_s": 1.0, "requests_per_s": 1.0, "requests_waiting": 0,
-               "target_miss_ratio": 0.0, "requests_held": 0},
-    "delivered": {"tokens_per_s_per_replica": 1.0},
-    "capacity": {"tokens_per_s_per_replica": 1.0},
-}
 _LOAD = LoadSnapshot(queue_depth=0, active=0, capacity=2, max_queue=4, step_latency_s=0.01, tokens_per_s=1.0,
                      encoder_latency_s=0.01, canvas_length=16, model_name="tiny", model_revision="local",
                      ready=True, draining=False)

@@ -3,7 +3,8 @@
 The emulator runs no controllers. This does what they would for the operator's worker Deployments:
 for each Deployment labelled managed-by=dgemma-operator it keeps `spec.replicas` real `dgemma worker`
 processes running on 127.0.0.1 with the Deployment's container environment (the model overridden to
-the tiny model, the device to CPU and the ports to free ones), creates a Pod object for each, marks it
+the tiny model, the device to CPU and the ports to free ones; `secretKeyRef` variables and Secret volumes from
+the Secrets, the volumes as files in a folder of the pod's), creates a Pod object for each, marks it
 ready when its gRPC health says SERVING, patches the Deployment's status (replicas, readyReplicas,
 availableReplicas, updatedReplicas), and publishes each ready worker in an EndpointSlice of the worker
 Service (one slice per worker, since each listens on its own port of 127.0.0.1). Fewer replicas: the
@@ -13,6 +14,7 @@ workers stop and its Pods and slices go.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -94,6 +96,10 @@ class Kubelet:
             _reap(pod, 10.0)
         self.api.close()
 
+    def addresses(self) -> list[str]:
+        """host:port of the gRPC port of every ready worker."""
+        return [f"127.0.0.1:{p.port}" for w in self.workloads.values() for p in w.pods if p.ready]
+
     def running(self) -> list[str]:
         """Names of the worker processes this node started that are still running."""
         return [p.name for p in self.started if p.process.poll() is None]
@@ -146,8 +152,16 @@ class Kubelet:
             w.published = status
 
     def _env(self, dep: dict[str, Any], pod: str) -> dict[str, str]:
-        container = dep["spec"]["template"]["spec"]["containers"][0]
+        spec = dep["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        namespace = dep["metadata"]["namespace"]
         env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e and e["name"] not in DROPPED}
+        env.update({e["name"]: self._secret(namespace, e["valueFrom"]["secretKeyRef"]["name"])[
+                       e["valueFrom"]["secretKeyRef"]["key"]]
+                    for e in container.get("env") or [] if "secretKeyRef" in (e.get("valueFrom") or {})})
+        # Secret volumes: written under this pod's folder; variables that point into the mount point there.
+        for path, local in self._secret_mounts(namespace, spec, container, self.workdir / pod).items():
+            env.update({k: local + v[len(path):] for k, v in env.items() if v.startswith(path.rstrip("/") + "/")})
         env.update({
             "DGEMMA_MODEL": self.model, "DGEMMA_DEVICE": "cpu", "DGEMMA_HOST": "127.0.0.1", "DGEMMA_PORT": "0",
             "DGEMMA_METRICS_PORT": "off", "DGEMMA_PORT_FILE": str(self.workdir / f"{pod}.json"),
@@ -157,6 +171,28 @@ class Kubelet:
             **self.extra_env,
         })
         return env
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        data = self.core.read_namespaced_secret(name, namespace).data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def _secret_mounts(self, namespace: str, spec: dict[str, Any], container: dict[str, Any], folder: Path
+                       ) -> dict[str, str]:
+        """Each Secret volume the container mounts, as files in a folder: {mount path: that folder}."""
+        volumes = {v["name"]: v["secret"] for v in spec.get("volumes") or [] if "secret" in v}
+        out = {}
+        for mount in container.get("volumeMounts") or []:
+            source = volumes.get(mount["name"])
+            if source is None:
+                continue
+            data = self._secret(namespace, source["secretName"])
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            local = folder / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            for item in items:
+                (local / item["path"]).write_text(data[item["key"]])
+            out[mount["mountPath"]] = str(local)
+        return out
 
     def _start(self, w: Workload, dep: dict[str, Any]) -> None:
         w.serial += 1

@@ -7,14 +7,16 @@ Nothing in the request path is a fake. The one liberty: the stand-in node's work
 20 ms delay (DGEMMA_DEBUG_STEP_DELAY_S, as on a slower GPU), so that requests queue on two shared
 CPU cores without burning them.
 
-Story: the resource starts at zero replicas; the first request is held at the gateway, the autoscaler
-sees it and starts a replica, the request is released to it. Concurrent streams then push demand over
-one replica's measured capacity: a second replica starts and takes traffic. The load stops: two -> one
--> zero. `kubectl delete`: children and processes go.
+Story: the resource starts at zero replicas; its workers require the API key of a Secret, which the operator
+mounts and the gateway reads. The first request is held at the gateway, the autoscaler sees it and starts a
+replica, the request is released to it (a direct call to that worker without the key is refused).
+Concurrent streams then push demand over one replica's measured capacity: a second replica starts and takes
+traffic. The load stops: two -> one -> zero. `kubectl delete`: children and processes go.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import functools
 import json
@@ -29,12 +31,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import openai
 import pytest
 import yaml
 
 from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.kube import KubernetesSource, from_kubeconfig
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir
 from tests.e2e.kubelet import Kubelet
 from tests.gateway.gateway_harness import RunningGateway
@@ -56,12 +61,16 @@ RESOURCE = {
         "replicas": 0, "minReplicas": 0, "maxReplicas": 2,
         "latencyTargetMs": 5000,
         "generation": {"canvasLength": 16, "maxDenoisingSteps": 8},
-        "worker": {"maxActive": 2, "maxQueue": 16, "drainGraceSeconds": 2},
+        "worker": {"maxActive": 2, "maxQueue": 16, "drainGraceSeconds": 2,
+                   "apiKeySecret": {"name": "tiny-worker-key", "key": "keys"}},
         "autoscaling": {"enabled": True, "targetUtilization": 0.5, "scaleUpStabilizationSeconds": 0,
                         "scaleDownStabilizationSeconds": 4,
                         "scaleToZero": True, "scaleToZeroIdleSeconds": 4},
     },
 }
+WORKER_KEY = "wk-e2e-0123456789"
+SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tiny-worker-key", "namespace": "default"},
+          "data": {"keys": base64.b64encode(f"{WORKER_KEY}\n".encode()).decode()}}
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -143,7 +152,7 @@ def test_kubectl_to_operator_to_workers_to_gateway_to_client_scaling_up_from_zer
                 f"operator log tail: {operator.read_text()[-3000:]}")
 
     manifest = tmp_path / "tiny.yaml"
-    manifest.write_text(yaml.safe_dump(RESOURCE))
+    manifest.write_text(yaml.safe_dump_all([SECRET, RESOURCE]))
     k8s.kubectl("apply", "-f", str(manifest))
     eventually(lambda: get(k8s, "deployment", "tiny-worker"), 30, "the operator to create the Deployment")
     assert get(k8s, "deployment", "tiny-worker")["spec"]["replicas"] == 0  # type: ignore[index]
@@ -158,6 +167,15 @@ def test_kubectl_to_operator_to_workers_to_gateway_to_client_scaling_up_from_zer
         reply = first.result(90)
     assert reply.choices[0].message.content is not None
     assert any(e.startswith("ScaledUp: 0 -> 1") and "waiting 1" in e for e in events(k8s)), why()
+    # The gateway presented the Secret's key; anyone else reaching the worker's port is refused.
+    (worker,) = kubelet.addresses()
+    with grpc.insecure_channel(worker) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.DenoiserStub(channel).GetLoad(pb.GetLoadRequest(), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        load = pb_grpc.DenoiserStub(channel).GetLoad(pb.GetLoadRequest(), timeout=10,
+                                                     metadata=(("authorization", f"Bearer {WORKER_KEY}"),))
+        assert load.ready
 
     # 2. Load: concurrent streams until a second replica starts and takes traffic.
     served: Counter[str] = Counter()

@@ -57,6 +57,30 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= written
 
 
+def test_generate_takes_images_and_counts_their_tokens(tiny_dir: Path, tmp_path: Path) -> None:
+    from dgemma_common.images import VisionSpec, soft_tokens
+    from dgemma_worker.model import TINY_MAX_SOFT_TOKENS
+    from tests.common.imagefiles import image_bytes, truncated
+
+    picture = tmp_path / "picture.jpg"
+    picture.write_bytes(image_bytes("JPEG", (300, 200)))
+    common = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "8", "--steps", "2", "--seed", "1")
+    plain = dgemma(*common, "What is this?")
+    shown = dgemma(*common, "--image", str(picture), "What is this?")
+    assert plain.returncode == 0 and shown.returncode == 0, shown.stderr
+
+    def prompt_tokens(out: subprocess.CompletedProcess[str]) -> int:
+        return int(out.stderr.split(" prompt tokens")[0].rsplit("] ", 1)[1])
+
+    image_tokens = soft_tokens(300, 200, VisionSpec(max_soft_tokens=TINY_MAX_SOFT_TOKENS)) + 2
+    assert prompt_tokens(shown) == prompt_tokens(plain) + image_tokens
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(truncated(image_bytes("PNG", (300, 200))))
+    out = dgemma(*common, "--image", str(picture), "--image", str(broken), "hi")
+    assert out.returncode == 2
+    assert "prompt.chat.messages[0].parts[1]: the image is truncated or corrupt" in out.stderr
+
+
 def test_generate_with_the_compiled_step_prints_what_the_eager_step_does(tiny_dir: Path) -> None:
     args = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "32", "--steps", "2", "--seed", "7", "--raw",
             "hi")

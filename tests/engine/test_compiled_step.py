@@ -167,7 +167,7 @@ def test_finished_batches_return_their_slots_for_the_next_ones(cuda_like: Loaded
 
 
 def test_the_operators_pod_memory_reserves_the_largest_bucket() -> None:
-    from dgemma_operator.profiles import LARGEST_BUCKET
+    from dgemma_common.profiles import LARGEST_BUCKET
 
     assert max(BUCKETS) == LARGEST_BUCKET
 

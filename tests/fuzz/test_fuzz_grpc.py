@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as kpb
 
 from dgemma_common import kserve
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
-from tests.fuzz.conftest import FUZZ, MODEL, FuzzStack, describe
+from tests.fuzz.conftest import API_KEY, FUZZ, MODEL, FuzzStack, describe
 from tests.fuzz.protobuf import messages
 
 pytestmark = pytest.mark.timeout(300)
@@ -96,17 +96,19 @@ OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def _call(channel: grpc.Channel, rpc: Rpc, payload: bytes) -> grpc.StatusCode:
+def _call(channel: grpc.Channel, rpc: Rpc, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
+          ) -> grpc.StatusCode:
     """Send bytes as they are (no serializer) and read what comes back; the final status."""
     try:
         if rpc.kind == "unary":
-            channel.unary_unary(rpc.method)(payload, timeout=CALL_DEADLINE_S)
+            channel.unary_unary(rpc.method)(payload, timeout=CALL_DEADLINE_S, metadata=metadata)
             return grpc.StatusCode.OK
         responses: Iterator[bytes]
         if rpc.kind == "stream":
-            responses = channel.unary_stream(rpc.method)(payload, timeout=CALL_DEADLINE_S)
+            responses = channel.unary_stream(rpc.method)(payload, timeout=CALL_DEADLINE_S, metadata=metadata)
         else:
-            responses = channel.stream_stream(rpc.method)(iter([payload]), timeout=CALL_DEADLINE_S)
+            responses = channel.stream_stream(rpc.method)(iter([payload]), timeout=CALL_DEADLINE_S,
+                                                          metadata=metadata)
         for i, _ in enumerate(responses, 1):
             if i >= rpc.read:
                 responses.cancel()  # type: ignore[attr-defined]
@@ -142,9 +144,14 @@ def _fuzz(stack: FuzzStack, rpc: Rpc, payloads: st.SearchStrategy[bytes], tag: s
     with grpc.insecure_channel(_address(stack, rpc)) as channel:
 
         @FUZZ
-        @given(payloads)
-        def one(payload: bytes) -> None:
-            code = _call(channel, rpc, payload)
+        @given(payloads, st.integers(0, 3).map(lambda draw: draw == 0))
+        def one(payload: bytes, keyless: bool) -> None:
+            # The gateway's KServe port wants the API key: three cases in four carry it, so that they reach the
+            # decoding and the workers; a keyless one gets UNAUTHENTICATED whatever its bytes.
+            keyed = rpc.server == "gateway" and not keyless
+            code = _call(channel, rpc, payload, (("authorization", f"Bearer {API_KEY}"),) if keyed else ())
+            if rpc.server == "gateway" and keyless:
+                assert code == grpc.StatusCode.UNAUTHENTICATED, f"{code.name} without a key"
             stack.count(f"{rpc.surface} ({tag})", code.name)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and _asks_for_a_short_deadline(rpc, payload):
                 return  # the request's own timeout_s ran out before its work did: the answer it asked for

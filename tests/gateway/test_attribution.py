@@ -79,10 +79,10 @@ def test_snapshot_scales_on_attributed_demand_and_keeps_the_routed_one() -> None
         tracker.routed("rtx", NOW - 5 + i * 0.5, 256, 1, request=RouteRequest("m", 256, 48, 4000.0))
     tracker.routed("rtx", NOW - 1, 256, 1)  # a caller that does not pass the request: stays routed
     snap = snapshot(tracker, VARIANTS, FLEET, NOW)
-    spark, rtx = snap["variants"]["spark"]["demand"], snap["variants"]["rtx"]["demand"]
-    assert spark["canvases_per_s"] == pytest.approx(1.0) and spark["routed_canvases_per_s"] == 0.0
-    assert spark["tokens_per_s"] == pytest.approx(256.0) and spark["preferred_canvases_per_s"] == pytest.approx(1.0)
-    assert rtx["routed_canvases_per_s"] == pytest.approx(1.1)
-    assert rtx["preferred_canvases_per_s"] == pytest.approx(0.1)
-    assert rtx["overflow_in_canvases_per_s"] == pytest.approx(1.0)
-    assert rtx["canvases_per_s"] == pytest.approx(1.1)  # what it is preferred for plus the overflow it carries
+    spark, rtx = snap.variants["spark"].demand, snap.variants["rtx"].demand
+    assert spark.canvases_per_s == pytest.approx(1.0) and spark.routed_canvases_per_s == 0.0
+    assert spark.tokens_per_s == pytest.approx(256.0) and spark.preferred_canvases_per_s == pytest.approx(1.0)
+    assert rtx.routed_canvases_per_s == pytest.approx(1.1)
+    assert rtx.preferred_canvases_per_s == pytest.approx(0.1)
+    assert rtx.overflow_in_canvases_per_s == pytest.approx(1.0)
+    assert rtx.canvases_per_s == pytest.approx(1.1)  # what it is preferred for plus the overflow it carries

@@ -25,7 +25,7 @@ def test_the_rate_does_not_depend_on_how_many_requests_share_the_replica() -> No
 
 def test_no_capacity_until_a_step_was_measured() -> None:
     assert replica_canvases_per_s(load(0.0), 16) is None
-    assert measured_capacity([Candidate("a", V, load(0.0))])["canvases_per_s_per_replica"] is None
+    assert measured_capacity([Candidate("a", V, load(0.0))]).canvases_per_s_per_replica is None
 
 
 def test_capacity_uses_the_learned_share_of_steps_and_averages_over_measured_replicas() -> None:
@@ -34,16 +34,16 @@ def test_capacity_uses_the_learned_share_of_steps_and_averages_over_measured_rep
              Candidate("c", V, load(0.0), step_fraction=0.25)]
     cap = measured_capacity(ready)
     expected = (1 / 0.12 + 1 / 0.36) / 2
-    assert cap["canvases_per_s_per_replica"] == pytest.approx(expected)
-    assert cap["tokens_per_s_per_replica"] == pytest.approx(expected * 256)
-    assert (cap["steps_per_canvas"], cap["replicas_measured"]) == (12.0, 2)
+    assert cap.canvases_per_s_per_replica == pytest.approx(expected)
+    assert cap.tokens_per_s_per_replica == pytest.approx(expected * 256)
+    assert (cap.steps_per_canvas, cap.replicas_measured) == (12.0, 2)
 
 
 def test_the_snapshot_carries_capacity_and_requests_held_for_a_replica() -> None:
     idle = Variant("spark", "m", "dgx-spark", scale_from_zero=True)
     snap = snapshot(DemandTracker(10.0), [V, idle], [Candidate("a", V, load(0.01, canvas=128))], NOW,
                     held={"spark": (3, 6.0)})
-    assert snap["variants"]["h100"]["capacity"]["tokens_per_s_per_replica"] == pytest.approx(128 / 0.48)
-    assert snap["variants"]["spark"]["capacity"]["canvases_per_s_per_replica"] is None
-    assert (snap["variants"]["spark"]["demand"]["requests_held"], snap["variants"]["spark"]["replicas"]) == (3, 0)
-    assert snap["variants"]["spark"]["demand"]["canvases_held"] == 6.0
+    spark = snap.variants["spark"]
+    assert snap.variants["h100"].capacity.tokens_per_s_per_replica == pytest.approx(128 / 0.48)
+    assert spark.capacity.canvases_per_s_per_replica is None
+    assert (spark.demand.requests_held, spark.replicas, spark.demand.canvases_held) == (3, 0, 6.0)

@@ -15,6 +15,7 @@ import grpc
 import openai
 import pytest
 
+from dgemma_common.demand import DemandSnapshot
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from tests.gateway.gateway_harness import MODEL, SLOW_STEP_S, Pool, RunningGateway, static, variant
@@ -65,6 +66,10 @@ def test_a_request_that_fails_before_its_first_byte_is_retried_on_another_endpoi
         assert r.headers["x-dgemma-variant"] == "fine"
         assert broken.calls == 1  # tried first (cheapest), failed before the first byte, retried elsewhere
         assert r.parse().choices[0].finish_reason in ("stop", "length")
+        # One request is demand once: counted where it was served, not once per attempt.
+        views = g.call(_snapshot(g)).variants
+        assert (views["fine"].demand.requests_total, views["cheap-broken"].demand.requests_total) == (1, 0)
+        assert views["cheap-broken"].demand.routed_canvases_per_s == 0.0
         # The failed endpoint is ejected for a while: the next request goes straight to the good one.
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
                                        extra_body={"max_denoising_steps": 2})
@@ -74,6 +79,24 @@ def test_a_request_that_fails_before_its_first_byte_is_retried_on_another_endpoi
     finally:
         if "server" in holder:
             g.call(holder["server"].stop(None))
+        g.close()
+
+
+async def _snapshot(g: RunningGateway) -> DemandSnapshot:
+    return g.gateway.demand_snapshot()  # type: ignore[no-any-return]
+
+
+def test_a_request_whose_deadline_passes_before_an_endpoint_takes_it_is_a_504_in_the_metrics(pool: Pool) -> None:
+    g = RunningGateway([static((pool.fast[0].address, variant("cpu")))])
+    try:
+        g.wait_ready(1)
+        client = openai.OpenAI(base_url=f"{g.url}/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"timeout_s": 1e-6})
+        assert caught.value.status_code == 504
+        metrics = g.gateway.metrics.render().decode()
+        assert 'dgemma_gateway_requests_total{api="openai",outcome="504",variant="cpu"} 1.0' in metrics
+    finally:
         g.close()
 
 

@@ -75,3 +75,23 @@ def test_an_endpoints_file_runtime_must_match_its_addresses(tmp_path: Path, caps
     with pytest.raises(SystemExit):
         parse_config(["--endpoints-file", str(f)], env={})
     assert "http(s) base URL" in capsys.readouterr().err
+
+
+def test_the_worker_key_goes_to_workers_and_keyless_vllm_servers_never_to_an_external_api(tmp_path: Path) -> None:
+    worker_key, own_key = tmp_path / "worker-key", tmp_path / "own-key"
+    worker_key.write_text("\nwk-123\n")
+    own_key.write_text("sk-own\n")
+    f = tmp_path / "endpoints.yaml"
+    f.write_text(
+        "variants:\n"
+        "  - {name: keyed, model: m, runtime: vllm, api_key_file: " + str(own_key) + ",\n"
+        "     endpoints: ['http://10.0.0.8:8000/v1']}\n")
+    cfg = parse_config(["--endpoint", "127.0.0.1:50051=local:m", "--endpoint", "http://10.0.0.7:8000/v1=vllm:m",
+                        "--endpoints-file", str(f), "--overflow-url", "https://api.example.com/v1",
+                        "--overflow-model", "google/dg"], env={"DGEMMA_WORKER_API_KEY_FILE": str(worker_key)})
+    specs = {s.variant.name: s for s in cfg.endpoints}
+    assert specs["local"].api_key == "wk-123"
+    assert specs["vllm"].http is not None and specs["vllm"].http.api_key == "wk-123"
+    assert specs["keyed"].http is not None and specs["keyed"].http.api_key == "sk-own"  # its own key stays
+    assert specs["overflow"].http is not None and specs["overflow"].http.api_key is None
+    assert "wk-123" not in repr(cfg)  # the key never reaches a log line

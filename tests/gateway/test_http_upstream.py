@@ -5,7 +5,9 @@ run vLLM itself on these machines).
 Streams pass through chunk by chunk with usage, errors keep the gateway's shapes, settings vLLM fixes per
 server are refused by name, a 429 is passed on and pauses the upstream, a slow upstream loses traffic or
 its deadline, a client that leaves cancels the upstream request, an upstream that dies mid-stream ends the
-stream with an error, and an external API takes only what the local endpoints cannot serve in time."""
+stream with an error, and an external API takes only what the local endpoints cannot serve in time. A vLLM
+endpoint gets the workers' key (--worker-api-key-file) as a bearer token; `dgemma serve`'s own workers refuse a
+direct call without the key of its run."""
 
 from __future__ import annotations
 
@@ -23,14 +25,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as tc
 
-from dgemma_gateway.config import overflow_spec, parse_endpoint
+from dgemma_gateway.config import overflow_spec, parse_config, parse_endpoint
 from dgemma_gateway.endpoints import EndpointSpec, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
+from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
+from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
@@ -347,8 +352,8 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
         assert served_by(open_, 300) == "overflow"  # not a tight one
         assert served_by(open_, 300, key="closed-key") == "local"  # ... unless the caller's key forbids it
         # The overflowed request is demand for the local variant it preferred.
-        snap = open_.gateway.demand_snapshot()["variants"]
-        assert snap["local"]["demand"]["preferred_requests_per_s"] > snap["local"]["demand"]["routed_requests_per_s"]
+        local = open_.gateway.demand_snapshot().variants["local"].demand
+        assert local.preferred_requests_per_s > local.routed_requests_per_s
     finally:
         open_.close()
     closed = front_with(False)
@@ -374,3 +379,45 @@ def test_dgemma_serve_with_overflow_serves_at_once_while_its_first_worker_starts
         p.wait_for(r"0 -> 1 workers", 60)
     finally:
         p.kill()
+
+
+def test_a_vllm_endpoint_gets_the_workers_key_as_a_bearer_token(pool: Pool, tmp_path: Path) -> None:
+    key = tmp_path / "worker-key"
+    key.write_text("wk-vllm-0123456789\n")
+    # Stands in for a vLLM pod started with VLLM_API_KEY: /v1 needs the key, /health and /metrics stay open.
+    upstream = RunningGateway([static((pool.fast[0].address, variant("up")))], keys=key)
+
+    def front(*flags: str) -> RunningGateway:
+        config = parse_config(["--endpoint", f"{upstream.url}/v1=vllm:{MODEL}", *flags], env={})
+        return RunningGateway([StaticSource(config.endpoints)])
+
+    keyed, keyless = front("--worker-api-key-file", str(key)), front()
+    try:
+        upstream.wait_ready(1)
+        keyed.wait_ready(1, timeout=30)
+        reply = client(keyed).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=4)
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        keyless.wait_ready(1, timeout=30)
+        with pytest.raises(openai.APIStatusError) as err:
+            client(keyless).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                    max_tokens=4)
+        assert err.value.status_code == 502 and err.value.code == "upstream_misconfigured"
+    finally:
+        keyless.close()
+        keyed.close()
+        upstream.close()
+
+
+def test_dgemma_serve_workers_refuse_a_direct_call_without_the_key_of_its_run(serve: str) -> None:
+    raw = openai.OpenAI(base_url=f"{serve}/v1", api_key="x", max_retries=0, timeout=120).chat.completions \
+        .with_raw_response.create(model=SERVED, messages=[{"role": "user", "content": "x"}], max_tokens=4)
+    worker = raw.headers["x-dgemma-endpoint"].split("/", 1)[1]  # the gateway's way in: local/127.0.0.1:PORT
+    assert worker.startswith("127.0.0.1:")
+    with grpc.insecure_channel(worker) as channel:
+        stub = pb_grpc.DenoiserStub(channel)
+        for call in (lambda: stub.GetLoad(pb.GetLoadRequest(), timeout=30),
+                     lambda: list(stub.Generate(pb.GenerateRequest(prompt=pb.Prompt(text="x")), timeout=30))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -1,5 +1,6 @@
 """The Kubernetes source and spec.runtime: a vLLM resource's pods are HTTP endpoints (their Service's `http`
-port), an external resource is its API with the key read from the Secret it names. Against the emulator,
+port), an external resource is its API with the key read from the Secret it names; a resource's
+spec.worker.apiKeySecret is read the same way and presented to its workers and vLLM pods. Against the emulator,
 with kubectl creating the objects and the OpenAI SDK going through the gateway to real servers."""
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ import functools
 import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from dgemma_gateway.kube import KubernetesSource, endpoints_from, from_kubeconfig, resource_from
+from dgemma_serve.workers import LocalWorkers
+from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 from tests.k8s_emulator import EmulatorThread
 
@@ -85,7 +88,9 @@ def test_a_gateway_in_kubernetes_serves_a_vllm_variant_and_overflows_with_the_se
         objects = [
             resource("local", runtime="vllm", costWeight=1, allowOverflow=True, generation={"canvasLength": 16}),
             vllm_slice("local-worker", host, int(port)),
-            resource("hosted", costWeight=5, latencyTargetMs=60000, **{
+            # Unmeasured, the API is predicted from its prior: set well above what the pod measures, so the pod,
+            # measured missing a tight target, loses to it whatever number of steps its model defaults to.
+            resource("hosted", costWeight=5, latencyTargetMs=60000, gpu={"tokensPerSecondPrior": 50000}, **{
                 **EXTERNAL, "external": {**EXTERNAL["external"], "baseURL": f"{hosted.url}/v1", "model": MODEL}}),
         ]
         for obj in objects:
@@ -122,3 +127,86 @@ def test_a_gateway_in_kubernetes_serves_a_vllm_variant_and_overflows_with_the_se
 async def _wake(source: KubernetesSource) -> None:
     """What a resource change does: the source reads the Secrets again now rather than within the minute."""
     source._resources_changed.set()
+
+
+WORKER_KEY = {"apiKeySecret": {"name": "worker-key", "key": "keys"}}
+
+
+def grpc_slice(service: str, host: str, port: int) -> dict[str, Any]:
+    return {**vllm_slice(service, host, port), "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}]}
+
+
+def test_a_worker_key_secret_is_presented_to_the_variants_workers_and_vllm_pods() -> None:
+    resources = {("default", "w"): resource_from(resource("w", image="w:1", worker=WORKER_KEY)),
+                 ("default", "v"): resource_from(resource("v", runtime="vllm", worker=WORKER_KEY))}
+    slices = {("default", "w"): grpc_slice("w-worker", "10.0.0.6", 50051),
+              ("default", "v"): vllm_slice("v-worker", "10.0.0.7", 8000)}
+    assert endpoints_from(resources, slices) == []  # the key is not read yet: its workers would refuse every call
+    # The Secret is the dgemma worker's keys file: every line is a key it takes, the gateway presents the first.
+    # vLLM takes the whole value as one key, which a multi-line value is not (the gateway logs why).
+    (worker,) = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "# rotating\nwk-new\nwk-old\n"})
+    assert worker.api_key == "wk-new" and worker.kind == "grpc"
+    pod, worker = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "wk-one"})  # by id
+    assert worker.api_key == "wk-one" and pod.http is not None and pod.http.api_key == "wk-one"
+    assert "wk-one" not in repr(worker) + repr(pod)  # never in a log line
+
+
+@pytest.fixture(scope="module")
+def keyed_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWorkers]:
+    """A `dgemma worker` that requires the key (its --api-keys-file), serving the model as `keyed`."""
+    with LocalWorkers(str(tiny_model_dir()), 1, "keyed", api_key="wk-cluster-0123456789",
+                      workdir=tmp_path_factory.mktemp("keyed-k8s")).running(10) as w:
+        yield w
+
+
+def test_a_gateway_in_kubernetes_reads_the_workers_key_from_the_secret_the_resource_names(
+        k8s: EmulatorThread, pool: Pool, keyed_worker: LocalWorkers, tmp_path: pathlib.Path) -> None:
+    key = "wk-cluster-0123456789"
+    (tmp_path / "pod-keys").write_text(f"{key}\n")
+    # A "vLLM pod" started with VLLM_API_KEY: an OpenAI server whose /v1 needs the key (/health, /metrics open).
+    pod = RunningGateway([static((pool.fast[0].address, variant("pod")))], keys=tmp_path / "pod-keys")
+    gateway = None
+    try:
+        pod.wait_ready(1)
+        k8s.kubectl("apply", "-f", str(ROOT / "deploy" / "crds" / "dgemma.io_diffusiongemmas.yaml"))
+
+        def secret(value: str) -> None:
+            body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "worker-key", "namespace": "default"},
+                    "data": {"keys": base64.b64encode(value.encode()).decode()}}
+            k8s.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+        secret(key)
+        worker_host, worker_port = keyed_worker.workers[0].address.split(":")
+        pod_host, pod_port = pod.url.removeprefix("http://").split(":")
+        for obj in (resource("keyed", servedModelName="keyed", image="w:1", worker=WORKER_KEY),
+                    grpc_slice("keyed-worker", worker_host, int(worker_port)),
+                    resource("keyed-vllm", runtime="vllm", worker=WORKER_KEY, generation={"canvasLength": 16}),
+                    vllm_slice("keyed-vllm-worker", pod_host, int(pod_port))):
+            k8s.kubectl("apply", "-f", "-", input=json.dumps(obj))
+        source = KubernetesSource(functools.partial(from_kubeconfig, k8s.kubeconfig), "default")
+        gateway = RunningGateway([source])
+        gateway.wait_ready(2, timeout=60)  # the worker let the gateway's load watch in
+        c = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+        def status(model: str) -> int:
+            try:
+                c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=4)
+            except openai.APIStatusError as err:
+                return err.status_code
+            return 200
+
+        assert status("keyed") == 200 and status(MODEL) == 200  # the dgemma worker and the vLLM pod
+        # The Secret changes (a key the workers do not know): read again, presented from the next call on.
+        secret("wk-unknown")
+        gateway.call(_wake(source))
+        until(lambda: status("keyed") == 502, 30, "the worker to refuse the new key")
+        # The vLLM pod too (401: it refused the gateway's credentials). Under load its endpoint may be between two
+        # scrapes for a moment (503), so ask until the pod itself answers.
+        until(lambda: status(MODEL) == 502, 30, "the vLLM pod to refuse the new key")
+        secret(key)
+        gateway.call(_wake(source))
+        until(lambda: status("keyed") == 200 and status(MODEL) == 200, 30, "the right key again")
+    finally:
+        if gateway is not None:
+            gateway.close()
+        pod.close()

@@ -250,7 +250,7 @@ def test_a_rotated_service_account_token_is_picked_up(
     # token. Every request opened after the new one was seen carries the new token: reconnect once more.
     settled = len(k8s.authorizations())
     k8s.call(k8s.store.close_watches)
-    assert wait_for(lambda: len(k8s.authorizations()) > settled)
+    assert wait_for(lambda: len(k8s.authorizations()) >= settled + 2)  # both watches came back
     assert set(k8s.authorizations()[settled:]) == {"Bearer second-token"}
 
 
@@ -278,9 +278,9 @@ def test_no_copy_of_the_client_key_is_left_when_the_gateway_exits(tmp_path: path
     the key."""
     with EmulatorThread(tmp_path / "k8s", tls=True) as k8s:
         assert k8s.ca is not None
-        client = k8s.ca.issue_cert("dgemma-gateway")
-        key = client.private_key_pem.bytes()
-        user = {"client-certificate-data": base64.b64encode(client.cert_chain_pems[0].bytes()).decode(),
+        client = k8s.ca.issue("dgemma-gateway", dns=(), ips=(), client=True)
+        key = client.key_pem
+        user = {"client-certificate-data": base64.b64encode(client.cert_pem).decode(),
                 "client-key-data": base64.b64encode(key).decode()}
         kubeconfig = tmp_path / "cert-kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(k8s.kubeconfig_dict(user=user)))

@@ -134,4 +134,4 @@ def test_models_health_readiness_metrics_openapi_and_demand(gw: RunningGateway, 
     status, demand = asyncio.run(get("/v1/dgemma/demand"))
     v = json.loads(demand)["variants"]["cpu"]
     assert v["replicas_ready"] == 2 and v["demand"]["requests_total"] >= 1
-    assert gw.gateway.demand_snapshot()["variants"]["cpu"]["model"] == MODEL  # the in-process view
+    assert gw.gateway.demand_snapshot().variants["cpu"].model == MODEL  # the in-process view

@@ -10,10 +10,12 @@ import pytest
 
 from dgemma_common.auth import parse_key_lines
 from dgemma_gateway.attribution import Shape, attribute
+from dgemma_gateway.core import Gateway
+from dgemma_gateway.errors import GatewayError
 from dgemma_gateway.openai_upstream import HttpTarget, request_body, retry_after_s
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import load_profile_file, route_with_overflow
-from dgemma_gateway.runtimes import refusal
+from dgemma_gateway.runtimes import has_images, refusal
 from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
@@ -114,3 +116,21 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_bounded() -> None:
 def test_a_keys_file_line_may_forbid_overflow_for_its_key() -> None:
     assert parse_key_lines("a\nb no-overflow\n# c no-overflow\nd e f\n") == [
         ("a", frozenset()), ("b", frozenset({"no-overflow"})), ("d e f", frozenset())]
+
+
+def test_a_prompt_with_images_goes_only_to_dgemma_workers() -> None:
+    image = pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", parts=[
+        pb.ContentPart(image=pb.Image(data=b"png")), pb.ContentPart(text="what is it?")])]))
+    assert has_images(image) and has_images(pb.Prompt(text="hi", images=[pb.Image(data=b"png")]))
+    assert not has_images(pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])))
+    req = GatewayRequest(model="m", prompt=image, settings={"max_new_tokens": 8}, param_names={"prompt": "messages"})
+    assert Gateway._takes("dgemma", req)
+    assert not Gateway._takes("external", req) and not Gateway._takes("vllm", req)  # they are forwarded text only
+    assert Gateway._takes("external", replace(req, prompt=pb.Prompt(text="hi")))
+    gateway = Gateway(PIPELINE, [])
+    gateway.registry.variants = {"hosted": HOSTED}
+    with pytest.raises(GatewayError) as info:
+        gateway._check_settings(req)
+    assert (info.value.status, info.value.param) == (400, "messages")
+    gateway.registry.variants = {"hosted": HOSTED, "spark": LOCAL}
+    gateway._check_settings(req)

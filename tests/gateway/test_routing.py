@@ -60,6 +60,19 @@ def test_interleaved_prediction_counts_queue_sharing_canvases_and_steps(
     assert p.total_s == pytest.approx(expected_s)
 
 
+def test_the_first_encoder_pass_grows_with_the_prompt_images_included() -> None:
+    # 2 canvases, 16 steps of 0.01 s each; the worker measured 0.001 s of encoder per prompt token.
+    measured = cand(FAST, replace(load(step_s=0.01, encoder_s=0.01), encoder_token_latency_s=0.001))
+    text_only = predict(measured, req(max_tokens=300, steps=16, prompt_tokens=20)).total_s
+    with_image = predict(measured, req(max_tokens=300, steps=16, prompt_tokens=20 + 282)).total_s
+    assert text_only == pytest.approx(20 * 0.001 + 0.01 + 2 * 16 * 0.01)  # first pass, one canvas pass, steps
+    assert with_image - text_only == pytest.approx(282 * 0.001)  # an image of 280 soft tokens and its markers
+    # Unknown length or no per-token measurement: every pass costs the measured encoder latency, as before.
+    assert predict(measured, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34)
+    unmeasured = cand(FAST, load(step_s=0.01, encoder_s=0.01))
+    assert predict(unmeasured, req(max_tokens=300, steps=16, prompt_tokens=302)).total_s == pytest.approx(0.34)
+
+
 def test_prediction_uses_the_measured_step_share_and_the_prior_until_measured() -> None:
     half = cand(FAST, load(step_s=0.01, encoder_s=0.01), step_fraction=0.5)
     assert predict(half, req(steps=16)).total_s == pytest.approx(0.01 + 8 * 0.01)
@@ -185,13 +198,13 @@ def test_demand_snapshot_reports_requested_canvases_waiting_and_delivered_per_re
     t.finished("h100", NOW, 100, met=False)
     cands = [cand(FAST, load(queue=3), n=0), cand(FAST, load(), n=1), cand(FAST, load(ready=False), n=2)]
     snap = snapshot(t, [FAST], cands, NOW)
-    v = snap["variants"]["h100"]
-    assert v["replicas"] == 3 and v["replicas_ready"] == 2
-    assert v["demand"]["canvases_per_s"] == pytest.approx(1.0)
-    assert v["demand"]["tokens_per_s"] == pytest.approx(150.0)
-    assert v["demand"]["requests_waiting"] == 3
-    assert v["demand"]["targets_missed"] == 1 and v["demand"]["target_miss_ratio"] == pytest.approx(0.5)
-    assert v["delivered"]["tokens_per_s_per_replica"] == pytest.approx(100.0)
+    v = snap.variants["h100"]
+    assert v.replicas == 3 and v.replicas_ready == 2
+    assert v.demand.canvases_per_s == pytest.approx(1.0)
+    assert v.demand.tokens_per_s == pytest.approx(150.0)
+    assert v.demand.requests_waiting == 3
+    assert v.demand.targets_missed == 1 and v.demand.target_miss_ratio == pytest.approx(0.5)
+    assert v.delivered.tokens_per_s_per_replica == pytest.approx(100.0)
 
 
 def test_cost_compares_what_serving_the_request_costs_not_the_hourly_price_alone() -> None:

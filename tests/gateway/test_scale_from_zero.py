@@ -59,7 +59,7 @@ def gw(late: LateSource) -> Iterator[RunningGateway]:
 
 def held(gw: RunningGateway) -> int:
     async def read() -> int:
-        return int(gw.gateway.demand_snapshot()["variants"]["idle"]["demand"]["requests_held"])
+        return gw.gateway.demand_snapshot().variants["idle"].demand.requests_held
 
     return gw.call(read())
 

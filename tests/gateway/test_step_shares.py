@@ -72,7 +72,7 @@ async def test_capacity_charges_a_canvas_what_the_traffic_really_took_whatever_i
     assert c.steps_per_canvas == pytest.approx(10, rel=0.05)  # a moving average: the latest weigh most
     ready = Candidate(c.endpoint_id, c.variant, load(0.01), step_fraction=c.step_fraction,
                       step_shares=c.step_shares, steps_per_canvas=c.steps_per_canvas)
-    assert measured_capacity([ready])["canvases_per_s_per_replica"] == pytest.approx(1 / (10 * 0.01), rel=0.05)
+    assert measured_capacity([ready]).canvases_per_s_per_replica == pytest.approx(1 / (10 * 0.01), rel=0.05)
     assert (await learned()).steps_per_canvas is None  # nothing finished: the cap's share (1.0) decides
 
 

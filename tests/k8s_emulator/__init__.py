@@ -6,8 +6,9 @@ async with KubernetesEmulator(tmp_path) as k8s:      # in an event loop
 with EmulatorThread(tmp_path) as k8s:                 # from synchronous tests: runs its own loop
     ...
 
-With `tls=True` it serves HTTPS with a certificate from its own test CA (`ca`, written to `ca_file` and into
-the kubeconfig), as a real API server does: the in-cluster client configuration insists on https.
+With `tls=True` it serves HTTPS with a certificate from its own test CA (`ca`, tests/tls/certs.py; its
+certificate is `ca_file` and in the kubeconfig), as a real API server does: the in-cluster client
+configuration insists on https.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any, Self, TypeVar
 
 import aiohttp.test_utils
 import kmock
-import trustme
 import yaml
 
 from tests.k8s_emulator.api import ApiError, Handler, Store
+from tests.tls.certs import CA
 
 __all__ = ["ApiError", "EmulatorThread", "Handler", "KubernetesEmulator", "Store"]
 
@@ -53,15 +54,16 @@ class KubernetesEmulator:
     def __init__(self, directory: pathlib.Path | str, record: bool = True, tls: bool = False) -> None:
         self.directory = pathlib.Path(directory)
         self.handler = Handler(record=record)
-        self.ca = trustme.CA() if tls else None
+        self.ca = CA(self.directory / "ca", "k8s emulator CA") if tls else None
         if self.ca is None:
             self._server = kmock.Server(self.handler)
         else:
+            served = self.ca.issue("kube-apiserver")  # localhost and 127.0.0.1
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+            context.load_cert_chain(served.cert, served.key)
             self._server = kmock.Server(self.handler, server_cls=_tls_server(context))
         self.kubeconfig = str(self.directory / "kubeconfig")
-        self.ca_file = str(self.directory / "ca.crt")
+        self.ca_file = "" if self.ca is None else str(self.ca.path)
 
     @property
     def store(self) -> Store:
@@ -78,8 +80,6 @@ class KubernetesEmulator:
         await self.handler.__aenter__()
         await self._server.__aenter__()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.ca is not None:
-            self.ca.cert_pem.write_to_path(self.ca_file)
         pathlib.Path(self.kubeconfig).write_text(yaml.safe_dump(self.kubeconfig_dict()))
         return self
 
@@ -95,7 +95,7 @@ class KubernetesEmulator:
         """A kubeconfig for this server; `user`: other credentials than the token `emulator`."""
         cluster: dict[str, Any] = {"server": self.url}
         if self.ca is not None:
-            cluster["certificate-authority-data"] = base64.b64encode(self.ca.cert_pem.bytes()).decode()
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca.pem).decode()
         return {
             "apiVersion": "v1",
             "kind": "Config",
@@ -132,7 +132,7 @@ class EmulatorThread:
         return self.emulator.store
 
     @property
-    def ca(self) -> trustme.CA | None:
+    def ca(self) -> CA | None:
         return self.emulator.ca
 
     @property

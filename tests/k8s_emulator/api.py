@@ -25,7 +25,7 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
-from tests.k8s_emulator import patching, schema
+from tests.k8s_emulator import patching, quantity, schema
 from tests.k8s_emulator.resources import BUILTINS, ResourceType, from_crd
 
 Body = dict[str, Any]
@@ -142,6 +142,14 @@ def field_selector(text: str | None) -> Callable[[Body], bool]:
     """A predicate over objects for a fieldSelector string (=, ==, !=)."""
     tests = [_field_term(term) for term in _split_selector(text or "")]
     return lambda obj: all(test(obj) for test in tests)
+
+
+def _canonical_quantities(rtype: ResourceType, obj: Body) -> None:
+    """Resource quantities of pods and pod templates in canonical form, as the API server stores them."""
+    if rtype.kind == "Pod":
+        quantity.canonical_pod_spec(obj.get("spec") or {})
+    elif rtype.kind in ("Deployment", "ReplicaSet"):
+        quantity.canonical_pod_spec(((obj.get("spec") or {}).get("template") or {}).get("spec") or {})
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -315,6 +323,7 @@ class Store:
         if rtype.status and rtype.kind != "CustomResourceDefinition":
             obj.pop("status", None)  # the status subresource is the only way to write status
         obj = self._admit(rtype, obj)
+        _canonical_quantities(rtype, obj)
         if dry_run:
             return self._present(rtype, {**obj, "metadata": {**obj["metadata"], "resourceVersion": ""}})
         return self._commit(rtype, "ADDED", obj)
@@ -358,6 +367,7 @@ class Store:
                 else:
                     obj.pop("status", None)
             obj = self._admit(rtype, obj, old)
+            _canonical_quantities(rtype, obj)
             if self._essence(obj) != self._essence(old):
                 meta["generation"] += 1
         obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]

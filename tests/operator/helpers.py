@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dgemma_common.demand import VariantView
+from tests.autoscaler.views import snapshot, view
 from tests.k8s_emulator import EmulatorThread
 
 T = TypeVar("T")
@@ -99,13 +101,15 @@ class DemandStub:
         import threading
 
         stub = self
-        self.variants: dict[str, Any] = {}
+        self.variants: dict[str, VariantView] = {}
         self.requests = 0
+        self.answer: dict[str, Any] | None = None  # set: answered as it is, whatever the variants
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 stub.requests += 1
-                body = json.dumps({"window_s": 60, "variants": stub.variants}).encode()
+                answer = stub.answer if stub.answer is not None else snapshot(stub.variants).model_dump(mode="json")
+                body = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -122,15 +126,7 @@ class DemandStub:
 
     def demand(self, name: str, canvases_per_s: float, capacity: float | None = 1.0, held: int = 0) -> None:
         """Report this demand for a variant (canvas 256)."""
-        self.variants[name] = {
-            "canvas_length": 256,
-            "demand": {"canvases_per_s": canvases_per_s, "tokens_per_s": canvases_per_s * 256,
-                       "requests_waiting": 0, "canvases_waiting": 0.0, "target_miss_ratio": 0.0,
-                       "requests_held": held, "canvases_held": float(held)},
-            "delivered": {"tokens_per_s": 0.0},
-            "capacity": {"canvases_per_s_per_replica": capacity,
-                         "tokens_per_s_per_replica": None if capacity is None else capacity * 256},
-        }
+        self.variants[name] = view(canvases_per_s, capacity=capacity, held=held, canvases_held=float(held))
 
     def close(self) -> None:
         self.server.shutdown()

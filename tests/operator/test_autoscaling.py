@@ -7,6 +7,7 @@ import time
 
 from kopf.testing import KopfRunner
 
+from tests.autoscaler.views import snapshot
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.helpers import DemandStub, apply, eventually, get, mark_ready, sample
 
@@ -14,7 +15,8 @@ FAST = {"enabled": True, "targetUtilization": 0.5, "scaleUpStabilizationSeconds"
 
 
 def decision(k8s: EmulatorThread, name: str = "gemma") -> dict[str, object]:
-    return dict(get(k8s, "dgm", name)["status"]["autoscaling"]["lastDecision"])
+    """The last decision recorded in the status (empty before the first)."""
+    return dict(((get(k8s, "dgm", name).get("status") or {}).get("autoscaling") or {}).get("lastDecision") or {})
 
 
 def events(k8s: EmulatorThread, name: str = "gemma") -> list[tuple[str, str]]:
@@ -57,7 +59,7 @@ def test_without_measurements_the_replicas_stay_and_the_reason_is_recorded(
     k8s: EmulatorThread, operator: KopfRunner, demand: DemandStub
 ) -> None:
     apply(k8s, sample(replicas=2, autoscaling=FAST))  # the gateway does not know the variant
-    eventually(lambda: "does not know variant 'default/gemma'" in str(decision(k8s)["reason"]), timeout=20)
+    eventually(lambda: "does not know variant 'default/gemma'" in str(decision(k8s).get("reason")), timeout=20)
     assert decision(k8s)["desiredReplicas"] == 2 and get(k8s, "dgm", "gemma")["spec"]["replicas"] == 2
     assert "NoMeasurements" in reasons(k8s)
 
@@ -92,3 +94,40 @@ def test_a_restarted_operator_carries_on_from_the_state_in_the_status(
     memory = get(k8s, "dgm", "gemma")["status"]["autoscaling"]["memory"]
     assert memory["firstSeen"] == remembered["firstSeen"]  # the window goes on where it was
     assert get(k8s, "dgm", "gemma")["spec"]["replicas"] == 2  # no scale-down inside the hour-long window
+
+
+def conditions(k8s: EmulatorThread, name: str = "gemma") -> dict[str, dict[str, str]]:
+    return {c["type"]: c for c in (get(k8s, "dgm", name).get("status") or {}).get("conditions") or []}
+
+
+def test_a_snapshot_with_a_renamed_key_is_an_error_on_the_resource_not_a_zero_that_scales_down(
+    k8s: EmulatorThread, operator: KopfRunner, demand: DemandStub
+) -> None:
+    """The gateway renames `canvases_per_s` (a newer or broken build): the operator must not read the missing
+    number as zero demand and scale three replicas down; it keeps them and says why on the resource."""
+    demand.demand("default/gemma", canvases_per_s=1.0, capacity=1.0)
+    apply(k8s, sample(replicas=3, maxReplicas=3, autoscaling={**FAST, "scaleDownStabilizationSeconds": 0}))
+    eventually(lambda: get(k8s, "deployment", "gemma-worker"), timeout=20)  # the operator creates it first
+    mark_ready(k8s, "gemma-worker", 3)
+    eventually(lambda: conditions(k8s).get("ScalingActive", {}).get("status") == "True", timeout=20)
+    assert conditions(k8s)["Ready"]["status"] == "True"  # the reconciler's conditions are kept beside it
+
+    answer = snapshot(demand.variants).model_dump(mode="json")
+    renamed = answer["variants"]["default/gemma"]["demand"]
+    renamed["canvas_per_s"] = renamed.pop("canvases_per_s")
+    demand.answer = answer
+    eventually(lambda: conditions(k8s)["ScalingActive"]["status"] == "False", timeout=20)
+    active = conditions(k8s)["ScalingActive"]
+    assert active["reason"] == "InvalidDemandSnapshot"
+    assert "variants.default/gemma.demand.canvases_per_s: field required" in active["message"]
+    time.sleep(2.0)  # four autoscaler intervals with zero stabilization: a zero would have scaled down by now
+    assert get(k8s, "dgm", "gemma")["spec"]["replicas"] == 3
+    assert "kept 3 replicas" in str(decision(k8s).get("reason"))
+    assert conditions(k8s)["Ready"]["status"] == "True"
+
+    demand.answer = {**snapshot(demand.variants).model_dump(mode="json"), "version": 2}  # a future contract
+    eventually(lambda: "has version 2" in conditions(k8s)["ScalingActive"]["message"], timeout=20)
+    assert get(k8s, "dgm", "gemma")["spec"]["replicas"] == 3
+
+    demand.answer = None  # the gateway speaks version 1 again: measurements are valid, scaling resumes
+    eventually(lambda: conditions(k8s)["ScalingActive"]["status"] == "True", timeout=20)

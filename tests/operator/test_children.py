@@ -286,16 +286,16 @@ def test_a_name_too_long_for_a_service_is_a_semantic_problem() -> None:
 def test_status_reports_ready_only_from_observed_replicas() -> None:
     s = spec(replicas=2, minReplicas=1, maxReplicas=4)
     owner = {**OWNER, "metadata": {**OWNER["metadata"], "generation": 3}}
-    missing = status.observed(owner, s, None, "t0")
+    missing = status.as_patch(status.observed(owner, s, None, "t0"))
     assert [c["status"] for c in missing["conditions"]] == ["False", "True", "False"]
     dep = {
         "metadata": {"generation": 1},
         "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
     }
-    partial = status.observed(owner, s, dep, "t1")
+    partial = status.as_patch(status.observed(owner, s, dep, "t1"))
     assert partial["conditions"][0]["reason"] == "PartiallyReady" and partial["readyReplicas"] == 1
     dep["status"]["readyReplicas"] = 2
-    ready = status.observed({**owner, "status": partial}, s, dep, "t2")
+    ready = status.as_patch(status.observed({**owner, "status": partial}, s, dep, "t2"))
     assert ready["conditions"][0] == {
         "type": "Ready",
         "status": "True",
@@ -307,3 +307,19 @@ def test_status_reports_ready_only_from_observed_replicas() -> None:
     assert ready["conditions"][1]["status"] == "False"
     assert ready["endpoint"] == "gemma-worker.ml.svc:50051" and ready["observedGeneration"] == 3
     assert ready["selector"] == "app.kubernetes.io/name=dgemma-worker,app.kubernetes.io/instance=gemma"
+
+
+def test_the_reconciler_keeps_the_autoscalers_condition_and_the_autoscaler_the_reconcilers() -> None:
+    """Both write status.conditions whole (a merge patch replaces a list): each carries the other's over."""
+    s = spec()
+    scaling = status.condition("ScalingActive", False, "GatewayUnreachable", "no answer", 3, [], "t0")
+    owner = {**OWNER, "status": status.as_patch(models.DiffusionGemmaStatus(conditions=[scaling]))}
+    observed = status.observed(owner, s, None, "t1")
+    assert [c.type for c in observed.conditions or []] == ["Ready", "Progressing", "Degraded", "ScalingActive"]
+    assert (observed.conditions or [])[-1] == scaling
+    invalid = status.invalid(owner, "InvalidSpec", "bad", "t1")
+    assert [c.type for c in invalid.conditions or []][-1] == "ScalingActive"
+    active = status.condition("ScalingActive", True, "ValidMeasurements", "ok", 3, [scaling], "t2")
+    mixed = status.with_conditions(observed.conditions or [], active)
+    assert [c.type for c in mixed] == ["ScalingActive", "Ready", "Progressing", "Degraded"]
+    assert mixed[0].last_transition_time == "t2" and mixed[1] == (observed.conditions or [])[0]

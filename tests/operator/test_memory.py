@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from dgemma_operator import children, profiles
+from dgemma_common import profiles
+from dgemma_operator import children
 from tests.operator.test_children import pod, spec
 from tests.operator.test_runtimes import spec as vllm_spec
 

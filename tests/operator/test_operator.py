@@ -177,6 +177,25 @@ def test_a_child_edited_by_hand_is_restored(k8s: EmulatorThread, operator: KopfR
     assert "DriftCorrected" in event_reasons(k8s)
 
 
+def test_quantities_the_api_server_rewrites_in_canonical_form_are_no_drift(
+    k8s: EmulatorThread, operator: KopfRunner
+) -> None:
+    """The API server stores `1024Mi` as `1Gi` and `0.5` CPU as `500m`: the Deployment then differs from what
+    the operator applied as text only, and must not be 'restored' on every event."""
+    resources = {"requests": {"memory": "1024Mi", "cpu": "0.5"}, "limits": {"memory": "1024Mi"}}
+    apply(k8s, sample(gpu={"profile": "h100", "resources": resources}, cache={"sizeLimit": "1024Gi"}))
+    eventually(lambda: children_present(k8s))
+    pod = get(k8s, "deployment", "gemma-worker")["spec"]["template"]["spec"]
+    stored = pod["containers"][0]["resources"]
+    assert (stored["requests"]["memory"], stored["requests"]["cpu"], stored["limits"]["memory"]) == (
+        "1Gi", "500m", "1Gi")  # as a real API server stores them
+    assert next(v for v in pod["volumes"] if v["name"] == "model-cache")["emptyDir"]["sizeLimit"] == "1Ti"
+    for ready in (0, 1):  # Deployment events, as the kubelet and the controller update its status
+        mark_ready(k8s, "gemma-worker", ready)
+    eventually(lambda: reason(k8s, "Ready") == "AllReplicasReady")
+    assert "DriftCorrected" not in event_reasons(k8s)
+
+
 @pytest.mark.parametrize("kind", ["deployment", "service", "pdb"])
 def test_a_child_deleted_by_hand_is_recreated(k8s: EmulatorThread, operator: KopfRunner, kind: str) -> None:
     apply(k8s, sample())

@@ -64,13 +64,8 @@ def worker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
     """A `dgemma worker` process serving mutual TLS, with a plaintext health-only port for probes."""
     tls = ["--tls-cert-file", str(pki.worker.cert), "--tls-key-file", str(pki.worker.key),
            "--tls-client-ca-file", str(pki.worker.ca), "--health-port", "0"]
-    workers = LocalWorkers(str(tiny_model_dir()), 1, MODEL, tls, workdir=tmp_path_factory.mktemp("worker"))
-    try:
-        workers.start()
-        workers.wait_bound()
-        yield workers
-    finally:
-        workers.stop(timeout=5)
+    with LocalWorkers(str(tiny_model_dir()), 1, MODEL, tls, workdir=tmp_path_factory.mktemp("worker")).running(5) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

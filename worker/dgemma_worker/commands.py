@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dgemma_common.params import ParamError, params_from_mapping
-from dgemma_common.types import ChatMessage, CommitEvent, DraftEvent, FinalEvent, Prompt
+from dgemma_common.types import ChatMessage, CommitEvent, DraftEvent, FinalEvent, ImageData, Prompt
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,8 @@ def generate_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print each canvas as it is committed")
     gen.add_argument("--drafts", action="store_true", help="show denoising drafts on stderr")
     gen.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat turn")
+    gen.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
+                     help="an image (PNG, JPEG, WebP, GIF) placed before the prompt's text (repeatable)")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None)
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -47,7 +49,8 @@ def generate(argv: Sequence[str]) -> int:
     }
     try:
         params_from_mapping(knobs)  # refuse a bad value before loading anything
-    except ParamError as err:
+        images = [ImageData(path.read_bytes()) for path in args.image]
+    except (ParamError, OSError) as err:
         print(f"dgemma generate: {err}", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
@@ -57,7 +60,10 @@ def generate(argv: Sequence[str]) -> int:
     engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0), runner=runner)
     params = params_from_mapping(knobs, engine.defaults)  # unset knobs: the checkpoint's own settings
     engine.start(warmup=False)
-    prompt = Prompt.of_text(args.prompt) if args.raw else Prompt.of_messages([ChatMessage("user", args.prompt)])
+    if args.raw:
+        prompt = Prompt.of_text(args.prompt, images)
+    else:
+        prompt = Prompt.of_messages([ChatMessage("user", (*images, args.prompt) if images else args.prompt)])
     final: FinalEvent | None = None
     pieces: list[str] = []
     try:
@@ -70,6 +76,9 @@ def generate(argv: Sequence[str]) -> int:
                 print(f"\r[draft {event.canvas_index}:{event.step}] {event.text[:60]!r}", file=sys.stderr, end="")
             elif isinstance(event, FinalEvent):
                 final = event
+    except ParamError as err:  # a refused prompt, e.g. an image that is not one
+        print(f"dgemma generate: {err}", file=sys.stderr)
+        return 2
     finally:
         engine.shutdown()
     assert final is not None
@@ -78,7 +87,8 @@ def generate(argv: Sequence[str]) -> int:
     print()
     s = final.stats
     print(
-        f"[{final.stop_reason.value}] {s.completion_tokens} tokens, {s.canvases} canvases, "
+        f"[{final.stop_reason.value}] {s.prompt_tokens} prompt tokens, {s.completion_tokens} tokens, "
+        f"{s.canvases} canvases, "
         f"{s.decoder_passes} decoder passes ({s.tokens_per_forward:.2f} tokens/forward), {s.total_s:.2f} s",
         file=sys.stderr,
     )

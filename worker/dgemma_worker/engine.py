@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from dgemma_common.images import ImageLimits
 from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
@@ -45,6 +46,7 @@ from .model import LoadedModel
 from .runner import RowSpec, StepRunner
 from .scheduler import Clock, Group, Scheduler, SchedulerLimits, interrupt_reason
 from .textstream import TextAssembler
+from .vision import EncodedPrompt, VisionInputs, encode_image_prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class EngineConfig:
     # With batching, how long the first queued request may wait for others to fill its batch.
     batch_window_s: float = 0.01
     limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     # None: the checkpoint's own settings (its generation_config) over the published ones.
     defaults: GenerationParams | None = None
     rate_window_s: float = 10.0
@@ -100,6 +103,7 @@ class _Request:
     submitted_at: float
     text: TextAssembler
     stats: RequestStats
+    vision: VisionInputs | None = None  # the images of the prompt, for its first encoder pass
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
     generated: list[int] = field(default_factory=list)
@@ -229,8 +233,13 @@ class Engine:
     # ---- admission ------------------------------------------------------------------------------
 
     def tokenize(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
-        """Token ids for a prompt: raw text gets BOS, chat messages go through the chat template (prompts.py)."""
-        return prompts.encode(self.loaded.tokenizer, prompt, self.loaded.vocab_size, max_tokens)
+        """Token ids for a prompt as the encoder sees it, image tokens included (text: prompts.py)."""
+        return self._encode_prompt(prompt, max_tokens).ids
+
+    def _encode_prompt(self, prompt: Prompt, max_tokens: int | None = None) -> EncodedPrompt:
+        if prompt.all_images:
+            return encode_image_prompt(self.loaded.processor, prompt, self.config.image_limits)
+        return EncodedPrompt(prompts.encode(self.loaded.tokenizer, prompt, self.loaded.vocab_size, max_tokens))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         prompts.check_ids(ids, self.loaded.vocab_size)
@@ -261,7 +270,8 @@ class Engine:
         """Validate and tokenize: everything that can refuse a request happens before it is queued."""
         limits = self.config.limits
         params.validated(limits)
-        ids = self.tokenize(prompt)
+        encoded = self._encode_prompt(prompt)
+        ids = encoded.ids
         if len(ids) > limits.max_prompt_tokens:
             raise PromptTooLongError(len(ids), limits.max_prompt_tokens)
         self._check_context(len(ids), params.max_new_tokens)
@@ -276,6 +286,7 @@ class Engine:
             submitted_at=self.clock(),
             text=TextAssembler(self.detokenize, params.stop),
             stats=RequestStats(prompt_tokens=len(ids)),
+            vision=encoded.vision,
         )
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -324,7 +335,11 @@ class Engine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 handle.cancel()
 
-        handle = self.submit(prompt, params, sink, deadline=deadline)
+        if prompt.all_images:
+            # Decoding and preprocessing images is CPU work of tens of milliseconds: not on the event loop.
+            handle = await asyncio.to_thread(self.submit, prompt, params, sink, deadline=deadline)
+        else:
+            handle = self.submit(prompt, params, sink, deadline=deadline)
         try:
             while True:
                 event = await events.get()
@@ -355,6 +370,8 @@ class Engine:
             draining=self._draining,
             steps_total=self._steps_total,
             tokens_total=self.counters.tokens_generated,
+            vision=self.loaded.vision,
+            encoder_token_latency_s=meter.latency("encoder_token"),
         )
 
     # ---- the step thread ------------------------------------------------------------------------
@@ -420,16 +437,19 @@ class Engine:
             for req in group.rows:
                 assert req.started_at is not None
                 req.stats.queue_wait_s = req.started_at - req.submitted_at
-            specs = [RowSpec(r.prompt_ids, r.params, r.generator) for r in group.rows]
+            specs = [RowSpec(r.prompt_ids, r.params, r.generator, r.vision) for r in group.rows]
             group.batch = self.runner.new_batch(specs)
+            for req in group.rows:
+                req.vision = None  # the batch holds the pixels until its first encoder pass
         started = time.perf_counter()
         if group.batch.needs_encoding:
-            self.runner.encode(group.batch)
+            tokens = self.runner.encode(group.batch)
             elapsed = time.perf_counter() - started
             for req in group.rows:
                 req.stats.encoder_passes += 1
                 req.stats.encoder_s += elapsed  # the batched pass, charged to each row (its trace span)
             self._record_step("encoder", elapsed)
+            self._meter.observe("encoder_token", elapsed / max(1, tokens))
             return
         going = self.runner.settle(group.batch)
         if not any(going):  # every row's canvas stopped at the previous step

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dgemma_common.auth import INVALID, MISSING
 from dgemma_common.looplag import LAG_BUCKETS
 from dgemma_common.metrics import ConstantLabels, Kind, add_standard_collectors
 from dgemma_common.types import LoadSnapshot, RequestStats, StopReason
@@ -25,6 +26,8 @@ from dgemma_common.types import LoadSnapshot, RequestStats, StopReason
 PREFIX = "dgemma_worker"
 # Decoder steps range from ~1 ms (tiny models) to ~1 s (large models on small GPUs).
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The `api` label of refused calls, by gRPC service.
+AUTH_APIS = {"dgemma.v1.Denoiser": "denoiser", "inference.GRPCInferenceService": "kserve"}
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -64,6 +67,14 @@ class WorkerMetrics:
             f"{PREFIX}_request_duration_seconds", "From arrival to the final event.",
             buckets=REQUEST_BUCKETS, registry=r,
         )
+        # Calls refused for their API key, by service: refused Denoiser calls mean a gateway without the right
+        # key (or someone else on the network); KServe is what a client reaching the worker directly would use.
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures", "Calls refused for a missing or wrong API key.", ["api", "reason"], registry=r,
+        )
+        for api in AUTH_APIS.values():
+            for why in (MISSING, INVALID):
+                self.auth_failures.labels(api, why)
         self.loop_lag = Histogram(
             f"{PREFIX}_event_loop_lag_seconds", "How late the gRPC event loop woke from a short sleep (blocked time).",
             buckets=LAG_BUCKETS, registry=r,
@@ -99,6 +110,10 @@ class WorkerMetrics:
         """Record a request refused before the engine took it (invalid, overloaded, unavailable)."""
         self.requests.labels(outcome).inc()
 
+    def on_unauthenticated(self, service: str, reason: str) -> None:
+        """Record a call refused for its API key (reason: missing or invalid)."""
+        self.auth_failures.labels(AUTH_APIS.get(service, "other"), reason).inc()
+
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint on a daemon thread; return the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -119,7 +134,7 @@ KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "tokens_generated", "decoder_passes", "encoder_passes", "step_latency_seconds",
         "time_to_first_commit_seconds", "queue_wait_seconds", "request_duration_seconds",
-        "event_loop_lag_seconds")},
+        "event_loop_lag_seconds", "auth_failures")},
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "ready", "draining", "queue_depth", "active_requests", "capacity", "max_queue", "tokens_per_second")},
     **{f"{PREFIX}_{name}": Kind.LEVEL for name in (

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dgemma_common.dtypes import QUANTIZED, dtype_problem
+from dgemma_common.images import VisionSpec
 
 from .checkpoints import BUNDLED_MODEL_DIR
 
@@ -33,18 +34,43 @@ SPECIAL_TOKENS = (
     "<start_of_image>",
     "<end_of_image>",
     "<image_soft_token>",
+    "<start_of_audio>",
+    "<end_of_audio>",
+    "<audio_soft_token>",
+    "<|video|>",
 )
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 END_OF_TURN = "<end_of_turn>"
+# The multimodal tokens by the names transformers' Gemma 4 processor reads from the tokenizer.
+MULTIMODAL_TOKENS = {
+    "image_token": "<image_soft_token>",
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "audio_token": "<audio_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+}
 
+# Gemma's turns; a message's content is a string, or a list of text and image parts as chat templates take
+# them (`{"type": "image"}` becomes the image token, which the processor expands into the image's soft tokens).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image_soft_token>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+# The tiny model's image processor: Gemma 4's, with its smallest soft-token budget.
+TINY_MAX_SOFT_TOKENS = 70
+# Bumped whenever the tiny checkpoint's files change shape (v2: multimodal tokens and a processor config).
+TINY_LAYOUT = "v2"
 
 # A small, fixed corpus so the byte-level BPE merges are deterministic and look like text.
 _CORPUS = (
@@ -99,6 +125,14 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    processor: Any = None  # the checkpoint's text-and-image processor; None: the model takes no images
+
+    @property
+    def vision(self) -> VisionSpec | None:
+        """The image geometry a gateway counts tokens with; None when the model takes no images."""
+        from .vision import vision_spec
+
+        return None if self.processor is None else vision_spec(self.processor)
 
     @property
     def canvas_length(self) -> int:
@@ -162,6 +196,7 @@ def fast_tokenizer(raw: Any) -> Any:
         unk_token="<unk>",
         mask_token="<mask>",
         additional_special_tokens=list(SPECIAL_TOKENS[5:]),
+        extra_special_tokens=MULTIMODAL_TOKENS,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "left"
@@ -209,7 +244,8 @@ def tiny_config(spec: TinyModelSpec, vocab_size: int) -> Any:
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=8,
-        position_embedding_size=64,
+        # One patch position per row and column: the processor makes up to 3 x 210 patches of a long, thin image.
+        position_embedding_size=256,
     )
     image_ids = [SPECIAL_TOKENS.index(t) for t in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")]
     return DiffusionGemmaConfig(
@@ -244,16 +280,39 @@ def make_tiny_model(path: Path | str, seed: int = 0, spec: TinyModelSpec | None 
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    save_processor_config(out)
     (out / "dgemma-tiny.json").write_text(json.dumps({"seed": seed, "spec": spec.__dict__}, indent=1))
     return out
+
+
+def save_processor_config(path: Path, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS) -> None:
+    """Write the processor_config.json that makes a checkpoint with the tiny tokenizer's tokens take images.
+
+    It is what `Gemma4Processor.save_pretrained` writes (image processor, audio feature extractor, video
+    processor); written by hand because transformers builds the Gemma 4 video processor only with torchvision.
+    """
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    image = json.loads(Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens).to_json_string())
+    image["image_processor_type"] = "Gemma4ImageProcessor"
+    config = {
+        "processor_class": "Gemma4Processor",
+        "image_processor": image,
+        "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
+        "video_processor": {"video_processor_type": "Gemma4VideoProcessor", "max_soft_tokens": max_soft_tokens},
+        "image_seq_length": max_soft_tokens,
+    }
+    (path / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def tiny_model_dir() -> Path:
     """The tiny random-weight model for tests, made on first use in the cache (DGEMMA_TINY_MODEL_DIR overrides)."""
     env = os.environ.get("DGEMMA_TINY_MODEL_DIR")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dgemma"
-    target = base / "tiny-diffusiongemma" if not env else base
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+    # A new layout of the tiny model goes to a new folder (same basename: it is the served model name), so a
+    # cache written by an older version is never read as the current one.
+    target = base / TINY_LAYOUT / "tiny-diffusiongemma" if not env else base
+    if all((target / name).exists() for name in ("config.json", "tokenizer.json", "processor_config.json")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so concurrent first uses never see a half-written model.
@@ -395,6 +454,11 @@ def load_model(
     if net.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
         net.generation_config.eos_token_id = tokenizer.eos_token_id
     served = name or Path(source.rstrip("/")).name
+    from .vision import load_processor
+
+    processor = load_processor(source, revision)
+    if processor is None:
+        log.warning("%s has no image processor config: this worker serves text only", source)
     return LoadedModel(
         model=net,
         tokenizer=tokenizer,
@@ -402,4 +466,5 @@ def load_model(
         revision=revision or getattr(net.config, "_commit_hash", None) or "local",
         device=dev,
         dtype=torch_dtype,
+        processor=processor,
     )

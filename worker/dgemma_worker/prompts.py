@@ -32,10 +32,8 @@ MAX_ROLE_CHARS = 64
 
 def prompt_bytes(prompt: Prompt, bound: int) -> int:
     """The UTF-8 size of a text or chat prompt; exact up to `bound`, past it some number over it."""
-    if prompt.text is not None:
-        strings = [prompt.text]
-    else:
-        strings = [s for m in prompt.messages or () for s in (m.role, m.content)]
+    messages = prompt.messages or ()
+    strings = [prompt.text] if prompt.text is not None else [s for m in messages for s in (m.role, m.text)]
     total = 0
     for s in strings:
         # A character is 1 to 4 bytes: a string with more characters than the bound is over it unencoded.
@@ -75,7 +73,7 @@ def encode(tokenizer: Any, prompt: Prompt, vocab_size: int, max_tokens: int | No
     elif prompt.messages is not None:
         if not prompt.messages:
             raise ParamError("prompt.messages", "must not be empty")
-        messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        messages = [{"role": m.role, "content": m.text} for m in prompt.messages]
         rendered = render_chat(tokenizer, messages)
         ids = _encode(tokenizer, rendered, False, max_tokens)
     elif prompt.text is not None:

@@ -25,6 +25,7 @@ from dgemma_common.params import GenerationParams
 
 from .model import LoadedModel
 from .sampling import denoise_step, stop_rule, temperatures
+from .vision import VisionInputs, batch_vision
 
 
 def decoder_logits(
@@ -56,6 +57,7 @@ class RowSpec:
     prompt_ids: Sequence[int]
     params: GenerationParams
     generator: torch.Generator
+    vision: VisionInputs | None = None  # the prompt's images, for the first encoder pass
 
 
 @dataclass
@@ -137,6 +139,7 @@ class Batch:
     state: RowState
     attention: torch.Tensor  # (B, seq_len) bool: False on left padding
     pending: torch.Tensor | None  # (B, n) tokens not yet in the cache
+    vision: list[VisionInputs | None] | None = None  # per row, until the first encoder pass has taken them
     cache: Any = None
     canvas: torch.Tensor | None = None  # (B, L) the noisy canvas fed to the next step
     argmax: torch.Tensor | None = None  # (B, L) the current drafts
@@ -193,11 +196,13 @@ class StepRunner:
             ids[i, width - n :] = torch.tensor(list(r.prompt_ids), dtype=torch.long)
             attention[i, width - n :] = True
         states = [_Row(r.params, r.generator) for r in rows]
+        vision = [r.vision for r in rows] if any(r.vision is not None for r in rows) else None
         return Batch(
             rows=states,
             state=RowState(states, self.canvas_length, device),
             attention=attention.to(device),
             pending=ids.to(device),
+            vision=vision,
         )
 
     def keep_rows(self, batch: Batch, keep: list[int]) -> None:
@@ -213,6 +218,8 @@ class StepRunner:
         batch.attention = batch.attention[index]
         if batch.pending is not None:
             batch.pending = batch.pending[index]
+        if batch.vision is not None:
+            batch.vision = [batch.vision[i] for i in keep]
         if batch.cache is not None:
             batch.cache.batch_select_indices(index)
         if batch.canvas is not None:
@@ -222,11 +229,14 @@ class StepRunner:
                 batch.self_conditioning = batch.self_conditioning[index]
             batch.mask_mapping = self._decoder_mask(batch)
 
-    def encode(self, batch: Batch) -> None:
-        """Put the pending tokens into the batch's cache and start a fresh noisy canvas for each row."""
+    def encode(self, batch: Batch) -> int:
+        """Put the pending tokens into the batch's cache and start a fresh noisy canvas for each row; returns
+        the tokens encoded per row. The prompt's images go into the first pass only."""
         model = self.loaded.model
         assert batch.pending is not None
         size, seq_len = len(batch.rows), batch.seq_len
+        vision = batch_vision(batch.vision, batch.pending.shape[1], self.loaded.device) if batch.vision else {}
+        batch.vision = None
         if batch.cache is None:
             batch.cache = self._new_cache(batch)
         positions = torch.arange(
@@ -240,13 +250,16 @@ class StepRunner:
             is_prefill=True,
             canvas_length=self.canvas_length,
             batch_size=size,
+            **vision,
         )
         out = model.model.encoder(
-            input_ids=ids, attention_mask=mask, past_key_values=batch.cache, position_ids=positions
+            input_ids=ids, attention_mask=mask, past_key_values=batch.cache, position_ids=positions, **vision
         )
         batch.cache = out.past_key_values
+        tokens = int(batch.pending.shape[1])
         batch.pending = None
         self._start_canvas(batch)
+        return tokens
 
     def _new_cache(self, batch: Batch) -> Any:
         """The KV cache a batch's encoder fills and its decoder reads: transformers' DynamicCache."""

@@ -244,7 +244,8 @@ def _prompt_text(prompt: Prompt) -> object:
     if prompt.text is not None:
         return prompt.text
     if prompt.messages is not None:
-        return [{"role": m.role, "content": m.content} for m in prompt.messages]
+        return [{"role": m.role, "content": m.text, **({"images": len(m.images)} if m.images else {})}
+                for m in prompt.messages]
     return list(prompt.token_ids or ())
 
 

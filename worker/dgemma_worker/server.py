@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
+from dgemma_common.auth import ApiKeys
 from dgemma_common.guard import RequestGuard
 from dgemma_common.logs import setup_logging
 from dgemma_common.looplag import watch_loop_lag
@@ -68,7 +69,10 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     defaults = checkpoint_params(loaded, config.default_overrides, config.limits)
     engine = Engine(
         loaded,
-        EngineConfig(max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=defaults),
+        EngineConfig(
+            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=defaults,
+            image_limits=config.image_limits,
+        ),
         observer=observer,
         runner=runner,
     )
@@ -98,6 +102,7 @@ class WorkerServer:
         self.metrics = WorkerMetrics(self._snapshot_if_loaded, config.variant)
         self.runtime = WorkerRuntime(config, self.metrics)
         self.health = health.aio.HealthServicer()
+        self.keys = ApiKeys(config.api_keys_file)  # re-read when the file changes (a Secret updated in place)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
@@ -120,9 +125,12 @@ class WorkerServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
             ],
-            # Bytes that are not a request message are INVALID_ARGUMENT, not grpcio's UNKNOWN (the guard is
-            # outermost); then the request id and trace context of each generation (the gateway's metadata).
-            interceptors=[RequestGuard(), RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
+            # Outermost, the guard: API keys on the services that serve inference (health and reflection stay
+            # open for probes), and bytes that are not a request message are INVALID_ARGUMENT, not grpcio's
+            # UNKNOWN; then the request id and trace context of each generation (the gateway's metadata).
+            interceptors=[RequestGuard(self.keys, protected=(DENOISER_SERVICE, KSERVE_SERVICE),
+                                       on_refused=self.metrics.on_unauthenticated),
+                          RequestContextInterceptor("dgemma_worker", TRACED_METHODS)],
         )
         # Health first, so probes answer from the first moment the port is open.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -150,7 +158,7 @@ class WorkerServer:
             extra={"fields": {"event": "listening", "host": cfg.host, "port": self.port,
                               "metrics_port": self.metrics_port, "health_port": self.health_port,
                               "tls": cfg.tls is not None, "mutual_tls": cfg.tls is not None
-                              and cfg.tls.ca_file is not None}},
+                              and cfg.tls.ca_file is not None, "api_keys": self.keys.enabled}},
         )
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_name(cfg.port_file.name + ".tmp")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dgemma_common.envflags import fill_from_env
+from dgemma_common.images import IMAGE_LIMIT_ENV, ImageLimits, add_image_limit_flags, image_limits_from
+from dgemma_common.naming import WORKER_GRPC_PORT, WORKER_METRICS_PORT
 from dgemma_common.params import GenerationParams, Limits
 from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
@@ -33,13 +35,15 @@ class WorkerConfig:
     served_model_name: str = ""
     variant: str = ""  # the gateway's name for this variant (`namespace/name`): the `variant` metrics label
     host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9090  # -1: no metrics endpoint; 0: pick a free port
+    port: int = WORKER_GRPC_PORT
+    metrics_port: int = WORKER_METRICS_PORT  # -1: no metrics endpoint; 0: pick a free port
     port_file: Path | None = None
     # TLS on the gRPC port (a client CA makes it mutual TLS) and the plaintext health-only port for kubelet
     # probes, which cannot speak TLS.
     tls: TlsFiles | None = None
     health_port: int = HEALTH_OFF  # -1: none; 0: pick a free port
+    # API keys the Denoiser and KServe services require (the gateway's file format); None: no keys.
+    api_keys_file: Path | None = None
     max_active: int = 4
     max_queue: int = 16
     dtype: str | None = None
@@ -49,6 +53,7 @@ class WorkerConfig:
     log_prompts: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     # Request defaults set here; the rest come from the checkpoint's generation_config, then the published ones.
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
@@ -75,6 +80,7 @@ ENV_VARS = {
     "tls_key_file": "DGEMMA_TLS_KEY_FILE",
     "tls_client_ca_file": "DGEMMA_TLS_CLIENT_CA_FILE",
     "health_port": "DGEMMA_HEALTH_PORT",
+    "api_keys_file": "DGEMMA_API_KEYS_FILE",
     "max_active": "DGEMMA_MAX_ACTIVE",
     "max_queue": "DGEMMA_MAX_QUEUE",
     "dtype": "DGEMMA_DTYPE",
@@ -86,6 +92,7 @@ ENV_VARS = {
     "max_new_tokens_limit": "DGEMMA_MAX_NEW_TOKENS",
     "max_denoising_steps_limit": "DGEMMA_MAX_DENOISING_STEPS",
     "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    **IMAGE_LIMIT_ENV,
     "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "default_max_new_tokens": "DGEMMA_DEFAULT_MAX_NEW_TOKENS",
     "default_max_denoising_steps": "DGEMMA_DEFAULT_MAX_DENOISING_STEPS",
@@ -131,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
         "metric as the `variant` label")
     add("--host", "host", "bind address (default 0.0.0.0)")
-    add("--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
-    add("--metrics-port", "metrics_port", "Prometheus port; 0 picks one, 'off' disables (default 9090)",
+    add("--port", "port", f"gRPC port; 0 picks a free one (default {WORKER_GRPC_PORT})", type=int)
+    add("--metrics-port", "metrics_port",
+        f"Prometheus port; 0 picks one, 'off' disables (default {WORKER_METRICS_PORT})",
         type=_port_or_off)
     add("--port-file", "port_file", "write the bound ports here as JSON once listening", type=Path)
     add_certificate_flags(add, "gRPC")
@@ -140,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(mutual TLS; needs --tls-cert-file)", type=Path)
     add("--health-port", "health_port", "plaintext gRPC health-only port for kubelet probes when TLS is on; "
         "0 picks one, 'off' disables (default off)", type=_port_or_off)
+    add("--api-keys-file", "api_keys_file", "file with one API key per line: calls to the Denoiser and KServe "
+        "services need one (authorization: Bearer KEY or x-api-key metadata); health and reflection stay open "
+        "(default: no keys)", type=Path)
     add("--max-active", "max_active", "requests denoised concurrently (default 4)", type=int)
     add("--max-queue", "max_queue", "requests waiting beyond --max-active (default 16)", type=int)
     add("--dtype", "dtype", "weights: float32/fp32, bfloat16/bf16, float16/fp16, or fp8/nvfp4 quantized at load "
@@ -154,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", "max_new_tokens_limit", "upper bound a request may ask for", type=int)
     add("--max-denoising-steps", "max_denoising_steps_limit", "upper bound of max_denoising_steps a request may ask "
         "for (default 256)", type=int)
-    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens", type=int)
+    add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted, in tokens (image tokens included)",
+        type=int)
     add("--max-prompt-bytes", "max_prompt_bytes",
         "longest text or chat prompt tokenized at all, in UTF-8 bytes (default 16 x --max-prompt-tokens)", type=int)
+    add_image_limit_flags(add)
     add("--default-max-new-tokens", "default_max_new_tokens", "default max_new_tokens", type=int)
     add("--default-max-denoising-steps", "default_max_denoising_steps", "default max_denoising_steps",
         type=int)
@@ -220,11 +233,12 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         served_model_name=args.served_model_name or "",
         variant=args.variant or "",
         host=args.host or "0.0.0.0",
-        port=50051 if args.port is None else args.port,
-        metrics_port=9090 if args.metrics_port is None else args.metrics_port,
+        port=WORKER_GRPC_PORT if args.port is None else args.port,
+        metrics_port=WORKER_METRICS_PORT if args.metrics_port is None else args.metrics_port,
         port_file=args.port_file,
         tls=tls,
         health_port=HEALTH_OFF if args.health_port is None else args.health_port,
+        api_keys_file=args.api_keys_file,
         max_active=4 if args.max_active is None else args.max_active,
         max_queue=16 if args.max_queue is None else args.max_queue,
         dtype=args.dtype,
@@ -235,6 +249,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
         limits=limits,
         default_overrides=overrides,
+        image_limits=image_limits_from(args, parser),
         warmup=args.warmup,
         compile=args.compile,
         debug_step_delay_s=args.debug_step_delay_s or 0.0,

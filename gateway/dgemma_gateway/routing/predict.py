@@ -118,7 +118,12 @@ def predict(
         prior_steps = expected_steps(candidate, variant.max_denoising_steps)
         step_s = prior_step_latency_s(variant.tokens_per_s_prior, canvas, prior_steps)
     encoder_s = load.encoder_latency_s if load is not None and load.encoder_latency_s > 0 else step_s
-    own = expected * (encoder_s + steps * step_s)
+    # The first encoder pass reads the whole prompt (images included): it grows with its length when the
+    # worker has measured its encoder cost per token. Later passes each encode one committed canvas, as many
+    # as the reply is expected to run (`expected` >= 1).
+    per_token = load.encoder_token_latency_s if load is not None else 0.0
+    first_s = request.prompt_tokens * per_token if request.prompt_tokens > 0 and per_token > 0 else encoder_s
+    own = first_s + (expected - 1) * encoder_s + expected * steps * step_s
     n = candidate.in_system
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
     others = own * ahead_share

@@ -24,13 +24,31 @@ STOP_REASON_CANCELLED: StopReason
 STOP_REASON_DEADLINE: StopReason
 STOP_REASON_ERROR: StopReason
 
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
+class ContentPart(_message.Message):
+    __slots__ = ("text", "image")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: Image
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "parts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
@@ -45,14 +63,16 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Prompt(_message.Message):
-    __slots__ = ("text", "chat", "tokens")
+    __slots__ = ("text", "chat", "tokens", "images")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     tokens: TokenIds
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
     __slots__ = ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold", "stop", "seed", "stream_drafts", "draft_interval_s", "ignore_eos")
@@ -178,8 +198,18 @@ class Limits(_message.Message):
     max_prompt_tokens: int
     def __init__(self, max_new_tokens: _Optional[int] = ..., max_denoising_steps: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class VisionSpec(_message.Message):
+    __slots__ = ("patch_size", "pooling_kernel_size", "max_soft_tokens")
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    patch_size: int
+    pooling_kernel_size: int
+    max_soft_tokens: int
+    def __init__(self, patch_size: _Optional[int] = ..., pooling_kernel_size: _Optional[int] = ..., max_soft_tokens: _Optional[int] = ...) -> None: ...
+
 class LoadReport(_message.Message):
-    __slots__ = ("queue_depth", "active", "capacity", "max_queue", "step_latency_s", "encoder_latency_s", "tokens_per_s", "canvas_length", "model_name", "model_revision", "ready", "draining", "steps_total", "tokens_total", "limits", "timestamp_unix_s")
+    __slots__ = ("queue_depth", "active", "capacity", "max_queue", "step_latency_s", "encoder_latency_s", "tokens_per_s", "canvas_length", "model_name", "model_revision", "ready", "draining", "steps_total", "tokens_total", "limits", "timestamp_unix_s", "vision", "encoder_token_latency_s")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +226,8 @@ class LoadReport(_message.Message):
     TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    VISION_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_TOKEN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     active: int
     capacity: int
@@ -212,7 +244,9 @@ class LoadReport(_message.Message):
     tokens_total: int
     limits: Limits
     timestamp_unix_s: float
-    def __init__(self, queue_depth: _Optional[int] = ..., active: _Optional[int] = ..., capacity: _Optional[int] = ..., max_queue: _Optional[int] = ..., step_latency_s: _Optional[float] = ..., encoder_latency_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., canvas_length: _Optional[int] = ..., model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., steps_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., timestamp_unix_s: _Optional[float] = ...) -> None: ...
+    vision: VisionSpec
+    encoder_token_latency_s: float
+    def __init__(self, queue_depth: _Optional[int] = ..., active: _Optional[int] = ..., capacity: _Optional[int] = ..., max_queue: _Optional[int] = ..., step_latency_s: _Optional[float] = ..., encoder_latency_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., canvas_length: _Optional[int] = ..., model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., steps_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., timestamp_unix_s: _Optional[float] = ..., vision: _Optional[_Union[VisionSpec, _Mapping]] = ..., encoder_token_latency_s: _Optional[float] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt",)

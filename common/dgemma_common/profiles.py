@@ -1,4 +1,9 @@
-"""GPU profiles: what each named profile means for scheduling, resources, dtype and capacity."""
+"""GPU profiles: what each named profile means for scheduling, resources, dtype and capacity.
+
+The operator schedules and sizes workers by them (node selection, dtype, pod memory: `worker_memory_gib`,
+`vllm_memory_gib`); the operator's autoscaler and the gateway's router both use the tokens/s prior
+(`tokens_per_second_prior`, which also knows the vLLM recipe's and an external API's) until a variant's replicas
+have measured their own rate."""
 
 from __future__ import annotations
 
@@ -6,12 +11,16 @@ import dataclasses
 import math
 from typing import Literal
 
+from dgemma_common import vllm
+
 ProfileName = Literal["rtx-pro-6000", "h100", "dgx-spark", "dgx-station", "custom"]
 Dtype = Literal["bf16", "fp16", "fp32", "fp8", "nvfp4"]
 Architecture = Literal["amd64", "arm64"]
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Until measured, an external API is assumed as fast as a good GPU (its own latencies replace this).
+EXTERNAL_TOKENS_PER_SECOND_PRIOR = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,19 @@ PROFILES: dict[str, GpuProfile] = {
 def profile(name: str) -> GpuProfile:
     """The profile of that name; the schema's enum guarantees it exists."""
     return PROFILES[name]
+
+
+def tokens_per_second_prior(name: str, override: float | None = None, runtime: str = "dgemma") -> float:
+    """Expected tokens/s per replica until measured: the resource's own figure, else its runtime's (an external
+    API's assumed rate; the vLLM recipe's for that GPU where it publishes one), else its profile's."""
+    if override:
+        return override
+    if runtime == "external":
+        return EXTERNAL_TOKENS_PER_SECOND_PRIOR
+    if runtime == "vllm":
+        recipe = vllm.RECIPE.get(name, vllm.RECIPE["custom"])
+        return recipe.tokens_per_second_prior or profile(name).tokens_per_second_prior
+    return profile(name).tokens_per_second_prior
 
 
 # Pod memory (request = limit). The derivation, with the transformers code path it rests on, is in
