@@ -10,6 +10,16 @@ the operator reads every gateway replica's, parses each strictly (`parse_snapsho
 - Every field is required and typed (no defaults, no coercion: `"1.5"` is not a number, `true` is not 1), so a
   renamed or missing key is an error naming it, never a zero that would make an autoscaler scale down.
 - Each field says how the views of several gateway replicas combine (`Merge`), next to its meaning.
+
+Versions:
+
+- 2: every `*canvases*` field of `Demand` counts the canvases requests are *expected to run* (E[min(allowed,
+  reply length)], from the variant's finished replies; all that max_tokens allows until replies have been
+  seen), the unit `Capacity` is measured in. Version 1 counted all the canvases max_tokens allows, so with
+  replies that end early (the bundled trained model's used 58% of them) the autoscaler compared an
+  over-counted demand with a capacity in canvases really run and over-provisioned by that ratio.
+  Added with it: `Capacity.step_latency_s` / `encoder_latency_s` and `VariantView.step_shares`.
+- 1: the first contract.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Annotated, Any, TypeVar
 import pydantic
 from pydantic import BaseModel, ConfigDict, computed_field
 
-VERSION = 1
+VERSION = 2
 
 
 class Merge(enum.Enum):
@@ -44,11 +54,15 @@ Rate = Annotated[float, pydantic.Field(ge=0)]
 
 class Demand(_Contract):
     """What a variant is asked for. Attributed (see the gateway's attribution.py): what it is preferred for
-    plus the overflow it takes in; the autoscaler scales on these. Rates are per second over the window."""
+    plus the overflow it takes in; the autoscaler scales on these. Rates are per second over the window.
+
+    Canvases (every `*canvases*` field) are those the requests are expected to run: per request E[min(canvases
+    max_tokens allows, reply length)], the reply length learned from the variant's finished replies (every
+    allowed canvas until some have finished). Tokens are max_tokens as asked."""
 
     requests_per_s: Annotated[Rate, Merge.SUM]
     tokens_per_s: Annotated[Rate, Merge.SUM]  # max_tokens asked for
-    canvases_per_s: Annotated[Rate, Merge.SUM]
+    canvases_per_s: Annotated[Rate, Merge.SUM]  # expected to run (see above), in capacity's unit
     preferred_requests_per_s: Annotated[Rate, Merge.SUM]
     preferred_tokens_per_s: Annotated[Rate, Merge.SUM]
     preferred_canvases_per_s: Annotated[Rate, Merge.SUM]

@@ -39,7 +39,7 @@ from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, 
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
-from dgemma_gateway.routing.predict import Prediction, canvases_for
+from dgemma_gateway.routing.predict import Prediction, canvases_for, expected_canvases
 from dgemma_gateway.runtimes import IMAGE_REFUSAL, IMAGE_RUNTIMES, has_images, refusal
 from dgemma_gateway.types import RouteRequest, Runtime
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
@@ -184,7 +184,7 @@ class Gateway:
         A client that goes away cancels this wait (aiohttp cancels its handler), and the request is dropped.
         """
         canvas = self.registry.variants[variant].canvas_length if variant in self.registry.variants else 256
-        canvases = float(canvases_for(req.max_tokens, canvas))
+        canvases = self._expected_canvases(variant, req.max_tokens, canvas)
         start = self.registry.clock()
         until = min(deadline, start + self.settings.hold_for_replica_s)
         n, c = self._held.get(variant, (0, 0.0))
@@ -356,7 +356,8 @@ class Gateway:
             if counted is not None:
                 self.demand.withdraw(counted)
             counted = self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                                         canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
+                                         self._expected_canvases(variant.name, req.max_tokens, canvas),
+                                         request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False
@@ -386,6 +387,11 @@ class Gateway:
                 await events.aclose()
             self._finished(req, chosen.endpoint_id, variant.name, decision, final, started)
             return
+
+    def _expected_canvases(self, variant: str, max_tokens: int, canvas: int) -> float:
+        """The canvases a request is counted as demand for: as many as the variant's replies run, at most all
+        that max_tokens allows (capacity is measured in canvases run)."""
+        return expected_canvases(self.registry.reply_survival.get(variant, ()), canvases_for(max_tokens, canvas))
 
     def _failed(self, endpoint_id: str, variant: str, failure: UpstreamFailure) -> None:
         if failure.failing:

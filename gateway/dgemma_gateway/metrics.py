@@ -54,7 +54,8 @@ class _StateCollector(Collector):
             "tokens_per_s": GaugeMetricFamily(
                 "dgemma_gateway_demand_tokens_per_second", "Tokens/s asked (attributed)", labels=["variant"]),
             "canvases_per_s": GaugeMetricFamily(
-                "dgemma_gateway_demand_canvases_per_second", "Canvases/s asked (attributed)", labels=["variant"]),
+                "dgemma_gateway_demand_canvases_per_second",
+                "Canvases/s asked (attributed; as many as the replies are expected to run)", labels=["variant"]),
             "requests_per_s": GaugeMetricFamily(
                 "dgemma_gateway_demand_requests_per_second", "Requests/s asked (attributed)", labels=["variant"]),
             "requests_waiting": GaugeMetricFamily(

@@ -11,6 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dgemma_gateway.core import GatewaySettings
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 from tests.gateway.gateway_harness import RunningGateway, static, variant
@@ -24,19 +25,17 @@ PROMPTS = ("Say hello in one sentence.", "What is a list?", "Explain the import 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    workers = LocalWorkers(str(BUNDLED_MODEL_DIR), 1, MODEL, workdir=tmp_path_factory.mktemp("trained"))
-    gateway: RunningGateway | None = None
-    try:
-        workers.start()
-        workers.wait_bound()
+    local = LocalWorkers(str(BUNDLED_MODEL_DIR), 1, MODEL, workdir=tmp_path_factory.mktemp("trained"))
+    with local.running() as workers:
         v = variant("trained", model=MODEL, canvas_length=32, max_denoising_steps=CAP)
-        gateway = RunningGateway([static(*((w.address, v) for w in workers.workers))])
-        gateway.wait_ready(1)
-        yield gateway
-    finally:
-        if gateway is not None:
+        # A demand window longer than the module: what each test asked for is the difference of two snapshots.
+        settings = GatewaySettings(watch_interval_s=0.2, demand_window_s=3600.0)
+        gateway = RunningGateway([static(*((w.address, v) for w in workers.workers))], settings=settings)
+        try:
+            gateway.wait_ready(1)
+            yield gateway
+        finally:
             gateway.close()
-        workers.stop()
 
 
 def step_shares(gw: RunningGateway) -> dict[str, float]:
@@ -71,6 +70,33 @@ def test_the_response_says_what_the_prediction_was_made_of(gw: RunningGateway) -
     parts = r.model_extra["dgemma"]["prediction"]  # type: ignore[index]
     assert parts["canvases"] == 2 and 1 <= parts["steps_per_canvas"] <= 8 and parts["measured"] is True
     assert parts["step_ms"] > 0 and parts["queue_wait_ms"] >= 0
+
+
+def canvases_asked(gw: RunningGateway) -> tuple[float, float]:
+    """The variant's demand in the window, in canvases: (attributed, what the autoscaler scales on; routed)."""
+    snap = gw.gateway.demand_snapshot()
+    demand = snap.variants["trained"].demand
+    return demand.canvases_per_s * snap.window_s, demand.routed_canvases_per_s * snap.window_s
+
+
+def test_demand_counts_the_canvases_replies_are_expected_to_run_not_all_that_max_tokens_allows(
+        gw: RunningGateway) -> None:
+    # Capacity is in canvases really run; demand in canvases allowed would over-provision for replies that end
+    # early (the model's replies end in their first canvas or two; max_tokens 96 allows three).
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    attributed_before, routed_before = canvases_asked(gw)
+    ran = 0
+    prompts = [*PROMPTS, "Write about files.", "What does a module do?", "Describe a class."]
+    for seed, prompt in enumerate(prompts):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=96, seed=seed)
+        ran += r.model_extra["dgemma"]["canvases"]  # type: ignore[index]
+    allowed = 3 * len(prompts)
+    attributed_after, routed_after = canvases_asked(gw)
+    routed, attributed = routed_after - routed_before, attributed_after - attributed_before
+    assert ran < allowed  # the premise: replies ended before max_tokens
+    assert routed == pytest.approx(ran, rel=0.35), (routed, ran, allowed)
+    assert attributed == pytest.approx(ran, rel=0.35), (attributed, ran, allowed)
 
 
 def test_the_bundled_checkpoint_ships_its_training_record() -> None:

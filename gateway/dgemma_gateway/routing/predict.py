@@ -79,12 +79,12 @@ def reply_survival(replies: Sequence[tuple[int, bool]]) -> tuple[float, ...]:
     return tuple(survival)
 
 
-def expected_canvases(candidate: Candidate, at_most: int) -> float:
-    """Canvases a request allowed `at_most` is expected to take: E[min(at_most, reply length)].
+def expected_canvases(survival: Sequence[float], at_most: int) -> float:
+    """Canvases a request allowed `at_most` is expected to take: E[min(at_most, reply length)], from the
+    variant's `reply_survival` (a candidate's).
 
     Every allowed canvas until replies have been seen; past the longest seen, the last survival holds.
     """
-    survival = candidate.reply_survival
     if not survival:
         return float(at_most)
     return sum(survival[min(k, len(survival) - 1)] for k in range(at_most))
@@ -110,7 +110,7 @@ def predict(
     max_steps = request.max_denoising_steps or variant.max_denoising_steps
     steps = expected_steps(candidate, max_steps)
     canvases = canvases_for(request.max_tokens, canvas)
-    expected = expected_canvases(candidate, canvases)
+    expected = expected_canvases(candidate.reply_survival, canvases)
     measured = load is not None and load.step_latency_s > 0
     if load is not None and load.step_latency_s > 0:
         step_s = load.step_latency_s
