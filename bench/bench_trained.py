@@ -11,8 +11,10 @@ the autoscaler make of a model that stops early, all from one run.
    cap or 16 or 8 steps) from a few concurrent clients. Each response says what the gateway predicted and
    from what (canvases, steps per canvas, step and encoder latency); the same prediction with a fixed
    48-step assumption, and with one share learned across all caps (the gateway before per-cap learning),
-   follow exactly from those parts. The autoscaler's capacity estimate (`GET /v1/dgemma/demand`) is read
-   during the run and set against the canvases/s the replicas delivered while kept busy.
+   follow exactly from those parts. The autoscaler's inputs (`GET /v1/dgemma/demand`) are read during the
+   run: its capacity estimate against the canvases/s the replicas delivered while kept busy, and its demand
+   (canvases the window's requests are expected to run) against the canvases those requests really ran and
+   against all that their max_tokens allowed (what demand counted before snapshot version 2).
 
 Results: printed as JSON and written to bench/out/trained.json; docs/benchmarks.md quotes them.
 """
@@ -248,6 +250,29 @@ def busy_rate(done: Sequence[Done]) -> float:
     return sum(d.canvases for d in done if d.finished <= end) / (end - start)
 
 
+def demand_vs_actual(snaps: Sequence[dict[str, Any]], done: Sequence[Done], canvas: int = 32) -> dict[str, Any]:
+    """Per snapshot, the demand in canvases over its window (the autoscaler's input: attributed; and routed)
+    against what the requests routed in that window really ran and what their max_tokens allowed."""
+    rows = []
+    for s in snaps:
+        window = s["window_s"]
+        mine = [d for d in done if s["t"] - window < d.started <= s["t"]]
+        ran = sum(d.canvases for d in mine)
+        if not ran:
+            continue
+        views = s["variants"].values()
+        rows.append({"ran": ran, "allowed": sum(-(-d.max_tokens // canvas) for d in mine),
+                     "attributed": sum(v["demand"]["canvases_per_s"] for v in views) * window,
+                     "routed": sum(v["demand"]["routed_canvases_per_s"] for v in views) * window})
+    return {
+        "snapshots": len(rows),
+        "attributed_per_ran_median": statistics.median(r["attributed"] / r["ran"] for r in rows) if rows else None,
+        "routed_per_ran_median": statistics.median(r["routed"] / r["ran"] for r in rows) if rows else None,
+        "allowed_per_ran_median": statistics.median(r["allowed"] / r["ran"] for r in rows) if rows else None,
+        "last": rows[-1] if rows else None,
+    }
+
+
 def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concurrency: int) -> dict[str, Any]:
     proc, url = start_serve(model, 2)
     try:
@@ -297,6 +322,8 @@ def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concu
             "measured_canvases_per_s_per_replica": busy_rate(done) / 2,
             "step_shares_at_end": busy[-1]["variants"] if busy else None,
         },
+        # Once the first window's replies have taught the gateway their lengths.
+        "demand": demand_vs_actual(half, done),
     }
 
 

@@ -16,7 +16,7 @@ Versions:
 - 2: every `*canvases*` field of `Demand` counts the canvases requests are *expected to run* (E[min(allowed,
   reply length)], from the variant's finished replies; all that max_tokens allows until replies have been
   seen), the unit `Capacity` is measured in. Version 1 counted all the canvases max_tokens allows, so with
-  replies that end early (the bundled trained model's used 58% of them) the autoscaler compared an
+  replies that end early (the bundled trained model's used 56-58% of them) the autoscaler compared an
   over-counted demand with a capacity in canvases really run and over-provisioned by that ratio.
   Added with it: `Capacity.step_latency_s` / `encoder_latency_s` and `VariantView.step_shares`.
 - 1: the first contract.
