@@ -21,12 +21,14 @@ OUT = ROOT / "deploy" / "kustomize"
 RELEASE = "dgemma"
 NAMESPACE = "dgemma-system"
 API_KEYS_SECRET = "dgemma-api-keys"
+WORKER_KEY_SECRET = "dgemma-worker-api-key"
 
 # Deterministic values: no generated secret (the Secret is created by hand, see docs/install.md), no CRD
 # (the base takes it from deploy/crds, the operator's file), no tests or NOTES.
 BASE_VALUES: dict[str, Any] = {
     "crds": {"install": False},
     "gateway": {"apiKeys": {"existingSecret": API_KEYS_SECRET}},
+    "worker": {"apiKey": {"existingSecret": WORKER_KEY_SECRET}},
 }
 BASE_SKIP = {"NOTES.txt", "crds.yaml", "tests/gateway-test.yaml"}
 
@@ -128,7 +130,8 @@ def outputs() -> dict[pathlib.Path, str]:
     files[base / "kustomization.yaml"] = _kustomization(
         resources,
         f"The dgemma chart's defaults as plain manifests, in namespace {NAMESPACE}; the CRD comes from\n"
-        f"deploy/crds. Create Secret {API_KEYS_SECRET} (key api-keys) first: see docs/install.md.",
+        f"deploy/crds. Create Secrets {API_KEYS_SECRET} (key api-keys) and {WORKER_KEY_SECRET} (key keys, in\n"
+        "each namespace of DiffusionGemmas) first: see docs/install.md.",
     )
     for name, (values, templates, comment) in OVERLAYS.items():
         overlay = OUT / "overlays" / name

@@ -3,6 +3,11 @@
 One checker for every port that serves inference: the gateway's HTTP API reads the key from HTTP headers,
 the gRPC fronts from call metadata (`guard.RequestGuard`); both accept `Authorization: Bearer KEY` (the
 scheme is case-insensitive, RFC 7235) and `x-api-key: KEY`.
+
+One rule for every key file and key Secret value, whoever reads it (`parse_key_lines`): one key per line;
+whitespace around a key (the newline `echo` leaves, a CR) is not part of it; blank lines and lines starting with
+`#` are skipped. A server accepts every key listed; a client presents the first (`first_key`). Files are read
+again when they change (`KeyFile`): the kubelet updates a mounted Secret by swapping a symlink.
 """
 
 from __future__ import annotations
@@ -56,6 +61,50 @@ def parse_key_lines(text: str) -> list[tuple[str, frozenset[str]]]:
     return out
 
 
+def first_key(text: str) -> str | None:
+    """The key a client presents from a key file or Secret value: its first key (None when it holds none)."""
+    return next(iter(parse_keys(text)), None)
+
+
+# A key file larger than this is not a key file; reading it all would cost memory out of proportion.
+MAX_KEY_FILE_BYTES = 1 << 20
+
+
+def read_key_text(path: Path) -> str:
+    """A key file's text (bounded); OSError when it cannot be read, ValueError when it is too large."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_KEY_FILE_BYTES + 1)
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file")
+    return raw.decode("utf-8", "replace")
+
+
+class KeyFile:
+    """A key file read again when it changes: its inode, size or modification time (os.stat follows the kubelet's
+    `..data` symlink, so a swapped Secret volume is a new inode even within one clock tick)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._signature: tuple[int, int, int] | None = None
+        self.lines: list[tuple[str, frozenset[str]]] = []
+
+    def refresh(self) -> bool:
+        """Read the file if it changed; True when its keys were read again. OSError/ValueError when unreadable
+        (the last keys stay)."""
+        s = os.stat(self.path)
+        signature = (s.st_ino, s.st_size, s.st_mtime_ns)
+        if signature == self._signature:
+            return False
+        self.lines = parse_key_lines(read_key_text(self.path))
+        self._signature = signature
+        return True
+
+    @property
+    def first(self) -> str | None:
+        """The key a client presents."""
+        return self.lines[0][0] if self.lines else None
+
+
 def key_from_headers(get: Callable[[str], str | None]) -> str | None:
     """The key a request presents: `authorization: Bearer KEY` (any case of the scheme), else `x-api-key`."""
     authorization = get("authorization")
@@ -86,7 +135,7 @@ class ApiKeys:
         self.recheck_s = recheck_s
         self._digests: list[bytes] = []
         self._no_overflow: frozenset[str] = frozenset()  # ids of the keys with `no-overflow`
-        self._mtime: float | None = None
+        self._file = None if path is None else KeyFile(path)
         self._checked = 0.0
         if path is not None:
             self._load()
@@ -99,17 +148,15 @@ class ApiKeys:
         return self.path is not None
 
     def _load(self) -> None:
-        assert self.path is not None
+        assert self._file is not None
         try:
-            stat = os.stat(self.path)
-        except OSError as exc:
+            if not self._file.refresh():
+                return
+        except (OSError, ValueError) as exc:
             log.error("cannot read API key file %s: %s", self.path, exc)
             return
-        if stat.st_mtime == self._mtime:
-            return
-        self._mtime = stat.st_mtime
         # Digests of equal length make compare_digest's time independent of the key's length.
-        lines = parse_key_lines(self.path.read_text())
+        lines = self._file.lines
         self._digests = [hashlib.sha256(k.encode()).digest() for k, _ in lines]
         self._no_overflow = frozenset(_key_id(d) for d, (_, options) in zip(self._digests, lines, strict=True)
                                       if NO_OVERFLOW in options)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from dgemma_common.auth import first_key, read_key_text
 from dgemma_common.envflags import fill_from_env
 from dgemma_common.images import IMAGE_LIMIT_ENV, add_image_limit_flags, image_limits_from
 from dgemma_common.naming import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from dgemma_common.tls import DEFAULT_RELOAD_S, TlsFiles, add_certificate_flags, tls_files
 from dgemma_gateway.core import GatewaySettings
-from dgemma_gateway.endpoints import EndpointSpec, WorkerTls
+from dgemma_gateway.endpoints import EndpointSpec, WorkerTls, with_key
 from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
@@ -136,31 +137,34 @@ def _file_endpoint(variant: Variant, address: str, extra: dict[str, object]) -> 
     key_file = extra.get("api_key_file")
     concurrency = int(str(extra.get("max_concurrency", DEFAULT_OVERFLOW_CONCURRENCY if variant.overflow else 4)))
     target = HttpTarget(address, str(extra.get("upstream_model") or variant.model),
-                        api_key=read_api_key(Path(str(key_file))) if key_file else None,
                         capacity=concurrency, max_queue=int(str(extra.get("max_queue", 0 if variant.overflow else 16))),
                         scrape=variant.runtime == "vllm")
-    return http_spec(variant, address, target)
+    spec = http_spec(variant, address, target)
+    return keyed_by(spec, Path(str(key_file))) if key_file else spec
 
 
 def read_api_key(path: Path) -> str:
-    """An API key from a file (a mounted Secret): its first non-empty line."""
-    key = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
-    if not key:
+    """The key a client presents from a key file (a mounted Secret): its first key, by the one rule of
+    `dgemma_common.auth` (whitespace, blank lines and # lines are no part of it); ValueError if it holds none."""
+    key = first_key(read_key_text(path))
+    if key is None:
         raise ValueError(f"{path} holds no API key")
     return key
 
 
-def with_worker_key(specs: Sequence[EndpointSpec], key: str) -> list[EndpointSpec]:
+def keyed_by(spec: EndpointSpec, key_file: Path) -> EndpointSpec:
+    """The endpoint with the key of `key_file`, read now; the static source reads the file again when it changes
+    (a rotated Secret), so the key is never only the one read at start."""
+    return replace(with_key(spec, read_api_key(key_file)), key_file=key_file)
+
+
+def with_worker_key(specs: Sequence[EndpointSpec], key_file: Path) -> list[EndpointSpec]:
     """The endpoints with the workers' API key: every dgemma worker, and every vLLM server that has no key of its
     own (as `Authorization: Bearer`). Never an external API: the key is ours, not a third party's."""
-    def keyed(s: EndpointSpec) -> EndpointSpec:
-        if s.http is None:
-            return replace(s, api_key=key)
-        if s.variant.runtime == "vllm" and s.http.api_key is None:
-            return replace(s, http=replace(s.http, api_key=key))
-        return s
+    def wants(s: EndpointSpec) -> bool:
+        return s.http is None or (s.variant.runtime == "vllm" and s.key_file is None)
 
-    return [keyed(s) for s in specs]
+    return [keyed_by(s, key_file) if wants(s) else s for s in specs]
 
 
 def overflow_spec(url: str, upstream_model: str, served_as: str, key_file: Path | None = None,
@@ -170,9 +174,9 @@ def overflow_spec(url: str, upstream_model: str, served_as: str, key_file: Path 
     variant = Variant(name="overflow", model=served_as, gpu_profile="external", cost_weight=cost,
                       latency_target_ms=latency_target_ms, tokens_per_s_prior=EXTERNAL_TOKENS_PER_S_PRIOR,
                       runtime="external")
-    target = HttpTarget(url, upstream_model, api_key=read_api_key(key_file) if key_file else None,
-                        capacity=max_concurrency, max_queue=0, scrape=False)
-    return http_spec(variant, url, target)
+    target = HttpTarget(url, upstream_model, capacity=max_concurrency, max_queue=0, scrape=False)
+    spec = http_spec(variant, url, target)
+    return keyed_by(spec, key_file) if key_file else spec
 
 
 def allow_overflow(specs: Sequence[EndpointSpec], model: str) -> list[EndpointSpec]:
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the address dialled)")
     add("--worker-api-key-file", "worker_api_key_file", "file whose first line is the API key the static endpoints' "
         "workers require (their --api-keys-file): sent on every call to a dgemma worker, and as Authorization: "
-        "Bearer to vLLM endpoints without a key of their own; read at start", type=Path)
+        "Bearer to vLLM endpoints without a key of their own; read again when it changes", type=Path)
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
@@ -309,7 +313,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
         if args.endpoints_file is not None:
             endpoints += load_endpoints_file(args.endpoints_file)
         if args.worker_api_key_file is not None:
-            endpoints = with_worker_key(endpoints, read_api_key(args.worker_api_key_file))
+            endpoints = with_worker_key(endpoints, args.worker_api_key_file)
         if args.overflow_url:
             served = args.model or _only_model(endpoints) or args.overflow_model or ""
             endpoints = [*allow_overflow(endpoints, served), overflow_from_args(args, served)]

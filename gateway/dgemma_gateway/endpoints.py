@@ -15,8 +15,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import grpc
 
+from dgemma_common.auth import KeyFile
 from dgemma_common.convert import vision_from_pb
 from dgemma_common.logsafe import clip
 from dgemma_common.tls import TlsFiles, grpc_channel_credentials
@@ -48,6 +49,7 @@ class EndpointSpec:
     variant: Variant
     http: HttpTarget | None = None  # set for an OpenAI-compatible server (which carries its own key)
     api_key: str | None = field(default=None, repr=False)  # the worker's API key, sent on every call to it
+    key_file: Path | None = field(default=None, repr=False)  # where a static endpoint's key comes from (re-read)
 
     @property
     def kind(self) -> Literal["grpc", "http"]:
@@ -72,17 +74,56 @@ class EndpointSource(Protocol):
         ...
 
 
-class StaticSource:
-    """A fixed list of endpoints (local use, `dgemma serve`, tests)."""
+def with_key(spec: EndpointSpec, key: str | None) -> EndpointSpec:
+    """The endpoint presenting `key`: gRPC metadata to a worker, `Authorization: Bearer` to an HTTP server."""
+    if spec.http is None:
+        return replace(spec, api_key=key)
+    return replace(spec, http=replace(spec.http, api_key=key))
 
-    def __init__(self, endpoints: Sequence[EndpointSpec], name: str = "static") -> None:
+
+def presented(spec: EndpointSpec) -> str | None:
+    """The key the gateway presents to the endpoint."""
+    return spec.api_key if spec.http is None else spec.http.api_key
+
+
+# How often a static endpoint's key file is looked at (as the servers' ApiKeys look at theirs).
+KEY_RECHECK_S = 5.0
+
+
+class StaticSource:
+    """A fixed list of endpoints (local use, `dgemma serve`, tests). Keys that come from files (`key_file`) are
+    read again when a file changes, and the list reported again: a rotated Secret needs no restart."""
+
+    def __init__(self, endpoints: Sequence[EndpointSpec], name: str = "static",
+                 recheck_s: float = KEY_RECHECK_S) -> None:
         self.name = name
         self.endpoints = list(endpoints)
+        self.recheck_s = recheck_s
 
     async def run(self, sink: Sink) -> None:
-        """Report the list once, then wait to be cancelled."""
+        """Report the list, then again whenever a key file changes, until cancelled."""
         sink(self.name, self.endpoints)
-        await asyncio.Event().wait()
+        files = {s.key_file: KeyFile(s.key_file) for s in self.endpoints if s.key_file is not None}
+        if not files:
+            await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(self.recheck_s)
+            keys = await asyncio.to_thread(_current_keys, files)
+            endpoints = [with_key(s, keys[s.key_file]) if s.key_file in keys else s for s in self.endpoints]
+            if endpoints != self.endpoints:
+                self.endpoints = endpoints
+                sink(self.name, endpoints)
+
+
+def _current_keys(files: Mapping[Path, KeyFile]) -> dict[Path, str]:
+    """The key each file holds now; a file that cannot be read, or holds no key, keeps its last key (a Secret
+    being rewritten is not a reason to send no key at all)."""
+    for path, f in files.items():
+        try:
+            f.refresh()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the key file %s (keeping its last key): %s", path, exc)
+    return {path: key for path, f in files.items() if (key := f.first) is not None}
 
 
 def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
@@ -316,7 +357,14 @@ class Registry:
                 self._forget(endpoint_id)
         for endpoint_id, spec in wanted.items():
             if endpoint_id in self.endpoints and _same_connection(self.endpoints[endpoint_id].spec, spec):
-                self.endpoints[endpoint_id].spec = spec  # the variant's settings (or the worker's key) may have changed
+                # The variant's settings or the key may have changed: both are read at each call, so the endpoint
+                # keeps its connections and its load.
+                state = self.endpoints[endpoint_id]
+                if presented(state.spec) != presented(spec):
+                    state.failures, state.ejected_until = 0, 0.0  # refusals of the old key say nothing of the new
+                state.spec = spec
+                if state.http is not None and spec.http is not None:
+                    state.http.target = spec.http
                 continue
             if endpoint_id in self.endpoints:
                 self._forget(endpoint_id)  # a new model name, key or limit on the same server; a key added or dropped
@@ -534,8 +582,11 @@ class Registry:
 
 
 def _same_connection(old: EndpointSpec, new: EndpointSpec) -> bool:
-    """Whether an endpoint's connection serves its new spec: the same HTTP target; for a worker, a key on both
-    or on neither (the key interceptor is part of the channel; the key itself is read at each call)."""
+    """Whether an endpoint's connection serves its new spec: for an HTTP server, the same target but perhaps its
+    key (read at each request); for a worker, a key on both or on neither (the key interceptor is part of the
+    channel; the key itself is read at each call)."""
+    if old.http is not None and new.http is not None:
+        return replace(old.http, api_key=None) == replace(new.http, api_key=None)
     return old.http == new.http and (old.api_key is None) == (new.api_key is None)
 
 

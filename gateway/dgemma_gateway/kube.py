@@ -42,7 +42,7 @@ from kubernetes_asyncio.config import ConfigException, kube_config
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from dgemma_common import naming, variants, vllm
-from dgemma_common.auth import parse_keys
+from dgemma_common.auth import first_key
 from dgemma_gateway.endpoints import EndpointSpec, Sink
 from dgemma_gateway.openai_upstream import HttpTarget, http_base_url
 from dgemma_gateway.types import Variant
@@ -110,15 +110,12 @@ def _secret_ref(ref: Mapping[str, Any] | None) -> tuple[str, str] | None:
     return (str(ref["name"]), str(ref.get("key", "token"))) if ref else None
 
 
-def presented_key(runtime: variants.Runtime, value: str) -> str | None:
-    """The key the gateway presents, from the Secret's value: for dgemma workers the value is their keys file (one
-    key per line, all accepted: a new key listed beside the old one rotates without a refusal), and the first key
-    is presented; vLLM and external APIs take the value as one key."""
-    if runtime == "dgemma":
-        return next(iter(parse_keys(value)), None)
-    key = value.strip()
-    # Several lines or words are no single key (and no header may carry a line break): no key at all.
-    return key if key and not any(c.isspace() for c in key) else None
+def presented_key(value: str) -> str | None:
+    """The key the gateway presents, from a Secret's value, by the one rule of every key file
+    (`dgemma_common.auth`): its first key, without the newline an echoed file leaves. Its dgemma workers accept
+    every key listed (a new key beside the old one rotates without a refusal); vLLM pods are started with the
+    first (the operator's launcher reads the mounted Secret by the same rule)."""
+    return first_key(value)
 
 
 def variant_from_resource(obj: Mapping[str, Any]) -> Variant:
@@ -155,7 +152,7 @@ def endpoints_from(resources: Mapping[Key, Resource], slices: Mapping[Key, Mappi
             continue
         key = None
         if resource.worker_key is not None:
-            key = presented_key(resource.variant.runtime, (api_keys or {}).get((ns, *resource.worker_key), ""))
+            key = presented_key((api_keys or {}).get((ns, *resource.worker_key), ""))
             if key is None:
                 continue
         ports = {p.get("name"): p.get("port") for p in s.get("ports") or []}
@@ -191,7 +188,7 @@ def external_endpoint(namespace: str, resource: Resource, api_keys: Mapping[tupl
         return None
     key = None
     if ext.secret is not None:
-        key = presented_key("external", api_keys.get((namespace, *ext.secret), ""))
+        key = presented_key(api_keys.get((namespace, *ext.secret), ""))
         if key is None:
             return None
     target = HttpTarget(ext.base_url, ext.model, api_key=key, capacity=ext.max_concurrency, max_queue=0,
@@ -401,14 +398,8 @@ async def read_api_keys(core: CoreV1Api, resources: Mapping[Key, Resource]) -> d
         except (aiohttp.ClientError, TimeoutError, binascii.Error) as exc:
             log.warning("cannot read Secret %s/%s for an API key: %s", namespace, name, exc)
             continue
-        if not value.strip():
-            log.warning("Secret %s/%s holds nothing under key %r", namespace, name, key)
+        if presented_key(value) is None:
+            log.warning("Secret %s/%s holds no key under key %r", namespace, name, key)
             continue
         values[(namespace, name, key)] = value
-        if presented_key("vllm", value) != value and any(r.worker_key == (name, key) and r.variant.runtime == "vllm"
-                                                         for (ns, _), r in resources.items() if ns == namespace):
-            # vLLM compares the whole variable (VLLM_API_KEY), a trailing newline included; no header can carry it.
-            log.error("Secret %s/%s key %r is not one bare key: vLLM takes the whole value as its key and will refuse "
-                      "the gateway; store the key alone (kubectl create secret generic %s --from-literal=%s=KEY)",
-                      namespace, name, key, name, key)
     return values

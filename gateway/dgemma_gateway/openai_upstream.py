@@ -167,7 +167,7 @@ class OpenAIUpstream:
 
     def __init__(self, target: HttpTarget, session: aiohttp.ClientSession, clock: Callable[[], float],
                  interval_s: float, report: Report, variant: Callable[[], Variant]) -> None:
-        self.target = target
+        self.target = target  # replaced by the registry when only its key changes: read at each request
         self.session = session
         self.clock = clock
         self.interval_s = interval_s

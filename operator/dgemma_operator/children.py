@@ -26,9 +26,29 @@ from dgemma_operator import models
 VLLM_USER = 2000  # the `vllm` user of vLLM's image
 WORKER_USER = 1000
 TLS_MOUNT = "/etc/dgemma/tls"
-# spec.worker.apiKeySecret's key as the dgemma worker's keys file (DGEMMA_API_KEYS_FILE); vLLM gets it as VLLM_API_KEY.
+# spec.worker.apiKeySecret's key as a keys file: the dgemma worker's DGEMMA_API_KEYS_FILE; vLLM's launcher reads it.
 API_KEYS_MOUNT = "/etc/dgemma/api-keys"
 API_KEYS_FILE = "keys"
+# vLLM 0.24.0 takes one key, from VLLM_API_KEY, and compares it whole: a Secret made from an echoed file (its
+# newline) would refuse every request, and an empty key leaves vLLM open. So vLLM starts through this launcher,
+# which reads the mounted Secret by the rule of every dgemma key reader (dgemma_common.auth.parse_key_lines: one
+# key per line, whitespace around it dropped, blank and # lines skipped, `KEY no-overflow` options dropped),
+# refuses to start without a key, and replaces itself with vLLM (exec: vLLM stays PID 1 and gets SIGTERM) given
+# the first key in VLLM_API_KEY (not an argument: vLLM logs its non-default arguments). Run by python in
+# vLLM's image; tests/operator check it against the rule on the same values.
+VLLM_KEY_LAUNCHER = (
+    "import os, sys\n"
+    "keys = []\n"
+    "for line in open(sys.argv[1], encoding='utf-8', errors='replace').read().splitlines():\n"
+    "    line = line.strip()\n"
+    "    if line and not line.startswith('#'):\n"
+    "        key, *words = line.split()\n"
+    "        keys.append(key if words and set(words) <= {'no-overflow'} else line)\n"
+    "if not keys:\n"
+    "    sys.exit(f'{sys.argv[1]} holds no API key (spec.worker.apiKeySecret): not starting vLLM without one')\n"
+    "os.environ['VLLM_API_KEY'] = keys[0]\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 PRESTOP_SLEEP_S = 5
 # Time for SIGKILL to wait beyond the worker's own drain: the preStop sleep plus slack for exit.
 SHUTDOWN_SLACK_S = 15
@@ -280,18 +300,22 @@ def _token_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
 
 
-def _vllm_key_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
-    """vLLM 0.24.0 takes its API key from VLLM_API_KEY (read once, at start; the value is the key exactly)."""
-    secret = spec.worker.api_key_secret
-    if secret is None:
-        return []
-    return [{"name": "VLLM_API_KEY",
-             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": False}}}]
+def _vllm_command(spec: models.DiffusionGemmaSpec) -> list[str]:
+    """`vllm serve`; with a key Secret, through the launcher that gives vLLM the mounted key."""
+    if spec.worker.api_key_secret is None:
+        return ["vllm", "serve"]
+    return ["python3", "-c", VLLM_KEY_LAUNCHER, f"{API_KEYS_MOUNT}/{API_KEYS_FILE}", "vllm", "serve"]
 
 
 def server_env(name: str, namespace: str | None, spec: models.DiffusionGemmaSpec) -> list[Body]:
     """The server container's own variables (dgemma worker or vLLM), which spec.worker.env may not override."""
     return _vllm_env(spec) if spec.runtime == "vllm" else _env(name, namespace, spec)
+
+
+def reserved_env_names(name: str, spec: models.DiffusionGemmaSpec) -> set[str]:
+    """Names spec.worker.env may not take: the container's own, and VLLM_API_KEY, which vLLM's launcher sets."""
+    launcher = {"VLLM_API_KEY"} if spec.runtime == "vllm" and spec.worker.api_key_secret else set()
+    return {e["name"] for e in server_env(name, None, spec)} | launcher
 
 
 def _user_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
@@ -307,7 +331,7 @@ def _env_problems(name: str, spec: models.DiffusionGemmaSpec) -> list[str]:
     if twice:
         problems.append(f"worker.env: {', '.join(twice)} given more than once")
     if spec.runtime != "external" and spec.model is not None:
-        taken = sorted(set(given) & {e["name"] for e in server_env(name, None, spec)})
+        taken = sorted(set(given) & reserved_env_names(name, spec))
         if taken:
             problems.append(f"worker.env: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the "
                             "operator and cannot be overridden (use the resource's own fields)")
@@ -426,8 +450,9 @@ def _volumes(spec: models.DiffusionGemmaSpec) -> list[Body]:
         # A mounted Secret is updated in place when cert-manager renews it; the worker re-reads the files.
         volumes.append({"name": "tls", "secret": {"secretName": spec.worker.tls_secret, "defaultMode": 0o440}})
     key = spec.worker.api_key_secret
-    if key is not None and spec.runtime == "dgemma":
-        # Updated in place when the Secret changes; the worker re-reads the file (a rotation needs no restart).
+    if key is not None:
+        # Updated in place when the Secret changes: a dgemma worker re-reads the file (a rotation needs no restart);
+        # vLLM's launcher reads it when the pod starts.
         volumes.append({"name": "api-keys", "secret": {"secretName": key.name, "defaultMode": 0o440,
                                                        "items": [{"key": key.key, "path": API_KEYS_FILE}]}})
     return volumes
@@ -448,8 +473,7 @@ def _worker_mounts(spec: models.DiffusionGemmaSpec) -> list[Body]:
     """The server container's mounts: the shared ones, and a worker's TLS and API key Secrets (the init container
     needs neither)."""
     tls = [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}] if spec.worker.tls_secret else []
-    keys = ([{"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True}]
-            if spec.worker.api_key_secret and spec.runtime == "dgemma" else [])
+    keys = [{"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True}] if spec.worker.api_key_secret else []
     return [*_mounts(spec), *tls, *keys]
 
 
@@ -530,7 +554,7 @@ def _vllm_env(spec: models.DiffusionGemmaSpec) -> list[Body]:
         ("TRITON_CACHE_DIR", "/tmp/triton"), ("XDG_CACHE_HOME", "/tmp/cache"),
         ("VLLM_NO_USAGE_STATS", "1"),
     ]
-    return [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec) + _vllm_key_env(spec)
+    return [{"name": k, "value": str(v)} for k, v in values if v is not None] + _token_env(spec)
 
 
 def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
@@ -538,7 +562,7 @@ def _vllm_container(name: str, spec: models.DiffusionGemmaSpec) -> Body:
         "name": "vllm",
         "image": image(spec),
         "imagePullPolicy": spec.image_pull_policy,
-        "command": ["vllm", "serve"],
+        "command": _vllm_command(spec),
         "args": vllm_args(name, spec),
         "ports": [{"name": naming.HTTP_PORT_NAME, "containerPort": vllm.PORT, "protocol": "TCP"}],
         "env": [*_vllm_env(spec), *_user_env(spec)],

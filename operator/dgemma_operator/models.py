@@ -253,9 +253,10 @@ class WorkerSpec(BaseModel):
     """A key of a Secret holding the API key the workers require (runtimes dgemma and vllm): every call to a
     dgemma worker's Denoiser and KServe services, every vLLM request under /v1, needs it; health, probes and
     metrics stay open. The gateway reads the same Secret and presents the key (give it `get` on the Secret: the
-    chart's gateway.apiKeySecrets). dgemma: one key per line, the gateway presents the first (list a new key
-    beside the old one to rotate without a restart). vLLM: the value is the key exactly (no trailing newline),
-    read when a pod starts."""
+    chart's gateway.apiKeySecrets). Read as every dgemma key file is: one key per line (a trailing newline, blank
+    lines and # lines are no part of a key); the gateway presents the first. dgemma workers accept every key listed
+    and re-read the Secret (list a new key beside the old one to rotate without a restart); vLLM is started with
+    the first key (a pod reads it when it starts) and does not start without one."""
     env: list[EnvVar] | None = Field(default=None, max_length=64, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
     """More environment variables of the server container (dgemma worker or vLLM), e.g. OTEL_EXPORTER_OTLP_ENDPOINT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -10,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dgemma_common.auth import first_key
 from tests.deploy.helpers import (
     CHART,
     CRD_FILE,
@@ -189,15 +191,18 @@ def test_namespaced_mode_binds_roles_only_in_the_watched_namespaces() -> None:
 
 def test_no_rbac_rule_uses_a_wildcard_or_touches_secrets() -> None:
     for setup in ({}, {"watchNamespaces": ["a"]}):
-        for obj in find(render(setup), "ClusterRole") + find(render(setup), "Role"):
+        objects = render(setup)
+        for obj in find(objects, "ClusterRole") + find(objects, "Role"):
             for rule in obj["rules"]:
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-                assert "secrets" not in rule["resources"], rule
                 assert "delete" not in rule["verbs"], rule
+                if "secrets" in rule["resources"]:  # only the gateway, only `get`, only the workers' key by name
+                    assert obj["metadata"]["name"] == "dgemma-gateway", rule
+                    assert rule["verbs"] == ["get"] and rule["resourceNames"] == ["dgemma-worker-api-key"], rule
 
 
 def test_gateway_rbac_is_read_only_discovery() -> None:
-    role = one(render(), "ClusterRole", "dgemma-gateway")
+    role = one(render({"worker": {"apiKey": {"enabled": False}}}), "ClusterRole", "dgemma-gateway")
     assert grants(role["rules"]) == {
         (group, resource, verb)
         for group, resource in (("dgemma.io", "diffusiongemmas"), ("discovery.k8s.io", "endpointslices"))
@@ -212,7 +217,7 @@ def test_gateway_rbac_is_read_only_discovery() -> None:
 ])
 def test_the_gateway_may_read_exactly_the_secrets_named_for_api_keys(secrets: dict[str, list[str]]) -> None:
     for setup in ({}, {"watchNamespaces": ["a"]}):
-        objects = render({**setup, "gateway": secrets})
+        objects = render({**setup, "gateway": secrets, "worker": {"apiKey": {"enabled": False}}})
         role = one(objects, "ClusterRole" if not setup else "Role", "dgemma-gateway")
         (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
         assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["worker-key", "hosted-key"],
@@ -242,7 +247,7 @@ def test_gateway_runs_several_replicas_with_keys_from_a_secret_and_discovery_on(
 
 def test_an_existing_api_key_secret_replaces_the_generated_one() -> None:
     objects = render({"gateway": {"apiKeys": {"existingSecret": "my-keys", "secretKey": "keys.txt"}}})
-    assert not find(objects, "Secret")
+    assert [s["metadata"]["name"] for s in find(objects, "Secret")] == ["dgemma-worker-api-key"]  # the workers' own
     pod = one(objects, "Deployment", "dgemma-gateway")["spec"]["template"]["spec"]
     assert next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == "my-keys"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
@@ -274,24 +279,41 @@ def _ports(rule: Body) -> set[int]:
     return {p["port"] for p in rule["ports"]}
 
 
+def _admitted(policies: list[Body], namespace: str, pod: dict[str, str], port: int) -> list[Body]:
+    """The peers the policies admit to a pod's port (NetworkPolicy ingress semantics: a union of the rules of every
+    policy selecting the pod)."""
+    return [peer for p in policies if p["metadata"]["namespace"] == namespace
+            and p["spec"]["podSelector"]["matchLabels"].items() <= pod.items()
+            for rule in p["spec"]["ingress"] if port in _ports(rule) for peer in rule.get("from", [{}])]
+
+
 def test_only_the_gateway_reaches_the_workers_grpc_port_and_vllm_pods_api_port() -> None:
-    objects = render({"watchNamespaces": ["team-a", "team-b"]})
-    worker_policies = [p for p in find(objects, "NetworkPolicy") if p["metadata"]["name"] == "dgemma-workers"]
-    assert {p["metadata"]["namespace"] for p in worker_policies} == {"team-a", "team-b"}
-    for policy in worker_policies:
-        spec = policy["spec"]
-        assert spec["podSelector"]["matchLabels"] == {
-            "app.kubernetes.io/name": "dgemma-worker",
-            "app.kubernetes.io/component": "worker",
-        }
-        assert spec["policyTypes"] == ["Ingress"]
-        grpc_rules = [r for r in spec["ingress"] if 50051 in _ports(r)]
-        assert len(grpc_rules) == 1 and _ports(grpc_rules[0]) == {50051, 8000}
-        (peer,) = grpc_rules[0]["from"]
-        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
-        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-        # Scrapers reach metrics: a worker's own port, and vLLM's API port (it has no other).
-        assert all(_ports(r) == {9090, 8000} for r in spec["ingress"] if r is not grpc_rules[0])
+    from dgemma_operator import children
+
+    gateway_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "dgemma",
+                                                    "app.kubernetes.io/instance": RELEASE,
+                                                    "app.kubernetes.io/component": "gateway"}}}
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    for values, vllm_peers in (({}, [gateway_peer]),
+                               ({"networkPolicy": {"vllmMetricsFrom": prometheus}}, [gateway_peer, *prometheus])):
+        objects = render({"watchNamespaces": ["team-a", "team-b"], **values})
+        policies = find(objects, "NetworkPolicy")
+        assert {p["metadata"]["namespace"] for p in policies if p["metadata"]["name"] == "dgemma-workers"} == {
+            "team-a", "team-b"}
+        assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+        for runtime in ({"image": "i"}, {"runtime": "vllm"}):
+            spec = children.models.DiffusionGemmaSpec.model_validate(
+                {"servedModelName": "m", "model": {"huggingFace": {"id": "a/b"}}, **runtime})
+            pod = children.worker_labels("x", spec)
+            for namespace in ("team-a", "team-b"):
+                # A dgemma worker's gRPC port: the gateway only; its metrics: `metricsFrom` (default any pod).
+                assert _admitted(policies, namespace, pod, 50051) == [gateway_peer]
+                assert _admitted(policies, namespace, pod, 9090) == [{"namespaceSelector": {}}]
+                # A vLLM pod's API port (vLLM 0.24.0 serves POST /invocations without its key): the gateway only,
+                # unless scrapers are let in by name for vLLM's /metrics.
+                assert _admitted(policies, namespace, pod, 8000) == vllm_peers
+                assert _admitted(policies, namespace, pod, 8080) == []
 
 
 def test_worker_pod_labels_match_what_the_operator_sets() -> None:
@@ -439,3 +461,40 @@ def test_tls_takes_an_existing_secret_or_an_issuer_and_names_what_is_missing() -
         values["watchNamespaces"] = ["team-a"]
         with pytest.raises(helm.HelmError, match=r"tls.internal.issuerRef.*team-a"):
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def _worker_key(secret: Body) -> str:
+    return base64.b64decode(secret["data"]["keys"]).decode()
+
+
+def test_the_chart_generates_the_workers_key_in_every_worker_namespace_for_the_gateway_and_the_examples() -> None:
+    objects = render({"watchNamespaces": ["team-a", "team-b"], "examples": {"enabled": True}}, upgrade=True)
+    secrets = [s for s in find(objects, "Secret") if s["metadata"]["name"] == "dgemma-worker-api-key"]
+    assert {s["metadata"]["namespace"] for s in secrets} == {"team-a", "team-b"}
+    keys = {_worker_key(s) for s in secrets}
+    (key,) = keys  # one key for every namespace: the gateway presents one
+    assert key.startswith("dgw-") and len(key) == 44 and first_key(key) == key
+    assert all(s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for s in secrets)
+    roles = find(objects, "Role", "dgemma-gateway")
+    assert {r["metadata"]["namespace"] for r in roles} == {"team-a", "team-b"}
+    for role in roles:
+        (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+        assert rule["resourceNames"] == ["dgemma-worker-api-key"] and rule["verbs"] == ["get"]
+    for variant in find(objects, "DiffusionGemma"):
+        assert variant["spec"]["worker"]["apiKeySecret"] == {"name": "dgemma-worker-api-key", "key": "keys"}
+    assert "apiKeySecret:" in notes() and "name: dgemma-worker-api-key" in notes()
+
+
+def test_an_existing_worker_key_secret_or_none_replaces_the_generated_one() -> None:
+    objects = render({"examples": {"enabled": True}, "tls": {"internal": {"enabled": True}},
+                      "worker": {"apiKey": {"existingSecret": "my-worker-key", "secretKey": "k"}}}, upgrade=True)
+    assert not [s for s in find(objects, "Secret") if "worker-api-key" in s["metadata"]["name"]]
+    (rule,) = [r for r in one(objects, "ClusterRole", "dgemma-gateway")["rules"] if "secrets" in r["resources"]]
+    assert rule["resourceNames"] == ["my-worker-key"]
+    for variant in find(objects, "DiffusionGemma"):  # beside the internal TLS Secret
+        assert variant["spec"]["worker"] == {"apiKeySecret": {"name": "my-worker-key", "key": "k"},
+                                             "tlsSecret": "dgemma-worker-tls"}
+    off = render({"examples": {"enabled": True}, "worker": {"apiKey": {"enabled": False}}}, upgrade=True)
+    assert not [s for s in find(off, "Secret") if "worker-api-key" in s["metadata"]["name"]]
+    assert all("worker" not in v["spec"] for v in find(off, "DiffusionGemma"))
+    assert "apiKeySecret" not in notes({"worker": {"apiKey": {"enabled": False}}})

@@ -100,6 +100,10 @@ def test_install_upgrade_uninstall_keeps_the_crd_and_the_api_key(
     assert secret is not None
     key = base64.b64decode(secret["data"]["api-keys"]).decode()
     assert key.startswith("dgm-") and len(key) == 44
+    worker_secret = get(cluster, "secret", "dgemma-worker-api-key")
+    assert worker_secret is not None
+    worker_key = base64.b64decode(worker_secret["data"]["keys"]).decode()
+    assert worker_key.startswith("dgw-") and worker_key != key
 
     # The CRD the chart installed serves DiffusionGemmas, with the schema enforced.
     variant = {
@@ -120,6 +124,9 @@ def test_install_upgrade_uninstall_keeps_the_crd_and_the_api_key(
     secret = get(cluster, "secret", "dgemma-api-keys")
     assert secret is not None
     assert base64.b64decode(secret["data"]["api-keys"]).decode() == key, "lookup keeps the generated key"
+    worker_secret = get(cluster, "secret", "dgemma-worker-api-key")
+    assert worker_secret is not None
+    assert base64.b64decode(worker_secret["data"]["keys"]).decode() == worker_key, "and the workers' key"
 
     helm_config.uninstall(RELEASE, timeout=TIMEOUT_S)
     for kind, name in [
@@ -132,7 +139,14 @@ def test_install_upgrade_uninstall_keeps_the_crd_and_the_api_key(
     assert not {"dgemma-operator", "dgemma-gateway"} & names(cluster, "clusterrole")
     assert get(cluster, "crd", "diffusiongemmas.dgemma.io", namespace="") is not None, "the CRD is kept"
     assert get(cluster, "dgm", "gemma") is not None, "and with it the user's resources"
+    # Resources outside the release may name the workers' key: it stays, and a new install takes it over.
+    worker_secret = get(cluster, "secret", "dgemma-worker-api-key")
+    assert worker_secret is not None and base64.b64decode(worker_secret["data"]["keys"]).decode() == worker_key
     assert helm_config.list() == []
+    assert helm_config.install(CHART, RELEASE, {}, timeout=TIMEOUT_S)["status"] == "deployed"
+    worker_secret = get(cluster, "secret", "dgemma-worker-api-key")
+    assert worker_secret is not None and base64.b64decode(worker_secret["data"]["keys"]).decode() == worker_key
+    helm_config.uninstall(RELEASE, timeout=TIMEOUT_S)
 
 
 def test_every_optional_feature_installs_and_upgrades_away(

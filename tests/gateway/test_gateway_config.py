@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dgemma_common.auth import ApiKeys
 from dgemma_gateway.config import parse_config, parse_endpoint
+from dgemma_gateway.kube import presented_key
 
 
 def test_a_base_url_is_a_vllm_endpoint_and_a_host_port_a_worker() -> None:
@@ -95,3 +97,22 @@ def test_the_worker_key_goes_to_workers_and_keyless_vllm_servers_never_to_an_ext
     assert specs["keyed"].http is not None and specs["keyed"].http.api_key == "sk-own"  # its own key stays
     assert specs["overflow"].http is not None and specs["overflow"].http.api_key is None
     assert "wk-123" not in repr(cfg)  # the key never reaches a log line
+
+
+@pytest.mark.parametrize("value", ["wk-0123\n", "  wk-0123\r\n\n", "# rotating\nwk-0123\nwk-old\n",
+                                   "wk-0123 no-overflow\n"])
+def test_every_reader_of_a_key_file_presents_a_key_the_servers_accept(value: str, tmp_path: Path) -> None:
+    """One rule for key files (dgemma_common.auth): the static flags, an endpoints file and a Secret read through
+    the Kubernetes API all present the first key, which a worker's (or gateway's) keys file accepts."""
+    key = tmp_path / "key"
+    key.write_text(value)
+    f = tmp_path / "endpoints.yaml"
+    f.write_text(f"variants:\n  - {{name: own, model: m, runtime: vllm, api_key_file: {key},\n"
+                 "     endpoints: ['http://10.0.0.8:8000/v1']}\n")
+    cfg = parse_config(["--endpoint", "127.0.0.1:50051=local:m", "--endpoint", "http://10.0.0.7:8000/v1=vllm:m",
+                        "--endpoints-file", str(f), "--overflow-url", "https://api.example.com/v1",
+                        "--overflow-model", "g", "--overflow-api-key-file", str(key),
+                        "--worker-api-key-file", str(key)], env={})
+    presented = {s.api_key if s.http is None else s.http.api_key for s in cfg.endpoints}
+    assert presented == {presented_key(value)} == {"wk-0123"}
+    ApiKeys(key).check({"x-api-key": "wk-0123"}.get)

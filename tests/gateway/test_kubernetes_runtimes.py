@@ -142,13 +142,15 @@ def test_a_worker_key_secret_is_presented_to_the_variants_workers_and_vllm_pods(
     slices = {("default", "w"): grpc_slice("w-worker", "10.0.0.6", 50051),
               ("default", "v"): vllm_slice("v-worker", "10.0.0.7", 8000)}
     assert endpoints_from(resources, slices) == []  # the key is not read yet: its workers would refuse every call
-    # The Secret is the dgemma worker's keys file: every line is a key it takes, the gateway presents the first.
-    # vLLM takes the whole value as one key, which a multi-line value is not (the gateway logs why).
-    (worker,) = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "# rotating\nwk-new\nwk-old\n"})
+    # The Secret is read as every key file is: the dgemma worker takes every key listed, vLLM is started with the
+    # first, and the gateway presents the first to both.
+    pod, worker = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "# rotating\nwk-new\nwk-old\n"})
     assert worker.api_key == "wk-new" and worker.kind == "grpc"
-    pod, worker = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "wk-one"})  # by id
+    assert pod.http is not None and pod.http.api_key == "wk-new"
+    pod, worker = endpoints_from(resources, slices, {("default", "worker-key", "keys"): "wk-one\n"})  # by id
     assert worker.api_key == "wk-one" and pod.http is not None and pod.http.api_key == "wk-one"
     assert "wk-one" not in repr(worker) + repr(pod)  # never in a log line
+    assert endpoints_from(resources, slices, {("default", "worker-key", "keys"): "# none\n\n"}) == []
 
 
 @pytest.fixture(scope="module")
@@ -196,16 +198,29 @@ def test_a_gateway_in_kubernetes_reads_the_workers_key_from_the_secret_the_resou
             return 200
 
         assert status("keyed") == 200 and status(MODEL) == 200  # the dgemma worker and the vLLM pod
+        registry = gateway.gateway.registry
+        pod_id = f"default/keyed-vllm/{pod_host}:{pod_port}"
+        pod_endpoint = registry.endpoints[pod_id]
+
+        def presents(value: str) -> Callable[[], bool]:
+            return lambda: (s := registry.endpoints.get(pod_id)) is not None and s.spec.http is not None \
+                and s.spec.http.api_key == value
+
         # The Secret changes (a key the workers do not know): read again, presented from the next call on.
         secret("wk-unknown")
         gateway.call(_wake(source))
+        until(presents("wk-unknown"), 30, "the gateway to read the new key")
+        # Only the key changed: the vLLM endpoint keeps its connections and its load (no 503 until its next scrape),
+        # and the very next request carries the new key (401 from the pod: it refused the gateway's credentials).
+        assert registry.endpoints[pod_id] is pod_endpoint and pod_endpoint.load is not None
+        assert status(MODEL) == 502
         until(lambda: status("keyed") == 502, 30, "the worker to refuse the new key")
-        # The vLLM pod too (401: it refused the gateway's credentials). Under load its endpoint may be between two
-        # scrapes for a moment (503), so ask until the pod itself answers.
-        until(lambda: status(MODEL) == 502, 30, "the vLLM pod to refuse the new key")
-        secret(key)
+        secret(f"{key}\n")  # as `kubectl create secret --from-file` of an echoed file stores it
         gateway.call(_wake(source))
-        until(lambda: status("keyed") == 200 and status(MODEL) == 200, 30, "the right key again")
+        until(presents(key), 30, "the gateway to read the right key again")
+        # The refusals were the old key's: the endpoint is not held out for them.
+        assert registry.endpoints[pod_id] is pod_endpoint and status(MODEL) == 200
+        until(lambda: status("keyed") == 200, 30, "the worker to take the right key again")
     finally:
         if gateway is not None:
             gateway.close()

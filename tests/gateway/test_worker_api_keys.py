@@ -6,6 +6,7 @@ that arrives later or changes (a Kubernetes Secret read again) is used from the 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from dgemma_common.auth import ApiKeys, AuthError
 from dgemma_gateway.endpoints import EndpointSpec, StaticSource
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
@@ -147,3 +149,54 @@ def test_a_key_given_later_or_rotated_in_place_is_used_from_the_next_call(worker
             time.sleep(0.2)
     finally:
         gw.close()
+
+
+def secret_volume(folder: Path, name: str, value: str, version: int) -> None:
+    """A Secret volume as the kubelet writes it: the data in a fresh timestamped folder, `..data` swapped to it in
+    one rename, and `name` a link through `..data` (what the gateway's flag names)."""
+    data = folder / f"..2026_01_01_00_00_0{version}"
+    data.mkdir()
+    (data / name).write_text(value)
+    old = folder / "..data"
+    if old.exists():
+        # The same modification time as the file it replaces: a rotation within one tick of a coarse clock.
+        stat = (old / name).stat()
+        os.utime(data / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (folder / "..data_tmp").symlink_to(data.name)
+    os.replace(folder / "..data_tmp", old)
+    if not (folder / name).is_symlink():
+        (folder / name).symlink_to(f"..data/{name}")
+
+
+def test_a_rotated_worker_key_secret_is_taken_without_a_restart(workers: LocalWorkers, tmp_path: Path) -> None:
+    """`--worker-api-key-file` is read again when the kubelet swaps the mounted Secret: a gateway started with a key
+    the worker no longer takes serves again once the Secret holds the workers' key."""
+    volume = tmp_path / "worker-api-key"
+    volume.mkdir()
+    secret_volume(volume, "key", "wk-before-the-rotation\n", 1)
+    gateway = _gateway(tmp_path, workers.workers[0], "--worker-api-key-file", str(volume / "key"))
+    try:
+        deadline = time.monotonic() + 60
+        while "refuses the gateway's calls" not in gateway.log_tail(200):
+            assert time.monotonic() < deadline, gateway.log_tail()
+            time.sleep(0.1)
+        assert not gateway.ready()
+        secret_volume(volume, "key", f"# rotated\n{KEY}\n", 2)
+        gateway.wait_ready(60)  # no restart: its load watch was let in with the new key
+        sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = sdk.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}],
+                                            extra_body=SMALL)
+        assert reply.usage is not None and reply.usage.completion_tokens == 8
+    finally:
+        gateway.stop()
+
+
+def test_keys_files_are_read_again_after_a_swap_within_one_clock_tick(tmp_path: Path) -> None:
+    """The servers' keys (the gateway's clients', a worker's) follow the same swap: a new file is a new inode."""
+    secret_volume(tmp_path, "keys", "k-old\n", 1)
+    keys = ApiKeys(tmp_path / "keys", recheck_s=0)
+    keys.check({"x-api-key": "k-old"}.get)
+    secret_volume(tmp_path, "keys", "k-new\n", 2)
+    keys.check({"x-api-key": "k-new"}.get)
+    with pytest.raises(AuthError):
+        keys.check({"x-api-key": "k-old"}.get)

@@ -54,6 +54,15 @@ CASES: dict[str, Case] = {
         healthy=[(f'dgemma_worker_requests_total{{variant="{V}", pod="w1", outcome="oom"}}', "0x40"),
                  (f'dgemma_worker_requests_total{{variant="{V}", pod="w1", outcome="length"}}', "0+20x40")],
         labels={"variant": V}),
+    "DgemmaWorkerAuthFailures": Case(
+        # A gateway without the key: its load watch is refused every 2 s.
+        firing=[(f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="denoiser", reason="missing"}}',
+                 "0x10 0+30x30"),
+                (f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="kserve", reason="invalid"}}',
+                 "0x40")],
+        healthy=[(f'dgemma_worker_auth_failures_total{{variant="{V}", pod="w1", api="denoiser", reason="missing"}}',
+                  "0x40")],
+        labels={"variant": V, "api": "denoiser"}),
     "DgemmaWorkerQueueSaturated": Case(
         firing=[(f'dgemma_worker_queue_depth{{variant="{V}", pod="w1"}}', "15x40"),
                 (f'dgemma_worker_max_queue{{variant="{V}", pod="w1"}}', "16x40")],

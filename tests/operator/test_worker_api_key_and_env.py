@@ -1,17 +1,23 @@
 """spec.worker.apiKeySecret and spec.worker.env: a dgemma worker gets the Secret's key as its keys file (mounted in
-the server container only, DGEMMA_API_KEYS_FILE), vLLM gets it as VLLM_API_KEY from the Secret; extra variables
+the server container only, DGEMMA_API_KEYS_FILE), vLLM is started with its first key by a launcher reading the same
+mount by the same rule as every key reader; extra variables
 come after the operator's and may not replace one of them (the resource is Degraded, naming it). The API server
 enforces the shapes; the operator reconciles them into the Deployment."""
 
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import kubernetes_validate
 import pytest
 from kopf.testing import KopfRunner
 
+from dgemma_common.auth import ApiKeys
+from dgemma_gateway.kube import presented_key
 from dgemma_operator import children, models
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.helpers import apply, condition, eventually, exists, get, sample
@@ -51,14 +57,85 @@ def test_a_dgemma_worker_reads_the_key_from_the_secret_mounted_in_its_own_contai
     kubernetes_validate.validate(children.deployment(OWNER, s), "1.33", strict=True)
 
 
-def test_a_vllm_server_gets_the_key_as_vllm_api_key_from_the_secret() -> None:
+def test_a_vllm_server_reads_the_key_from_the_secret_mounted_in_its_own_container_only() -> None:
     p = pod(spec("vllm", apiKeySecret=KEY))
     (server,) = p["containers"]
-    assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {**KEY, "optional": False}}} in server["env"]
-    assert all(v["name"] != "api-keys" for v in p["volumes"])  # no file: vLLM 0.24.0 reads the variable
+    assert {"name": "api-keys", "secret": {"secretName": "gemma-worker-key", "defaultMode": 0o440,
+                                           "items": [{"key": "api-key", "path": "keys"}]}} in p["volumes"]
+    assert {"name": "api-keys", "mountPath": "/etc/dgemma/api-keys", "readOnly": True} in server["volumeMounts"]
+    assert all(m["name"] != "api-keys" for m in p["initContainers"][0]["volumeMounts"])
+    assert all(e["name"] != "VLLM_API_KEY" for e in server["env"])  # set by the launcher, from the file
     # /health (the probes) and /metrics (scraping) are outside the /v1 paths vLLM's key guards.
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert all(e["name"] != "VLLM_API_KEY" for e in pod(spec("vllm"))["containers"][0]["env"])
+    plain = pod(spec("vllm"))["containers"][0]
+    assert plain["command"] == ["vllm", "serve"] and all(e["name"] != "VLLM_API_KEY" for e in plain["env"])
+    kubernetes_validate.validate(children.deployment(OWNER, spec("vllm", apiKeySecret=KEY)), "1.33", strict=True)
+
+
+FAKE_VLLM = """#!/bin/sh
+# Stands in for vLLM's CLI: records how it was started (vLLM reads its key from VLLM_API_KEY, compared whole).
+exec "$PYTHON" -c 'import json, os, sys; json.dump({"argv": sys.argv[1:], "key": os.environ.get("VLLM_API_KEY")},
+    open(os.environ["RECORD"], "w"))' "$@"
+"""
+
+
+def start_like_the_kubelet(p: dict[str, Any], secret_value: str, folder: pathlib.Path) -> tuple[int, str, Any]:
+    """Run the pod's server container as a kubelet would, on this machine: the Secret's value in its volume (the
+    mount point moved under `folder`), `secretKeyRef` variables resolved to the whole value, and `vllm` on the
+    PATH a stand-in that records its arguments and VLLM_API_KEY. Returns the exit code, stderr and the record."""
+    (server,) = p["containers"]
+    mounts = {}
+    for mount in server.get("volumeMounts", []):
+        volume = next(v for v in p["volumes"] if v["name"] == mount["name"])
+        if "secret" in volume:
+            local = folder / mount["name"]
+            local.mkdir()
+            for item in volume["secret"]["items"]:
+                (local / item["path"]).write_text(secret_value)
+            mounts[mount["mountPath"]] = str(local)
+    env = {e["name"]: e["value"] for e in server["env"] if "value" in e}
+    env.update({e["name"]: secret_value for e in server["env"] if "secretKeyRef" in e.get("valueFrom", {})})
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text(FAKE_VLLM)
+    (bin_dir / "vllm").chmod(0o755)
+    record = folder / "started.json"
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", PYTHON=sys.executable, RECORD=str(record))
+
+    def local(arg: str) -> str:
+        for path, there in mounts.items():
+            arg = arg.replace(path, there)
+        return arg
+
+    argv = [local(a) for a in [*server["command"], *server["args"]]]
+    argv[0] = sys.executable if argv[0] in ("python", "python3") else argv[0]  # the image's python
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stderr, json.loads(record.read_text()) if record.exists() else None
+
+
+# What `kubectl create secret --from-file` makes of an echoed file, a CRLF file, a rotation, an option.
+SECRET_VALUES = ["wk-0123\n", "wk-0123", "  wk-0123\r\n\n", "# rotating\nwk-new\nwk-old\n", "wk-0123 no-overflow\n"]
+
+
+@pytest.mark.parametrize("value", SECRET_VALUES)
+def test_a_vllm_pod_starts_with_the_key_the_gateway_presents(value: str, tmp_path: pathlib.Path) -> None:
+    """vLLM compares its key whole: the pod must get exactly the key the gateway reads from the same Secret (a
+    trailing newline once made every gateway request a 401)."""
+    p = pod(spec("vllm", apiKeySecret=KEY))
+    code, stderr, started = start_like_the_kubelet(p, value, tmp_path)
+    assert code == 0, stderr
+    presented = presented_key(value)
+    assert presented is not None and started["key"] == presented
+    assert started["argv"] == ["serve", *p["containers"][0]["args"]]  # vLLM gets its arguments untouched
+    (tmp_path / "worker-keys").write_text(value)
+    ApiKeys(tmp_path / "worker-keys").check({"authorization": f"Bearer {presented}"}.get)  # a dgemma worker agrees
+
+
+def test_a_vllm_pod_without_a_key_in_its_secret_does_not_start_open(tmp_path: pathlib.Path) -> None:
+    """vLLM with an empty key checks nothing: the launcher refuses to start it, naming the file."""
+    code, stderr, started = start_like_the_kubelet(pod(spec("vllm", apiKeySecret=KEY)), "\n# none yet\n", tmp_path)
+    assert code != 0 and started is None
+    assert "holds no API key" in stderr and "spec.worker.apiKeySecret" in stderr
 
 
 @pytest.mark.parametrize("runtime", ["dgemma", "vllm"])

@@ -86,6 +86,13 @@ app.kubernetes.io/component: worker
 {{- toJson (uniq $namespaces) }}
 {{- end }}
 
+{{/* The workers' API key Secret name (in every worker namespace); empty when worker keys are off. */}}
+{{- define "dgemma.workerApiKeySecret" -}}
+{{- if .Values.worker.apiKey.enabled }}
+{{- default (include "dgemma.componentName" (dict "root" . "component" "worker-api-key")) .Values.worker.apiKey.existingSecret }}
+{{- end }}
+{{- end }}
+
 {{/* The gateway API keys Secret name. */}}
 {{- define "dgemma.apiKeysSecret" -}}
 {{- default (include "dgemma.componentName" (dict "root" . "component" "api-keys")) .Values.gateway.apiKeys.existingSecret }}
