@@ -11,7 +11,7 @@ A bad value raises `ParamError` naming the field, so every front end reports it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Self
 
@@ -57,7 +57,26 @@ class Limits:
     @property
     def prompt_byte_limit(self) -> int:
         """The largest text or chat prompt, in UTF-8 bytes, that is tokenized at all."""
-        return self.max_prompt_bytes if self.max_prompt_bytes is not None else BYTES_PER_TOKEN * self.max_prompt_tokens
+        return prompt_byte_limit(self.max_prompt_tokens, self.max_prompt_bytes)
+
+
+def prompt_byte_limit(max_prompt_tokens: int, max_prompt_bytes: int | None = None) -> int:
+    """The largest prompt text in UTF-8 bytes: `max_prompt_bytes` if given, else BYTES_PER_TOKEN per token."""
+    return max_prompt_bytes if max_prompt_bytes is not None else BYTES_PER_TOKEN * max_prompt_tokens
+
+
+def utf8_size(strings: Iterable[str], bound: int) -> int:
+    """The UTF-8 size of the strings together; exact up to `bound`, past it some number over it.
+
+    Costs a length per string and one encode of those that may fit: a string with more characters than the bound
+    is over it unencoded (a character is 1 to 4 bytes), and counting stops once the bound is passed.
+    """
+    total = 0
+    for s in strings:
+        total += len(s) if len(s) > bound else len(s.encode("utf-8", "surrogatepass"))
+        if total > bound:
+            break
+    return total
 
 
 def _one_or_many(value: Any) -> Any:

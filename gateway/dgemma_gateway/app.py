@@ -72,7 +72,7 @@ class GatewayServer:
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls is not None else None
             self._grpc, self.grpc_port = await start_grpc(
                 self.gateway, cfg.host, cfg.grpc_port, self.keys, cfg.limits.max_tokens,
-                cfg.limits.default_max_tokens, credentials, self.images)
+                cfg.limits.default_max_tokens, credentials, self.images, cfg.limits.prompt_byte_limit)
         log.info("gateway listening on %s %s:%s, grpc %s", "https" if cfg.tls else "http", cfg.host, self.port,
                  self.grpc_port)
         if cfg.port_file is not None:

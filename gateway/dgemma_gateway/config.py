@@ -50,6 +50,7 @@ ENV = {
     "endpoints_file": "DGEMMA_ENDPOINTS_FILE", "kubernetes": "DGEMMA_KUBERNETES",
     "namespace": "DGEMMA_NAMESPACE", "request_timeout_s": "DGEMMA_REQUEST_TIMEOUT_S",
     "max_body_bytes": "DGEMMA_MAX_BODY_BYTES", "max_prompt_tokens": "DGEMMA_MAX_PROMPT_TOKENS",
+    "max_prompt_bytes": "DGEMMA_MAX_PROMPT_BYTES",
     "max_tokens": "DGEMMA_MAX_TOKENS", "default_max_tokens": "DGEMMA_DEFAULT_MAX_TOKENS", "max_n": "DGEMMA_MAX_N",
     "max_streams_per_key": "DGEMMA_MAX_STREAMS_PER_KEY", "sse_keepalive_s": "DGEMMA_SSE_KEEPALIVE_S",
     "hold_for_replica_s": "DGEMMA_HOLD_FOR_REPLICA_S", "demand_window_s": "DGEMMA_DEMAND_WINDOW_S",
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-timeout-s", "request_timeout_s", "deadline of a request (default 600)", type=float)
     add("--max-body-bytes", "max_body_bytes", "largest request body, images included (default 16 MiB)", type=int)
     add("--max-prompt-tokens", "max_prompt_tokens", "longest prompt (default 32768)", type=int)
+    add("--max-prompt-bytes", "max_prompt_bytes", "longest prompt text in UTF-8 bytes, refused before it is "
+        "tokenized or sent to a worker (default 16 x --max-prompt-tokens, as the workers')", type=int)
     add("--max-tokens", "max_tokens", "largest max_tokens (default 8192)", type=int)
     add("--default-max-tokens", "default_max_tokens", "max_tokens when a request gives none (default 256)",
         type=int)
@@ -325,6 +328,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
     limits = ApiLimits(
         max_body_bytes=args.max_body_bytes or d.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens or d.max_prompt_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
         max_tokens=args.max_tokens or d.max_tokens,
         default_max_tokens=args.default_max_tokens or d.default_max_tokens,
         max_n=args.max_n or d.max_n,
@@ -339,6 +343,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> G
     hold = args.hold_for_replica_s
     if hold is None:
         hold = KUBERNETES_HOLD_FOR_REPLICA_S if args.kubernetes else 0.0
+    if limits.max_prompt_bytes is not None and limits.max_prompt_bytes < 1:
+        parser.error("--max-prompt-bytes must be >= 1")
     if limits.sse_keepalive_s < 0.05:
         parser.error("--sse-keepalive-s must be >= 0.05")
     if hold < 0 or (args.demand_window_s is not None and args.demand_window_s <= 0):

@@ -61,11 +61,13 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService in front of every model the gateway serves."""
 
     def __init__(self, gateway: Gateway, max_tokens: int = 8192, default_max_tokens: int = 256,
-                 keys: ApiKeys | None = None, images: ImageIntake | None = None) -> None:
+                 keys: ApiKeys | None = None, images: ImageIntake | None = None,
+                 prompt_bytes: int | None = None) -> None:
         self.gateway = gateway
         self.keys = keys
         self.images = images or ImageIntake()
-        self.limits = Limits(max_new_tokens=max_tokens)
+        # `text_input` over `prompt_bytes` is refused by its length, before it is decoded or sent on.
+        self.limits = Limits(max_new_tokens=max_tokens, max_prompt_bytes=prompt_bytes)
         self.default_max_tokens = default_max_tokens
         try:
             self.version = metadata.version("dgemma")
@@ -209,7 +211,8 @@ KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_na
 
 async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_tokens: int = 8192,
                      default_max_tokens: int = 256, credentials: grpc.ServerCredentials | None = None,
-                     images: ImageIntake | None = None) -> tuple[grpc.aio.Server, int]:
+                     images: ImageIntake | None = None, prompt_bytes: int | None = None
+                     ) -> tuple[grpc.aio.Server, int]:
     """Start the KServe front (API keys on the inference service; health and reflection open; over TLS with
     credentials)."""
     from grpc_health.v1 import health, health_pb2_grpc
@@ -226,7 +229,7 @@ async def start_grpc(gateway: Gateway, host: str, port: int, keys: ApiKeys, max_
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
                              interceptors=[guard, traced])
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys, images), server)
+        GatewayKServeServicer(gateway, max_tokens, default_max_tokens, keys, images, prompt_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = KSERVE_SERVICE

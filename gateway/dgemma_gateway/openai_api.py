@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from dgemma_common.openai_models import (
     latency_target_ms,
     parse_json,
 )
-from dgemma_common.params import MAX_SEED, ParamError
+from dgemma_common.params import MAX_SEED, ParamError, prompt_byte_limit, utf8_size
 from dgemma_gateway.auth import StreamLimiter, authenticate
 from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
 from dgemma_gateway.errors import GatewayError, bad_request
@@ -60,12 +60,23 @@ class ApiLimits:
 
     max_body_bytes: int = 16 * 1024 * 1024  # images come in the body, base64: 4/3 of their size
     max_prompt_tokens: int = 32768
+    max_prompt_bytes: int | None = None  # None: BYTES_PER_TOKEN x max_prompt_tokens, as the workers' default
     max_tokens: int = 8192
     default_max_tokens: int = 256
     max_n: int = 4
     max_streams_per_key: int = 64
     sse_keepalive_s: float = 2.0  # a stream silent this long gets its headers (if not yet sent) and a comment
     images: ImageSettings = field(default_factory=ImageSettings)
+
+    @property
+    def prompt_byte_limit(self) -> int:
+        """The largest prompt text in UTF-8 bytes: a longer one is refused before it is tokenized or sent on."""
+        return prompt_byte_limit(self.max_prompt_tokens, self.max_prompt_bytes)
+
+
+# A body at least this large is parsed on a thread (see OpenAIApp._parse); a smaller one costs well under a
+# millisecond to parse, less than the hand-off.
+PARSE_ON_THREAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -128,11 +139,41 @@ def check_content_type(header: str | None, content_type: str) -> None:
                            param="Content-Type", code="unsupported_media_type")
 
 
+def body_too_large(limit: int) -> GatewayError:
+    """The refusal of a body over --max-body-bytes."""
+    return GatewayError(413, f"the body exceeds {limit} bytes", code="body_too_large")
+
+
+def check_body_size(content_length: int | None, limit: int) -> None:
+    """A body declared larger than the limit is refused before a byte of it is read (aiohttp's own check reads
+    the body up to the limit first)."""
+    if content_length is not None and content_length > limit:
+        raise body_too_large(limit)
+
+
+def _prompt_texts(body: ChatCompletionRequest | CompletionRequest) -> Iterator[str]:
+    """The text of a request's prompt, string by string (image parts left out; token ids have none)."""
+    if isinstance(body, ChatCompletionRequest):
+        yield from (m.text() for m in body.messages)
+    elif isinstance(body.prompt, str):
+        yield body.prompt
+    elif isinstance(body.prompt[0], str):
+        yield str(body.prompt[0])
+
+
+def check_prompt_bytes(body: ChatCompletionRequest | CompletionRequest, field: str, limit: int) -> None:
+    """Refuse a prompt whose text is over the byte limit: before it is copied into a request, counted in tokens
+    by a worker or sent to one (the workers refuse it by the same rule, after it has crossed the network)."""
+    if utf8_size(_prompt_texts(body), limit) > limit:
+        raise GatewayError(413, f"the prompt has more than {limit} bytes of text; the limit is {limit} bytes "
+                                "(--max-prompt-bytes)", param=field, code="prompt_too_long")
+
+
 def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str | None = None) -> Parsed:
     """Validate an OpenAI chat ('chat') or completions ('text') body into gateway requests (one per choice).
 
     The body is parsed and validated in one pass by the request model (`dgemma_common.openai_models`); the
-    limits this gateway was configured with are checked after.
+    limits this gateway was configured with are checked after, the prompt's size first.
     """
     values = json_values(raw)
     if values > max(MAX_JSON_VALUES, 2 * limits.max_prompt_tokens):  # refused before parsing, not after
@@ -144,6 +185,8 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
         if exc.field == "body":
             raise GatewayError(400, f"the body is not a valid JSON object: {exc.reason}", code="invalid_json") from None
         raise bad_request(exc.field, exc.reason) from None
+    prompt_field = "messages" if kind == "chat" else "prompt"
+    check_prompt_bytes(body, prompt_field, limits.prompt_byte_limit)
     token_field = body.token_field
     max_tokens = body.requested_tokens
     if max_tokens is None:
@@ -157,7 +200,7 @@ def parse_request(raw: bytes, kind: str, limits: ApiLimits, latency_header: str 
     target = _latency_target(body, latency_header)
     prompt, images = chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest) \
         else (text_prompt(body.prompt), [])
-    names = {"max_new_tokens": token_field, "prompt": "messages" if kind == "chat" else "prompt"}
+    names = {"max_new_tokens": token_field, "prompt": prompt_field}
     requests = []
     for i in range(n):
         s = dict(settings)
@@ -283,8 +326,7 @@ class OpenAIApp:
         except GatewayError as err:
             return web.json_response(err.body(), status=err.status, headers=err.headers())
         except web.HTTPRequestEntityTooLarge:
-            big = GatewayError(413, f"the body exceeds {self.limits.max_body_bytes} bytes", code="body_too_large")
-            return web.json_response(big.body(), status=413)
+            return web.json_response(body_too_large(self.limits.max_body_bytes).body(), status=413)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -352,7 +394,8 @@ class OpenAIApp:
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         key = self._authenticate(request)
         check_content_type(request.headers.get("Content-Type"), request.content_type)
-        parsed = parse_request(await request.read(), kind, self.limits, request.headers.get(LATENCY_HEADER))
+        check_body_size(request.content_length, self.limits.max_body_bytes)
+        parsed = await self._parse(await request.read(), kind, request.headers.get(LATENCY_HEADER))
         if not self.keys.allows_overflow(key):
             parsed = dataclasses.replace(
                 parsed, requests=[dataclasses.replace(r, allow_overflow=False) for r in parsed.requests])
@@ -367,6 +410,14 @@ class OpenAIApp:
             return await self._whole(parsed, kind)
         finally:
             self.streams.release(key)
+
+    async def _parse(self, raw: bytes, kind: str, latency_header: str | None) -> Parsed:
+        """`parse_request`, on a thread for a large body. Parsing and validating hold the GIL in stretches of
+        ~1 ms a MiB (a 10 MB body took 40-50 ms in all, a stall of every stream this gateway serves when it ran
+        on the event loop); from a thread, the loop runs between the stretches."""
+        if len(raw) < PARSE_ON_THREAD_BYTES:
+            return parse_request(raw, kind, self.limits, latency_header)
+        return await asyncio.to_thread(parse_request, raw, kind, self.limits, latency_header)
 
     async def _count_prompt(self, parsed: Parsed, field: str) -> Parsed:
         """Load the request's images, refuse a prompt over the limit, and give routing its length."""

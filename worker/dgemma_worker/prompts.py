@@ -24,7 +24,7 @@ from typing import Any
 
 from dgemma_common.convert import MAX_CHAT_MESSAGES
 from dgemma_common.logsafe import clip
-from dgemma_common.params import Limits, ParamError
+from dgemma_common.params import Limits, ParamError, utf8_size
 from dgemma_common.types import Prompt, PromptTooLongError
 
 MAX_ROLE_CHARS = 64
@@ -33,14 +33,8 @@ MAX_ROLE_CHARS = 64
 def prompt_bytes(prompt: Prompt, bound: int) -> int:
     """The UTF-8 size of a text or chat prompt; exact up to `bound`, past it some number over it."""
     messages = prompt.messages or ()
-    strings = [prompt.text] if prompt.text is not None else [s for m in messages for s in (m.role, m.text)]
-    total = 0
-    for s in strings:
-        # A character is 1 to 4 bytes: a string with more characters than the bound is over it unencoded.
-        total += len(s) if len(s) > bound else len(s.encode("utf-8", "surrogatepass"))
-        if total > bound:
-            break
-    return total
+    return utf8_size([prompt.text] if prompt.text is not None else [s for m in messages for s in (m.role, m.text)],
+                     bound)
 
 
 def check_size(prompt: Prompt, limits: Limits) -> None:
