@@ -18,9 +18,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 from schemathesis.core.parameters import ParameterLocation
 
+from dgemma_common.openai_models import Name
 from tests.fuzz.conftest import API_KEY, FUZZ, MODEL, FuzzStack, describe
 
 pytestmark = pytest.mark.timeout(300)
+
+# The schema's bounds on a model name (`Name` in dgemma_common.openai_models).
+NAME_BOUNDS = Name.__metadata__[0]
 
 # Streams are short on the fuzzed stack; a client timeout means a hang.
 CALL_TIMEOUT_S = 30.0
@@ -38,7 +42,13 @@ def _stream_errors(text: str) -> list[dict[str, Any]]:
 
 
 def _name_the_model(case: Any, use: bool) -> None:
-    if use and isinstance(case.body, dict) and "model" in case.body:
+    """The served model in place of a generated name, so that the request reaches the worker. Only a name the
+    schema allows is replaced: where `model` is what a negative case breaks,
+    replacing it would repair the case, which then gets a 200 where a refusal is asserted."""
+    if not (use and isinstance(case.body, dict)):
+        return
+    name = case.body.get("model")
+    if isinstance(name, str) and NAME_BOUNDS.min_length <= len(name) <= NAME_BOUNDS.max_length:
         case.body["model"] = MODEL
 
 
