@@ -1,16 +1,24 @@
 """Engine vs stock `generate()`, step efficiency, diffusion vs autoregressive, and fairness, in one run.
 
-    python bench/bench_engine.py [--steps 8 16 48] [--repeats 2] [--out bench/out/engine.json]
+    python bench/bench_engine.py [--steps 8 16 48] [--repeats 2] [--threads 2] [--out bench/out/engine.json]
 
 All numbers come from one process, side by side, on a moderate random-weight model (hidden 512, 8 layers,
 8 experts top-2, vocabulary 32k, canvas 256; fp32; 2 threads). Random weights never trigger adaptive
 stopping, so every canvas runs exactly `max_denoising_steps` steps; EOS is ignored on both sides.
+
+Each run is timed twice: wall clock (tokens/s, the speedup) and the process's CPU time (the speedup in CPU
+time). On a shared machine the two part ways: with two OpenMP threads and other jobs on the cores, every
+parallel operation waits at its barrier for a descheduled thread, which inflates the model's forward far
+more than stock's single-threaded `torch.multinomial`, so stock's step efficiency rises and the wall-clock
+speedup falls with the load. The machine's load average and the share of the cores this process got are
+recorded beside the numbers; `--threads 1` measures without barriers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -50,6 +58,7 @@ class Row:
     stock_tok_s: float
     engine_tok_s: float
     speedup: float
+    cpu_speedup: float  # stock's process CPU time / the engine's, best runs
     stock_efficiency: float
     engine_efficiency: float
     ar_tok_s: float
@@ -87,36 +96,43 @@ class Timer:
         setattr(self.owner, self.name, self._orig)
 
 
-def run_stock(loaded: LoadedModel, ids: list[int], steps: int) -> tuple[float, float]:
-    """Tokens/s of transformers' own generate(), and its decoder forward time / denoising step time."""
+@dataclass(frozen=True)
+class Run:
+    tok_s: float
+    efficiency: float  # decoder forward time / denoising step time
+    cpu_s: float  # the process's CPU time over the run
+
+
+def run_stock(loaded: LoadedModel, ids: list[int], steps: int) -> Run:
+    """Transformers' own generate(): tokens/s, decoder forward time / denoising step time, CPU time."""
     model = loaded.model
     x = torch.tensor([ids])
     torch.manual_seed(0)
     with Timer(model, "forward") as forward, Timer(model.model.encoder, "forward") as encoder:
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         out = model.generate(
             x, max_new_tokens=NEW_TOKENS, max_denoising_steps=steps, eos_token_id=None, confidence_threshold=1e-9
         )
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     produced = out.sequences.shape[1] - len(ids)
     assert produced == NEW_TOKENS, produced
     assert forward.calls == steps * (NEW_TOKENS // loaded.canvas_length)
-    return produced / elapsed, forward.seconds / (elapsed - encoder.seconds)
+    return Run(produced / elapsed, forward.seconds / (elapsed - encoder.seconds), cpu)
 
 
-def run_engine(engine: Engine, ids: list[int], steps: int) -> tuple[float, float]:
-    """Tokens/s of the engine (one request), and its decoder forward time / denoising step time."""
+def run_engine(engine: Engine, ids: list[int], steps: int) -> Run:
+    """The engine, one request: tokens/s, decoder forward time / denoising step time, CPU time."""
     params = GenerationParams(
         max_new_tokens=NEW_TOKENS, max_denoising_steps=steps, seed=0, ignore_eos=True, confidence_threshold=1e-9
     )
     before_fwd, before_step = engine.counters.decoder_forward_s, engine.counters.decoder_step_s
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()  # the engine thread's CPU time is the process's
     final = next(e for e in engine.generate(Prompt.of_tokens(ids), params) if isinstance(e, FinalEvent))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert final.stats.completion_tokens == NEW_TOKENS and final.stats.decoder_passes == steps
     forward = engine.counters.decoder_forward_s - before_fwd
     step = engine.counters.decoder_step_s - before_step
-    return NEW_TOKENS / elapsed, forward / step
+    return Run(NEW_TOKENS / elapsed, forward / step, cpu)
 
 
 def run_autoregressive(loaded: LoadedModel, ids: list[int]) -> float:
@@ -192,6 +208,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/engine.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(make_tiny_model(Path(tmp) / "moderate", spec=MODERATE), dtype="float32")
@@ -209,9 +227,11 @@ def main() -> None:
             stock.append(run_stock(loaded, ids, steps))
             ours.append(run_engine(engine, ids, steps))
             ar.append(run_autoregressive(loaded, ids))
-        s_tok, s_eff = max(stock)
-        e_tok, e_eff = max(ours)
-        rows.append(Row(steps, s_tok, e_tok, e_tok / s_tok, s_eff, e_eff, max(ar), e_tok / max(ar)))
+        s_best = max(stock, key=lambda r: r.tok_s)
+        e_best = max(ours, key=lambda r: r.tok_s)
+        cpu_speedup = min(r.cpu_s for r in stock) / min(r.cpu_s for r in ours)
+        rows.append(Row(steps, s_best.tok_s, e_best.tok_s, e_best.tok_s / s_best.tok_s, cpu_speedup,
+                        s_best.efficiency, e_best.efficiency, max(ar), e_best.tok_s / max(ar)))
         print(rows[-1], flush=True)
     fairness = run_concurrent(engine, ids, args.fairness_steps)
     print(fairness)
@@ -225,6 +245,10 @@ def main() -> None:
         "model_params_m": round(params_m, 1),
         "threads": args.threads,
         "repeats": args.repeats,
+        # How busy the machine was: the 1-minute load average before and after, and the share of
+        # `threads` cores this process's CPU time amounts to over the whole run.
+        "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpu_share": round((time.process_time() - cpu_start) / ((time.perf_counter() - wall_start) * args.threads), 2),
         "rows": [asdict(r) for r in rows],
         "fairness": fairness,
         "batched": batched,
@@ -237,17 +261,19 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Model: {result['model_params_m']}M parameters, fp32, {result['threads']} threads; 64-token prompt, "
-        f"256 new tokens (one canvas); best of {result['repeats']}.",
+        f"256 new tokens (one canvas); best of {result['repeats']}. Load average {result['load_average'][0]} "
+        f"before, {result['load_average'][1]} after; the process got {result['cpu_share']:.0%} of "
+        f"{result['threads']} cores.",
         "",
-        "| steps/canvas | stock tok/s | engine tok/s | speedup | stock step efficiency | engine step efficiency "
-        "| AR tok/s | diffusion / AR |",
-        "|---|---|---|---|---|---|---|---|",
+        "| steps/canvas | stock tok/s | engine tok/s | speedup | speedup (CPU time) | stock step efficiency "
+        "| engine step efficiency | AR tok/s | diffusion / AR |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['steps']} | {r['stock_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['speedup']:.2f}x "
-            f"| {r['stock_efficiency']:.2f} | {r['engine_efficiency']:.2f} | {r['ar_tok_s']:.1f} "
-            f"| {r['diffusion_vs_ar']:.2f}x |"
+            f"| {r['cpu_speedup']:.2f}x | {r['stock_efficiency']:.2f} | {r['engine_efficiency']:.2f} "
+            f"| {r['ar_tok_s']:.1f} | {r['diffusion_vs_ar']:.2f}x |"
         )
     f = result["fairness"]
     lines += [

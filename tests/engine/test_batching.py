@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -11,6 +12,7 @@ from dgemma_common.params import GenerationParams
 from dgemma_common.types import CommitEvent, Event, FinalEvent, Prompt, StopReason
 from dgemma_worker.engine import Engine, EngineConfig
 from dgemma_worker.model import LoadedModel
+from dgemma_worker.runner import Batch, EncodeReport, StepRunner
 
 
 @pytest.fixture
@@ -111,5 +113,40 @@ def test_requests_arriving_within_the_batch_window_are_batched(loaded: LoadedMod
             engine.submit(Prompt.of_tokens([2, 40, 41]), params, c)
         assert [c.final.stop_reason for c in collectors] == [StopReason.LENGTH] * 3
         assert engine.counters.decoder_passes == 4  # one batch of three: four shared forwards
+    finally:
+        engine.shutdown()
+
+
+@dataclass(eq=False)
+class ReportingRunner(StepRunner):
+    """The engine's own runner, keeping what each encoder pass reported."""
+
+    encoded: list[EncodeReport] = field(default_factory=list)
+
+    def encode(self, batch: Batch) -> EncodeReport:
+        report = super().encode(batch)
+        self.encoded.append(report)
+        return report
+
+
+def test_each_row_of_a_batch_is_charged_every_encoder_pass_as_the_runner_timed_it(loaded: LoadedModel) -> None:
+    """The engine takes the pass's time from the runner, which times it as the device runs it (on CUDA with
+    events: the wall clock around a queued pass would be its launches only), and charges it to each row."""
+    runner = ReportingRunner(loaded, max_batch=2)
+    engine = Engine(loaded, EngineConfig(max_active=2, max_queue=2, max_batch=2, batch_window_s=0.5), runner=runner)
+    engine.start(warmup=False)
+    try:
+        params = GenerationParams(max_new_tokens=2 * loaded.canvas_length, max_denoising_steps=2, seed=1,
+                                  ignore_eos=True)
+        collectors = [Collector() for _ in range(2)]
+        for c in collectors:
+            engine.submit(Prompt.of_tokens([2, 40, 41]), params, c)
+        finals = [c.final for c in collectors]
+        # One batch: the prompts, then the first canvas, each in one pass shared by both rows.
+        assert [r.tokens for r in runner.encoded] == [3, loaded.canvas_length]
+        assert all(r.seconds > 0 for r in runner.encoded)
+        for final in finals:
+            assert final.stats.encoder_passes == 2
+            assert final.stats.encoder_s == sum(r.seconds for r in runner.encoded)
     finally:
         engine.shutdown()

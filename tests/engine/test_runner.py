@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from dgemma_common.params import GenerationParams
 from dgemma_worker.model import LoadedModel
-from dgemma_worker.runner import RowSpec, StepRunner
+from dgemma_worker.runner import DeviceTimer, RowSpec, StepRunner
+from dgemma_worker.syncs import SyncCounter
 
 
 def rows_of(prompts: list[list[int]]) -> list[RowSpec]:
@@ -50,3 +53,11 @@ def test_a_canvas_runs_its_steps_then_commits_and_feeds_the_encoder(loaded: Load
         (canvas,) = runner.finish_canvas(batch)
     assert len(canvas) == loaded.canvas_length and all(0 <= t < loaded.vocab_size for t in canvas)
     assert batch.needs_encoding  # the committed canvas goes into the cache next
+
+
+def test_the_device_timer_on_a_cpu_times_the_work_in_its_block_without_a_sync() -> None:
+    with SyncCounter() as counter, DeviceTimer(torch.device("cpu")) as timer:
+        time.sleep(0.05)
+    seconds = timer.seconds
+    time.sleep(0.01)
+    assert seconds >= 0.05 and timer.seconds == seconds and counter.total == 0

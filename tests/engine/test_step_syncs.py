@@ -1,8 +1,8 @@
 """A denoising step makes at most one host-device synchronization: the read of its per-row done flags.
 
 Counted on CPU tensors by `SyncCounter` (the operations that would stall a GPU: reading a value, boolean
-masks, `nonzero`, `torch.equal`, tensors built from Python lists), with the tiny model loaded as it is on
-CUDA (`grouped_mm` experts: the CPU's `eager` experts loop over experts with `nonzero`).
+masks, `nonzero`, `torch.equal`, tensors built from Python lists), on the tiny model with the experts it
+has on every device (`grouped_mm`: transformers' `eager` experts loop over the experts with `nonzero`).
 """
 
 from __future__ import annotations

@@ -331,9 +331,10 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
     keys = tmp_path / "keys"
     keys.write_text("open-key\nclosed-key no-overflow\n")
 
+    # The slow worker (SLOW_STEP_S a step) is predicted slower than the overflow's prior (0.26 s) whatever this
+    # machine's speed; a fast one's 48 steps were predicted at 0.15-0.37 s, on either side of it.
     def front_with(allow: bool) -> RunningGateway:
-        # The slow worker (80 ms steps): even at the tiny model's own 8 steps per canvas, which the gateway
-        # learns after the first reply, a canvas takes longer than the tight target below.
+        # Also at the tiny model's own 8 steps per canvas, which the gateway learns after the first reply.
         local = static((pool.slow.address, variant("local", allow_overflow=allow)))
         hosted = overflow_spec(f"{serve}/v1", SERVED, MODEL, max_concurrency=4)
         return RunningGateway([local, StaticSource([hosted], name="overflow")], keys=keys)

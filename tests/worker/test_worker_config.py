@@ -87,7 +87,7 @@ def test_a_slow_worker_is_chosen_at_load_time_not_in_the_step_loop() -> None:
         parse_config(["--model", "m", "--debug-step-delay-s", "-1"], {})
 
 
-def test_the_compiled_step_is_chosen_at_load_time_with_the_experts_it_needs() -> None:
+def test_the_compiled_step_is_chosen_at_load_time_both_with_grouped_mm_experts() -> None:
     from dgemma_worker.runner import StepRunner
     from dgemma_worker.server import load_engine
     from dgemma_worker.static import CompiledStepRunner
@@ -98,10 +98,10 @@ def test_the_compiled_step_is_chosen_at_load_time_with_the_experts_it_needs() ->
     with pytest.raises(SystemExit):
         parse_config(["--model", "m"], {"DGEMMA_COMPILE": "sometimes"})
     base = parse_config(["--model", str(tiny_model_dir()), "--no-warmup", "--device", "cpu"], {})
-    for compile_, runner_type, experts in ((True, CompiledStepRunner, "grouped_mm"), (None, StepRunner, "eager")):
+    for compile_, runner_type in ((True, CompiledStepRunner), (None, StepRunner)):
         engine = load_engine(replace(base, compile=compile_), None)  # compiling waits for the first step
         try:
             assert type(engine.runner) is runner_type  # type: ignore[attr-defined]
-            assert engine.runner.loaded.model.config._experts_implementation == experts  # type: ignore[attr-defined]
+            assert engine.runner.loaded.model.config._experts_implementation == "grouped_mm"  # type: ignore[attr-defined]
         finally:
             engine.shutdown()

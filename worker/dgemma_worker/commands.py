@@ -36,7 +36,7 @@ def generate_parser() -> argparse.ArgumentParser:
 def generate(argv: Sequence[str]) -> int:
     """`dgemma generate ...`: one request through the engine in this process."""
     from dgemma_worker.engine import Engine, EngineConfig
-    from dgemma_worker.model import experts_for, load_model, resolve_device
+    from dgemma_worker.model import load_model, resolve_device
     from dgemma_worker.static import CompiledStepRunner, compiled_by_default
 
     args = generate_parser().parse_args(list(argv))
@@ -55,7 +55,7 @@ def generate(argv: Sequence[str]) -> int:
         return 2
     device = resolve_device(args.device)
     compiled = compiled_by_default(args.compile, device)
-    loaded = load_model(args.model, device=str(device), dtype=args.dtype, experts=experts_for(device, compiled))
+    loaded = load_model(args.model, device=str(device), dtype=args.dtype)
     runner = CompiledStepRunner(loaded, spare_slots=1) if compiled else None
     engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0), runner=runner)
     params = params_from_mapping(knobs, engine.defaults)  # unset knobs: the checkpoint's own settings

@@ -407,14 +407,12 @@ def torchao_config(dtype: str) -> Any:
     raise ValueError(f"dtype: {dtype} is not a quantized dtype")
 
 
-def experts_for(device: torch.device, compiled: bool = False) -> str:
-    """The MoE experts implementation to load with, pinned per device.
-
-    On CUDA `grouped_mm`: one grouped GEMM per projection, no host syncs (transformers' `eager` loops over
-    the experts hit, with a `nonzero` and a sync per expert: thousands per step at 128 experts). On a CPU
-    `eager` measured fastest, except in a compiled step, whose single graph cannot hold that loop.
-    """
-    return "grouped_mm" if device.type == "cuda" or compiled else "eager"
+# The MoE experts implementation, on every device: `grouped_mm`, transformers' own default (what a plain
+# `generate()` gets). On CUDA it is one grouped GEMM per projection with no host syncs (`eager` loops over
+# the experts hit, with a `nonzero` and a sync per expert: thousands per step at 128 experts), and a
+# compiled step's single graph cannot hold that loop either. On a CPU (torch 2.13) it timed the forward
+# ~3-10% faster than `eager` on bench_engine.py's model (docs/benchmarks.md).
+EXPERTS = "grouped_mm"
 
 
 def load_model(
@@ -424,12 +422,12 @@ def load_model(
     dtype: str | None = None,
     revision: str | None = None,
     name: str | None = None,
-    experts: str | None = None,
+    experts: str = EXPERTS,
 ) -> LoadedModel:
     """Load a checkpoint from a directory or a Hugging Face id (HF_HUB_OFFLINE is respected).
 
     Weights go straight to the device (`device_map`): no full copy passes through host memory.
-    `experts` overrides the experts implementation that `experts_for` picks.
+    `experts` is transformers' experts implementation (benchmarks compare them).
     """
     from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
@@ -446,7 +444,7 @@ def load_model(
     log.info("loading %s on %s as %s (weights: %s)", source, dev, torch_dtype, dtype or "auto")
     tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "revision"})
     net = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        source, dtype=torch_dtype, device_map=str(dev), experts_implementation=experts or experts_for(dev), **kwargs
+        source, dtype=torch_dtype, device_map=str(dev), experts_implementation=experts, **kwargs
     ).eval()
     net.requires_grad_(False)
     if net.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:

@@ -9,7 +9,8 @@ a finished canvas means for each request.
 A denoising step makes no host-device synchronization but one: per-row settings, step counters, the
 stop rule's history and the random draws all live on the device (`sampling.py` is pure tensor math), and
 each step copies its per-row "done" flags to the host without blocking; the next step of the batch reads
-them. Per canvas (not per step) the committed tokens come to the host, and drafts do when asked for.
+them. Per canvas (not per step) the committed tokens come to the host, drafts do when asked for, and on
+CUDA the host waits for the encoder pass once, to time it (`DeviceTimer`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -159,6 +161,46 @@ class Batch:
         return self.pending is not None
 
 
+class DeviceTimer:
+    """The time the work queued on `device` inside a `with` block takes to run (`seconds`, once it exits).
+
+    On a CPU the wall clock: operations have run when they return. On CUDA they are only queued, so the wall
+    clock would time their launches: two events on the device's stream bracket the work instead, and the
+    exit waits for the second one. That wait is a host sync: time only what happens once per canvas.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> DeviceTimer:
+        if self.device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record(torch.cuda.current_stream(self.device))
+        else:
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self._events is None:
+            self.seconds = time.perf_counter() - self._started
+        elif kind is None:  # after an error the work's time does not matter: no wait
+            start, end = self._events
+            end.record(torch.cuda.current_stream(self.device))
+            end.synchronize()
+            self.seconds = start.elapsed_time(end) / 1000  # milliseconds
+
+
+@dataclass(frozen=True)
+class EncodeReport:
+    """What a call to `encode` did: the tokens it encoded per row, and the pass's time on the device."""
+
+    tokens: int
+    seconds: float
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What a call to `denoise` did: which rows stepped, and the decoder forward's host time."""
@@ -173,7 +215,7 @@ class StepRunner:
 
     loaded: LoadedModel
     max_batch: int = 1
-    _work: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _work: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     @property
     def canvas_length(self) -> int:
@@ -229,9 +271,16 @@ class StepRunner:
                 batch.self_conditioning = batch.self_conditioning[index]
             batch.mask_mapping = self._decoder_mask(batch)
 
-    def encode(self, batch: Batch) -> int:
-        """Put the pending tokens into the batch's cache and start a fresh noisy canvas for each row; returns
-        the tokens encoded per row. The prompt's images go into the first pass only."""
+    def encode(self, batch: Batch) -> EncodeReport:
+        """Put the pending tokens into the batch's cache and start a fresh noisy canvas for each row. The
+        prompt's images go into the first pass only."""
+        assert batch.pending is not None
+        tokens = int(batch.pending.shape[1])
+        with DeviceTimer(self.loaded.device) as timer:
+            self._encode(batch)
+        return EncodeReport(tokens, timer.seconds)
+
+    def _encode(self, batch: Batch) -> None:
         model = self.loaded.model
         assert batch.pending is not None
         size, seq_len = len(batch.rows), batch.seq_len
@@ -256,10 +305,8 @@ class StepRunner:
             input_ids=ids, attention_mask=mask, past_key_values=batch.cache, position_ids=positions, **vision
         )
         batch.cache = out.past_key_values
-        tokens = int(batch.pending.shape[1])
         batch.pending = None
         self._start_canvas(batch)
-        return tokens
 
     def _new_cache(self, batch: Batch) -> Any:
         """The KV cache a batch's encoder fills and its decoder reads: transformers' DynamicCache."""
@@ -330,15 +377,13 @@ class StepRunner:
         logits = self.decoder_forward(batch)
         forward_s = time.perf_counter() - started
         self._draw(batch)
-        work = self._work_buffers(logits)
         step = denoise_step(
             logits,
             temperatures=temperatures(state.t_min, state.t_max, state.remaining, state.max_steps),
             entropy_bounds=state.entropy_bound,
             uniforms=state.uniforms,
             noise=state.noise,
-            scratch=work[0],
-            probs=work[1],
+            work=self._work_buffer(logits),
         )
         next_canvas, argmax, self_conditioning = step.next_canvas, step.argmax_canvas, step.self_conditioning
         if not all(going):
@@ -385,15 +430,15 @@ class StepRunner:
         batch.canvas = batch.argmax = batch.self_conditioning = batch.mask_mapping = None
         return [list(row) for row in canvases.tolist()]
 
-    def _work_buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two (B, L, V) work buffers reused across steps, per batch shape: with batching, groups of
-        different sizes take turns, and one pair would be reallocated at every turn."""
+    def _work_buffer(self, logits: torch.Tensor) -> torch.Tensor:
+        """A (B, L, V) work buffer reused across steps, per batch shape: with batching, groups of
+        different sizes take turns, and one buffer would be reallocated at every turn."""
         key = tuple(logits.shape)
         work = self._work.get(key)
         if work is None:
             if len(self._work) >= self.max_batch + 1:
-                self._work.clear()  # bounded: at most one pair per batch size (plus one spare)
-            work = self._work[key] = (torch.empty_like(logits), torch.empty_like(logits))
+                self._work.clear()  # bounded: at most one buffer per batch size (plus one spare)
+            work = self._work[key] = torch.empty_like(logits)
         return work
 
 

@@ -8,13 +8,17 @@ each request's own generator, so the same functions run eagerly or inside `torch
 
 - `processed_logits`: the temperature schedule, per row, from device step counters (the same double
   arithmetic as transformers' `LinearTemperatureScheduleLogitsProcessor`, so the same float32 values);
-- `categorical`: argmax, entropy and probabilities. The entropy is computed with exactly the operations
-  `torch.distributions.Categorical` uses, so it is bitwise equal to transformers' (tested in fp32); it is
-  computed once and serves both acceptance and the stop rule;
+- `categorical` and `take_entropy`: argmax, probabilities and entropy. The entropy is computed with
+  exactly the operations `torch.distributions.Categorical` uses, so it is bitwise equal to transformers'
+  (tested in fp32); it is computed once and serves both acceptance and the stop rule. One canvas x
+  vocabulary work buffer serves the whole step: the probabilities live in it until the entropy's product
+  is written over them;
 - `acceptance_mask`: the lowest-entropy positions while (sum - largest) <= bound, via sort + cumsum;
 - `sample`: one token per position by inverse-CDF sampling in two levels (blocks of the vocabulary,
   then within the block), which reads the probabilities once instead of drawing a random number per
-  vocabulary entry; the result is combined with the renoising draw by `torch.where`, never by indexing;
+  vocabulary entry; every position is sampled and combined with the renoising draw by `torch.where`,
+  never by indexing (sampling only the accepted positions needs a `nonzero`, a host sync, and measured
+  no faster on a CPU either: docs/engine.md);
 - `stop_rule`: transformers' stable-and-confident rule with the argmax history as a device ring buffer.
 """
 
@@ -54,31 +58,38 @@ class Categorical:
     """The per-position distribution of the processed logits."""
 
     argmax: torch.Tensor  # (B, L)
-    entropy: torch.Tensor  # (B, L)
-    probs: torch.Tensor  # (B, L, V)
     log_probs: torch.Tensor  # (B, L, V) the processed logits shifted by their logsumexp (same softmax)
+    probs: torch.Tensor  # (B, L, V) in the work buffer, until `take_entropy` writes over them
 
 
-def categorical(processed: torch.Tensor, *, scratch: torch.Tensor, probs: torch.Tensor) -> Categorical:
-    """Argmax, entropy and probabilities of softmax(processed), bitwise as transformers computes them.
+def categorical(processed: torch.Tensor, *, work: torch.Tensor) -> Categorical:
+    """Argmax, normalized logits and probabilities of softmax(processed), bitwise as transformers computes them.
 
-    `Categorical(logits=x)` normalizes x - x.logsumexp(-1), takes probs = softmax of that and the entropy
-    -sum(clamp(logits) * probs); the same operations in the same order give the same bits. (The clamp to
-    the dtype's minimum only changes -inf, which soft-capped logits at a positive temperature never hold.)
-    `processed` is overwritten with the normalized log-probabilities; `scratch` and `probs` are work
-    buffers of its shape, so a step allocates nothing of canvas x vocabulary size.
+    `Categorical(logits=x)` normalizes x - x.logsumexp(-1) and takes probs = softmax of that; the same
+    operations in the same order give the same bits. `processed` is overwritten with the normalized
+    log-probabilities; `work`, a buffer of its shape, ends up holding the probabilities, so a step
+    allocates nothing of canvas x vocabulary size.
     """
     # One pass gives the maximum (logsumexp's shift) and its first position (argmax's answer): on a CPU
     # `argmax` alone costs twice what `max` does, and `amax` is a third pass.
     peak, argmax = processed.max(dim=-1, keepdim=True)
-    argmax = argmax.squeeze(-1)
-    # logsumexp, step by step as ATen does it, into the scratch buffer instead of a fresh tensor.
-    exps = torch.sub(processed, peak, out=scratch).exp_()
+    # logsumexp, step by step as ATen does it, into the work buffer instead of a fresh tensor.
+    exps = torch.sub(processed, peak, out=work).exp_()
     lse = exps.sum(dim=-1, keepdim=True).log_().add_(peak.masked_fill(peak.abs() == math.inf, 0))
     log_probs = processed.sub_(lse)
-    torch.ops.aten._softmax.out(log_probs, -1, False, out=probs)
-    entropy = torch.mul(log_probs, probs, out=scratch).sum(dim=-1).neg_()
-    return Categorical(argmax, entropy, probs, log_probs)
+    probs = torch.ops.aten._softmax.out(log_probs, -1, False, out=work)
+    return Categorical(argmax.squeeze(-1), log_probs, probs)
+
+
+def take_entropy(dist: Categorical) -> torch.Tensor:
+    """The entropy, bitwise `Categorical`'s -sum(clamp(logits) * probs): the product is written over
+    `dist.probs` (the work buffer), which no longer holds the probabilities afterwards.
+
+    (The clamp to the dtype's minimum only changes -inf, which soft-capped logits at a positive
+    temperature never hold; the product is commutative, so in place over the probabilities is the same
+    bits as Categorical's logits * probs.)
+    """
+    return dist.probs.mul_(dist.log_probs).sum(dim=-1).neg_()
 
 
 def acceptance_mask(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
@@ -125,24 +136,23 @@ def denoise_step(
     entropy_bounds: torch.Tensor,
     uniforms: torch.Tensor,
     noise: torch.Tensor,
-    scratch: torch.Tensor,
-    probs: torch.Tensor,
+    work: torch.Tensor,
 ) -> StepResult:
     """Accept, sample and renoise one step for each row: pure tensor math, no host syncs.
 
     `logits` (B, L, V, float32) are overwritten: divided by the temperature, then shifted to
     log-probabilities, which become the next step's self-conditioning (the decoder only takes their
-    softmax). `uniforms` (B, L) and `noise` (B, L) are the step's random draws, made by the caller from
-    each request's own generator: one uniform per position for sampling, one uniform token per position
-    for renoising. Rejected positions take the noise; accepted ones the sample (stock's accept-then-renoise
-    is the same where).
+    softmax); `work` is a buffer of their shape. `uniforms` (B, L) and `noise` (B, L) are the step's
+    random draws, made by the caller from each request's own generator: one uniform per position for
+    sampling, one uniform token per position for renoising. Rejected positions take the noise; accepted
+    ones the sample (stock's accept-then-renoise is the same where).
     """
     processed = logits.div_(temperatures.view(-1, 1, 1).to(logits.dtype))
-    dist = categorical(processed, scratch=scratch, probs=probs)
-    accepted = acceptance_mask(dist.entropy, entropy_bounds)
-    sampled = sample(dist.probs, uniforms, dist.argmax)
-    next_canvas = torch.where(accepted, sampled, noise)
-    return StepResult(next_canvas, dist.argmax, accepted, dist.entropy, dist.log_probs)
+    dist = categorical(processed, work=work)
+    sampled = sample(dist.probs, uniforms, dist.argmax)  # before the entropy's product takes the work buffer
+    entropy = take_entropy(dist)
+    accepted = acceptance_mask(entropy, entropy_bounds)
+    return StepResult(torch.where(accepted, sampled, noise), dist.argmax, accepted, entropy, dist.log_probs)
 
 
 def stop_rule(

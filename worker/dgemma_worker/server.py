@@ -52,15 +52,14 @@ EngineFactory = Callable[[WorkerConfig, Any], EngineAPI]
 def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
     from dgemma_worker.engine import Engine, EngineConfig, checkpoint_params
-    from dgemma_worker.model import experts_for, load_model, resolve_device
+    from dgemma_worker.model import load_model, resolve_device
     from dgemma_worker.runner import DelayedStepRunner, StepRunner
     from dgemma_worker.static import CompiledStepRunner, compiled_by_default
 
     device = resolve_device(config.device)
     # The debug delay stands for a slower GPU in tests: it runs the eager step.
     compiled = compiled_by_default(config.compile, device) and not config.debug_step_delay_s
-    loaded = load_model(config.model, device=str(device), dtype=config.dtype, revision=config.model_revision,
-                        experts=experts_for(device, compiled))
+    loaded = load_model(config.model, device=str(device), dtype=config.dtype, revision=config.model_revision)
     runner: StepRunner | None = None
     if config.debug_step_delay_s:
         runner = DelayedStepRunner(loaded, delay_s=config.debug_step_delay_s)
