@@ -10,6 +10,16 @@ the operator reads every gateway replica's, parses each strictly (`parse_snapsho
 - Every field is required and typed (no defaults, no coercion: `"1.5"` is not a number, `true` is not 1), so a
   renamed or missing key is an error naming it, never a zero that would make an autoscaler scale down.
 - Each field says how the views of several gateway replicas combine (`Merge`), next to its meaning.
+
+Versions:
+
+- 2: every `*canvases*` field of `Demand` counts the canvases requests are *expected to run* (E[min(allowed,
+  reply length)], from the variant's finished replies; all that max_tokens allows until replies have been
+  seen), the unit `Capacity` is measured in. Version 1 counted all the canvases max_tokens allows, so with
+  replies that end early (the bundled trained model's used 56-58% of them) the autoscaler compared an
+  over-counted demand with a capacity in canvases really run and over-provisioned by that ratio.
+  Added with it: `Capacity.step_latency_s` / `encoder_latency_s` and `VariantView.step_shares`.
+- 1: the first contract.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Annotated, Any, TypeVar
 import pydantic
 from pydantic import BaseModel, ConfigDict, computed_field
 
-VERSION = 1
+VERSION = 2
 
 
 class Merge(enum.Enum):
@@ -32,6 +42,7 @@ class Merge(enum.Enum):
     SAME = "same"  # a property of the variant: the first view's
     EACH = "each"  # a group of fields: merged field by field
     MOST_MEASURED = "most-measured"  # capacity: the view that measured the most replicas
+    MEAN = "mean"  # learned by each replica from the requests it saw: per key, the mean of the views that have it
 
 
 class _Contract(BaseModel):
@@ -43,11 +54,15 @@ Rate = Annotated[float, pydantic.Field(ge=0)]
 
 class Demand(_Contract):
     """What a variant is asked for. Attributed (see the gateway's attribution.py): what it is preferred for
-    plus the overflow it takes in; the autoscaler scales on these. Rates are per second over the window."""
+    plus the overflow it takes in; the autoscaler scales on these. Rates are per second over the window.
+
+    Canvases (every `*canvases*` field) are those the requests are expected to run: per request E[min(canvases
+    max_tokens allows, reply length)], the reply length learned from the variant's finished replies (every
+    allowed canvas until some have finished). Tokens are max_tokens as asked."""
 
     requests_per_s: Annotated[Rate, Merge.SUM]
     tokens_per_s: Annotated[Rate, Merge.SUM]  # max_tokens asked for
-    canvases_per_s: Annotated[Rate, Merge.SUM]
+    canvases_per_s: Annotated[Rate, Merge.SUM]  # expected to run (see above), in capacity's unit
     preferred_requests_per_s: Annotated[Rate, Merge.SUM]
     preferred_tokens_per_s: Annotated[Rate, Merge.SUM]
     preferred_canvases_per_s: Annotated[Rate, Merge.SUM]
@@ -93,6 +108,9 @@ class Capacity(_Contract):
     canvases_per_s_per_replica: Annotated[float | None, pydantic.Field(gt=0)]
     tokens_per_s_per_replica: Annotated[float | None, pydantic.Field(gt=0)]
     steps_per_canvas: Annotated[float | None, pydantic.Field(gt=0)]
+    # The measured latencies capacity was computed from (means over the replicas that measured).
+    step_latency_s: Annotated[float | None, pydantic.Field(gt=0)]
+    encoder_latency_s: Annotated[float | None, pydantic.Field(ge=0)]
     replicas_measured: Annotated[int, pydantic.Field(ge=0)]
 
 
@@ -110,6 +128,9 @@ class VariantView(_Contract):
     demand: Annotated[Demand, Merge.EACH]
     delivered: Annotated[Delivered, Merge.EACH]
     capacity: Annotated[Capacity, Merge.MOST_MEASURED]
+    # Learned from finished requests: the share of the step cap a canvas takes (adaptive stopping), per step
+    # cap (its decimal string: JSON object keys are strings).
+    step_shares: Annotated[dict[str, Annotated[float, pydantic.Field(gt=0, le=1)]], Merge.MEAN]
     gateways: Annotated[int, pydantic.Field(ge=1), Merge.SUM]  # gateway replicas whose views this is
 
 
@@ -158,9 +179,19 @@ def _merge(cls: type[M], views: Sequence[M]) -> M:
             merged[name] = values[0]
         elif rule is Merge.EACH:
             merged[name] = _merge(type(values[0]), values)
+        elif rule is Merge.MEAN:
+            merged[name] = _mean_by_key(values)
         else:  # MOST_MEASURED
             merged[name] = max(values, key=lambda c: c.replicas_measured)
     return cls.model_validate(merged)
+
+
+def _mean_by_key(learned: Sequence[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in sorted({key for one in learned for key in one}, key=lambda k: (len(k), k)):  # "8" before "16"
+        have = [one[key] for one in learned if key in one]
+        out[key] = sum(have) / len(have)
+    return out
 
 
 def merge_views(views: Sequence[VariantView]) -> VariantView:

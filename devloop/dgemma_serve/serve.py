@@ -1,10 +1,11 @@
 """`dgemma serve`: a gateway and N local worker processes in one command (the README's first step).
 
-Without --model the bundled tiny random-weight model is used (made on first use), so it runs on any
-laptop; the text is gibberish, the serving path is the real one. `--demo` starts everything, sends
-one streamed chat request through the gateway, prints it as it arrives and exits. `--autoscale` lets the
-operator's decision function start and retire workers as demand changes (autoscale.py). `--overflow-url`
-adds a hosted OpenAI-compatible API that takes the requests the local workers cannot serve in time.
+Without --model the small trained checkpoint that ships with the worker package is used, so it runs on
+any laptop (it writes English words, not sense: docs/trained-model.md); the serving path is the real one.
+`--demo` starts everything, sends one streamed chat request through the gateway, prints it as it arrives
+and exits. `--autoscale` lets the operator's decision function start and retire workers as demand changes
+(autoscale.py). `--overflow-url` adds a hosted OpenAI-compatible API that takes the requests the local
+workers cannot serve in time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from dgemma_common import logsafe
@@ -35,8 +37,9 @@ VARIANT = "local"  # the one variant `dgemma serve` routes to (gateway and worke
 def build_parser() -> argparse.ArgumentParser:
     """The `dgemma serve` parser."""
     p = argparse.ArgumentParser(prog="dgemma serve",
-                                description="Run a gateway and local workers (the bundled tiny model by default).")
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled tiny model)")
+                                description="Run a gateway and local workers (the bundled trained model by default).")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or hub id (default: the bundled small trained model)")
     p.add_argument("--served-model-name", default=None, help="name clients ask for (default: the model's basename)")
     p.add_argument("--replicas", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
@@ -136,19 +139,37 @@ def _policy(args: argparse.Namespace) -> AutoscalingPolicy:
         panic_window_s=min(60.0, args.scale_down_window_s), backlog_drain_s=max(1.0, args.demand_window_s))
 
 
+def checkpoint_shape(model: str) -> dict[str, int]:
+    """The variant settings a local checkpoint fixes: its canvas length and its default step cap.
+
+    Read from its config files (JSON, no torch), so the gateway's idea of the default cap is the workers'
+    own: a request's step share is learned per cap. A hub id or a file without them keeps the defaults.
+    """
+    out: dict[str, int] = {}
+    for name, key, field in (("config.json", "canvas_length", "canvas_length"),
+                             ("generation_config.json", "max_denoising_steps", "max_denoising_steps")):
+        try:
+            value = json.loads((Path(model) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[field] = value
+    return out
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Start workers and the gateway; serve until a signal, or run the demo."""
     from dgemma_serve.autoscale import LocalAutoscaler, LocalScalingSettings, LocalSource
-    from dgemma_worker.model import tiny_model_dir
+    from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 
     problem = _check(args)
     if problem is not None:
         print(f"dgemma serve: {problem}", file=sys.stderr)
         return 2
     if args.model is None:
-        print("dgemma serve: no --model given: using the bundled tiny random-weight model (gibberish output)",
+        print("dgemma serve: no --model given: using the bundled small trained model (English words, not sense)",
               flush=True)
-    model = args.model or str(await asyncio.to_thread(tiny_model_dir))
+    model = args.model or str(BUNDLED_MODEL_DIR)
     served = args.served_model_name or Path(model.rstrip("/")).name or model
     try:
         overflow = overflow_from_args(args, served) if args.overflow_url else None
@@ -174,6 +195,9 @@ async def serve(args: argparse.Namespace) -> int:
         variant = Variant(name=VARIANT, model=served, gpu_profile="custom",
                           scale_from_zero=args.autoscale and args.min_replicas == 0,
                           allow_overflow=bool(args.overflow_url))
+        shape = checkpoint_shape(model)
+        variant = replace(variant, canvas_length=shape.get("canvas_length", variant.canvas_length),
+                          max_denoising_steps=shape.get("max_denoising_steps", variant.max_denoising_steps))
         source = LocalSource(workers, variant)
         sources: list[EndpointSource] = [source]
         if overflow is not None:

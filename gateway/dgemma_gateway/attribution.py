@@ -6,7 +6,9 @@ capacity there, where it is not cheapest. So each request is also attributed to 
 variant: the one the gateway's own routing would choose if every variant had an idle replica (the
 `latency-target` profile: the cheapest variant predicted to meet the request's target, else the
 fastest), predicted with the step latencies its replicas measured, or its GPU profile's prior when it
-has none (a variant scaled to zero is still a candidate).
+has none (a variant scaled to zero is still a candidate), and with what the gateway learned of the model's
+steps per canvas and reply lengths. A request counts the canvases its reply is expected to run on the variant
+it is attributed to (at most all that max_tokens allows there), the unit capacity is measured in.
 
 A variant is asked to carry what it is preferred for plus the overflow it takes in (routed to it,
 preferred elsewhere): the cheap variant grows to take its share, and the variant carrying the overflow
@@ -45,10 +47,10 @@ class Shape:
 
 @dataclass(frozen=True)
 class Preference:
-    """Where a request shape should be served: its variant and the canvases it needs there."""
+    """Where a request shape should be served: its variant and the canvases it is expected to run there."""
 
     variant: str
-    canvases: int
+    canvases: float
 
 
 @dataclass
@@ -75,7 +77,9 @@ def idle_candidates(variants: Sequence[Variant], candidates: Sequence[Candidate]
     """One idle replica per variant as the router would see it.
 
     Its step and encoder latencies are the median of what the variant's ready replicas report; with none
-    measured, the load carries no latency and routing falls back to the variant's tokens/s prior.
+    measured, the load carries no latency and routing falls back to the variant's tokens/s prior. What the
+    gateway learned per variant (step shares, reply lengths) is the variant's own, else another variant's of
+    the same model (a variant scaled to zero has no candidate to carry it).
     """
     out = []
     for variant in variants:
@@ -88,11 +92,14 @@ def idle_candidates(variants: Sequence[Variant], candidates: Sequence[Candidate]
         step_s = statistics.median(c.load.step_latency_s for c in measured if c.load) if measured else 0.0
         encoder_s = statistics.median(c.load.encoder_latency_s for c in measured if c.load) if measured else 0.0
         capacity = max((c.load.capacity for c in measured if c.load), default=1)
+        learned = next(iter(mine), None) or next((c for c in candidates if c.variant.model == variant.model), None)
         load = EndpointLoad(
             queue_depth=0, active=0, capacity=capacity, max_queue=0, step_latency_s=step_s,
             encoder_latency_s=encoder_s, tokens_per_s=0.0, canvas_length=variant.canvas_length,
             model_name=variant.model, ready=True, draining=False, observed_at=now)
-        out.append(Candidate(f"{variant.name}/idle", variant, load, step_fraction=fraction))
+        out.append(Candidate(f"{variant.name}/idle", variant, load, step_fraction=fraction,
+                             step_shares=learned.step_shares if learned else (),
+                             reply_survival=learned.reply_survival if learned else ()))
     return out
 
 
@@ -105,18 +112,18 @@ def preferred(
     decision = route(pipeline or default_pipeline(), request, idle, now)
     if decision.endpoint is None or decision.prediction is None:
         return None
-    return Preference(decision.endpoint.variant.name, decision.prediction.canvases)
+    return Preference(decision.endpoint.variant.name, decision.prediction.expected_canvases)
 
 
 def attribute(
-    routed: Iterable[tuple[str, Shape | None, int, int]],
+    routed: Iterable[tuple[str, Shape | None, int, float]],
     variants: Sequence[Variant],
     candidates: Sequence[Candidate],
     now: float,
     window_s: float,
     pipeline: Pipeline | None = None,
 ) -> tuple[dict[str, Attributed], dict[str, Attributed]]:
-    """Rates per variant from routed requests `(variant routed to, shape, max_tokens, canvases there)`.
+    """Rates per variant from routed requests `(variant routed to, shape, max_tokens, canvases expected there)`.
 
     Returns (preferred, overflow_in): what each variant is preferred for, and what it took in that was
     preferred elsewhere. A request without a shape (its caller did not say its target) stays where it

@@ -26,18 +26,38 @@ from dgemma_common.images import VisionSpec
 from dgemma_common.logsafe import clip
 from dgemma_common.tracing import outgoing_metadata
 from dgemma_gateway.demand import DemandTracker, Routed, snapshot
-from dgemma_gateway.endpoints import ChannelFactory, Ejection, EndpointSource, EndpointState, Registry, worker_events
+from dgemma_gateway.endpoints import (
+    ChannelFactory,
+    Ejection,
+    EndpointSource,
+    EndpointState,
+    Registry,
+    StepsTaken,
+    worker_events,
+)
 from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, worker_refused_key
 from dgemma_gateway.metrics import GatewayMetrics
 from dgemma_gateway.request import GatewayRequest
 from dgemma_gateway.routing import Decision, Pipeline, route_with_overflow
-from dgemma_gateway.routing.predict import canvases_for
+from dgemma_gateway.routing.predict import Prediction, canvases_for, expected_canvases
 from dgemma_gateway.runtimes import IMAGE_REFUSAL, IMAGE_RUNTIMES, has_images, refusal
 from dgemma_gateway.types import RouteRequest, Runtime
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("dgemma_gateway")
+
+
+# How a finished request says its reply ended: by itself, or cut by its token budget (what replies teach).
+REPLY_ENDS = (pb.STOP_REASON_EOS, pb.STOP_REASON_STOP_STRING, pb.STOP_REASON_LENGTH)
+
+
+def prediction_parts(p: Prediction) -> dict[str, Any]:
+    """What a latency prediction was made of, for the response and logs (milliseconds, rounded)."""
+    return {"canvases": p.canvases, "expected_canvases": round(p.expected_canvases, 3),
+            "steps_per_canvas": round(p.steps_per_canvas, 3),
+            "step_ms": round(p.step_latency_s * 1000, 3), "encoder_ms": round(p.encoder_s * 1000, 3),
+            "queue_wait_ms": round(p.queue_wait_s * 1000, 3), "measured": p.measured}
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,7 @@ class Gateway:
         A client that goes away cancels this wait (aiohttp cancels its handler), and the request is dropped.
         """
         canvas = self.registry.variants[variant].canvas_length if variant in self.registry.variants else 256
-        canvases = float(canvases_for(req.max_tokens, canvas))
+        canvases = self._expected_canvases(variant, req.max_tokens, canvas)
         start = self.registry.clock()
         until = min(deadline, start + self.settings.hold_for_replica_s)
         n, c = self._held.get(variant, (0, 0.0))
@@ -327,6 +347,7 @@ class Gateway:
                 endpoint=chosen.endpoint_id, variant=variant.name, attempt=attempt + 1, overflow=variant.overflow,
                 target_ms=None if decision.target_s is None else round(decision.target_s * 1000, 3),
                 predicted_ms=None if decision.prediction is None else round(decision.prediction.total_s * 1000, 3),
+                prediction=None if decision.prediction is None else prediction_parts(decision.prediction),
                 expect_met=decision.expect_met,
             )
             # With the request itself, so its demand can also be attributed to its preferred variant (an
@@ -335,7 +356,8 @@ class Gateway:
             if counted is not None:
                 self.demand.withdraw(counted)
             counted = self.demand.routed(variant.name, self.registry.clock(), req.max_tokens,
-                                         canvases_for(req.max_tokens, canvas), request=self._route_request(req, seq))
+                                         self._expected_canvases(variant.name, req.max_tokens, canvas),
+                                         request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
             state.inflight += 1
             sent = False
@@ -366,6 +388,11 @@ class Gateway:
             self._finished(req, chosen.endpoint_id, variant.name, decision, final, started)
             return
 
+    def _expected_canvases(self, variant: str, max_tokens: int, canvas: int) -> float:
+        """The canvases a request is counted as demand for: as many as the variant's replies run, at most all
+        that max_tokens allows (capacity is measured in canvases run)."""
+        return expected_canvases(self.registry.reply_survival.get(variant, ()), canvases_for(max_tokens, canvas))
+
     def _failed(self, endpoint_id: str, variant: str, failure: UpstreamFailure) -> None:
         if failure.failing:
             self.registry.record_failure(endpoint_id)
@@ -378,13 +405,14 @@ class Gateway:
                   final: pb.Final | None, started: float) -> None:
         now = self.registry.clock()
         elapsed = now - started
-        fraction = None
-        if final is not None and final.stats.canvases:
-            v = self.registry.variants.get(variant)
-            steps = req.settings.get("max_denoising_steps") or (v.max_denoising_steps if v is not None else None)
-            if steps:
-                fraction = final.stats.decoder_passes / (final.stats.canvases * steps)
-        self.registry.record_success(endpoint_id, variant, fraction)
+        taken = None
+        v = self.registry.variants.get(variant)
+        cap = req.settings.get("max_denoising_steps") or (v.max_denoising_steps if v is not None else 0)
+        if final is not None:
+            taken = StepsTaken.of(final.stats.decoder_passes, final.stats.canvases, cap)
+            if final.stop_reason in REPLY_ENDS:
+                self.registry.record_reply(variant, final.stats.canvases, final.stop_reason != pb.STOP_REASON_LENGTH)
+        self.registry.record_success(endpoint_id, variant, taken)
         met = None if decision.target_s is None else elapsed <= decision.target_s
         req.trace.update(elapsed_ms=round(elapsed * 1000, 3), target_met=met)
         tokens = final.stats.completion_tokens if final is not None else 0

@@ -5,7 +5,9 @@ function of the tracker and the endpoints' canonical loads, building the version
 `dgemma_common.demand`, so the autoscaler can call it in-process (`Gateway.demand_snapshot()`) or read it
 as JSON (`GET /v1/dgemma/demand`). A variant's demand is
 attributed (see attribution.py): what it is preferred for plus the overflow it takes in; what was
-routed to it is reported alongside.
+routed to it is reported alongside. Canvases are counted as the replies are expected to run them
+(`routing.predict.expected_canvases`: E[min(allowed, reply length)] from the variant's finished replies), the
+unit capacity is measured in: counting all that max_tokens allows would over-provision for replies that end early.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class Routed:
     variant: str
     at: float
     max_tokens: int
-    canvases: int
-    entry: tuple[float, str, Shape | None, int, int]
+    canvases: float
+    entry: tuple[float, str, Shape | None, int, float]
 
 
 class DemandTracker:
@@ -86,7 +88,7 @@ class DemandTracker:
         self.variants: dict[str, VariantDemand] = {}
         self.unroutable: dict[str, int] = {}  # per model: requests no endpoint could take
         # Routed requests in the window, for attribution: (time, variant, shape, max_tokens, canvases there).
-        self.recent: deque[tuple[float, str, Shape | None, int, int]] = deque()
+        self.recent: deque[tuple[float, str, Shape | None, int, float]] = deque()
 
     def _v(self, variant: str) -> VariantDemand:
         if variant not in self.variants:
@@ -94,9 +96,12 @@ class DemandTracker:
         return self.variants[variant]
 
     def routed(
-        self, variant: str, now: float, max_tokens: int, canvases: int, request: RouteRequest | None = None
+        self, variant: str, now: float, max_tokens: int, canvases: float, request: RouteRequest | None = None
     ) -> Routed:
-        """A request was sent to a replica of this variant; `request` lets its demand be attributed."""
+        """A request was sent to a replica of this variant; `request` lets its demand be attributed.
+
+        `canvases`: the canvases it is expected to run there (`expected_canvases`), not all it may.
+        """
         v = self._v(variant)
         v.requests_total += 1
         v.requests.add(now, 1)
@@ -121,7 +126,7 @@ class DemandTracker:
         while self.recent and self.recent[0][0] < now - self.window_s:
             self.recent.popleft()
 
-    def routed_in_window(self, now: float) -> list[tuple[str, Shape | None, int, int]]:
+    def routed_in_window(self, now: float) -> list[tuple[str, Shape | None, int, float]]:
         """Routed requests of the last window: (variant, shape, max_tokens, canvases)."""
         self._trim(now)
         return [(variant, shape, tokens, canvases) for _, variant, shape, tokens, canvases in self.recent]
@@ -155,26 +160,34 @@ def replica_canvases_per_s(load: EndpointLoad, steps_per_canvas: float) -> float
 
 
 def measured_capacity(ready: Sequence[Candidate]) -> Capacity:
-    """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did."""
+    """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did.
+
+    A canvas costs the steps the variant's traffic really takes per canvas (its requests' own caps and
+    adaptive stopping); before any finished, the variant's cap times its learned share (1.0: every step).
+    """
     rates: list[float] = []
     tokens: list[float] = []
     steps_seen: list[float] = []
+    latencies: list[tuple[float, float]] = []
     for c in ready:
         if c.load is None:
             continue
-        steps = c.variant.max_denoising_steps * min(1.0, max(0.0, c.step_fraction))
+        steps = (c.steps_per_canvas if c.steps_per_canvas is not None
+                 else c.variant.max_denoising_steps * min(1.0, max(0.0, c.step_fraction)))
         rate = replica_canvases_per_s(c.load, steps)
         if rate is None:
             continue
         rates.append(rate)
         tokens.append(rate * (c.load.canvas_length or c.variant.canvas_length))
         steps_seen.append(max(1.0, steps))
+        latencies.append((c.load.step_latency_s, max(0.0, c.load.encoder_latency_s)))
     if not rates:
         return Capacity(canvases_per_s_per_replica=None, tokens_per_s_per_replica=None, steps_per_canvas=None,
-                        replicas_measured=0)
+                        step_latency_s=None, encoder_latency_s=None, replicas_measured=0)
     n = len(rates)
     return Capacity(canvases_per_s_per_replica=sum(rates) / n, tokens_per_s_per_replica=sum(tokens) / n,
-                    steps_per_canvas=sum(steps_seen) / n, replicas_measured=n)
+                    steps_per_canvas=sum(steps_seen) / n, step_latency_s=sum(s for s, _ in latencies) / n,
+                    encoder_latency_s=sum(e for _, e in latencies) / n, replicas_measured=n)
 
 
 def snapshot(
@@ -239,6 +252,7 @@ def snapshot(
                 canvases_per_s_per_replica=v.delivered_canvases.rate(now) / len(ready) if ready else 0.0,
             ),
             capacity=measured_capacity(ready),
+            step_shares={str(cap): share for cap, share in (mine[0].step_shares if mine else ())},
             gateways=1,
         )
     return DemandSnapshot(version=VERSION, time_unix_s=now if time_unix_s is None else time_unix_s,

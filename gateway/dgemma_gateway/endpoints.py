@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -29,6 +30,7 @@ from dgemma_common.logsafe import clip
 from dgemma_common.tls import TlsFiles, grpc_channel_credentials
 from dgemma_gateway.errors import grpc_failure
 from dgemma_gateway.openai_upstream import HttpTarget, OpenAIUpstream
+from dgemma_gateway.routing.predict import reply_survival
 from dgemma_gateway.types import Candidate, EndpointLoad, Variant
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
@@ -206,6 +208,27 @@ async def watch_load(stub: Any, interval_s: float) -> AsyncIterator[pb.LoadRepor
 
 
 @dataclass(frozen=True)
+class StepsTaken:
+    """What one finished request says about adaptive stopping: its decoder passes, canvases and step cap."""
+
+    decoder_passes: int
+    canvases: int
+    cap: int
+
+    @property
+    def share(self) -> float:
+        """The share of the step cap its canvases took."""
+        return self.decoder_passes / (self.canvases * self.cap)
+
+    @classmethod
+    def of(cls, decoder_passes: int, canvases: int, cap: int) -> StepsTaken | None:
+        """From a request's stats; None when it says nothing (no canvas, no cap)."""
+        if canvases <= 0 or cap <= 0:
+            return None
+        return cls(decoder_passes, canvases, cap)
+
+
+@dataclass(frozen=True)
 class Ejection:
     """Outlier ejection: the first failure ejects for base_s, each further one in a row doubles it."""
 
@@ -291,6 +314,7 @@ class Registry:
         watch_interval_s: float = 0.5,
         step_fraction_alpha: float = 0.2,
         open_channel: ChannelFactory | None = None,
+        reply_window: int = 256,
     ) -> None:
         self.clock = clock
         self.open_channel = open_channel or channel_factory(None)
@@ -300,7 +324,12 @@ class Registry:
         self._variants_by_source: dict[str, dict[str, Variant]] = {}
         self.endpoints: dict[str, EndpointState] = {}
         self.variants: dict[str, Variant] = {}
-        self.step_fraction: dict[str, float] = {}  # per variant, learned from finished requests
+        self.step_fraction: dict[str, float] = {}  # per variant, at its own step cap, learned from finished requests
+        self.step_shares: dict[str, dict[int, float]] = {}  # per variant and step cap, learned the same way
+        self.traffic_steps: dict[str, tuple[float, float]] = {}  # per variant: moving (passes, canvases), all caps
+        self.replies: dict[str, deque[tuple[int, bool]]] = {}  # per variant: recent (canvases, ended by itself)
+        self.reply_survival: dict[str, tuple[float, ...]] = {}  # per variant, from `replies`
+        self._reply_window = reply_window
         self._alpha = step_fraction_alpha
         self.ejections_total = 0
         self.changed = asyncio.Event()
@@ -490,19 +519,42 @@ class Registry:
         if state is not None:
             state.ejected_until = max(state.ejected_until, self.clock() + retry_after_s)
 
-    def record_success(self, endpoint_id: str, variant: str, step_fraction: float | None) -> None:
-        """The endpoint finished a request: it is healthy; learn how many steps canvases take."""
+    def record_success(self, endpoint_id: str, variant: str, steps: StepsTaken | None = None) -> None:
+        """The endpoint finished a request: it is healthy; learn how many steps its canvases took at its cap."""
         state = self.endpoints.get(endpoint_id)
         if state is not None:
             state.failures = 0
-        if step_fraction is not None:
-            self.learn_step_fraction(variant, step_fraction)
+        if steps is None or not 0 < steps.share <= 1:
+            return
+        shares = self.step_shares.setdefault(variant, {})
+        shares[steps.cap] = self._ema(shares.get(steps.cap), steps.share)
+        # What the traffic costs, whatever caps it asks for: canvas-weighted steps per canvas (capacity).
+        passes, canvases = self.traffic_steps.get(variant, (None, None))
+        self.traffic_steps[variant] = (self._ema(passes, steps.decoder_passes), self._ema(canvases, steps.canvases))
+        known = self.variants.get(variant)
+        if known is not None and steps.cap == known.max_denoising_steps:
+            self.step_fraction[variant] = shares[steps.cap]
 
     def learn_step_fraction(self, variant: str, step_fraction: float) -> None:
-        """A measured share of max_denoising_steps that a canvas of this variant took."""
+        """A measured share of max_denoising_steps that a canvas of this variant took, from an endpoint's own
+        metrics (vLLM) rather than per request: the variant's default-cap share, not one per cap."""
         if 0 < step_fraction <= 1:
-            old = self.step_fraction.get(variant)
-            self.step_fraction[variant] = step_fraction if old is None else old + self._alpha * (step_fraction - old)
+            self.step_fraction[variant] = self._ema(self.step_fraction.get(variant), step_fraction)
+
+    def record_reply(self, variant: str, canvases: int, ended: bool) -> None:
+        """A request finished after `canvases` canvases, at EOS or a stop string (`ended`) or cut by its budget."""
+        if canvases <= 0:
+            return
+        window = self.replies.setdefault(variant, deque(maxlen=self._reply_window))
+        window.append((canvases, ended))
+        self.reply_survival[variant] = reply_survival(window)
+
+    def _traffic_steps_per_canvas(self, variant: str) -> float | None:
+        passes, canvases = self.traffic_steps.get(variant, (0.0, 0.0))
+        return passes / canvases if canvases > 0 else None
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self._alpha * (new - old)
 
     # ---- the router's view ----------------------------------------------------------------------
 
@@ -517,6 +569,9 @@ class Registry:
                 inflight=s.inflight,
                 ejected=s.ejected_until > now,
                 step_fraction=self.step_fraction.get(s.spec.variant.name, 1.0),
+                step_shares=tuple(sorted(self.step_shares.get(s.spec.variant.name, {}).items())),
+                steps_per_canvas=self._traffic_steps_per_canvas(s.spec.variant.name),
+                reply_survival=self.reply_survival.get(s.spec.variant.name, ()),
             )
             for s in self.endpoints.values()
         ]

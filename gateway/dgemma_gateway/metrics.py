@@ -37,6 +37,8 @@ KINDS: dict[str, Kind] = {
         "endpoints_ready", "endpoints", "requests_waiting", "delivered_tokens_per_second_per_replica",
         "capacity_tokens_per_second_per_replica")},
     f"{PREFIX}_latency_target_miss_ratio": Kind.LEVEL,
+    # What this replica learned from the requests it routed (a share of the step cap): never summed.
+    f"{PREFIX}_step_share": Kind.LEVEL,
 }
 
 
@@ -52,7 +54,8 @@ class _StateCollector(Collector):
             "tokens_per_s": GaugeMetricFamily(
                 "dgemma_gateway_demand_tokens_per_second", "Tokens/s asked (attributed)", labels=["variant"]),
             "canvases_per_s": GaugeMetricFamily(
-                "dgemma_gateway_demand_canvases_per_second", "Canvases/s asked (attributed)", labels=["variant"]),
+                "dgemma_gateway_demand_canvases_per_second",
+                "Canvases/s asked (attributed; as many as the replies are expected to run)", labels=["variant"]),
             "requests_per_s": GaugeMetricFamily(
                 "dgemma_gateway_demand_requests_per_second", "Requests/s asked (attributed)", labels=["variant"]),
             "requests_waiting": GaugeMetricFamily(
@@ -70,12 +73,18 @@ class _StateCollector(Collector):
             labels=["variant"])
         held = GaugeMetricFamily(
             "dgemma_gateway_requests_held", "Requests held for a first replica (scale from zero)", labels=["variant"])
+        shares = GaugeMetricFamily(
+            "dgemma_gateway_step_share",
+            "Share of the step cap a canvas takes (adaptive stopping), learned from finished requests, per cap",
+            labels=["variant", "cap"])
         for name, v in snap.variants.items():
             ready.add_metric([name], v.replicas_ready)
             measured = v.capacity.tokens_per_s_per_replica
             if measured is not None:
                 capacity.add_metric([name], measured)
             held.add_metric([name], v.demand.requests_held)
+            for cap, share in v.step_shares.items():
+                shares.add_metric([name, cap], share)
             total.add_metric([name], v.replicas)
             for key, g in gauges.items():
                 g.add_metric([name], getattr(v.demand, key))
@@ -86,6 +95,7 @@ class _StateCollector(Collector):
         yield delivered
         yield capacity
         yield held
+        yield shares
 
 
 class GatewayMetrics:

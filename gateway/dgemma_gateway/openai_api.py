@@ -286,6 +286,7 @@ def _dgemma_extra(finals: Sequence[pb.Final | None], trace: Mapping[str, Any]) -
         "endpoint": trace.get("endpoint"),
         "latency_target_ms": trace.get("target_ms"),
         "predicted_ms": trace.get("predicted_ms"),
+        "prediction": trace.get("prediction"),
         "target_met": trace.get("target_met"),
         "canvases": sum(s.canvases for s in stats),
         "decoder_passes": sum(s.decoder_passes for s in stats),

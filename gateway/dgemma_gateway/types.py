@@ -68,7 +68,13 @@ class Candidate:
     load: EndpointLoad | None
     inflight: int = 0  # requests this gateway has in flight there (exact, unlike the lagging report)
     ejected: bool = False
-    step_fraction: float = 1.0  # measured share of max_denoising_steps a canvas takes on this variant
+    step_fraction: float = 1.0  # measured share of the variant's max_denoising_steps a canvas takes
+    # Measured share of the cap a canvas takes, per step cap requests ran with: (cap, share), sorted by cap.
+    step_shares: tuple[tuple[int, float], ...] = ()
+    # Measured decoder steps per canvas of the traffic this variant served, whatever caps it asked for.
+    steps_per_canvas: float | None = None
+    # P(a reply needs at least k canvases), k = 1, 2, ..., from the variant's finished replies (Kaplan-Meier).
+    reply_survival: tuple[float, ...] = ()
 
     @property
     def in_system(self) -> int:

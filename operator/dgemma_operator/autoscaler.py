@@ -49,7 +49,7 @@ class Measurements:
     now: float
     replicas: int  # desired replicas right now (spec.replicas)
     ready_replicas: int
-    demand_canvases_per_s: float  # canvases asked of this variant (routed, or preferred, to it)
+    demand_canvases_per_s: float  # canvases asked of this variant (routed, or preferred, to it), as replies run them
     demand_tokens_per_s: float
     waiting_requests: int  # held at the gateway or queued at workers
     waiting_canvases: float

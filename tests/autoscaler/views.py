@@ -31,7 +31,10 @@ def view(canvases_per_s: float = 0.0, capacity: float | None = 2.0, waiting: int
         capacity=Capacity(canvases_per_s_per_replica=capacity,
                           tokens_per_s_per_replica=None if capacity is None else capacity * 256,
                           steps_per_canvas=None if capacity is None else 16.0,
+                          step_latency_s=None if capacity is None else 1 / (16 * capacity + 1),
+                          encoder_latency_s=None if capacity is None else 1 / (16 * capacity + 1),
                           replicas_measured=0 if capacity is None else measured),
+        step_shares={} if capacity is None else {"48": 1 / 3},
         gateways=1,
     )
 

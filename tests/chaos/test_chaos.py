@@ -210,7 +210,7 @@ def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Pa
     """Streams longer than the old hard-coded 5 s worker grace, cut short by nothing."""
     env = {**os.environ, **SLOW, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dgemma_cli.main", "serve", "--replicas", "1", "--port", "0", "--grpc-port", "-1",
-           "--drain-grace-s", "60"]
+           "--model", str(tiny_model_dir()), "--served-model-name", MODEL, "--drain-grace-s", "60"]
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -48,7 +48,8 @@ def test_what_the_gateway_writes_reads_back_as_the_same_snapshot() -> None:
 
 
 @pytest.mark.parametrize(("change", "error"), [
-    (lambda d: d.update(version=2), "has version 2; this reader knows version 1"),
+    (lambda d: d.update(version=1), "has version 1; this reader knows version 2"),  # canvases allowed, not run
+    (lambda d: d.update(version=3), "has version 3; this reader knows version 2"),
     (lambda d: d.pop("version"), "has no version"),
     (lambda d: d["variants"]["ml/gemma"]["demand"].update(canvas_per_s=d["variants"]["ml/gemma"]["demand"].pop(
         "canvases_per_s")), "variants.ml/gemma.demand.canvases_per_s: field required"),
@@ -100,3 +101,10 @@ def test_merging_sums_what_each_gateway_routed_and_takes_the_workers_reports_onc
     assert m.delivered.tokens_per_s == 500.0 and m.capacity == b.capacity and m.gateways == 2
     with pytest.raises(ValueError, match="no views"):
         merge_views([])
+
+
+def test_merging_averages_the_step_shares_each_gateway_learned_per_cap() -> None:
+    a = view(1.0).model_copy(update={"step_shares": {"48": 0.5, "8": 1.0}})
+    b = view(1.0).model_copy(update={"step_shares": {"48": 0.3}})
+    merged = merge_views([a, b]).step_shares
+    assert list(merged) == ["8", "48"] and merged == pytest.approx({"8": 1.0, "48": 0.4})

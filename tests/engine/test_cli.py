@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,16 @@ def test_generate_rejects_a_bad_setting_naming_it(tiny_dir: Path) -> None:
     assert "max_denoising_steps:" in out.stderr and "greater than or equal to 1, got 0" in out.stderr
 
 
-def test_generate_without_a_model_makes_the_bundled_tiny_one(tmp_path: Path) -> None:
-    target = tmp_path / "bundled"
-    out = dgemma("generate", "--max-new-tokens", "8", "--steps", "2", "hello",
-                 env={"DGEMMA_TINY_MODEL_DIR": str(target)})
+def test_generate_without_a_model_speaks_english_and_stops_canvases_early() -> None:
+    """The bundled trained checkpoint: real words, valid UTF-8, fewer decoder passes than the 48-step cap."""
+    out = dgemma("generate", "--max-new-tokens", "64", "--seed", "1", "Say hello in one sentence.",
+                 env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
-    assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
+    assert "\ufffd" not in out.stdout and re.search(r"[A-Za-z]{3,} [A-Za-z]{3,} [A-Za-z]{3,}", out.stdout), out.stdout
+    found = re.search(r"(\d+) canvases, (\d+) decoder passes", out.stderr)
+    assert found, out.stderr
+    canvases, passes = int(found.group(1)), int(found.group(2))
+    assert canvases >= 1 and passes < canvases * 48, out.stderr
 
 
 def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -86,3 +86,17 @@ def test_snapshot_scales_on_attributed_demand_and_keeps_the_routed_one() -> None
     assert rtx.preferred_canvases_per_s == pytest.approx(0.1)
     assert rtx.overflow_in_canvases_per_s == pytest.approx(1.0)
     assert rtx.canvases_per_s == pytest.approx(1.1)  # what it is preferred for plus the overflow it carries
+
+
+def test_attributed_demand_counts_the_canvases_replies_run_even_on_a_variant_with_no_replica() -> None:
+    # Replies of this model end in their first canvas half the time and in their second the rest: a request
+    # allowed four canvases (max_tokens 1024) is expected to run 1.5. The spark, scaled to zero, has no
+    # candidate to carry what was learned; the model's other variants do.
+    survival = (1.0, 0.5, 0.0)
+    fleet = [Candidate(c.endpoint_id, c.variant, c.load, inflight=c.inflight, step_fraction=c.step_fraction,
+                       reply_survival=survival) for c in FLEET if c.variant is not SPARK]
+    routed = [("rtx", Shape("m", 1024, 48, 15000.0), 1024, 1.5)]
+    pref, _ = attribute(routed, VARIANTS, fleet, NOW, window_s=1.0)
+    assert pref["spark"].canvases == pytest.approx(1.5) and pref["spark"].tokens == 1024
+    unlearned, _ = attribute(routed, VARIANTS, [busy(RTX, 0), busy(H100, 0)], NOW, window_s=1.0)
+    assert unlearned["spark"].canvases == 4  # nothing learned: every canvas max_tokens allows

@@ -36,11 +36,17 @@ from dgemma_gateway.endpoints import EndpointSpec, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
 pytestmark = pytest.mark.timeout(240)
 
-SERVED = "tiny-diffusiongemma"  # the name `dgemma serve` gives the bundled model
+SERVED = "tiny-diffusiongemma"  # the name the tests' `dgemma serve` gives the random-weight tiny model
+
+
+def serve_tiny(*args: str) -> list[str]:
+    """`dgemma serve` on the random-weight tiny model (canvas 16), not the bundled trained default."""
+    return ["serve", "--model", str(tiny_model_dir()), "--served-model-name", SERVED, *args]
 
 
 def http(url: str, name: str = "vllm", model: str = MODEL, **variant_kw: Any) -> StaticSource:
@@ -101,8 +107,8 @@ class Process:
 
 @pytest.fixture(scope="module")
 def serve() -> Iterator[str]:
-    """`dgemma serve` on the bundled tiny model: the upstream URL (its OpenAI API is under /v1)."""
-    p = Process(["serve", "--port", "0", "--grpc-port", "-1", "--max-active", "2"])
+    """`dgemma serve` on the random-weight tiny model: the upstream URL (its OpenAI API is under /v1)."""
+    p = Process(serve_tiny("--port", "0", "--grpc-port", "-1", "--max-active", "2"))
     try:
         p.wait_for(r"ready\. Try", 180)
         yield p.wait_for(r"gateway at (http://\S+)", 1).group(1)
@@ -263,8 +269,9 @@ def test_a_slow_upstream_loses_the_traffic_and_misses_a_short_deadline(pool: Poo
             served.append(one())
             assert len(served) < 5, served
         assert [one(), one()] == ["fast", "fast"], served
+        # 24 canvases of the tiny model's default 8 steps (its generation_config): far more than 0.5 s anywhere.
         with pytest.raises(openai.APIStatusError) as err:
-            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=64,
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=384,
                                       extra_body={"timeout_s": 0.5, "ignore_eos": True})
         assert err.value.status_code == 504
     finally:
@@ -274,7 +281,7 @@ def test_a_slow_upstream_loses_the_traffic_and_misses_a_short_deadline(pool: Poo
 
 
 def test_a_dgemma_serve_that_dies_mid_stream_ends_the_stream_with_an_error_and_is_ejected() -> None:
-    upstream = Process(["serve", "--port", "0", "--grpc-port", "-1"])
+    upstream = Process(serve_tiny("--port", "0", "--grpc-port", "-1"))
     front = None
     try:
         upstream.wait_for(r"ready\. Try", 180)
@@ -327,6 +334,7 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
     # The slow worker (SLOW_STEP_S a step) is predicted slower than the overflow's prior (0.26 s) whatever this
     # machine's speed; a fast one's 48 steps were predicted at 0.15-0.37 s, on either side of it.
     def front_with(allow: bool) -> RunningGateway:
+        # Also at the tiny model's own 8 steps per canvas, which the gateway learns after the first reply.
         local = static((pool.slow.address, variant("local", allow_overflow=allow)))
         hosted = overflow_spec(f"{serve}/v1", SERVED, MODEL, max_concurrency=4)
         return RunningGateway([local, StaticSource([hosted], name="overflow")], keys=keys)
@@ -341,7 +349,7 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
     open_ = front_with(True)
     try:
         open_.wait_ready(2)
-        assert served_by(open_, 120_000) == "local"  # the worker meets a loose target (48 slow steps: ~4 s)
+        assert served_by(open_, 120_000) == "local"  # the worker meets a loose target (8 steps: ~0.7 s)
         assert served_by(open_, 300) == "overflow"  # not a tight one
         assert served_by(open_, 300, key="closed-key") == "local"  # ... unless the caller's key forbids it
         # The overflowed request is demand for the local variant it preferred.
@@ -358,9 +366,9 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
 
 
 def test_dgemma_serve_with_overflow_serves_at_once_while_its_first_worker_starts(serve: str) -> None:
-    p = Process(["serve", "--port", "0", "--grpc-port", "-1", "--replicas", "0", "--autoscale", "--min-replicas",
+    p = Process(serve_tiny("--port", "0", "--grpc-port", "-1", "--replicas", "0", "--autoscale", "--min-replicas",
                  "0", "--max-replicas", "1", "--autoscale-interval-s", "0.5", "--demand-window-s", "5",
-                 "--overflow-url", f"{serve}/v1", "--overflow-model", SERVED])
+                 "--overflow-url", f"{serve}/v1", "--overflow-model", SERVED))
     try:
         p.wait_for(r"ready\. Try", 120)
         url = p.wait_for(r"gateway at (http://\S+)", 1).group(1)

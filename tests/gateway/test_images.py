@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from dgemma_common.images import ImageLimits, VisionSpec, soft_tokens
 from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
-from dgemma_worker.model import TINY_MAX_SOFT_TOKENS
+from dgemma_worker.model import TINY_MAX_SOFT_TOKENS, tiny_model_dir
 from tests.common.imagefiles import image_bytes, png_bomb, truncated
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, fast_gateway, static, variant
 
@@ -55,9 +55,11 @@ def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def serve() -> Iterator[tuple[str, str]]:
-    """`dgemma serve` on the bundled tiny model: (HTTP URL, KServe gRPC address)."""
+    """`dgemma serve` on the random-weight tiny model, whose checkpoint has an image processor (the bundled trained
+    one has none): (HTTP URL, KServe gRPC address)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--port", "0", "--grpc-port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--model", str(tiny_model_dir()),
+                             "--port", "0", "--grpc-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from dgemma_serve.serve import checkpoint_shape
+from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 from tests.gateway.gateway_harness import MODEL, RunningGateway, fast_gateway, kserve_inputs
 from tests.procmem import peak_rss_growth
 
@@ -64,6 +68,16 @@ def test_dgemma_serve_demo_starts_streams_one_reply_and_exits_zero() -> None:
     assert "dgemma serve: gateway at http://127.0.0.1:" in out.stdout
     assert "curl -N http://127.0.0.1:" in out.stdout and "/v1/chat/completions" in out.stdout
     assert "-> 200" in out.stdout and "[usage: {'prompt_tokens'" in out.stdout
+    # The bundled trained model: a reply of English words, valid UTF-8 (no replacement characters).
+    reply = out.stdout.split("-> 200", 1)[1].split("[usage:", 1)[0]
+    assert "\ufffd" not in reply and re.search(r"[A-Za-z]{3,} [A-Za-z]{3,}", reply), reply
+
+
+def test_serve_gives_its_variant_the_checkpoints_canvas_and_step_cap(tmp_path: Path) -> None:
+    # The gateway learns step shares per cap: its idea of the default cap must be the workers' own.
+    assert checkpoint_shape(str(BUNDLED_MODEL_DIR)) == {"canvas_length": 32, "max_denoising_steps": 48}
+    (tmp_path / "config.json").write_text('{"canvas_length": "many"}')
+    assert checkpoint_shape(str(tmp_path)) == {} and checkpoint_shape("google/diffusiongemma-26B-A4B-it") == {}
 
 
 @pytest.mark.parametrize("n", [12_000_000, 2**30])

@@ -88,7 +88,9 @@ def test_a_gateway_in_kubernetes_serves_a_vllm_variant_and_overflows_with_the_se
         objects = [
             resource("local", runtime="vllm", costWeight=1, allowOverflow=True, generation={"canvasLength": 16}),
             vllm_slice("local-worker", host, int(port)),
-            resource("hosted", costWeight=5, latencyTargetMs=60000, **{
+            # Unmeasured, the API is predicted from its prior: set well above what the pod measures, so the pod,
+            # measured missing a tight target, loses to it whatever number of steps its model defaults to.
+            resource("hosted", costWeight=5, latencyTargetMs=60000, gpu={"tokensPerSecondPrior": 50000}, **{
                 **EXTERNAL, "external": {**EXTERNAL["external"], "baseURL": f"{hosted.url}/v1", "model": MODEL}}),
         ]
         for obj in objects:

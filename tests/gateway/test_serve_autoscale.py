@@ -57,7 +57,7 @@ def test_serve_autoscale_adds_a_worker_under_load_and_retires_it_when_idle() -> 
         def load() -> None:
             while not stop_load.is_set():
                 raw = client.chat.completions.with_raw_response.create(
-                    model="tiny-diffusiongemma", max_tokens=32, messages=[{"role": "user", "content": "hi"}])
+                    model="dgemma-tiny", max_tokens=32, messages=[{"role": "user", "content": "hi"}])
                 served[raw.headers["x-dgemma-endpoint"]] += 1
 
         clients = [threading.Thread(target=load, daemon=True) for _ in range(6)]

@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from dgemma_serve.autoscale import retirable
 from dgemma_serve.workers import LocalWorker
+from dgemma_worker.model import tiny_model_dir
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,6 +42,7 @@ def test_sigterm_lets_http_and_kserve_streams_longer_than_the_old_grace_finish()
     # gRPC front stopped with a 2 s grace and the workers with 5 s.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DGEMMA_DEBUG_STEP_DELAY_S": "0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--port", "0", "--grpc-port", "0",
+                             "--model", str(tiny_model_dir()), "--served-model-name", "tiny-diffusiongemma",
                              "--drain-grace-s", "60", "--max-active", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []

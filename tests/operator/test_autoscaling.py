@@ -7,6 +7,7 @@ import time
 
 from kopf.testing import KopfRunner
 
+from dgemma_common.demand import VERSION
 from tests.autoscaler.views import snapshot
 from tests.k8s_emulator import EmulatorThread
 from tests.operator.helpers import DemandStub, apply, eventually, get, mark_ready, sample
@@ -125,9 +126,11 @@ def test_a_snapshot_with_a_renamed_key_is_an_error_on_the_resource_not_a_zero_th
     assert "kept 3 replicas" in str(decision(k8s).get("reason"))
     assert conditions(k8s)["Ready"]["status"] == "True"
 
-    demand.answer = {**snapshot(demand.variants).model_dump(mode="json"), "version": 2}  # a future contract
-    eventually(lambda: "has version 2" in conditions(k8s)["ScalingActive"]["message"], timeout=20)
-    assert get(k8s, "dgm", "gemma")["spec"]["replicas"] == 3
+    # A gateway of an earlier or a later contract (a rolling upgrade): the operator keeps the replicas.
+    for other in (VERSION - 1, VERSION + 1):
+        demand.answer = {**snapshot(demand.variants).model_dump(mode="json"), "version": other}
+        eventually(lambda v=other: f"has version {v}" in conditions(k8s)["ScalingActive"]["message"], timeout=20)
+        assert get(k8s, "dgm", "gemma")["spec"]["replicas"] == 3
 
-    demand.answer = None  # the gateway speaks version 1 again: measurements are valid, scaling resumes
+    demand.answer = None  # the gateway speaks the operator's version again: measurements are valid, scaling resumes
     eventually(lambda: conditions(k8s)["ScalingActive"]["status"] == "True", timeout=20)

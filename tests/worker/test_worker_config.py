@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 from dgemma_worker.model import tiny_model_dir
 from dgemma_worker.worker_config import METRICS_OFF, parse_config
 
@@ -37,9 +38,14 @@ def test_environment_sets_everything_and_flags_win() -> None:
     assert cfg.metrics_port == METRICS_OFF and cfg.host == "127.0.0.1"
     assert (cfg.dtype, cfg.device, cfg.drain_grace_s, cfg.log_format) == ("bfloat16", "cuda:0", 12.5, "json")
     assert cfg.model_name == "diffusiongemma-26B-A4B-it" and cfg.model_revision == "abc123"
-    d = cfg.defaults
-    assert (d.max_denoising_steps, d.t_min, d.t_max, d.entropy_bound) == (16, 0.3, 0.9, 0.2)
-    assert (d.stability_threshold, d.confidence_threshold) == (2, 0.01)
+    assert cfg.default_overrides == {"max_denoising_steps": 16, "t_min": 0.3, "t_max": 0.9, "entropy_bound": 0.2,
+                                     "stability_threshold": 2, "confidence_threshold": 0.01}
+
+
+def test_without_a_model_the_bundled_trained_checkpoint_is_served() -> None:
+    cfg = parse_config([], {})
+    assert cfg.model == str(BUNDLED_MODEL_DIR) and cfg.model_name == "dgemma-tiny"
+    assert (BUNDLED_MODEL_DIR / "model.safetensors").is_file()
 
 
 def test_defaults_and_served_model_name() -> None:
@@ -51,7 +57,6 @@ def test_defaults_and_served_model_name() -> None:
 @pytest.mark.parametrize(
     ("argv", "env"),
     [
-        ([], {}),  # no model
         (["--model", "m"], {"DGEMMA_MAX_ACTIVE": "many"}),
         (["--model", "m", "--max-active", "0"], {}),
         (["--model", "m"], {"DGEMMA_DEFAULT_T_MIN": "-1"}),

@@ -14,7 +14,7 @@ from dgemma_common.types import ChatMessage, CommitEvent, DraftEvent, FinalEvent
 def generate_parser() -> argparse.ArgumentParser:
     """Options of `dgemma generate`."""
     gen = argparse.ArgumentParser(prog="dgemma generate",
-                                  description="Generate text locally (the bundled tiny model by default).")
+                                  description="Generate text locally (the bundled trained model by default).")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="checkpoint directory or Hugging Face id")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -48,7 +48,7 @@ def generate(argv: Sequence[str]) -> int:
         "stream_drafts": True if args.drafts else None,
     }
     try:
-        params = params_from_mapping(knobs)
+        params_from_mapping(knobs)  # refuse a bad value before loading anything
         images = [ImageData(path.read_bytes()) for path in args.image]
     except (ParamError, OSError) as err:
         print(f"dgemma generate: {err}", file=sys.stderr)
@@ -58,6 +58,7 @@ def generate(argv: Sequence[str]) -> int:
     loaded = load_model(args.model, device=str(device), dtype=args.dtype)
     runner = CompiledStepRunner(loaded, spare_slots=1) if compiled else None
     engine = Engine(loaded, EngineConfig(max_active=1, max_queue=0), runner=runner)
+    params = params_from_mapping(knobs, engine.defaults)  # unset knobs: the checkpoint's own settings
     engine.start(warmup=False)
     if args.raw:
         prompt = Prompt.of_text(args.prompt, images)

@@ -17,14 +17,14 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from dgemma_common.images import ImageLimits
-from dgemma_common.params import GenerationParams, Limits, ParamError
+from dgemma_common.params import GenerationParams, Limits, ParamError, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
     Counters,
@@ -66,7 +66,8 @@ class EngineConfig:
     batch_window_s: float = 0.01
     limits: Limits = field(default_factory=Limits)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    defaults: GenerationParams = field(default_factory=GenerationParams)
+    # None: the checkpoint's own settings (its generation_config) over the published ones.
+    defaults: GenerationParams | None = None
     rate_window_s: float = 10.0
 
     def scheduler_limits(self) -> SchedulerLimits:
@@ -147,7 +148,9 @@ class Engine:
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.observer: EngineObserver = observer or _NullObserver()
-        self.config.defaults.validated(self.config.limits)
+        # Request defaults: the config's, else the checkpoint's own settings over the published ones.
+        self.defaults = self.config.defaults or checkpoint_params(loaded, {}, self.config.limits)
+        self.defaults.validated(self.config.limits)
         self.scheduler: Scheduler[_Request] = Scheduler(self.config.scheduler_limits(), clock)
         self.runner = runner or StepRunner(loaded, self.config.max_batch)
         self.clock = clock
@@ -219,7 +222,7 @@ class Engine:
             self._thread = None
 
     def _warm_up(self) -> None:
-        params = replace(self.config.defaults, max_new_tokens=self.canvas_length, max_denoising_steps=2, seed=0)
+        params = replace(self.defaults, max_new_tokens=self.canvas_length, max_denoising_steps=2, seed=0)
         for event in self._generate(Prompt.of_text("warm up"), params, None, admit_when_draining=True):
             if isinstance(event, FinalEvent) and event.stop_reason is StopReason.ERROR:
                 raise RuntimeError(f"warm-up failed: {event.error}")
@@ -527,3 +530,8 @@ class Engine:
         else:
             self.counters.encoder_passes += 1
         self.observer.on_step(kind, seconds)
+
+
+def checkpoint_params(loaded: LoadedModel, overrides: Mapping[str, Any], limits: Limits) -> GenerationParams:
+    """Request defaults: `overrides` over the checkpoint's generation_config over the published settings."""
+    return params_from_mapping({**loaded.generation_defaults(), **overrides}, GenerationParams(), limits)

@@ -1,4 +1,5 @@
-"""Loading DiffusionGemma checkpoints, and writing the tiny random-weight one that tests and demos use."""
+"""Loading DiffusionGemma checkpoints: the small trained one that ships with the package (the default), any
+checkpoint directory or hub id, and the tiny random-weight one that tests needing exact control write."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import torch
 
 from dgemma_common.dtypes import QUANTIZED, dtype_problem
 from dgemma_common.images import VisionSpec
+
+from .checkpoints import BUNDLED_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ _CORPUS = (
     "Why is the sky blue? Because of Rayleigh scattering of sunlight in the atmosphere. "
     "def main():\n    print('hello')\n\nfor i in range(10):\n    total += i\n"
 )
+
+# The checkpoint's sampling settings (generation_config.json) that requests inherit unless they set their own.
+GENERATION_DEFAULTS = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -147,9 +154,21 @@ class LoadedModel:
         pad = self.model.generation_config.pad_token_id
         return None if pad is None else int(pad)
 
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling settings the checkpoint's generation_config sets, as GenerationParams fields."""
+        return checkpoint_defaults(self.model.generation_config)
 
-def _train_tokenizer(vocab_size: int) -> Any:
-    """A byte-level BPE with Gemma's special tokens, trained on a fixed corpus (deterministic)."""
+
+def checkpoint_defaults(generation_config: Any) -> dict[str, Any]:
+    """The settings a DiffusionGemmaGenerationConfig sets (unset ones are left to the published defaults)."""
+    out = {name: getattr(generation_config, name, None) for name in GENERATION_DEFAULTS}
+    sampler = getattr(generation_config, "sampler_config", None)
+    out["entropy_bound"] = getattr(sampler, "entropy_bound", None)
+    return {name: value for name, value in out.items() if value is not None}
+
+
+def bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
+    """A byte-level BPE with Gemma's special tokens (ids 0..9), trained on `texts` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -161,11 +180,12 @@ def _train_tokenizer(vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
-def _fast_tokenizer(raw: Any) -> Any:
+def fast_tokenizer(raw: Any) -> Any:
+    """A transformers tokenizer around a `tokenizers` BPE: Gemma's special tokens, chat template, left padding."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
@@ -246,7 +266,7 @@ def make_tiny_model(path: Path | str, seed: int = 0, spec: TinyModelSpec | None 
     spec = spec or TinyModelSpec()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _fast_tokenizer(_train_tokenizer(spec.bpe_vocab_size))
+    tokenizer = fast_tokenizer(bpe_tokenizer([_CORPUS] * 4, spec.bpe_vocab_size))
     # Round up, as real checkpoints pad the embedding; ids the tokenizer lacks decode to nothing.
     vocab_size = spec.model_vocab_size or -(-len(tokenizer) // 64) * 64
     config = tiny_config(spec, vocab_size)
@@ -286,7 +306,7 @@ def save_processor_config(path: Path, max_soft_tokens: int = TINY_MAX_SOFT_TOKEN
 
 
 def tiny_model_dir() -> Path:
-    """The bundled tiny model, made on first use in the user's cache (DGEMMA_TINY_MODEL_DIR overrides)."""
+    """The tiny random-weight model for tests, made on first use in the cache (DGEMMA_TINY_MODEL_DIR overrides)."""
     env = os.environ.get("DGEMMA_TINY_MODEL_DIR")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dgemma"
     # A new layout of the tiny model goes to a new folder (same basename: it is the served model name), so a
@@ -411,7 +431,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    source = str(model) if model else str(tiny_model_dir())
+    source = str(model) if model else str(BUNDLED_MODEL_DIR)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}

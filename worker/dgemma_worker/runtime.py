@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from typing import Protocol
 
 from dgemma_common.logsafe import clip
-from dgemma_common.params import GenerationParams, ParamError
+from dgemma_common.params import GenerationParams, ParamError, params_from_mapping
 from dgemma_common.types import (
     CommitEvent,
     Event,
@@ -50,6 +50,8 @@ class EngineAPI(Protocol):
     def model_revision(self) -> str: ...
     @property
     def canvas_length(self) -> int: ...
+    @property
+    def defaults(self) -> GenerationParams: ...
 
     def stream(
         self, prompt: Prompt, params: GenerationParams, *, deadline: float | None = None
@@ -77,6 +79,8 @@ class WorkerRuntime:
         self.config = config
         self.metrics = metrics
         self.engine: EngineAPI | None = None
+        # Request defaults: the flags over the published settings until the model loads, then over its own.
+        self.defaults = params_from_mapping(config.default_overrides, GenerationParams(), config.limits)
         self.stopping = asyncio.Event()  # set when load watchers should end (the server is stopping)
         # Tokenizing is CPU work on threads: a few at a time, so a burst of large prompts cannot starve the engine.
         self._tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)

@@ -51,7 +51,7 @@ EngineFactory = Callable[[WorkerConfig, Any], EngineAPI]
 
 def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
     """Load the model, build the engine and warm it up (blocking; runs on a thread)."""
-    from dgemma_worker.engine import Engine, EngineConfig
+    from dgemma_worker.engine import Engine, EngineConfig, checkpoint_params
     from dgemma_worker.model import load_model, resolve_device
     from dgemma_worker.runner import DelayedStepRunner, StepRunner
     from dgemma_worker.static import CompiledStepRunner, compiled_by_default
@@ -65,10 +65,11 @@ def load_engine(config: WorkerConfig, observer: Any) -> EngineAPI:
         runner = DelayedStepRunner(loaded, delay_s=config.debug_step_delay_s)
     elif compiled:
         runner = CompiledStepRunner(loaded, spare_slots=config.max_active)
+    defaults = checkpoint_params(loaded, config.default_overrides, config.limits)
     engine = Engine(
         loaded,
         EngineConfig(
-            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=config.defaults,
+            max_active=config.max_active, max_queue=config.max_queue, limits=config.limits, defaults=defaults,
             image_limits=config.image_limits,
         ),
         observer=observer,
@@ -197,6 +198,7 @@ class WorkerServer:
         threading.Thread(target=target, name="dgemma-load", daemon=True).start()
         engine = await asyncio.wrap_future(future)
         self.metrics.recording = True  # the warm-up request is not traffic
+        self.runtime.defaults = engine.defaults
         self.runtime.engine = engine
         if self.runtime.ready:
             for service in HEALTH_SERVICES:

@@ -53,7 +53,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         try:
             convert.check_request_id(rid)
             prompt = convert.prompt_from_pb(request.prompt, cfg.limits)
-            params = convert.params_from_pb(request.params, cfg.defaults, cfg.limits)
+            params = convert.params_from_pb(request.params, self._rt.defaults, cfg.limits)
             if not (math.isfinite(request.timeout_s) and request.timeout_s >= 0):
                 raise ParamError("timeout_s", f"must be a finite number of seconds >= 0, got {request.timeout_s}")
         except Exception as exc:
@@ -175,7 +175,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         """Generate the whole reply and answer once."""
         try:
             self._check_model(request.model_name, request.model_version)
-            req = kserve.request_from_infer(request, self._rt.config.defaults, self._rt.config.limits)
+            req = kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits)
         except Exception as exc:
             await _abort(context, self._rt.refuse(exc, request_id=request.id, rpc="ModelInfer"))
         commits: list[CommitEvent] = []
@@ -207,7 +207,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         try:
             self._check_model(request.model_name, request.model_version)
-            req = kserve.request_from_infer(request, self._rt.config.defaults, self._rt.config.limits)
+            req = kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits)
         except Exception as exc:
             error = self._rt.refuse(exc, request_id=request.id, rpc="ModelStreamInfer")
             await out.put(kpb.ModelStreamInferResponse(error_message=error.message))

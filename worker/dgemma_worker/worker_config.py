@@ -10,12 +10,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dgemma_common.envflags import fill_from_env
 from dgemma_common.images import IMAGE_LIMIT_ENV, ImageLimits, add_image_limit_flags, image_limits_from
 from dgemma_common.naming import WORKER_GRPC_PORT, WORKER_METRICS_PORT
 from dgemma_common.params import GenerationParams, Limits
 from dgemma_common.tls import TlsFiles, add_certificate_flags, tls_files
+from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 
 # A prompt of max_prompt_tokens tokens is a few hundred kilobytes; 16 MiB leaves room for token-id
 # prompts and KServe tensors while refusing absurd messages in the transport, before any tokenizing.
@@ -52,7 +54,8 @@ class WorkerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=Limits)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    defaults: GenerationParams = field(default_factory=GenerationParams)
+    # Request defaults set here; the rest come from the checkpoint's generation_config, then the published ones.
+    default_overrides: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     compile: bool | None = None  # the static-shape compiled step; None: on CUDA, off on a CPU
     debug_step_delay_s: float = 0.0  # tests and benchmarks only: a worker that steps like a slower GPU
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(flag: str, dest: str, help_text: str, **kw: object) -> None:
         p.add_argument(flag, dest=dest, help=f"{help_text} [env {ENV_VARS[dest]}]", **kw)  # type: ignore[arg-type]
 
-    add("--model", "model", "checkpoint directory or hub id (required)")
+    add("--model", "model", "checkpoint directory or hub id (default: the bundled small trained model)")
     add("--model-revision", "model_revision", "hub revision of the checkpoint")
     add("--served-model-name", "served_model_name", "name reported to clients (default: model basename)")
     add("--variant", "variant", "the variant's name at the gateway (namespace/name in a cluster), put on every "
@@ -192,7 +195,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
     args = parser.parse_args(list(argv))
     fill_from_env(parser, args, ENV_VARS, env)
     if not args.model:
-        parser.error("--model (or DGEMMA_MODEL) is required")
+        args.model = str(BUNDLED_MODEL_DIR)
 
     limits = Limits()
     limits = Limits(
@@ -217,7 +220,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
     from dgemma_common.params import ParamError, params_from_mapping
 
     try:
-        defaults = params_from_mapping(overrides, GenerationParams(), limits)
+        params_from_mapping(overrides, GenerationParams(), limits)  # refuse a bad value now, not after loading
     except ParamError as exc:
         parser.error(f"default {exc}")
     try:
@@ -245,8 +248,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> W
         log_prompts=bool(args.log_prompts),
         max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
         limits=limits,
+        default_overrides=overrides,
         image_limits=image_limits_from(args, parser),
-        defaults=defaults,
         warmup=args.warmup,
         compile=args.compile,
         debug_step_delay_s=args.debug_step_delay_s or 0.0,

@@ -1,10 +1,11 @@
 """When would a request finish on an endpoint? Pure functions of the canonical load.
 
-Cost is per canvas and per step, not per token: a request asking for `max_tokens` needs
-ceil(max_tokens / canvas_length) canvases, each an encoder pass plus the expected number of decoder
-steps. The worker engine interleaves its active requests one step at a time, so one request's work
-takes `own` seconds of the worker, and the worker finishes about one request-equivalent per `own`
-seconds: with n requests already there, this one finishes after about (n + 1) x own ("interleaved").
+Cost is per canvas and per step, not per token: a request asking for `max_tokens` may take up to
+ceil(max_tokens / canvas_length) canvases, fewer when its reply ends first (`expected_canvases`), each
+an encoder pass plus the expected number of decoder steps (`expected_steps`). The worker engine
+interleaves its active requests one step at a time, so one request's work takes `own` seconds of the
+worker, and the worker finishes about one request-equivalent per `own` seconds: with n requests already
+there, this one finishes after about (n + 1) x own ("interleaved").
 A batching worker ("batched") runs up to `capacity` requests per step at the measured step latency,
 so only the queue beyond capacity waits.
 """
@@ -12,6 +13,7 @@ so only the queue beyond capacity waits.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,9 +29,11 @@ class Prediction:
     total_s: float
     queue_wait_s: float
     service_s: float
-    canvases: int
+    canvases: int  # at most (what max_tokens allows)
     steps_per_canvas: float
+    expected_canvases: float  # before the reply ends, as the variant's replies have
     step_latency_s: float
+    encoder_s: float
     measured: bool  # False: the variant's prior stood in for a measurement
 
 
@@ -41,6 +45,49 @@ def canvases_for(max_tokens: int, canvas_length: int) -> int:
 def prior_step_latency_s(tokens_per_s: float, canvas_length: int, steps_per_canvas: float) -> float:
     """The step latency that a tokens/s prior implies: one canvas of tokens per steps_per_canvas steps."""
     return canvas_length / max(1e-9, tokens_per_s) / max(1.0, steps_per_canvas)
+
+
+def expected_steps(candidate: Candidate, cap: int) -> float:
+    """Decoder steps a canvas is expected to take on this candidate at a step cap of `cap`.
+
+    Adaptive stopping ends a canvas once it has converged, and that point does not scale with the cap:
+    a canvas that stops after 12 of 48 steps takes all 8 of 8. So the share is learned per cap, and a
+    request is predicted from its own cap's share; a cap not yet seen takes the share of the nearest one
+    that was (then the variant's own share, 1.0 until measured).
+    """
+    nearest = min(candidate.step_shares, key=lambda cs: (abs(cs[0] - cap), cs[0]), default=None)
+    share = candidate.step_fraction if nearest is None else nearest[1]
+    return max(1.0, cap * min(1.0, max(0.0, share)))
+
+
+def reply_survival(replies: Sequence[tuple[int, bool]]) -> tuple[float, ...]:
+    """P(a reply needs at least k canvases) for k = 1, 2, ..., from finished replies (Kaplan-Meier).
+
+    `replies`: (canvases used, ended by itself). A reply that ended at EOS or a stop string shows its
+    length; one cut by its token budget only shows that it needed more than it got (censored), so
+    requests that asked for little do not make long ones look short. Ends one past the longest reply seen.
+    """
+    if not replies:
+        return ()
+    longest = max(used for used, _ in replies)
+    survival, alive = [1.0], 1.0
+    for k in range(1, longest + 1):
+        at_risk = sum(1 for used, _ in replies if used >= k)
+        ended = sum(1 for used, done in replies if used == k and done)
+        alive *= 1.0 - ended / at_risk if at_risk else 1.0
+        survival.append(alive)
+    return tuple(survival)
+
+
+def expected_canvases(survival: Sequence[float], at_most: int) -> float:
+    """Canvases a request allowed `at_most` is expected to take: E[min(at_most, reply length)], from the
+    variant's `reply_survival` (a candidate's).
+
+    Every allowed canvas until replies have been seen; past the longest seen, the last survival holds.
+    """
+    if not survival:
+        return float(at_most)
+    return sum(survival[min(k, len(survival) - 1)] for k in range(at_most))
 
 
 def target_s(request: RouteRequest, variant: Variant) -> float:
@@ -61,20 +108,22 @@ def predict(
     load = candidate.load
     canvas = (load.canvas_length if load is not None and load.canvas_length > 0 else 0) or variant.canvas_length
     max_steps = request.max_denoising_steps or variant.max_denoising_steps
-    steps = max(1.0, max_steps * min(1.0, max(0.0, candidate.step_fraction)))
+    steps = expected_steps(candidate, max_steps)
     canvases = canvases_for(request.max_tokens, canvas)
+    expected = expected_canvases(candidate.reply_survival, canvases)
     measured = load is not None and load.step_latency_s > 0
     if load is not None and load.step_latency_s > 0:
         step_s = load.step_latency_s
     else:
-        prior_steps = variant.max_denoising_steps * min(1.0, max(0.0, candidate.step_fraction))
+        prior_steps = expected_steps(candidate, variant.max_denoising_steps)
         step_s = prior_step_latency_s(variant.tokens_per_s_prior, canvas, prior_steps)
     encoder_s = load.encoder_latency_s if load is not None and load.encoder_latency_s > 0 else step_s
     # The first encoder pass reads the whole prompt (images included): it grows with its length when the
-    # worker has measured its encoder cost per token. Later passes each encode one committed canvas.
+    # worker has measured its encoder cost per token. Later passes each encode one committed canvas, as many
+    # as the reply is expected to run (`expected` >= 1).
     per_token = load.encoder_token_latency_s if load is not None else 0.0
     first_s = request.prompt_tokens * per_token if request.prompt_tokens > 0 and per_token > 0 else encoder_s
-    own = first_s + (canvases - 1) * encoder_s + canvases * steps * step_s
+    own = first_s + (expected - 1) * encoder_s + expected * steps * step_s
     n = candidate.in_system
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
     others = own * ahead_share
@@ -86,4 +135,4 @@ def predict(
         # with more than `capacity`, the excess waits for whole requests to finish ahead of it.
         wait = max(0, n + 1 - capacity) * others
         service = own + (min(n + 1, capacity) - 1) * others
-    return Prediction(wait + service, wait, service, canvases, steps, step_s, measured)
+    return Prediction(wait + service, wait, service, canvases, steps, expected, step_s, encoder_s, measured)
