@@ -158,14 +158,19 @@ def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_se
             # have sent text: with four canvases a loaded survivor's third stream sent its first text after the
             # victim's first had ended and its second had not sent any yet.
             long = {**LONG, "max_tokens": 160}
-            texts = [asyncio.Event() for _ in range(6)]
-            tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, long, text)) for text in texts]
-            # Killed once every stream that can run has sent text: the survivor's three and the victim's one
-            # (killed 0.5 s after the first text of any stream, a loaded victim had at times sent nothing yet).
-            await asyncio.wait_for(_until(lambda: sum(t.is_set() for t in texts) >= 4), 60)
-            assert not any(task.done() for task in tasks), "a stream ended before the victim was killed"
-            pair.victim.process.send_signal(signal.SIGKILL)
-            return await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):
+                texts = [asyncio.Event() for _ in range(6)]
+                tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, long, text)) for text in texts]
+                # Killed once every stream that can run has sent text: the survivor's three and the victim's one
+                # (killed 0.5 s after the first text of any stream, a loaded victim had at times sent nothing).
+                await asyncio.wait_for(_until(lambda ts=texts: sum(t.is_set() for t in ts) >= 4), 60)
+                if not any(task.done() for task in tasks):
+                    pair.victim.process.send_signal(signal.SIGKILL)
+                    return await asyncio.gather(*tasks, return_exceptions=True)
+                # A stream ended first (a machine so loaded that the survivor's third stream sent no text
+                # within one of the victim's whole streams): the scene was not set; let these finish, set it again.
+                assert not _lost(await asyncio.gather(*tasks, return_exceptions=True))
+            raise AssertionError("in three tries, a stream always ended before all four runnable ones sent text")
 
     results = asyncio.run(scenario())
     assert not _lost(results), f"lost: {_lost(results)}"
