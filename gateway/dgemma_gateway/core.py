@@ -33,6 +33,7 @@ from dgemma_gateway.endpoints import (
     EndpointState,
     Registry,
     StepsTaken,
+    Work,
     worker_events,
 )
 from dgemma_gateway.errors import GatewayError, UpstreamFailure, from_upstream, worker_refused_key
@@ -57,7 +58,8 @@ def prediction_parts(p: Prediction) -> dict[str, Any]:
     return {"canvases": p.canvases, "expected_canvases": round(p.expected_canvases, 3),
             "steps_per_canvas": round(p.steps_per_canvas, 3),
             "step_ms": round(p.step_latency_s * 1000, 3), "encoder_ms": round(p.encoder_s * 1000, 3),
-            "queue_wait_ms": round(p.queue_wait_s * 1000, 3), "measured": p.measured}
+            "queue_wait_ms": round(p.queue_wait_s * 1000, 3), "own_ms": round(p.own_s * 1000, 3),
+            "overhead_ms": round(p.overhead_s * 1000, 3), "measured": p.measured}
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,11 @@ class Gateway:
                                          request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
             state.inflight += 1
+            # Its remaining work, for the requests routed behind it (predict): known while it runs.
+            work = None if decision.prediction is None else Work(decision.prediction.own_s,
+                                                                 decision.prediction.expected_canvases)
+            if work is not None:
+                state.work.append(work)
             sent = False
             final: pb.Final | None = None
             try:
@@ -367,7 +374,9 @@ class Gateway:
                     if not sent:
                         sent = True
                         self.metrics.first_byte.labels(variant.name).observe(self.registry.clock() - started)
-                    if response.HasField("final"):
+                    if response.HasField("commit") and work is not None:
+                        work.committed += 1
+                    elif response.HasField("final"):
                         final = response.final
                     yield response
             except UpstreamFailure as failure:
@@ -384,7 +393,13 @@ class Gateway:
                 raise failure.error from None
             finally:
                 state.inflight -= 1
+                if work is not None:
+                    state.work.remove(work)
                 await events.aclose()
+            # Its time outside the worker teaches the variant's overhead, when nothing else is in it: no failed
+            # attempt before, no wait for a replica, and a worker that reported its own time.
+            if final is not None and final.stats.total_s > 0 and attempt == 0 and not held:
+                self.registry.record_overhead(variant.name, self.registry.clock() - started - final.stats.total_s)
             self._finished(req, chosen.endpoint_id, variant.name, decision, final, started)
             return
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -240,6 +241,22 @@ class Ejection:
         return min(self.max_s, self.base_s * 2 ** max(0, failures - 1))
 
 
+@dataclass(eq=False)
+class Work:
+    """One request this gateway has in flight on an endpoint: its predicted own work and how far it got."""
+
+    own_s: float  # its own work on the worker, as predicted when it was routed
+    canvases: float  # canvases it was expected to run (at least one)
+    committed: int = 0  # canvases the worker has committed so far
+
+    @property
+    def remaining_s(self) -> float:
+        """Its own work for the canvases still expected; one canvas's at least until it finishes (a reply may
+        run longer than expected)."""
+        per_canvas = max(0.0, self.own_s) / max(1.0, self.canvases)
+        return max(per_canvas, (self.canvases - self.committed) * per_canvas)
+
+
 @dataclass
 class EndpointState:
     """What the gateway knows about one endpoint; owned by the Registry."""
@@ -250,6 +267,7 @@ class EndpointState:
     http: OpenAIUpstream | None = None  # an HTTP endpoint's client
     load: EndpointLoad | None = None
     inflight: int = 0
+    work: list[Work] = field(default_factory=list)  # this gateway's requests there with a prediction, oldest first
     failures: int = 0
     ejected_until: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -274,6 +292,8 @@ CHANNEL_OPTIONS = [
 
 
 ChannelFactory = Callable[[str, Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
+# Finished requests whose time outside the worker the variant's overhead is the median of.
+OVERHEAD_WINDOW = 64
 # A renewed channel's streams in flight may run this long before the old channel closes under them.
 RENEWED_CHANNEL_GRACE_S = 600.0
 
@@ -330,6 +350,8 @@ class Registry:
         self.replies: dict[str, deque[tuple[int, bool]]] = {}  # per variant: recent (canvases, ended by itself)
         self.reply_survival: dict[str, tuple[float, ...]] = {}  # per variant, from `replies`
         self._reply_window = reply_window
+        self.overheads: dict[str, deque[float]] = {}  # per variant: recent seconds of requests outside the worker
+        self.overhead_s: dict[str, float] = {}  # per variant: their median
         self._alpha = step_fraction_alpha
         self.ejections_total = 0
         self.changed = asyncio.Event()
@@ -549,6 +571,13 @@ class Registry:
         window.append((canvases, ended))
         self.reply_survival[variant] = reply_survival(window)
 
+    def record_overhead(self, variant: str, seconds: float) -> None:
+        """A request spent `seconds` outside the worker (the gateway's time for it less the worker's): the
+        variant's overhead is the median of the last OVERHEAD_WINDOW (robust to a stalled request)."""
+        window = self.overheads.setdefault(variant, deque(maxlen=OVERHEAD_WINDOW))
+        window.append(max(0.0, seconds))
+        self.overhead_s[variant] = statistics.median(window)
+
     def _traffic_steps_per_canvas(self, variant: str) -> float | None:
         passes, canvases = self.traffic_steps.get(variant, (0.0, 0.0))
         return passes / canvases if canvases > 0 else None
@@ -572,6 +601,8 @@ class Registry:
                 step_shares=tuple(sorted(self.step_shares.get(s.spec.variant.name, {}).items())),
                 steps_per_canvas=self._traffic_steps_per_canvas(s.spec.variant.name),
                 reply_survival=self.reply_survival.get(s.spec.variant.name, ()),
+                ahead_s=tuple(w.remaining_s for w in s.work),
+                overhead_s=self.overhead_s.get(s.spec.variant.name, 0.0),
             )
             for s in self.endpoints.values()
         ]

@@ -75,6 +75,10 @@ class Candidate:
     steps_per_canvas: float | None = None
     # P(a reply needs at least k canvases), k = 1, 2, ..., from the variant's finished replies (Kaplan-Meier).
     reply_survival: tuple[float, ...] = ()
+    # Remaining work (worker seconds) of each request this gateway has in flight there, oldest first.
+    ahead_s: tuple[float, ...] = ()
+    # The variant's learned per-request time outside the worker (gateway, transport, streaming), seconds.
+    overhead_s: float = 0.0
 
     @property
     def in_system(self) -> int:

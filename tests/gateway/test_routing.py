@@ -89,6 +89,51 @@ def test_batched_mode_only_waits_beyond_capacity() -> None:
     assert predict(full, req(max_tokens=256), "batched").queue_wait_s == pytest.approx(0.17)
 
 
+def test_a_request_behind_a_nearly_finished_one_shares_only_its_remainder() -> None:
+    # own = 0.34 s (2 canvases x (0.01 + 16 x 0.01)); the one request there has 0.05 s of work left.
+    behind_one = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,))
+    assert predict(behind_one, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.05)
+    # Processor sharing: a longer one ahead slows it only by the request's own work (they take turns).
+    behind_long = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(5.0,))
+    assert predict(behind_long, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.34)
+
+
+def test_requests_the_gateway_did_not_send_are_charged_the_request_s_own_work() -> None:
+    # The worker reports three there; this gateway knows one of them (0.1 s left): the other two are charged
+    # as much as this request (ahead_share 1.0), the known one its remainder.
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=3), inflight=1, ahead_s=(0.1,))
+    assert predict(c, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.1 + 2 * 0.34)
+    assert predict(c, req(max_tokens=300, steps=16), ahead_share=0.5).total_s == pytest.approx(
+        0.34 + 0.1 + 2 * 0.17)
+
+
+def test_beyond_capacity_it_waits_for_the_first_slot_with_the_known_remaining_works() -> None:
+    # Capacity 2, both slots taken by this gateway's requests (0.1 s and 1.0 s left), one of its own queued
+    # (0.34 s). Rounds: 2 active until 0.1 finishes (0.2 s); the queued one takes the slot; then this request
+    # waits for the next to finish: 0.34 of work left vs 0.9 -> 0.68 s; at 0.88 s it takes that slot beside the
+    # 0.56 s left of the long one, and finishes after 0.34 + 0.34 more.
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=2, queue=1, capacity=2), inflight=3,
+             ahead_s=(0.1, 1.0, 0.34))
+    p = predict(c, req(max_tokens=300, steps=16))
+    assert p.queue_wait_s == pytest.approx(0.2 + 0.68)
+    assert p.total_s == pytest.approx(0.2 + 0.68 + 0.68)
+    assert p.service_s == pytest.approx(0.68)
+
+
+def test_a_batching_worker_waits_only_for_the_first_known_slot() -> None:
+    # Batched, capacity 2, full with 0.05 s and 1.0 s left: the request waits 0.05 s, then runs its own 0.17 s.
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=2, capacity=2), inflight=2, ahead_s=(0.05, 1.0))
+    p = predict(c, req(max_tokens=256), "batched")
+    assert p.queue_wait_s == pytest.approx(0.05) and p.total_s == pytest.approx(0.05 + 0.17)
+
+
+def test_the_variant_s_overhead_outside_the_worker_is_added_once() -> None:
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,), overhead_s=0.09)
+    p = predict(c, req(max_tokens=300, steps=16))
+    assert p.total_s == pytest.approx(0.34 + 0.05 + 0.09)
+    assert p.overhead_s == pytest.approx(0.09) and p.own_s == pytest.approx(0.34)
+
+
 LT = load_profile_file("latency-target")
 
 

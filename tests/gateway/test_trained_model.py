@@ -4,6 +4,7 @@ learns it (the step share it predicts and reports moves to what the worker measu
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,53 @@ def test_demand_counts_the_canvases_replies_are_expected_to_run_not_all_that_max
 def test_the_bundled_checkpoint_ships_its_training_record() -> None:
     record = Path(BUNDLED_MODEL_DIR, "training.json").read_text()
     assert '"train_seconds"' in record and '"heldout_diffusion"' in record
+
+
+def known_work(gw: RunningGateway) -> tuple[float, ...]:
+    """The remaining work the gateway knows of its requests in flight on the one worker (seconds), read on its
+    event loop."""
+    async def read() -> tuple[float, ...]:
+        (candidate,) = gw.gateway.registry.candidates()
+        return candidate.ahead_s  # type: ignore[no-any-return]
+    return gw.call(read())
+
+
+def test_the_gateway_tracks_each_request_s_remaining_work_until_it_ends(gw: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert known_work(gw) == ()
+    # Three canvases that all run (ignore_eos); the stream's first text is the first canvas committed.
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is a list?"}],
+                                            max_tokens=96, stream=True, extra_body={"ignore_eos": True})
+    seen = []
+    last = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and not seen:
+            seen.append(known_work(gw))
+        last = chunk
+    assert last is not None
+    parts = last.model_extra["dgemma"]["prediction"]  # type: ignore[index]
+    own_s, expected = parts["own_ms"] / 1000, parts["expected_canvases"]
+    (remaining,), = seen
+    # After a canvas committed: less than its own work, never below one canvas's.
+    assert own_s / expected * 0.999 <= remaining < own_s * 0.999, (remaining, own_s, expected)
+    assert known_work(gw) == ()  # it ended: nothing left
+    # The time it spent outside the worker taught the variant's overhead: the next prediction adds it.
+    assert gw.gateway.registry.overhead_s["trained"] > 0
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=16)
+    parts = r.model_extra["dgemma"]["prediction"]  # type: ignore[index]
+    assert parts["overhead_ms"] > 0
+
+
+def test_a_request_the_client_abandons_leaves_no_remaining_work(gw: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is a list?"}],
+                                            max_tokens=96, stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            assert len(known_work(gw)) == 1
+            break
+    stream.close()  # the client goes away mid-reply: the gateway cancels the worker's call
+    deadline = time.monotonic() + 30
+    while known_work(gw) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert known_work(gw) == ()

@@ -3,11 +3,15 @@
 Cost is per canvas and per step, not per token: a request asking for `max_tokens` may take up to
 ceil(max_tokens / canvas_length) canvases, fewer when its reply ends first (`expected_canvases`), each
 an encoder pass plus the expected number of decoder steps (`expected_steps`). The worker engine
-interleaves its active requests one step at a time, so one request's work takes `own` seconds of the
-worker, and the worker finishes about one request-equivalent per `own` seconds: with n requests already
-there, this one finishes after about (n + 1) x own ("interleaved").
+interleaves its active requests one step at a time (processor sharing), so a request of work x among
+active requests with remaining work r_j finishes after x + sum_j min(r_j, x) ("interleaved"); requests
+beyond the worker's `capacity` wait in its queue for a slot. The remaining work of this gateway's own
+requests there is known (`Candidate.ahead_s`); the others the worker reports (other gateways') are charged
+`ahead_share` x this request's work.
 A batching worker ("batched") runs up to `capacity` requests per step at the measured step latency,
 so only the queue beyond capacity waits.
+Work outside the worker (HTTP, routing, the gRPC round trip, streaming) is the variant's learned
+`overhead_s`, added once.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Prediction:
     step_latency_s: float
     encoder_s: float
     measured: bool  # False: the variant's prior stood in for a measurement
+    own_s: float = 0.0  # the request's own work on the worker, alone
+    overhead_s: float = 0.0  # outside the worker (the variant's learned per-request overhead)
 
 
 def canvases_for(max_tokens: int, canvas_length: int) -> int:
@@ -101,8 +107,9 @@ def predict(
 ) -> Prediction:
     """Predict the request's finish time on this candidate.
 
-    `ahead_share`: how much of this request's work each request already there still has left, on
-    average (1.0 assumes as much as this one: conservative; 0.5 assumes they are half done).
+    `ahead_share`: how much of this request's work each request there that this gateway did not send still
+    has left, on average (1.0 assumes as much as this one: conservative; 0.5 assumes they are half done).
+    Its own requests there count with their known remaining work (`Candidate.ahead_s`).
     """
     variant = candidate.variant
     load = candidate.load
@@ -124,15 +131,39 @@ def predict(
     per_token = load.encoder_token_latency_s if load is not None else 0.0
     first_s = request.prompt_tokens * per_token if request.prompt_tokens > 0 and per_token > 0 else encoder_s
     own = first_s + (expected - 1) * encoder_s + expected * steps * step_s
-    n = candidate.in_system
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
-    others = own * ahead_share
-    if mode == "batched":
-        wait = max(0, n + 1 - capacity) / capacity * others
-        service = own
-    else:
-        # Interleaved: the share of the worker this request gets shrinks with the others present;
-        # with more than `capacity`, the excess waits for whole requests to finish ahead of it.
-        wait = max(0, n + 1 - capacity) * others
-        service = own + (min(n + 1, capacity) - 1) * others
-    return Prediction(wait + service, wait, service, canvases, steps, expected, step_s, encoder_s, measured)
+    # This gateway's own requests there, with their known remaining work, then the others the worker reports.
+    known = [max(0.0, r) for r in candidate.ahead_s[: candidate.in_system]]
+    ahead = (*known, *[own * ahead_share] * (candidate.in_system - len(known)))
+    wait, total = finish_behind(ahead, own, capacity, shared=mode == "interleaved")
+    overhead = max(0.0, candidate.overhead_s)
+    return Prediction(total + overhead, wait, total - wait, canvases, steps, expected, step_s, encoder_s, measured,
+                      own, overhead)
+
+
+def finish_behind(ahead: Sequence[float], own: float, capacity: int, shared: bool) -> tuple[float, float]:
+    """(seconds until a slot takes it, seconds until it finishes) for a new request of `own` work behind
+    requests with remaining work `ahead`, in the worker's order: the first `capacity` active, the rest queued.
+
+    `shared`: the active requests take turns, one step each (processor sharing: m active each progress at
+    1/m); otherwise they progress together (a batch). Each round runs until the next request finishes; a
+    freed slot takes the first queued one.
+    """
+    remaining = [*ahead, own]
+    me = len(remaining) - 1
+    active = list(range(min(capacity, len(remaining))))
+    queued = list(range(len(active), len(remaining)))
+    now, wait = 0.0, 0.0 if me in active else math.inf
+    while True:
+        done = min(remaining[i] for i in active)
+        now += done * len(active) if shared else done
+        for i in active:
+            remaining[i] -= done
+        finished = {i for i in active if remaining[i] <= 1e-12}
+        if me in finished:
+            return wait, now
+        active = [i for i in active if i not in finished]
+        while queued and len(active) < capacity:
+            active.append(queued.pop(0))
+            if active[-1] == me:
+                wait = now
