@@ -361,12 +361,11 @@ class Gateway:
                                          self._expected_canvases(variant.name, req.max_tokens, canvas),
                                          request=self._route_request(req, seq))
             events = self._call(state, req, remaining, context)
-            state.inflight += 1
             # Its remaining work, for the requests routed behind it (predict): known while it runs.
-            work = None if decision.prediction is None else Work(decision.prediction.own_s,
-                                                                 decision.prediction.expected_canvases)
-            if work is not None:
-                state.work.append(work)
+            own_s, expected = (0.0, 1.0) if decision.prediction is None else (
+                decision.prediction.own_s, decision.prediction.expected_canvases)
+            work = Work(own_s, expected, self.registry.clock())
+            state.track(work)
             sent = False
             final: pb.Final | None = None
             try:
@@ -374,7 +373,7 @@ class Gateway:
                     if not sent:
                         sent = True
                         self.metrics.first_byte.labels(variant.name).observe(self.registry.clock() - started)
-                    if response.HasField("commit") and work is not None:
+                    if response.HasField("commit"):
                         work.committed += 1
                     elif response.HasField("final"):
                         final = response.final
@@ -392,9 +391,7 @@ class Gateway:
                 self.metrics.requests.labels(req.api, variant.name, str(failure.error.status)).inc()
                 raise failure.error from None
             finally:
-                state.inflight -= 1
-                if work is not None:
-                    state.work.remove(work)
+                state.untrack(work, self.registry.clock())
                 await events.aclose()
             # Its time outside the worker teaches the variant's overhead, when nothing else is in it: no failed
             # attempt before, no wait for a replica, and a worker that reported its own time.

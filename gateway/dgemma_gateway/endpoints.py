@@ -247,6 +247,7 @@ class Work:
 
     own_s: float  # its own work on the worker, as predicted when it was routed
     canvases: float  # canvases it was expected to run (at least one)
+    routed_at: float  # the registry's clock
     committed: int = 0  # canvases the worker has committed so far
 
     @property
@@ -268,6 +269,28 @@ class EndpointState:
     load: EndpointLoad | None = None
     inflight: int = 0
     work: list[Work] = field(default_factory=list)  # this gateway's requests there with a prediction, oldest first
+    # (routed, ended) of its requests that ended lately: a load report taken in between still counts them.
+    ended: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=ENDED_KEPT))
+
+    def track(self, work: Work) -> None:
+        """A request of this gateway's goes there."""
+        self.inflight += 1
+        self.work.append(work)
+
+    def untrack(self, work: Work, now: float) -> None:
+        """It ended, however it ended."""
+        self.inflight -= 1
+        self.work.remove(work)
+        self.ended.append((work.routed_at, now))
+
+    def reported_mine(self) -> int:
+        """How many of the requests in its last load report are this gateway's: those it had there when the
+        report arrived (a lagging report still counts requests that have ended since, and not newer ones)."""
+        if self.load is None:
+            return 0
+        at = self.load.observed_at
+        return (sum(1 for w in self.work if w.routed_at <= at)
+                + sum(1 for routed, ended in self.ended if routed <= at < ended))
     failures: int = 0
     ejected_until: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -292,6 +315,8 @@ CHANNEL_OPTIONS = [
 
 
 ChannelFactory = Callable[[str, Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
+# Ended requests an endpoint remembers, to tell its own in a lagging load report (far more than one report's worth).
+ENDED_KEPT = 256
 # Finished requests whose time outside the worker the variant's overhead is the median of.
 OVERHEAD_WINDOW = 64
 # A renewed channel's streams in flight may run this long before the old channel closes under them.
@@ -601,7 +626,8 @@ class Registry:
                 step_shares=tuple(sorted(self.step_shares.get(s.spec.variant.name, {}).items())),
                 steps_per_canvas=self._traffic_steps_per_canvas(s.spec.variant.name),
                 reply_survival=self.reply_survival.get(s.spec.variant.name, ()),
-                ahead_s=tuple(w.remaining_s for w in s.work),
+                ahead_s=tuple(w.remaining_s for w in s.work if w.own_s > 0),  # 0: routed without a prediction
+                reported_mine=s.reported_mine(),
                 overhead_s=self.overhead_s.get(s.spec.variant.name, 0.0),
             )
             for s in self.endpoints.values()

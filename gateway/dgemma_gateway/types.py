@@ -77,6 +77,8 @@ class Candidate:
     reply_survival: tuple[float, ...] = ()
     # Remaining work (worker seconds) of each request this gateway has in flight there, oldest first.
     ahead_s: tuple[float, ...] = ()
+    # How many of the requests in the last load report are this gateway's (the rest are other gateways').
+    reported_mine: int = 0
     # The variant's learned per-request time outside the worker (gateway, transport, streaming), seconds.
     overhead_s: float = 0.0
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from dgemma_gateway.demand import DemandTracker, snapshot
-from dgemma_gateway.endpoints import Ejection
+from dgemma_gateway.endpoints import Ejection, EndpointSpec, EndpointState, Work
 from dgemma_gateway.routing import ProfileError, load_profile, load_profile_file, route
 from dgemma_gateway.routing.predict import canvases_for, predict, prior_step_latency_s
 from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
@@ -91,17 +91,50 @@ def test_batched_mode_only_waits_beyond_capacity() -> None:
 
 def test_a_request_behind_a_nearly_finished_one_shares_only_its_remainder() -> None:
     # own = 0.34 s (2 canvases x (0.01 + 16 x 0.01)); the one request there has 0.05 s of work left.
-    behind_one = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,))
+    behind_one = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,),
+                      reported_mine=1)
     assert predict(behind_one, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.05)
     # Processor sharing: a longer one ahead slows it only by the request's own work (they take turns).
-    behind_long = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(5.0,))
+    behind_long = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(5.0,),
+                       reported_mine=1)
     assert predict(behind_long, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.34)
+
+
+def test_a_lagging_report_of_a_request_that_has_ended_is_not_charged() -> None:
+    # The last report counted one request there, this gateway's own, which has ended since: alone.
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), reported_mine=1)
+    assert predict(c, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34)
+
+
+def test_an_endpoint_tells_its_own_requests_in_a_lagging_report() -> None:
+    state = EndpointState(EndpointSpec("w", "127.0.0.1:1", FAST), None, None)
+    early, late = Work(0.3, 1.0, routed_at=NOW - 2), Work(0.3, 1.0, routed_at=NOW + 1)
+    state.track(early)
+    state.track(late)
+    ended = Work(0.3, 1.0, routed_at=NOW - 1)
+    state.track(ended)
+    state.untrack(ended, now=NOW + 0.5)  # it ended after the report: the report still counts it
+    gone = Work(0.3, 1.0, routed_at=NOW - 3)
+    state.track(gone)
+    state.untrack(gone, now=NOW - 0.5)  # it ended before the report: not in it
+    state.load = load(active=3)  # taken at NOW
+    assert state.reported_mine() == 2  # early and ended; late came after it
+    assert state.inflight == 2 and state.work == [early, late]
+
+
+def test_a_request_s_remaining_work_follows_its_commits_down_to_one_canvas() -> None:
+    work = Work(own_s=0.3, canvases=3.0, routed_at=NOW)
+    assert work.remaining_s == pytest.approx(0.3)
+    work.committed = 2
+    assert work.remaining_s == pytest.approx(0.1)
+    work.committed = 5  # a reply longer than expected: one canvas's work until it ends
+    assert work.remaining_s == pytest.approx(0.1)
 
 
 def test_requests_the_gateway_did_not_send_are_charged_the_request_s_own_work() -> None:
     # The worker reports three there; this gateway knows one of them (0.1 s left): the other two are charged
     # as much as this request (ahead_share 1.0), the known one its remainder.
-    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=3), inflight=1, ahead_s=(0.1,))
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=3), inflight=1, ahead_s=(0.1,), reported_mine=1)
     assert predict(c, req(max_tokens=300, steps=16)).total_s == pytest.approx(0.34 + 0.1 + 2 * 0.34)
     assert predict(c, req(max_tokens=300, steps=16), ahead_share=0.5).total_s == pytest.approx(
         0.34 + 0.1 + 2 * 0.17)
@@ -113,7 +146,7 @@ def test_beyond_capacity_it_waits_for_the_first_slot_with_the_known_remaining_wo
     # waits for the next to finish: 0.34 of work left vs 0.9 -> 0.68 s; at 0.88 s it takes that slot beside the
     # 0.56 s left of the long one, and finishes after 0.34 + 0.34 more.
     c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=2, queue=1, capacity=2), inflight=3,
-             ahead_s=(0.1, 1.0, 0.34))
+             ahead_s=(0.1, 1.0, 0.34), reported_mine=3)
     p = predict(c, req(max_tokens=300, steps=16))
     assert p.queue_wait_s == pytest.approx(0.2 + 0.68)
     assert p.total_s == pytest.approx(0.2 + 0.68 + 0.68)
@@ -122,13 +155,15 @@ def test_beyond_capacity_it_waits_for_the_first_slot_with_the_known_remaining_wo
 
 def test_a_batching_worker_waits_only_for_the_first_known_slot() -> None:
     # Batched, capacity 2, full with 0.05 s and 1.0 s left: the request waits 0.05 s, then runs its own 0.17 s.
-    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=2, capacity=2), inflight=2, ahead_s=(0.05, 1.0))
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=2, capacity=2), inflight=2, ahead_s=(0.05, 1.0),
+             reported_mine=2)
     p = predict(c, req(max_tokens=256), "batched")
     assert p.queue_wait_s == pytest.approx(0.05) and p.total_s == pytest.approx(0.05 + 0.17)
 
 
 def test_the_variant_s_overhead_outside_the_worker_is_added_once() -> None:
-    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,), overhead_s=0.09)
+    c = cand(FAST, load(step_s=0.01, encoder_s=0.01, active=1), inflight=1, ahead_s=(0.05,), overhead_s=0.09,
+             reported_mine=1)
     p = predict(c, req(max_tokens=300, steps=16))
     assert p.total_s == pytest.approx(0.34 + 0.05 + 0.09)
     assert p.overhead_s == pytest.approx(0.09) and p.own_s == pytest.approx(0.34)

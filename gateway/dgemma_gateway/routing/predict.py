@@ -132,9 +132,12 @@ def predict(
     first_s = request.prompt_tokens * per_token if request.prompt_tokens > 0 and per_token > 0 else encoder_s
     own = first_s + (expected - 1) * encoder_s + expected * steps * step_s
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
-    # This gateway's own requests there, with their known remaining work, then the others the worker reports.
-    known = [max(0.0, r) for r in candidate.ahead_s[: candidate.in_system]]
-    ahead = (*known, *[own * ahead_share] * (candidate.in_system - len(known)))
+    # This gateway's own requests there, with their known remaining work, then the others: those the worker
+    # reports beyond this gateway's, and any of its own whose work it does not know.
+    known = [max(0.0, r) for r in candidate.ahead_s]
+    reported = 0 if load is None else load.active + load.queue_depth
+    others = max(0, reported - candidate.reported_mine) + max(0, candidate.inflight - len(known))
+    ahead = (*known, *[own * ahead_share] * others)
     wait, total = finish_behind(ahead, own, capacity, shared=mode == "interleaved")
     overhead = max(0.0, candidate.overhead_s)
     return Prediction(total + overhead, wait, total - wait, canvases, steps, expected, step_s, encoder_s, measured,
