@@ -133,6 +133,7 @@ class Done:
     passes: int
     predicted_ms: float
     parts: dict[str, Any]
+    endpoint: str = ""
 
     @property
     def actual_ms(self) -> float:
@@ -174,7 +175,7 @@ async def one(session: aiohttp.ClientSession, url: str, model: str, prompt: Prom
             raise RuntimeError(f"HTTP {r.status}: {reply}")
     extra = reply["dgemma"]
     return Done(started, time.monotonic(), max_tokens, cap, extra["canvases"], extra["decoder_passes"],
-                extra["predicted_ms"], extra["prediction"])
+                extra["predicted_ms"], extra["prediction"], extra["endpoint"] or "")
 
 
 async def workload(url: str, model: str, prompts: Sequence[Prompt], requests: int, concurrency: int,
@@ -213,10 +214,30 @@ def own(parts: dict[str, Any], steps: float, canvases: float) -> float:
 
 
 def counterfactual(d: Done, steps: float, canvases: float) -> float:
-    """The same prediction with other steps per canvas and canvases: it is proportional to `own`
-    (queue wait and sharing are multiples of it), so it scales exactly."""
+    """The same prediction with other steps per canvas and canvases: its worker part scales with `own`
+    (queue wait and sharing are about multiples of it; exactly, when the other requests there are charged
+    multiples of it), the overhead outside the worker does not."""
     p = d.parts
-    return d.predicted_ms * own(p, steps, canvases) / own(p, p["steps_per_canvas"], p["expected_canvases"])
+    overhead = p.get("overhead_ms", 0.0)
+    ratio = own(p, steps, canvases) / own(p, p["steps_per_canvas"], p["expected_canvases"])
+    return (d.predicted_ms - overhead) * ratio + overhead
+
+
+def ahead_at_start(d: Done, done: Sequence[Done]) -> int:
+    """The workload's other requests on the same endpoint when this one started (the only traffic there)."""
+    return sum(1 for o in done if o is not d and o.endpoint == d.endpoint and o.started < d.started < o.finished)
+
+
+def error_by_crowd(warm: Sequence[Done], done: Sequence[Done]) -> dict[str, Any]:
+    """The gateway's prediction error grouped by how many requests were already on the endpoint when a
+    request started: alone, one, two or more. Sharing errors show in the crowded groups, work outside the
+    worker most in the alone group."""
+    groups: dict[str, list[Done]] = {"alone": [], "1 ahead": [], "2+ ahead": []}
+    for d in warm:
+        n = ahead_at_start(d, done)
+        groups["alone" if n == 0 else "1 ahead" if n == 1 else "2+ ahead"].append(d)
+    return {name: {"requests": len(ds), **errors([d.predicted_ms for d in ds], [d.actual_ms for d in ds])}
+            for name, ds in groups.items() if ds}
 
 
 def single_share_steps(done: Sequence[Done], alpha: float = 0.2, default_cap: int = FULL) -> list[float]:
@@ -290,6 +311,7 @@ def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concu
     prediction_error = {
         f"{sm} x {cm}": errors([counterfactual(d, sf(d), cf(d)) for d in warm], actual)
         for cm, cf in canvas_models.items() for sm, sf in steps_models.items()}
+    prediction_error["as_routed"] = errors([d.predicted_ms for d in warm], actual)
     by_cap: dict[str, Any] = {}
     for cap in sorted({d.cap or FULL for d in done}):
         mine = [d for d in done if (d.cap or FULL) == cap]
@@ -309,13 +331,15 @@ def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concu
               if v["capacity"]["step_latency_s"] and str(FULL) in v["step_shares"]]
     raw = [{"t": round(d.started - done[0].started, 3), "max_tokens": d.max_tokens, "cap": d.cap,
             "canvases": d.canvases, "passes": d.passes, "actual_ms": round(d.actual_ms, 1),
-            "predicted_ms": d.predicted_ms, **d.parts} for d in sorted(done, key=lambda d: d.started)]
+            "predicted_ms": d.predicted_ms, "endpoint": d.endpoint, "ahead": ahead_at_start(d, done), **d.parts}
+           for d in sorted(done, key=lambda d: d.started)]
     return {
         "raw": raw,
         "requests": len(done), "concurrency": concurrency, "replicas": 2, "wall_s": wall,
         "steps_per_canvas_by_cap": by_cap,
         "canvases_used_per_asked": used / asked,
         "prediction_error": prediction_error,
+        "prediction_error_by_crowd": error_by_crowd(warm, done),
         "capacity": {
             "estimate_canvases_per_s_per_replica_median": statistics.median(estimates) if estimates else None,
             "estimate_at_the_default_caps_steps_median": statistics.median(before) if before else None,
