@@ -282,6 +282,9 @@ class EndpointState:
         """It ended, however it ended."""
         self.inflight -= 1
         self.work.remove(work)
+        # Those that ended before the last report are in no report from now on (they end in order).
+        while self.ended and self.load is not None and self.ended[0][1] <= self.load.observed_at:
+            self.ended.popleft()
         self.ended.append((work.routed_at, now))
 
     def reported_mine(self) -> int:
