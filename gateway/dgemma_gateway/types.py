@@ -5,7 +5,7 @@ Everything here is an immutable value; the decision functions in `routing` read 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dgemma_common import variants
 from dgemma_common.images import VisionSpec
@@ -83,6 +83,11 @@ class Candidate:
     reported_mine: int = 0
     # The variant's learned per-request time outside the worker (gateway, transport, streaming), seconds.
     overhead_s: float = 0.0
+
+    def alone(self) -> Candidate:
+        """The same endpoint with nothing else on it: what a request's own work costs there."""
+        load = None if self.load is None else replace(self.load, active=0, queue_depth=0)
+        return replace(self, load=load, inflight=0, ahead_s=(), reported_mine=0)
 
     @property
     def in_system(self) -> int:

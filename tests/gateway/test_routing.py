@@ -201,6 +201,16 @@ def test_a_busy_cheap_endpoint_loses_to_a_free_one_when_the_queue_would_miss_the
     assert d.endpoint is idle_fast
 
 
+def test_the_cost_of_a_request_is_its_own_work_whatever_is_ahead_of_it() -> None:
+    # The same variant on two replicas: the faster one already runs one of this gateway's requests. Both meet a
+    # loose target; its work alone is cheaper on the faster one, so routing packs it there (the known work ahead
+    # is the latency filter's business, not the cost's).
+    busy_fast = cand(FAST, load(step_s=0.010, active=1), 1, inflight=1, reported_mine=1, ahead_s=(0.3,))
+    idle_slow = cand(FAST, load(step_s=0.011), 2)
+    d = route(LT, req(target_ms=4000), [idle_slow, busy_fast], NOW)
+    assert d.endpoint is busy_fast
+
+
 def test_the_variant_default_target_applies_without_a_request_target() -> None:
     tight = replace(CHEAP, latency_target_ms=100)
     d = route(LT, req(target_ms=None), [cand(tight, load(step_s=0.05)), cand(FAST, load(step_s=0.001))], NOW)

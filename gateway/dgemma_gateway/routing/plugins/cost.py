@@ -9,7 +9,7 @@ cost weights are compared.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from dgemma_gateway.routing.framework import Context, plugin
 from dgemma_gateway.routing.predict import predict
@@ -37,9 +37,7 @@ class Cost:
             weight = max(1e-9, c.variant.cost_weight)
             if self.params.per_work:
                 # The work alone (no queueing): what the replica-seconds of this request cost.
-                idle = replace(c, load=None if c.load is None else replace(c.load, active=0, queue_depth=0),
-                               inflight=0)
-                weight *= predict(idle, ctx.request).service_s
+                weight *= predict(c.alone(), ctx.request).service_s
             costs.append(weight)
         cheapest = min(costs)
         return [cheapest / c for c in costs]
