@@ -127,9 +127,10 @@ def known_work(gw: RunningGateway) -> tuple[float, ...]:
 def test_the_gateway_tracks_each_request_s_remaining_work_until_it_ends(gw: RunningGateway) -> None:
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
     assert known_work(gw) == ()
-    # Three canvases that all run (ignore_eos); the stream's first text is the first canvas committed.
+    # Five canvases that all run (ignore_eos), so it is still running when the client has read its first text
+    # (the first canvas committed), even on a loaded machine.
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is a list?"}],
-                                            max_tokens=96, stream=True, extra_body={"ignore_eos": True})
+                                            max_tokens=160, stream=True, extra_body={"ignore_eos": True})
     seen = []
     last = None
     for chunk in stream:
