@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -159,6 +160,12 @@ def test_a_batching_worker_waits_only_for_the_first_known_slot() -> None:
              reported_mine=2)
     p = predict(c, req(max_tokens=256), "batched")
     assert p.queue_wait_s == pytest.approx(0.05) and p.total_s == pytest.approx(0.05 + 0.17)
+
+
+def test_an_infinite_step_latency_ahead_predicts_never_rather_than_hanging() -> None:
+    c = cand(FAST, load(step_s=float("inf"), encoder_s=0.01, active=2, capacity=2), inflight=2,
+             ahead_s=(float("inf"), float("nan")), reported_mine=2)
+    assert predict(c, req(max_tokens=300, steps=16)).total_s == math.inf
 
 
 def test_the_variant_s_overhead_outside_the_worker_is_added_once() -> None:

@@ -150,14 +150,15 @@ def finish_behind(ahead: Sequence[float], own: float, capacity: int, shared: boo
 
     `shared`: the active requests take turns, one step each (processor sharing: m active each progress at
     1/m); otherwise they progress together (a batch). Each round runs until the next request finishes; a
-    freed slot takes the first queued one.
+    freed slot takes the first queued one, so a round ends at least one request: as many rounds as requests at
+    most (a non-finite work, e.g. from a worker reporting an infinite latency, never finishes).
     """
     remaining = [*ahead, own]
     me = len(remaining) - 1
     active = list(range(min(capacity, len(remaining))))
     queued = list(range(len(active), len(remaining)))
     now, wait = 0.0, 0.0 if me in active else math.inf
-    while True:
+    for _ in range(len(remaining)):
         done = min(remaining[i] for i in active)
         now += done * len(active) if shared else done
         for i in active:
@@ -170,3 +171,4 @@ def finish_behind(ahead: Sequence[float], own: float, capacity: int, shared: boo
             active.append(queued.pop(0))
             if active[-1] == me:
                 wait = now
+    return wait, math.inf
