@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dgemma_serve.lifetime import die_with_parent
+
 RELIABILITY_OUT_ENV = "DGEMMA_RELIABILITY_OUT"
 
 
@@ -40,7 +42,7 @@ class GatewayProcess:
                "--grpc-port", "0", "--port-file", str(self.port_file), "--model", model,
                *(a for e in endpoints for a in ("--endpoint", e)), *args]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         deadline = time.monotonic() + 60
         while not self.port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:

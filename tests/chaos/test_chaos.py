@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 from tests.stack import GatewayProcess, HealthProbe, record
@@ -218,7 +219,7 @@ def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Pa
            "--model", str(tiny_model_dir()), "--served-model-name", MODEL, "--drain-grace-s", "60"]
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
     try:
         url = _serve_url(log, proc)
         very_long = {**LONG, "max_tokens": 160}  # 10 canvases x 12 steps x 50 ms: longer than 5 s
@@ -303,7 +304,7 @@ async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str
         # The 10 MB requests come from another process: this loop only times the live stream.
         sender = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.chaos.big_prompt", worker, gateway.url, MODEL,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent())
         out, _ = await asyncio.wait_for(sender.communicate(), 120)
         sent = json.loads(out)
         result = await live

@@ -36,6 +36,7 @@ from dgemma_gateway.endpoints import EndpointSpec, StaticSource
 from dgemma_gateway.openai_api import ApiLimits
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
 
@@ -84,6 +85,7 @@ class Process:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     preexec_fn=die_with_parent(),
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),  # type: ignore

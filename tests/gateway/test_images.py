@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from dgemma_common.images import ImageLimits, VisionSpec, soft_tokens
 from dgemma_gateway.images import ImageSettings
 from dgemma_gateway.openai_api import ApiLimits
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import TINY_MAX_SOFT_TOKENS, tiny_model_dir
 from tests.common.imagefiles import image_bytes, png_bomb, truncated
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, fast_gateway, static, variant
@@ -60,7 +61,8 @@ def serve() -> Iterator[tuple[str, str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--model", str(tiny_model_dir()),
                              "--port", "0", "--grpc-port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=die_with_parent())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
@@ -143,7 +145,7 @@ class GatewayProcess:
             [sys.executable, "-m", "dgemma_cli.main", "gateway", "--endpoint", f"{endpoint}=cpu:{MODEL}",
              "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", "--port-file", str(self.port_file), *flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
-            preexec_fn=_ahead_of_the_machine)
+            preexec_fn=die_with_parent(_ahead_of_the_machine))
         deadline = time.monotonic() + 60
         while not self.port_file.exists():
             assert self.proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import pytest
 from openai import OpenAI
 
+from dgemma_serve.lifetime import die_with_parent
+
 pytestmark = pytest.mark.timeout(180)
 
 # A slower step (as on a slower GPU) keeps the two CPU cores free while requests take long enough to queue.
@@ -42,7 +44,8 @@ def test_serve_autoscale_adds_a_worker_under_load_and_retires_it_when_idle() -> 
            "--max-replicas", "2", "--port", "0", "--grpc-port", "-1", "--max-active", "2",
            "--autoscale-interval-s", "0.5", "--scale-down-window-s", "3", "--demand-window-s", "3",
            "--target-utilization", "0.5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=die_with_parent())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()

@@ -20,6 +20,7 @@ import tritonclient.grpc as tc
 from openai import OpenAI
 
 from dgemma_serve.autoscale import retirable
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.workers import LocalWorker
 from dgemma_worker.model import tiny_model_dir
 
@@ -44,7 +45,8 @@ def test_sigterm_lets_http_and_kserve_streams_longer_than_the_old_grace_finish()
     proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--port", "0", "--grpc-port", "0",
                              "--model", str(tiny_model_dir()), "--served-model-name", "tiny-diffusiongemma",
                              "--drain-grace-s", "60", "--max-active", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=die_with_parent())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()

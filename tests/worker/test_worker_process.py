@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import tiny_model_dir
 
 from .conftest import text_request, wait_until
@@ -46,7 +47,7 @@ def process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str,
     with log_file.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dgemma_worker.server", "--port-file", str(port_file)],
-            env=worker_env(drain_grace_s=60), stdout=log, stderr=subprocess.STDOUT,
+            env=worker_env(drain_grace_s=60), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
         )
     try:
         assert wait_until(port_file.exists, timeout=60), log_file.read_text()
@@ -130,7 +131,8 @@ def test_sigterm_ends_a_worker_whose_event_loop_is_stuck_writing_to_a_stdout_pip
     port_file = tmp_path / "ports.json"
     read_end, write_end = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "dgemma_worker.server", "--port-file", str(port_file)],
-                            env=worker_env(drain_grace_s=1), stdout=write_end, stderr=subprocess.STDOUT)
+                            env=worker_env(drain_grace_s=1), stdout=write_end, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent())
     try:
         assert wait_until(port_file.exists, timeout=60)
         with grpc.insecure_channel(f"127.0.0.1:{json.loads(port_file.read_text())['port']}") as channel:
