@@ -56,19 +56,24 @@ class GatewayProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def ready(self) -> bool:
-        """/readyz says 200 (some worker is ready)."""
+    def ready_endpoints(self) -> int:
+        """How many workers /readyz counts as ready (0 while it answers 503 or not at all)."""
         try:
             with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as r:
-                return bool(r.status == 200)
+                return int(json.load(r)["endpoints_ready"])
         except OSError:
-            return False
+            return 0
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def ready(self) -> bool:
+        """/readyz says some worker is ready."""
+        return self.ready_endpoints() > 0
+
+    def wait_ready(self, timeout: float = 120.0, endpoints: int = 1) -> None:
+        """Until the gateway counts `endpoints` ready workers (routing ignores one it has not seen ready)."""
         deadline = time.monotonic() + timeout
-        while not self.ready():
+        while self.ready_endpoints() < endpoints:
             assert self.process.poll() is None, f"the gateway exited:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"the gateway saw no ready worker:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"the gateway saw fewer than {endpoints} ready:\n{self.log_tail()}"
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -3,6 +3,7 @@ fail naming what never happened. The timeouts are bounds for a hang, never a mea
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,3 +20,12 @@ def eventually(check: Callable[[], T], timeout: float, what: str, interval: floa
             return result
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(interval)
+
+
+async def until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Wait, without blocking the event loop, until check() is truthy; fails after `timeout` seconds like
+    `eventually`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
