@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import TINY_MAX_SOFT_TOKENS, tiny_model_dir
 from tests.common.imagefiles import image_bytes, png_bomb, truncated
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, fast_gateway, static, variant
+from tests.stack import DgemmaProcess
 
 pytestmark = pytest.mark.timeout(240)
 SPEC = VisionSpec(max_soft_tokens=TINY_MAX_SOFT_TOKENS)
@@ -60,29 +60,12 @@ def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:
 def serve() -> Iterator[tuple[str, str]]:
     """`dgemma serve` on the random-weight tiny model, whose checkpoint has an image processor (the bundled trained
     one has none): (HTTP URL, KServe gRPC address)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--model", str(tiny_model_dir()),
-                             "--port", "0", "--grpc-port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            preexec_fn=die_with_parent())
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    p = DgemmaProcess(["serve", "--model", str(tiny_model_dir()), "--port", "0", "--grpc-port", "0"])
     try:
-        deadline = time.monotonic() + 150
-        while not any("ready. Try" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.2)
-        text = "".join(lines)
-        url = re.search(r"gateway at (http://\S+)", text).group(1)  # type: ignore[union-attr]
-        grpc_port = re.search(r"KServe gRPC on port (\d+)", text).group(1)  # type: ignore[union-attr]
-        yield url, f"127.0.0.1:{grpc_port}"
+        url = p.serving(150)
+        yield url, p.kserve_address()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        p.stop()
 
 
 def test_the_openai_sdk_sends_a_data_url_image_and_usage_counts_its_tokens(serve: tuple[str, str]) -> None:
