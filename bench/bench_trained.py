@@ -12,7 +12,8 @@ the autoscaler make of a model that stops early, all from one run.
    from what (canvases, steps per canvas, step and encoder latency); the same prediction with a fixed
    48-step assumption, and with one share learned across all caps (the gateway before per-cap learning),
    follow exactly from those parts. The autoscaler's inputs (`GET /v1/dgemma/demand`) are read during the
-   run: its capacity estimate against the canvases/s the replicas delivered while kept busy, and its demand
+   run: its capacity estimate against the canvases/s each replica delivered while it had requests (from the
+   client's clock and the gateway's `x-dgemma-endpoint` header), and its demand
    (canvases the window's requests are expected to run) against the canvases those requests really ran and
    against all that their max_tokens allowed (what demand counted before snapshot version 2).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -134,6 +136,7 @@ class Done:
     passes: int
     predicted_ms: float
     parts: dict[str, Any]
+    endpoint: str  # the replica that served it (the gateway's x-dgemma-endpoint header)
 
     @property
     def actual_ms(self) -> float:
@@ -174,9 +177,10 @@ async def one(session: aiohttp.ClientSession, url: str, model: str, prompt: Prom
         reply = await r.json()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {reply}")
+        endpoint = r.headers.get("x-dgemma-endpoint", "")
     extra = reply["dgemma"]
     return Done(started, time.monotonic(), max_tokens, cap, extra["canvases"], extra["decoder_passes"],
-                extra["predicted_ms"], extra["prediction"])
+                extra["predicted_ms"], extra["prediction"], endpoint)
 
 
 async def workload(url: str, model: str, prompts: Sequence[Prompt], requests: int, concurrency: int,
@@ -252,6 +256,33 @@ def busy_rate(done: Sequence[Done]) -> float:
     return sum(d.canvases for d in done if d.finished <= end) / (end - start)
 
 
+def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals: the time a replica had at least one request."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def replica_capacity(done: Sequence[Done]) -> dict[str, Any]:
+    """What each replica finished per second while it had a request (seen from the client: from a request's
+    start to its reply), the capacity the autoscaler estimates; and each replica's share of the canvases
+    (the router packs replicas that meet the target before it spreads, so one replica kept half busy says
+    little about what a replica can do)."""
+    per: dict[str, Any] = {}
+    for endpoint in sorted({d.endpoint for d in done}):
+        mine = [d for d in done if d.endpoint == endpoint]
+        busy = busy_seconds([(d.started, d.finished) for d in mine])
+        canvases = sum(d.canvases for d in mine)
+        per[endpoint] = {"canvases": canvases, "busy_s": busy, "canvases_per_busy_s": canvases / busy}
+    total = sum(p["canvases"] for p in per.values())
+    return {"replicas": per,
+            "canvases_per_busy_s": sum(p["canvases"] for p in per.values()) / sum(p["busy_s"] for p in per.values()),
+            "largest_share_of_canvases": max(p["canvases"] for p in per.values()) / total}
+
+
 def demand_vs_actual(snaps: Sequence[dict[str, Any]], done: Sequence[Done], canvas: int = 32) -> dict[str, Any]:
     """Per snapshot, the demand in canvases over its window (the autoscaler's input: attributed; and routed)
     against what the requests routed in that window really ran and what their max_tokens allowed."""
@@ -309,6 +340,11 @@ def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concu
                    + v["capacity"]["encoder_latency_s"])
               for s in half for v in s["variants"].values()
               if v["capacity"]["step_latency_s"] and str(FULL) in v["step_shares"]]
+    # The same snapshots, each step charged its own latency rather than the worker's busy time per step (the
+    # gateway before `step_cost_s`).
+    by_step_latency = [1 / (v["capacity"]["steps_per_canvas"] * v["capacity"]["step_latency_s"]
+                            + v["capacity"]["encoder_latency_s"])
+                       for s in half for v in s["variants"].values() if v["capacity"]["step_latency_s"]]
     raw = [{"t": round(d.started - done[0].started, 3), "max_tokens": d.max_tokens, "cap": d.cap,
             "canvases": d.canvases, "passes": d.passes, "actual_ms": round(d.actual_ms, 1),
             "predicted_ms": d.predicted_ms, **d.parts} for d in sorted(done, key=lambda d: d.started)]
@@ -321,7 +357,11 @@ def gateway_section(model: Path, prompts: Sequence[Prompt], requests: int, concu
         "capacity": {
             "estimate_canvases_per_s_per_replica_median": statistics.median(estimates) if estimates else None,
             "estimate_at_the_default_caps_steps_median": statistics.median(before) if before else None,
-            "measured_canvases_per_s_per_replica": busy_rate(done) / 2,
+            "estimate_charging_step_latency_median": statistics.median(by_step_latency) if by_step_latency else None,
+            # What a replica delivered while it had requests: the capacity to compare with.
+            "measured": replica_capacity(done),
+            # The fleet's rate split evenly: not a replica's capacity where the router packs one replica first.
+            "fleet_canvases_per_s_per_replica": busy_rate(done) / 2,
             "step_shares_at_end": busy[-1]["variants"] if busy else None,
         },
         # Once the first window's replies have taught the gateway their lengths.

@@ -226,6 +226,15 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 ],
             ),
             (
+                "Engine busy share and what a step costs it",
+                "short",
+                [
+                    ("{{pod}} busy share", f"rate(dgemma_worker_busy_seconds_total{{{WK}}}[$__rate_interval])"),
+                    ("{{pod}} busy s per step / step s",
+                     f"dgemma_worker_busy_step_seconds{{{WK}}} / dgemma_worker_step_latency_avg_seconds{{{WK}}}"),
+                ],
+            ),
+            (
                 "Decoder step latency (p50, p95)",
                 "s",
                 [

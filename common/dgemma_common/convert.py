@@ -230,6 +230,7 @@ def load_to_pb(snap: LoadSnapshot, limits: Limits, timestamp: float) -> pb.LoadR
         timestamp_unix_s=timestamp,
         vision=vision_to_pb(snap.vision),
         encoder_token_latency_s=snap.encoder_token_latency_s,
+        busy_step_s=snap.busy_step_s,
     )
 
 

@@ -112,6 +112,9 @@ class Capacity(_Contract):
     step_latency_s: Annotated[float | None, pydantic.Field(gt=0)]
     encoder_latency_s: Annotated[float | None, pydantic.Field(ge=0)]
     replicas_measured: Annotated[int, pydantic.Field(ge=0)]
+    # What a step cost the replicas: their busy time per step (the step plus the work between steps), or the
+    # step latency where an endpoint reports no busy time. Absent from a gateway older than this field.
+    step_cost_s: Annotated[float | None, pydantic.Field(gt=0)] = None
 
 
 class VariantView(_Contract):

@@ -155,6 +155,10 @@ class LoadSnapshot:
     tokens_total: int = 0
     vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
     encoder_token_latency_s: float = 0.0  # moving average of encoder seconds per prompt token
+    # Engine wall time per decoder step while it has work: the step plus what runs between steps (commits,
+    # scheduling, streaming), encoder passes excluded; what capacity is charged. 0.0: not measured yet.
+    busy_step_s: float = 0.0
+    busy_s_total: float = 0.0  # wall time the step thread had work since start (its utilization's numerator)
 
 
 @dataclass
@@ -167,6 +171,7 @@ class Counters:
     encoder_passes: int = 0
     decoder_forward_s: float = 0.0  # time inside the model's decoder forward
     decoder_step_s: float = 0.0  # whole denoising steps: forward + sampling + bookkeeping
+    busy_s: float = 0.0  # wall time the step thread had work: steps, encoder passes and everything between
 
 
 class EngineError(Exception):

@@ -148,27 +148,40 @@ class DemandTracker:
             v.missed.add(now, 1)
 
 
+def step_cost_s(load: EndpointLoad) -> float:
+    """What one decoder step costs a replica: its busy time per step where it reports one, else the step's
+    own latency (a vLLM or API endpoint, an older worker); 0.0 until it has measured either.
+
+    The step's own latency leaves out the work between steps (commits, scheduling, streaming, waiting for the
+    CPU): with the small trained model on 2 shared cores that was ~10-40 % of a replica's time, and capacity
+    charged only the steps was that much too high.
+    """
+    return load.busy_step_s if load.busy_step_s > 0 else max(0.0, load.step_latency_s)
+
+
 def replica_canvases_per_s(load: EndpointLoad, steps_per_canvas: float) -> float | None:
     """Canvases/s one replica finishes, from its own load report; None until it has measured a step.
 
     The interleaving engine gives its active requests one decoder step at a time, so a replica finishes
-    one canvas per (expected steps x step latency + encoder pass), however many requests share it.
+    one canvas per (expected steps x step cost + encoder pass), however many requests share it.
     """
-    if load.step_latency_s <= 0:
+    step_s = step_cost_s(load)
+    if step_s <= 0:
         return None
-    return 1.0 / (max(1.0, steps_per_canvas) * load.step_latency_s + max(0.0, load.encoder_latency_s))
+    return 1.0 / (max(1.0, steps_per_canvas) * step_s + max(0.0, load.encoder_latency_s))
 
 
 def measured_capacity(ready: Sequence[Candidate]) -> Capacity:
     """Capacity per ready replica (mean over those that measured), in canvases/s and tokens/s; None if none did.
 
-    A canvas costs the steps the variant's traffic really takes per canvas (its requests' own caps and
+    A canvas costs an encoder pass plus its steps, each at the replica's step cost (`step_cost_s`), and the
+    steps the variant's traffic really takes per canvas (its requests' own caps and
     adaptive stopping); before any finished, the variant's cap times its learned share (1.0: every step).
     """
     rates: list[float] = []
     tokens: list[float] = []
     steps_seen: list[float] = []
-    latencies: list[tuple[float, float]] = []
+    latencies: list[tuple[float, float, float]] = []  # (step, encoder pass, step cost)
     for c in ready:
         if c.load is None:
             continue
@@ -180,14 +193,15 @@ def measured_capacity(ready: Sequence[Candidate]) -> Capacity:
         rates.append(rate)
         tokens.append(rate * (c.load.canvas_length or c.variant.canvas_length))
         steps_seen.append(max(1.0, steps))
-        latencies.append((c.load.step_latency_s, max(0.0, c.load.encoder_latency_s)))
+        latencies.append((c.load.step_latency_s, max(0.0, c.load.encoder_latency_s), step_cost_s(c.load)))
     if not rates:
         return Capacity(canvases_per_s_per_replica=None, tokens_per_s_per_replica=None, steps_per_canvas=None,
-                        step_latency_s=None, encoder_latency_s=None, replicas_measured=0)
+                        step_latency_s=None, encoder_latency_s=None, step_cost_s=None, replicas_measured=0)
     n = len(rates)
     return Capacity(canvases_per_s_per_replica=sum(rates) / n, tokens_per_s_per_replica=sum(tokens) / n,
-                    steps_per_canvas=sum(steps_seen) / n, step_latency_s=sum(s for s, _ in latencies) / n,
-                    encoder_latency_s=sum(e for _, e in latencies) / n, replicas_measured=n)
+                    steps_per_canvas=sum(steps_seen) / n, step_latency_s=sum(s for s, _, _ in latencies) / n,
+                    encoder_latency_s=sum(e for _, e, _ in latencies) / n,
+                    step_cost_s=sum(c for _, _, c in latencies) / n, replicas_measured=n)
 
 
 def snapshot(

@@ -143,6 +143,7 @@ def extract_load(report: pb.LoadReport, observed_at: float) -> EndpointLoad:
         observed_at=observed_at,
         encoder_token_latency_s=report.encoder_token_latency_s,
         vision=vision_from_pb(report),
+        busy_step_s=report.busy_step_s,
     )
 
 
@@ -304,6 +305,31 @@ def channel_factory(tls: WorkerTls | None) -> ChannelFactory:
     return open_tls
 
 
+class TrafficSteps:
+    """Decoder passes per canvas over a variant's last `window` finished requests, whatever their caps: what its
+    traffic costs a replica (capacity). A window, not a moving average: with a moving average over ~9 requests,
+    their mix of caps swung the figure 10-20 % either way, and capacity with it."""
+
+    def __init__(self, window: int) -> None:
+        self._recent: deque[tuple[int, int]] = deque()  # (decoder passes, canvases)
+        self._window = window
+        self._passes = 0
+        self._canvases = 0
+
+    def add(self, steps: StepsTaken) -> None:
+        self._recent.append((steps.decoder_passes, steps.canvases))
+        self._passes += steps.decoder_passes
+        self._canvases += steps.canvases
+        if len(self._recent) > self._window:
+            passes, canvases = self._recent.popleft()
+            self._passes -= passes
+            self._canvases -= canvases
+
+    def per_canvas(self) -> float | None:
+        """Passes per canvas; None before a canvas finished."""
+        return self._passes / self._canvases if self._canvases > 0 else None
+
+
 class Registry:
     """The endpoints of every source, their load (kept fresh by one watcher task each), and their health."""
 
@@ -326,7 +352,7 @@ class Registry:
         self.variants: dict[str, Variant] = {}
         self.step_fraction: dict[str, float] = {}  # per variant, at its own step cap, learned from finished requests
         self.step_shares: dict[str, dict[int, float]] = {}  # per variant and step cap, learned the same way
-        self.traffic_steps: dict[str, tuple[float, float]] = {}  # per variant: moving (passes, canvases), all caps
+        self.traffic_steps: dict[str, TrafficSteps] = {}  # per variant, all caps (capacity)
         self.replies: dict[str, deque[tuple[int, bool]]] = {}  # per variant: recent (canvases, ended by itself)
         self.reply_survival: dict[str, tuple[float, ...]] = {}  # per variant, from `replies`
         self._reply_window = reply_window
@@ -529,8 +555,7 @@ class Registry:
         shares = self.step_shares.setdefault(variant, {})
         shares[steps.cap] = self._ema(shares.get(steps.cap), steps.share)
         # What the traffic costs, whatever caps it asks for: canvas-weighted steps per canvas (capacity).
-        passes, canvases = self.traffic_steps.get(variant, (None, None))
-        self.traffic_steps[variant] = (self._ema(passes, steps.decoder_passes), self._ema(canvases, steps.canvases))
+        self.traffic_steps.setdefault(variant, TrafficSteps(self._reply_window)).add(steps)
         known = self.variants.get(variant)
         if known is not None and steps.cap == known.max_denoising_steps:
             self.step_fraction[variant] = shares[steps.cap]
@@ -550,8 +575,8 @@ class Registry:
         self.reply_survival[variant] = reply_survival(window)
 
     def _traffic_steps_per_canvas(self, variant: str) -> float | None:
-        passes, canvases = self.traffic_steps.get(variant, (0.0, 0.0))
-        return passes / canvases if canvases > 0 else None
+        traffic = self.traffic_steps.get(variant)
+        return traffic.per_canvas() if traffic is not None else None
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self._alpha * (new - old)

@@ -57,6 +57,8 @@ class EndpointLoad:
     observed_at: float  # gateway monotonic clock when the report arrived
     encoder_token_latency_s: float = 0.0  # encoder seconds per prompt token; 0 = not measured yet
     vision: VisionSpec | None = None  # the model's image geometry; None: it takes no images
+    # The worker's busy wall time per decoder step (the step plus the work between steps); 0 = not reported.
+    busy_step_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dgemma_gateway.demand import DemandTracker, measured_capacity, replica_canvases_per_s, snapshot
@@ -17,6 +19,18 @@ def load(step_s: float, encoder_s: float = 0.0, active: int = 0, canvas: int = 2
 
 def test_one_replica_finishes_a_canvas_per_expected_steps_times_step_latency_plus_the_encoder() -> None:
     assert replica_canvases_per_s(load(0.01, encoder_s=0.02), 16) == pytest.approx(1 / (16 * 0.01 + 0.02))
+
+
+def test_a_step_costs_the_replica_its_busy_time_per_step_where_the_worker_reports_one() -> None:
+    # The worker spends 4 ms per step outside the step itself (commits, scheduling, streaming): a canvas of
+    # 16 steps costs 16 x 14 ms, not 16 x 10 ms.
+    busy = replace(load(0.01, encoder_s=0.02), busy_step_s=0.014)
+    assert replica_canvases_per_s(busy, 16) == pytest.approx(1 / (16 * 0.014 + 0.02))
+    cap = measured_capacity([Candidate("a", V, busy, steps_per_canvas=16.0)])
+    assert (cap.step_latency_s, cap.step_cost_s) == (0.01, 0.014)
+    assert cap.canvases_per_s_per_replica == pytest.approx(1 / (16 * 0.014 + 0.02))
+    # An endpoint that reports no busy time (vLLM, an API, an older worker): the step latency stands in.
+    assert measured_capacity([Candidate("a", V, load(0.01), steps_per_canvas=16.0)]).step_cost_s == 0.01
 
 
 def test_the_rate_does_not_depend_on_how_many_requests_share_the_replica() -> None:

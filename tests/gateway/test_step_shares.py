@@ -69,11 +69,21 @@ async def test_capacity_charges_a_canvas_what_the_traffic_really_took_whatever_i
     # Half the canvases at the default cap (12 of 48 steps), half at cap 8 (all 8): 10 steps per canvas on
     # average, not the default cap's 12. Capacity in canvases/s follows the traffic, not one cap.
     c = await learned(*[(24, 2, 48), (16, 2, 8)] * 30)
-    assert c.steps_per_canvas == pytest.approx(10, rel=0.05)  # a moving average: the latest weigh most
+    assert c.steps_per_canvas == pytest.approx(10)
     ready = Candidate(c.endpoint_id, c.variant, load(0.01), step_fraction=c.step_fraction,
                       step_shares=c.step_shares, steps_per_canvas=c.steps_per_canvas)
     assert measured_capacity([ready]).canvases_per_s_per_replica == pytest.approx(1 / (10 * 0.01), rel=0.05)
     assert (await learned()).steps_per_canvas is None  # nothing finished: the cap's share (1.0) decides
+
+
+async def test_capacity_counts_the_traffic_of_the_last_window_of_requests_alike_not_the_latest_most() -> None:
+    # 50 requests at the default cap (all 48 steps), then 5 at cap 8. Capacity is about the traffic, so each
+    # request of the window counts alike: 44.4 steps per canvas. A moving average over ~9 requests said 21.
+    c = await learned(*[(48, 1, 48)] * 50, *[(8, 1, 8)] * 5)
+    assert c.steps_per_canvas == pytest.approx((50 * 48 + 5 * 8) / 55)
+    # The window is the registry's reply window (256 requests): older requests leave it.
+    c = await learned(*[(48, 1, 48)] * 300, *[(16, 2, 8)] * 256)
+    assert c.steps_per_canvas == pytest.approx(8)
 
 
 def test_reply_lengths_censored_by_the_budget_do_not_make_long_replies_look_short() -> None:

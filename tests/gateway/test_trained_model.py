@@ -84,13 +84,23 @@ def test_demand_counts_the_canvases_replies_are_expected_to_run_not_all_that_max
     # Capacity is in canvases really run; demand in canvases allowed would over-provision for replies that end
     # early (the model's replies end in their first canvas or two; max_tokens 96 allows three).
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    attributed_before, routed_before = canvases_asked(gw)
-    ran = 0
     prompts = [*PROMPTS, "Write about files.", "What does a module do?", "Describe a class."]
-    for seed, prompt in enumerate(prompts):
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=96, seed=seed)
-        ran += r.model_extra["dgemma"]["canvases"]  # type: ignore[index]
+
+    def ask() -> int:
+        """The prompts once; the canvases their replies ran."""
+        ran = 0
+        for seed, prompt in enumerate(prompts):
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=96, seed=seed)
+            ran += r.model_extra["dgemma"]["canvases"]  # type: ignore[index]
+        return ran
+
+    # The gateway learns reply lengths from the replies it has seen: first these prompts' replies (whatever
+    # the tests before this one asked; alone, the first requests found nothing learned and counted all they
+    # allowed), then the same prompts again are measured.
+    ask()
+    attributed_before, routed_before = canvases_asked(gw)
+    ran = ask()
     allowed = 3 * len(prompts)
     attributed_after, routed_after = canvases_asked(gw)
     routed, attributed = routed_after - routed_before, attributed_after - attributed_before

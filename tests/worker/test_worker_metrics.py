@@ -46,3 +46,22 @@ def test_metrics_count_requests_tokens_steps_and_expose_load(worker: RunningWork
     assert after[("dgemma_worker_capacity", ())] == 2
     assert ("dgemma_worker_queue_depth", ()) in after and ("dgemma_worker_active_requests", ()) in after
     assert after[("dgemma_worker_model_info", (("model", "tiny"), ("revision", "local")))] == 1
+
+
+def test_busy_time_holds_every_step_and_the_load_report_charges_it_per_step(worker: RunningWorker) -> None:
+    """The engine's busy time contains every timed step and encoder pass and the work between them; the
+    load report's busy time per step (what the gateway's capacity charges) is the gauge Prometheus reads."""
+    before = _scrape(worker)
+    params = pb.GenerationParams(max_new_tokens=40, max_denoising_steps=4, ignore_eos=True)
+    list(worker.stub.Generate(text_request(params=params)))
+    after = _scrape(worker)
+    report = worker.stub.GetLoad(pb.GetLoadRequest())
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    timed = (delta("dgemma_worker_step_latency_seconds_sum", kind="decoder")
+             + delta("dgemma_worker_step_latency_seconds_sum", kind="encoder"))
+    assert delta("dgemma_worker_busy_seconds_total") > timed > 0
+    assert report.busy_step_s == after[("dgemma_worker_busy_step_seconds", ())] > 0

@@ -41,7 +41,7 @@ from dgemma_common.types import (
 
 from . import prompts
 from .commits import commit_canvas
-from .meter import RateMeter
+from .meter import BusyMeter, RateMeter
 from .model import LoadedModel
 from .runner import RowSpec, StepRunner
 from .scheduler import Clock, Group, Scheduler, SchedulerLimits, interrupt_reason
@@ -80,6 +80,14 @@ class EngineObserver(Protocol):
     def on_step(self, kind: str, seconds: float) -> None: ...
 
     def on_request_end(self, reason: StopReason, stats: RequestStats) -> None: ...
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one turn did: an encoder pass (its timed seconds), a decoder step, or neither (a commit)."""
+
+    encoder_s: float = 0.0
+    steps: int = 0
 
 
 class _NullObserver:
@@ -156,6 +164,7 @@ class Engine:
         self.clock = clock
         self.counters = Counters()
         self._meter = RateMeter(self.config.rate_window_s)
+        self._busy = BusyMeter()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._fatal: BaseException | None = None
@@ -228,6 +237,7 @@ class Engine:
                 raise RuntimeError(f"warm-up failed: {event.error}")
         self.counters = Counters()
         self._meter = RateMeter(self.config.rate_window_s)
+        self._busy = BusyMeter()  # warm-up turns pay first-call costs no request will
         self._steps_total = 0
 
     # ---- admission ------------------------------------------------------------------------------
@@ -372,6 +382,8 @@ class Engine:
             tokens_total=self.counters.tokens_generated,
             vision=self.loaded.vision,
             encoder_token_latency_s=meter.latency("encoder_token"),
+            busy_step_s=self._busy.per_step(),
+            busy_s_total=self.counters.busy_s,
         )
 
     # ---- the step thread ------------------------------------------------------------------------
@@ -380,23 +392,32 @@ class Engine:
         # OpenMP's thread count is per thread: without this the step thread would use every core,
         # whatever the process was configured with (oversubscribing a node shared with other work).
         torch.set_num_threads(threads)
+        last_end: float | None = None  # when the previous turn with work ended
         try:
             while True:
                 turn = self.scheduler.next_turn()
+                # Busy time runs on from the previous turn unless the thread sat idle in between.
+                started = last_end if last_end is not None and not turn.waited else time.perf_counter()
                 for req, reason in turn.ended:
                     self._finish(req, reason)
                 if turn.stopping:
                     return
-                if turn.group is not None:
-                    self._turn(turn.group)
+                if turn.group is None:
+                    last_end = None
+                    continue
+                work = self._turn(turn.group)
+                last_end = time.perf_counter()
+                self._busy.turn(last_end - started, work.encoder_s, work.steps)
+                self.counters.busy_s += last_end - started
         except BaseException as exc:  # the scheduler itself broke: nothing more will be served
             log.critical("engine step thread died", exc_info=exc)
             self._fatal = exc
             for req in self.scheduler.abandon():
                 self._finish(req, StopReason.ERROR, "engine failure", "internal")
 
-    def _turn(self, group: Group[_Request]) -> None:
+    def _turn(self, group: Group[_Request]) -> Work:
         """One unit of work for one group, with every failure contained to that group."""
+        work = Work()
         now = self.clock()
         for req in group.rows:
             reason = interrupt_reason(req, now)
@@ -406,7 +427,7 @@ class Engine:
             with torch.inference_mode():
                 self._drop_ended_rows(group)
                 if group.rows:
-                    self._advance(group)
+                    work = self._advance(group)
         except torch.OutOfMemoryError:
             log.error("out of memory in requests %s", [r.id for r in group.rows])
             if torch.cuda.is_available():
@@ -421,6 +442,7 @@ class Engine:
             group.rows = []
         if not group.rows:
             self.scheduler.retire(group)
+        return work
 
     def _drop_ended_rows(self, group: Group[_Request]) -> None:
         """Remove ended requests from the group and from its batch."""
@@ -431,8 +453,9 @@ class Engine:
         if group.batch is not None:
             self.runner.keep_rows(group.batch, keep)
 
-    def _advance(self, group: Group[_Request]) -> None:
-        """An encoder pass when the group has uncached tokens, else one denoising step."""
+    def _advance(self, group: Group[_Request]) -> Work:
+        """An encoder pass when the group has uncached tokens, else one denoising step (or the commit of
+        canvases that stopped at the previous one)."""
         if group.batch is None:
             for req in group.rows:
                 assert req.started_at is not None
@@ -448,12 +471,12 @@ class Engine:
                 req.stats.encoder_s += encoded.seconds  # the batched pass, charged to each row (its trace span)
             self._record_step("encoder", encoded.seconds)
             self._meter.observe("encoder_token", encoded.seconds / max(1, encoded.tokens))
-            return
+            return Work(encoder_s=encoded.seconds)
         started = time.perf_counter()
         going = self.runner.settle(group.batch)
         if not any(going):  # every row's canvas stopped at the previous step
             self._commit(group)
-            return
+            return Work()
         for i, req in enumerate(group.rows):
             if going[i] and req.params.stream_drafts and self.runner.steps_done(group.batch, i):
                 self._maybe_draft(group, i)  # the previous step's draft, now known not to be the last
@@ -462,6 +485,7 @@ class Engine:
         for i in report.stepped:
             group.rows[i].stats.decoder_passes += 1
         self._record_step("decoder", time.perf_counter() - started)
+        return Work(steps=1)
 
     def _maybe_draft(self, group: Group[_Request], i: int) -> None:
         req = group.rows[i]

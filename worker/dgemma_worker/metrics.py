@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dgemma_common.auth import INVALID, MISSING
@@ -134,11 +134,12 @@ KINDS: dict[str, Kind] = {
     **{f"{PREFIX}_{name}": Kind.COUNTER for name in (
         "requests", "tokens_generated", "decoder_passes", "encoder_passes", "step_latency_seconds",
         "time_to_first_commit_seconds", "queue_wait_seconds", "request_duration_seconds",
-        "event_loop_lag_seconds", "auth_failures")},
+        "event_loop_lag_seconds", "auth_failures", "busy_seconds")},
     **{f"{PREFIX}_{name}": Kind.SHARE for name in (
         "ready", "draining", "queue_depth", "active_requests", "capacity", "max_queue", "tokens_per_second")},
     **{f"{PREFIX}_{name}": Kind.LEVEL for name in (
-        "step_latency_avg_seconds", "encoder_latency_avg_seconds", "canvas_length", "model_info")},
+        "step_latency_avg_seconds", "encoder_latency_avg_seconds", "busy_step_seconds", "canvas_length",
+        "model_info")},
 }
 
 
@@ -162,12 +163,18 @@ class _LoadCollector(Collector):
                 ("max_queue", "Maximum waiting requests.", snap.max_queue),
                 ("step_latency_avg_seconds", "Moving average of a decoder step.", snap.step_latency_s),
                 ("encoder_latency_avg_seconds", "Moving average of an encoder pass.", snap.encoder_latency_s),
+                ("busy_step_seconds", "Engine wall time per decoder step while it has work, over its last 512 "
+                 "turns: the step plus commits, scheduling and streaming between steps (encoder passes "
+                 "excluded). What capacity is charged.", snap.busy_step_s),
                 ("tokens_per_second", "Moving average of committed tokens per second.", snap.tokens_per_s),
                 ("canvas_length", "Tokens per canvas.", snap.canvas_length),
             ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         if snap is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_busy_seconds", "Wall time the engine's step thread had work (rate: its busy share).",
+                value=snap.busy_s_total)
             info = GaugeMetricFamily(f"{PREFIX}_model_info", "The served model.", labels=["model", "revision"])
             info.add_metric([snap.model_name, snap.model_revision], 1.0)
             yield info

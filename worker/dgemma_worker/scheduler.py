@@ -62,6 +62,7 @@ class Turn(Generic[R]):
     group: Group[R] | None
     ended: list[tuple[R, StopReason]] = field(default_factory=list)
     stopping: bool = False
+    waited: bool = False  # the step thread sat idle before this turn (the engine's busy time stops there)
 
 
 def interrupt_reason(req: Schedulable, now: float) -> StopReason | None:
@@ -149,11 +150,14 @@ class Scheduler(Generic[R]):
     def next_turn(self, idle_wait_s: float = 0.5) -> Turn[R]:
         """The next turn, waiting while there is nothing to do."""
         with self.cond:
+            waited = False
             while True:
                 turn = self.poll()
                 if turn is not None:
+                    turn.waited = waited
                     return turn
                 self.cond.wait(self._batch_wait_left() or idle_wait_s)
+                waited = True
 
     def poll(self) -> Turn[R] | None:
         """End waiting requests that were cancelled or timed out, admit queued ones, and pick a group;

@@ -209,7 +209,7 @@ class VisionSpec(_message.Message):
     def __init__(self, patch_size: _Optional[int] = ..., pooling_kernel_size: _Optional[int] = ..., max_soft_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("queue_depth", "active", "capacity", "max_queue", "step_latency_s", "encoder_latency_s", "tokens_per_s", "canvas_length", "model_name", "model_revision", "ready", "draining", "steps_total", "tokens_total", "limits", "timestamp_unix_s", "vision", "encoder_token_latency_s")
+    __slots__ = ("queue_depth", "active", "capacity", "max_queue", "step_latency_s", "encoder_latency_s", "tokens_per_s", "canvas_length", "model_name", "model_revision", "ready", "draining", "steps_total", "tokens_total", "limits", "timestamp_unix_s", "vision", "encoder_token_latency_s", "busy_step_s")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class LoadReport(_message.Message):
     TIMESTAMP_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     VISION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_TOKEN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    BUSY_STEP_S_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     active: int
     capacity: int
@@ -246,7 +247,8 @@ class LoadReport(_message.Message):
     timestamp_unix_s: float
     vision: VisionSpec
     encoder_token_latency_s: float
-    def __init__(self, queue_depth: _Optional[int] = ..., active: _Optional[int] = ..., capacity: _Optional[int] = ..., max_queue: _Optional[int] = ..., step_latency_s: _Optional[float] = ..., encoder_latency_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., canvas_length: _Optional[int] = ..., model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., steps_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., timestamp_unix_s: _Optional[float] = ..., vision: _Optional[_Union[VisionSpec, _Mapping]] = ..., encoder_token_latency_s: _Optional[float] = ...) -> None: ...
+    busy_step_s: float
+    def __init__(self, queue_depth: _Optional[int] = ..., active: _Optional[int] = ..., capacity: _Optional[int] = ..., max_queue: _Optional[int] = ..., step_latency_s: _Optional[float] = ..., encoder_latency_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., canvas_length: _Optional[int] = ..., model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., steps_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., timestamp_unix_s: _Optional[float] = ..., vision: _Optional[_Union[VisionSpec, _Mapping]] = ..., encoder_token_latency_s: _Optional[float] = ..., busy_step_s: _Optional[float] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt",)
