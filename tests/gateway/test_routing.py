@@ -50,6 +50,7 @@ def test_cost_is_per_canvas_not_per_token(max_tokens: int, canvas: int, canvases
         (3, 0, 0, 1.36),  # four active: a quarter of the worker each
         (4, 2, 0, 2.38),  # full, two queued: three requests' worth of waiting, then a quarter share
         (0, 0, 2, 1.02),  # the gateway's own in-flight count beats a lagging report
+        (2, 0, 2, 1.02),  # the report and the in-flight count are the same two requests, not four
     ],
 )
 def test_interleaved_prediction_counts_queue_sharing_canvases_and_steps(

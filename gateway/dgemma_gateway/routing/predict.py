@@ -133,11 +133,12 @@ def predict(
     own = first_s + (expected - 1) * encoder_s + expected * steps * step_s
     capacity = max(1, load.capacity if load is not None and load.capacity > 0 else 1)
     # This gateway's own requests there, with their known remaining work, then the others: those the worker
-    # reports beyond this gateway's, and any of its own whose work it does not know.
+    # reports beyond this gateway's; at least as many in all as this gateway has in flight (some of its own
+    # may have no known work: routed without a prediction, or a caller that tracks none).
     known = [max(0.0, r) for r in candidate.ahead_s]
     reported = 0 if load is None else load.active + load.queue_depth
-    others = max(0, reported - candidate.reported_mine) + max(0, candidate.inflight - len(known))
-    ahead = (*known, *[own * ahead_share] * others)
+    n = max(len(known) + max(0, reported - candidate.reported_mine), candidate.inflight)
+    ahead = (*known, *[own * ahead_share] * (n - len(known)))
     wait, total = finish_behind(ahead, own, capacity, shared=mode == "interleaved")
     overhead = max(0.0, candidate.overhead_s)
     return Prediction(total + overhead, wait, total - wait, canvases, steps, expected, step_s, encoder_s, measured,
