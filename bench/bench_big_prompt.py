@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 
@@ -68,7 +69,7 @@ def gateway_process(tmp: Path, worker: str) -> Iterator[str]:
         proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "gateway", "--host", "127.0.0.1", "--port",
                                  "0", "--grpc-port", "-1", "--port-file", str(port_file), "--model", MODEL,
                                  "--endpoint", worker, "--routing-profile", "round-robin"], stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -119,7 +120,8 @@ async def run(tmp: Path, repeat: int) -> list[dict[str, Any]]:
                     before = {p: lag_buckets(u) for p, u in metrics.items()}
                     sender = await asyncio.create_subprocess_exec(
                         sys.executable, "-c", SEND, door, worker.address, url, MODEL, cwd=ROOT,
-                        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        preexec_fn=die_with_parent())
                     out, _ = await sender.communicate()
                     await asyncio.sleep(1.0)  # the loops' probes see a stall only once it is over
                     after = {p: lag_buckets(u) for p, u in metrics.items()}

@@ -27,6 +27,7 @@ import grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.workers import LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 
@@ -123,7 +124,7 @@ def local_stack(worker_args: Sequence[str], gateway_args: Sequence[str] = ()) ->
             [sys.executable, "-m", "dgemma_cli.main", "gateway", "--endpoint", address, "--model", MODEL,
              "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", "--port-file", str(port_file),
              *gateway_args],
-            stdout=subprocess.DEVNULL, env={**os.environ})
+            stdout=subprocess.DEVNULL, env={**os.environ}, preexec_fn=die_with_parent())
         deadline = time.monotonic() + 120
         while not port_file.exists():
             if time.monotonic() > deadline or gateway.poll() is not None:

@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dgemma_serve.lifetime import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 REFUSALS = ("400", "401", "404", "405", "413", "415", "422", "429", "INVALID_ARGUMENT", "UNAUTHENTICATED",
             "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED", "FAILED_PRECONDITION", "OUT_OF_RANGE")
@@ -33,7 +35,7 @@ def run_suites(out: Path, examples: int) -> float:
     env = {**os.environ, "DGEMMA_FUZZ_EXAMPLES": str(examples), "DGEMMA_RELIABILITY_OUT": str(out)}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/fuzz",
-                             "tests/chaos"], cwd=ROOT, env=env)
+                             "tests/chaos"], cwd=ROOT, env=env, preexec_fn=die_with_parent())
     if result.returncode != 0:
         raise SystemExit(f"the suites failed (exit {result.returncode}): the table would not describe a green run")
     return time.monotonic() - started

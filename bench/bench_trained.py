@@ -56,6 +56,7 @@ from calibrate_tiny import (  # noqa: E402
 )
 
 from dgemma_common.types import Prompt  # noqa: E402
+from dgemma_serve.lifetime import die_with_parent  # noqa: E402
 from dgemma_worker.engine import Engine, EngineConfig  # noqa: E402
 from dgemma_worker.model import BUNDLED_MODEL_DIR, load_model  # noqa: E402
 
@@ -147,7 +148,8 @@ def start_serve(model: Path, replicas: int) -> tuple[subprocess.Popen[str], str]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dgemma_cli.main", "serve", "--model", str(model), "--replicas", str(replicas),
          "--port", "0", "--grpc-port", "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=die_with_parent())
     assert proc.stdout is not None
     url = None
     deadline = time.monotonic() + 600

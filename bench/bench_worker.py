@@ -28,6 +28,7 @@ from dgemma_common.params import GenerationParams
 from dgemma_common.types import CommitEvent, Prompt
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 
 PROMPT = "Why is the sky blue?"
 # One torch thread in both the worker and the in-process engine: same settings, and less noise from
@@ -50,7 +51,7 @@ def start_worker(model: str, max_active: int, max_queue: int) -> tuple[subproces
          "--metrics-port", "off", "--port-file", str(port_file), "--max-active", str(max_active),
          "--max-queue", str(max_queue)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
+        env={**os.environ, "OMP_NUM_THREADS": str(THREADS)}, preexec_fn=die_with_parent(),
     )
     deadline = time.monotonic() + 120
     while not port_file.exists():

@@ -1,11 +1,13 @@
-"""Real processes for the fuzz and chaos suites: `dgemma gateway` in front of `dgemma worker` processes, the
-processes' memory from /proc, a health prober that runs beside the traffic, and a tally of outcomes that the
-reliability benchmark (bench/bench_reliability.py) collects when DGEMMA_RELIABILITY_OUT names a folder."""
+"""Real processes for the tests: `dgemma gateway` in front of `dgemma worker` processes, any `dgemma` command
+(`dgemma serve`) with its output collected, the processes' memory from /proc, a health prober that runs beside the
+traffic, and a tally of outcomes that the reliability benchmark (bench/bench_reliability.py) collects when
+DGEMMA_RELIABILITY_OUT names a folder."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +15,15 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dgemma_serve.lifetime import die_with_parent
 
 RELIABILITY_OUT_ENV = "DGEMMA_RELIABILITY_OUT"
 
@@ -40,7 +44,7 @@ class GatewayProcess:
                "--grpc-port", "0", "--port-file", str(self.port_file), "--model", model,
                *(a for e in endpoints for a in ("--endpoint", e)), *args]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         deadline = time.monotonic() + 60
         while not self.port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -54,19 +58,24 @@ class GatewayProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def ready(self) -> bool:
-        """/readyz says 200 (some worker is ready)."""
+    def ready_endpoints(self) -> int:
+        """How many workers /readyz counts as ready (0 while it answers 503 or not at all)."""
         try:
             with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as r:
-                return bool(r.status == 200)
+                return int(json.load(r)["endpoints_ready"])
         except OSError:
-            return False
+            return 0
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def ready(self) -> bool:
+        """/readyz says some worker is ready."""
+        return self.ready_endpoints() > 0
+
+    def wait_ready(self, timeout: float = 120.0, endpoints: int = 1) -> None:
+        """Until the gateway counts `endpoints` ready workers (routing ignores one it has not seen ready)."""
         deadline = time.monotonic() + timeout
-        while not self.ready():
+        while self.ready_endpoints() < endpoints:
             assert self.process.poll() is None, f"the gateway exited:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"the gateway saw no ready worker:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"the gateway saw fewer than {endpoints} ready:\n{self.log_tail()}"
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -80,6 +89,60 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+
+class DgemmaProcess:
+    """A `dgemma` command (`serve`, ...) as a process in its own session, its output collected line by line."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     preexec_fn=die_with_parent(),
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.lines: list[str] = []
+        out = self.proc.stdout
+        assert out is not None
+        threading.Thread(target=lambda: self.lines.extend(iter(out.readline, "")), daemon=True).start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first match of `pattern` in the output; fails if the process exits or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output)
+            if match:
+                return match
+            assert self.proc.poll() is None, f"exited with {self.proc.returncode}:\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.output[-3000:]}"
+            time.sleep(0.1)
+
+    def serving(self, timeout: float = 180.0) -> str:
+        """Once `dgemma serve` says it is ready: its gateway's URL."""
+        self.wait_for(r"ready\. Try", timeout)
+        return self.wait_for(r"gateway at (http://\S+)", 1).group(1)
+
+    def kserve_address(self) -> str:
+        """host:port of `dgemma serve`'s KServe gRPC front (once it is ready)."""
+        port = self.wait_for(r"KServe gRPC on port (\d+)", 1).group(1)
+        return f"127.0.0.1:{port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a drain), then SIGKILL if it is still there after `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to its process group, at once."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
 
 def worker_health(address: str, timeout: float = 5.0) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dgemma_gateway.endpoints import EndpointSpec
 from dgemma_gateway.types import Variant
+from dgemma_serve.lifetime import die_with_parent
 
 
 @dataclass
@@ -70,7 +71,8 @@ class LocalWorkers:
             self.stop(stop_timeout)
 
     def spawn(self) -> LocalWorker:
-        """Start one more worker process (on a free port; it loads the model in the background)."""
+        """Start one more worker process (on a free port; it loads the model in the background). Call it from a
+        thread that outlives the worker (see dgemma_serve.lifetime): the worker is killed when that thread ends."""
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="dgemma-serve-"))
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -87,8 +89,10 @@ class LocalWorkers:
                *(["--api-keys-file", str(self._key_file())] if self.api_key is not None else []),
                *self.extra_args]
         with open(log_path, "wb") as log:
+            # Its own session, so Ctrl-C reaches only us and we stop the workers in order; killed with us, so a
+            # `dgemma serve` that dies without stopping them (SIGKILL) leaves none behind.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
+                                    start_new_session=True, preexec_fn=die_with_parent())
         worker = LocalWorker(i, proc, port_file, log_path)
         self.workers.append(worker)
         return worker

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.workers import LocalWorker, LocalWorkers
 from dgemma_worker.model import tiny_model_dir
 from tests.stack import GatewayProcess, HealthProbe, record
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,6 +36,9 @@ MODEL = "tiny"
 ROOT = Path(__file__).resolve().parents[2]
 STEP_DELAY_S = 0.05
 SLOW = {"DGEMMA_DEBUG_STEP_DELAY_S": str(STEP_DELAY_S)}
+# The kill test's victim: five times slower, so that once its running stream has shown its first text to the client
+# (after one canvas, 12 steps: 3 s), three more canvases (9 s of step delay alone) are still to come.
+SLOWER_VICTIM = {"DGEMMA_DEBUG_STEP_DELAY_S": str(5 * STEP_DELAY_S)}
 # A stream of this many steps lasts several seconds: still running when a test acts on it.
 LONG = {"max_tokens": 64, "max_denoising_steps": 12, "ignore_eos": True}
 SHORT = {"max_tokens": 16, "max_denoising_steps": 2, "ignore_eos": True}
@@ -50,6 +56,8 @@ class StreamResult:
     done: bool = False  # the [DONE] line arrived
     finish: str | None = None
     endpoint: str | None = None  # from the final chunk's dgemma extra
+    routed_to: str | None = None  # the x-dgemma-endpoint header: where the stream ran when its first event came
+    texts: int = 0  # chunks with text
     arrivals: list[float] = field(default_factory=list)
 
     @property
@@ -63,12 +71,15 @@ class StreamResult:
 
 
 async def stream_chat(session: aiohttp.ClientSession, url: str, settings: dict[str, Any],
-                      first_chunk: asyncio.Event | None = None) -> StreamResult:
-    """One streamed chat completion, read to its end."""
+                      first_chunk: asyncio.Event | None = None, opened: list[StreamResult] | None = None
+                      ) -> StreamResult:
+    """One streamed chat completion, read to its end; `opened` gets its result, filled in as it goes."""
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Go on"}], **settings}
     async with session.post(f"{url}/v1/chat/completions", json=body,
                             timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)) as response:
-        result = StreamResult(response.status)
+        result = StreamResult(response.status, routed_to=response.headers.get("x-dgemma-endpoint"))
+        if opened is not None:
+            opened.append(result)
         if response.status != 200:
             result.error = (await response.json()).get("error")
             return result
@@ -85,8 +96,10 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, settings: dict[s
                 result.error = data["error"]
                 continue
             result.chunks += 1
-            if first_chunk is not None and any(c.get("delta", {}).get("content") for c in data["choices"]):
-                first_chunk.set()
+            if any(c.get("delta", {}).get("content") for c in data["choices"]):
+                result.texts += 1
+                if first_chunk is not None:
+                    first_chunk.set()
             for choice in data.get("choices", []):
                 result.finish = choice.get("finish_reason") or result.finish
             result.endpoint = (data.get("dgemma") or {}).get("endpoint") or result.endpoint
@@ -109,9 +122,9 @@ class Pair:
     gateway: GatewayProcess
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    victim = _workers(tmp_path, "victim", 1, ["--max-active", "1", "--max-queue", "8"])
+@contextmanager
+def _pair(tmp_path: Path, victim_env: dict[str, str]) -> Iterator[Pair]:
+    victim = _workers(tmp_path, "victim", 1, ["--max-active", "1", "--max-queue", "8"], victim_env)
     survivor = _workers(tmp_path, "survivor", 1, ["--max-active", "4", "--max-queue", "8"])
     gateway: GatewayProcess | None = None
     try:
@@ -127,10 +140,22 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         survivor.stop(timeout=5)
 
 
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    with _pair(tmp_path, SLOW) as pair:
+        yield pair
+
+
+@pytest.fixture
+def slower_victim_pair(tmp_path: Path) -> Iterator[Pair]:
+    with _pair(tmp_path, SLOWER_VICTIM) as pair:
+        yield pair
+
+
 def _gateway(tmp: Path, *workers: LocalWorker, args: tuple[str, ...] = ()) -> GatewayProcess:
     # Round robin, so that both workers get streams whatever their measured latency.
     gateway = GatewayProcess(tmp, [w.address for w in workers], MODEL, ["--routing-profile", "round-robin", *args])
-    gateway.wait_ready()
+    gateway.wait_ready(endpoints=len(workers))  # each takes its turn from the first request on
     return gateway
 
 
@@ -139,38 +164,31 @@ def _lost(results: list[StreamResult | BaseException]) -> list[Any]:
     return [r for r in results if isinstance(r, BaseException) or not (r.completed or r.clean_error)]
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.02)
-
-
 async def _warm(url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(2):  # one per worker (round robin)
             assert (await stream_chat(session, url, SHORT)).completed
 
 
-def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_served_elsewhere(pair: Pair) -> None:
+def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_served_elsewhere(
+        slower_victim_pair: Pair) -> None:
+    pair = slower_victim_pair
+
+    def on_victim(r: StreamResult) -> bool:
+        return r.routed_to is not None and r.routed_to.endswith(pair.victim.address)
+
     async def scenario() -> list[StreamResult | BaseException]:
         async with aiohttp.ClientSession() as session:
-            # Round robin: half go to the victim, which runs one and queues the others (no event sent yet).
-            # Ten canvases a stream (~6 s), so that the victim's first stream is still running when the others
-            # have sent text: with four canvases a loaded survivor's third stream sent its first text after the
-            # victim's first had ended and its second had not sent any yet.
-            long = {**LONG, "max_tokens": 160}
-            for _ in range(3):
-                texts = [asyncio.Event() for _ in range(6)]
-                tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, long, text)) for text in texts]
-                # Killed once every stream that can run has sent text: the survivor's three and the victim's one
-                # (killed 0.5 s after the first text of any stream, a loaded victim had at times sent nothing).
-                await asyncio.wait_for(_until(lambda ts=texts: sum(t.is_set() for t in ts) >= 4), 60)
-                if not any(task.done() for task in tasks):
-                    pair.victim.process.send_signal(signal.SIGKILL)
-                    return await asyncio.gather(*tasks, return_exceptions=True)
-                # A stream ended first (a machine so loaded that the survivor's third stream sent no text
-                # within one of the victim's whole streams): the scene was not set; let these finish, set it again.
-                assert not _lost(await asyncio.gather(*tasks, return_exceptions=True))
-            raise AssertionError("in three tries, a stream always ended before all four runnable ones sent text")
+            # Round robin: half go to the victim, which runs one and queues the others (they send nothing yet).
+            opened: list[StreamResult] = []
+            tasks = [asyncio.create_task(stream_chat(session, pair.gateway.url, LONG, opened=opened))
+                     for _ in range(6)]
+            # Killed once the client has text from a stream that runs on the victim: mid-stream, whatever the load.
+            await until(lambda: any(on_victim(r) and r.texts and not r.done for r in opened), 60,
+                        "text from the victim's running stream")
+            assert not any(on_victim(r) and r.done for r in opened), "a victim's stream ended before the kill"
+            pair.victim.process.send_signal(signal.SIGKILL)
+            return await asyncio.gather(*tasks, return_exceptions=True)
 
     results = asyncio.run(scenario())
     assert not _lost(results), f"lost: {_lost(results)}"
@@ -179,7 +197,7 @@ def test_a_worker_killed_mid_stream_ends_its_streams_cleanly_and_its_queue_is_se
     assert cut, "the victim held a stream when it died"
     for r in cut:  # an error event the OpenAI SDK raises, then [DONE]
         assert r.error is not None and r.error["code"] == "upstream_unavailable" and r.done, r
-    # Three went to the survivor; of the victim's three, one was running (cut) and two waited in its queue:
+    # The survivor's streams completed; of the victim's, one was running (cut) and the others waited in its queue:
     # those had sent nothing, so they were retried on the survivor.
     assert len(ok) == 5 and len(cut) == 1, results
     assert sum(r.endpoint is not None and r.endpoint.endswith(pair.survivor.address) for r in ok) == 5, ok
@@ -218,7 +236,7 @@ def test_sigterm_to_dgemma_serve_lets_every_stream_in_flight_finish(tmp_path: Pa
            "--model", str(tiny_model_dir()), "--served-model-name", MODEL, "--drain-grace-s", "60"]
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
     try:
         url = _serve_url(log, proc)
         very_long = {**LONG, "max_tokens": 160}  # 10 canvases x 12 steps x 50 ms: longer than 5 s
@@ -303,7 +321,7 @@ async def _stream_beside_a_big_prompt(gateway: GatewayProcess, worker: str
         # The 10 MB requests come from another process: this loop only times the live stream.
         sender = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.chaos.big_prompt", worker, gateway.url, MODEL,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent())
         out, _ = await asyncio.wait_for(sender.communicate(), 120)
         sent = json.loads(out)
         result = await live

@@ -29,6 +29,8 @@ import grpc
 import kubernetes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dgemma_serve.lifetime import die_with_parent
+
 MANAGED = "app.kubernetes.io/managed-by=dgemma-operator"
 MERGE = "application/merge-patch+json"
 # Environment the stand-in node changes: the tiny model on CPU, free ports, writable caches. The profile's
@@ -88,12 +90,7 @@ class Kubelet:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(30)
-        for w in self.workloads.values():
-            for pod in w.pods:
-                _terminate(pod)
-        for pod in self.started:
-            _reap(pod, 10.0)
+        self._thread.join(60)
         self.api.close()
 
     def addresses(self) -> list[str]:
@@ -105,12 +102,21 @@ class Kubelet:
         return [p.name for p in self.started if p.process.poll() is None]
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception as e:  # keep going: the test asserts on outcomes, and reads errors on failure
-                self.errors.append(f"{type(e).__name__}: {e}")
-            self._stop.wait(self.interval_s)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.sync()
+                except Exception as e:  # keep going: the test asserts on outcomes, and reads errors on failure
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                self._stop.wait(self.interval_s)
+        finally:
+            # Here, not in __exit__: the workers die with this thread, which started them (die_with_parent), so
+            # it stops them (SIGTERM, a drain) before it ends.
+            for w in self.workloads.values():
+                for pod in w.pods:
+                    _terminate(pod)
+            for pod in self.started:
+                _reap(pod, 10.0)
 
     # ---- convergence ----------------------------------------------------------------------------
 
@@ -202,7 +208,7 @@ class Kubelet:
         with open(log, "wb") as out:
             process = subprocess.Popen([sys.executable, "-m", "dgemma_worker.server"], stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, **env})
+                                       env={**os.environ, **env}, preexec_fn=die_with_parent())
         w.pods.append(Pod(name, process, Path(env["DGEMMA_PORT_FILE"]), log))
         self.started.append(w.pods[-1])
         body = {"apiVersion": "v1", "kind": "Pod",

@@ -26,9 +26,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -40,10 +39,12 @@ from dgemma_gateway.core import GatewaySettings
 from dgemma_gateway.kube import KubernetesSource, from_kubeconfig
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import tiny_model_dir
 from tests.e2e.kubelet import Kubelet
 from tests.gateway.gateway_harness import RunningGateway
 from tests.k8s_emulator import EmulatorThread
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,16 +74,6 @@ SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tiny-worke
           "data": {"keys": base64.b64encode(f"{WORKER_KEY}\n".encode()).decode()}}
 
 
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.2)
-
-
 def get(k8s: EmulatorThread, kind: str, name: str) -> dict[str, Any] | None:
     out = k8s.kubectl("get", kind, name, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
@@ -105,7 +96,7 @@ def operator(k8s: EmulatorThread, tmp_path: pathlib.Path, gateway: RunningGatewa
     cmd = [sys.executable, "-m", "dgemma_cli.main", "operator", "--standalone", "--namespace", "default",
            "--liveness-port", "0", "--gateway-url", gateway.url, "--autoscale-interval-s", "1"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
     try:
         yield log
     finally:

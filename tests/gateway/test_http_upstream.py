@@ -12,13 +12,7 @@ direct call without the key of its run."""
 from __future__ import annotations
 
 import json
-import os
 import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -38,6 +32,7 @@ from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
 from dgemma_worker.model import tiny_model_dir
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway, static, variant
+from tests.stack import DgemmaProcess
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,41 +72,12 @@ def until(check: Callable[[], Any], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-class Process:
-    """A `dgemma` command on 127.0.0.1 with its output collected; its own process group, so a kill takes its
-    workers too."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),  # type: ignore
-                         daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, "".join(self.lines))
-            if match:
-                return match
-            assert self.proc.poll() is None, f"exited with {self.proc.returncode}:\n{''.join(self.lines)[-3000:]}"
-            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{''.join(self.lines)[-3000:]}"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-
 @pytest.fixture(scope="module")
 def serve() -> Iterator[str]:
     """`dgemma serve` on the random-weight tiny model: the upstream URL (its OpenAI API is under /v1)."""
-    p = Process(serve_tiny("--port", "0", "--grpc-port", "-1", "--max-active", "2"))
+    p = DgemmaProcess(serve_tiny("--port", "0", "--grpc-port", "-1", "--max-active", "2"))
     try:
-        p.wait_for(r"ready\. Try", 180)
-        yield p.wait_for(r"gateway at (http://\S+)", 1).group(1)
+        yield p.serving(180)
     finally:
         p.kill()
 
@@ -281,11 +247,10 @@ def test_a_slow_upstream_loses_the_traffic_and_misses_a_short_deadline(pool: Poo
 
 
 def test_a_dgemma_serve_that_dies_mid_stream_ends_the_stream_with_an_error_and_is_ejected() -> None:
-    upstream = Process(serve_tiny("--port", "0", "--grpc-port", "-1"))
+    upstream = DgemmaProcess(serve_tiny("--port", "0", "--grpc-port", "-1"))
     front = None
     try:
-        upstream.wait_for(r"ready\. Try", 180)
-        url = upstream.wait_for(r"gateway at (http://\S+)", 1).group(1)
+        url = upstream.serving(180)
         front = RunningGateway([http(url, model=SERVED)])
         front.wait_ready(1, timeout=30)
         stream = client(front).chat.completions.create(
@@ -366,12 +331,11 @@ def test_dgemma_serve_takes_the_overflow_only_when_the_local_worker_cannot_meet_
 
 
 def test_dgemma_serve_with_overflow_serves_at_once_while_its_first_worker_starts(serve: str) -> None:
-    p = Process(serve_tiny("--port", "0", "--grpc-port", "-1", "--replicas", "0", "--autoscale", "--min-replicas",
-                 "0", "--max-replicas", "1", "--autoscale-interval-s", "0.5", "--demand-window-s", "5",
-                 "--overflow-url", f"{serve}/v1", "--overflow-model", SERVED))
+    p = DgemmaProcess(serve_tiny("--port", "0", "--grpc-port", "-1", "--replicas", "0", "--autoscale",
+                                 "--min-replicas", "0", "--max-replicas", "1", "--autoscale-interval-s", "0.5",
+                                 "--demand-window-s", "5", "--overflow-url", f"{serve}/v1", "--overflow-model", SERVED))
     try:
-        p.wait_for(r"ready\. Try", 120)
-        url = p.wait_for(r"gateway at (http://\S+)", 1).group(1)
+        url = p.serving(120)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         raw = c.chat.completions.with_raw_response.create(
             model=SERVED, messages=[{"role": "user", "content": "x"}], max_tokens=8)

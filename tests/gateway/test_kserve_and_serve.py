@@ -15,6 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_serve.serve import checkpoint_shape
 from dgemma_worker.checkpoints import BUNDLED_MODEL_DIR
 from tests.gateway.gateway_harness import MODEL, RunningGateway, fast_gateway, kserve_inputs
@@ -63,7 +64,8 @@ def test_tritonclient_streams_one_response_per_canvas_through_the_gateway(gw: Ru
 def test_dgemma_serve_demo_starts_streams_one_reply_and_exits_zero() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "dgemma_cli.main", "serve", "--demo", "--port", "0",
-                          "--grpc-port", "0"], capture_output=True, text=True, timeout=150, env=env)
+                          "--grpc-port", "0"], capture_output=True, text=True, timeout=150, env=env,
+                         preexec_fn=die_with_parent())
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dgemma serve: gateway at http://127.0.0.1:" in out.stdout
     assert "curl -N http://127.0.0.1:" in out.stdout and "/v1/chat/completions" in out.stdout

@@ -33,6 +33,7 @@ from dgemma_gateway.kube import (
     resource_from,
     variant_from_resource,
 )
+from dgemma_serve.lifetime import die_with_parent
 from tests.gateway.gateway_harness import MODEL, Pool, RunningGateway
 from tests.k8s_emulator import EmulatorThread
 
@@ -290,7 +291,8 @@ def test_no_copy_of_the_client_key_is_left_when_the_gateway_exits(tmp_path: path
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TMPDIR": str(temp)}
         gateway = subprocess.Popen(
             [sys.executable, "-m", "dgemma_cli.main", "gateway", "--kubernetes", "--host", "127.0.0.1",
-             "--port", "0", "--grpc-port", "-1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "--port", "0", "--grpc-port", "-1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent())
         try:
             listed = lambda: any(r.url.path == "/apis/dgemma.io/v1alpha1/diffusiongemmas" for r in k8s.handler)  # noqa: E731
             assert wait_for(lambda: k8s.call(listed), timeout=30), "the gateway never reached the API"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -15,6 +13,8 @@ from collections.abc import Callable
 
 import pytest
 from openai import OpenAI
+
+from tests.stack import DgemmaProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,20 +37,14 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subproc
 
 
 def test_serve_autoscale_adds_a_worker_under_load_and_retires_it_when_idle() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DGEMMA_DEBUG_STEP_DELAY_S": STEP_DELAY_S}
-    cmd = [sys.executable, "-m", "dgemma_cli.main", "serve", "--autoscale", "--min-replicas", "1",
-           "--max-replicas", "2", "--port", "0", "--grpc-port", "-1", "--max-active", "2",
-           "--autoscale-interval-s", "0.5", "--scale-down-window-s", "3", "--demand-window-s", "3",
-           "--target-utilization", "0.5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    p = DgemmaProcess(["serve", "--autoscale", "--min-replicas", "1", "--max-replicas", "2", "--port", "0",
+                       "--grpc-port", "-1", "--max-active", "2", "--autoscale-interval-s", "0.5",
+                       "--scale-down-window-s", "3", "--demand-window-s", "3", "--target-utilization", "0.5"],
+                      env={"DGEMMA_DEBUG_STEP_DELAY_S": STEP_DELAY_S})
     served: Counter[str] = Counter()
     stop_load = threading.Event()
     try:
-        wait_for(lambda: any("ready. Try" in line for line in lines), 120, "serve to be ready", proc)
-        url = re.search(r"gateway at (http://\S+)", "".join(lines)).group(1)  # type: ignore[union-attr]
+        url = p.serving(120)
         assert ready_endpoints(url) == 1.0
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -63,23 +57,21 @@ def test_serve_autoscale_adds_a_worker_under_load_and_retires_it_when_idle() -> 
         clients = [threading.Thread(target=load, daemon=True) for _ in range(6)]
         for t in clients:
             t.start()
-        wait_for(lambda: ready_endpoints(url) == 2.0, 90, "a second worker to be ready", proc)
-        wait_for(lambda: len(served) == 2, 30, "the second worker to serve requests", proc)
+        wait_for(lambda: ready_endpoints(url) == 2.0, 90, "a second worker to be ready", p.proc)
+        wait_for(lambda: len(served) == 2, 30, "the second worker to serve requests", p.proc)
         stop_load.set()
         for t in clients:
             t.join(60)
-        wait_for(lambda: ready_endpoints(url) == 1.0, 60, "the idle second worker to be retired", proc)
-        changes = [line for line in lines if " workers: " in line]
+        wait_for(lambda: ready_endpoints(url) == 1.0, 60, "the idle second worker to be retired", p.proc)
+        changes = [line for line in p.lines if " workers: " in line]
         assert changes[0].startswith("dgemma serve: 1 -> 2 workers: scale up"), changes
         assert changes[1].startswith("dgemma serve: 2 -> 1 workers: scale down"), changes
         assert len(changes) == 2, changes  # no flapping under steady load
         assert min(served.values()) >= 1, served
     finally:
         stop_load.set()
-        proc.send_signal(signal.SIGTERM)
+        p.proc.send_signal(signal.SIGTERM)
         try:
-            assert proc.wait(30) == 0
+            assert p.proc.wait(30) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            p.kill()

@@ -3,13 +3,8 @@ and local scale-down retires only idle workers."""
 
 from __future__ import annotations
 
-import os
 import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +17,7 @@ from openai import OpenAI
 from dgemma_serve.autoscale import retirable
 from dgemma_serve.workers import LocalWorker
 from dgemma_worker.model import tiny_model_dir
+from tests.stack import DgemmaProcess
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,24 +36,13 @@ def test_sigterm_lets_http_and_kserve_streams_longer_than_the_old_grace_finish()
     # 0.05 s per step (a slow GPU), 16 steps per canvas of 16 tokens, 160 tokens: ~8 s streams, one over HTTP and
     # one over KServe gRPC, both in flight when `dgemma serve` gets SIGTERM. Before --drain-grace-s the gateway's
     # gRPC front stopped with a 2 s grace and the workers with 5 s.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DGEMMA_DEBUG_STEP_DELAY_S": "0.05"}
-    proc = subprocess.Popen([sys.executable, "-m", "dgemma_cli.main", "serve", "--port", "0", "--grpc-port", "0",
-                             "--model", str(tiny_model_dir()), "--served-model-name", "tiny-diffusiongemma",
-                             "--drain-grace-s", "60", "--max-active", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    p = DgemmaProcess(["serve", "--port", "0", "--grpc-port", "0", "--model", str(tiny_model_dir()),
+                       "--served-model-name", "tiny-diffusiongemma", "--drain-grace-s", "60", "--max-active", "2"],
+                      env={"DGEMMA_DEBUG_STEP_DELAY_S": "0.05"})
     try:
-        deadline = time.monotonic() + 150
-        while not any("ready. Try" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.1)
-        out = "".join(lines)
-        url = re.search(r"gateway at (http://\S+)", out).group(1)  # type: ignore[union-attr]
-        grpc_port = re.search(r"KServe gRPC on port (\d+)", out).group(1)  # type: ignore[union-attr]
+        url = p.serving(150)
         results: queue.Queue[Any] = queue.Queue()
-        kserve = _kserve_stream(f"127.0.0.1:{grpc_port}", results)
+        kserve = _kserve_stream(p.kserve_address(), results)
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         stream = client.chat.completions.create(
             model="tiny-diffusiongemma", max_tokens=160, stream=True, messages=[{"role": "user", "content": "hi"}],
@@ -65,7 +50,7 @@ def test_sigterm_lets_http_and_kserve_streams_longer_than_the_old_grace_finish()
         chunks = iter(stream)
         first = next(chunks)
         started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        p.proc.send_signal(signal.SIGTERM)
         rest = list(chunks)
         assert time.monotonic() - started > 5.0, "the stream was not long enough to show the old 5 s cut"
         finishes = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
@@ -80,11 +65,9 @@ def test_sigterm_lets_http_and_kserve_streams_longer_than_the_old_grace_finish()
         assert canvases == 10
         kserve.stop_stream()
         kserve.close()
-        assert proc.wait(60) == 0
+        assert p.proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        p.kill()
 
 
 def _worker(index: int) -> LocalWorker:

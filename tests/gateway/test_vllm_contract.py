@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +19,7 @@ from dgemma_gateway import vllm_load
 from dgemma_gateway.openai_upstream import HttpTarget, OpenAIUpstream
 from dgemma_gateway.routing import load_profile_file, route
 from dgemma_gateway.types import Candidate, EndpointLoad, RouteRequest, Variant
+from tests.waiting import until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 PAGE_1 = (FIXTURES / "vllm-0.24.0-metrics-1.txt").read_text()
@@ -129,26 +130,19 @@ async def test_an_upstream_is_scraped_into_its_load_and_a_dead_engine_is_not_rea
                                   lambda load, f: reports.append((load, f)), lambda: VARIANT)
         task = asyncio.create_task(upstream.watch())
         try:
-            await _until(lambda: len(reports) >= 2)
+            await until(lambda: len(reports) >= 2, 10, "two load reports")
             load, fraction = reports[1]
             assert load is not None and load.ready and (load.active, load.queue_depth) == (4, 3)
             assert load.step_latency_s > 0 and fraction is not None and 0 < fraction < 1
             assert fake.auth[0] == "Bearer k"  # a server started with --api-key guards /metrics too
             fake.healthy = False
             seen = len(reports)
-            await _until(lambda: len(reports) > seen + 1)
+            await until(lambda: len(reports) > seen + 1, 10, "two more load reports")
             last = reports[-1][0]
             assert last is not None and not last.ready
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-
-async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 def test_the_pinned_version_is_the_fixtures_and_the_image() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from dgemma_serve.lifetime import die_with_parent
+
 SCRAPE_INTERVAL_S = 1
 
 
@@ -57,7 +59,7 @@ class Prometheus:
                 [binary("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
                  f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
                  "--web.enable-lifecycle"],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:

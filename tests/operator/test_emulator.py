@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from dgemma_serve.lifetime import die_with_parent
 from tests.k8s_emulator import EmulatorThread, KubernetesEmulator
 from tests.operator.helpers import CRD_PATH, apply, get, sample
 
@@ -239,7 +240,8 @@ def test_kubectl_get_watch_streams_changes(k8s: EmulatorThread) -> None:
         "name",
         "--request-timeout=5s",
     ]
-    proc = subprocess.Popen(env_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(env_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_parent())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
     reader.start()

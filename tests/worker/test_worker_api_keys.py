@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import tiny_model_dir
 
 from .conftest import text_request, wait_until
@@ -63,7 +64,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedWorker]:
            "DGEMMA_SERVED_MODEL_NAME": "tiny", "DGEMMA_API_KEYS_FILE": str(keys_file)}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dgemma_worker.server", "--port-file", str(port_file)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+                                env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     try:
         assert wait_until(port_file.exists, timeout=60), log.read_text()
         w = KeyedWorker(proc, json.loads(port_file.read_text()), keys_file, log)

@@ -1,5 +1,6 @@
 """The worker as a process, configured by the operator's environment variables: port file, SIGTERM
-drain with an in-flight stream that completes and exit 0, and a second SIGTERM that exits at once."""
+drain with an in-flight stream that completes and exit 0, a second SIGTERM that exits at once, and SIGTERM
+that ends a worker whose event loop is stuck."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from dgemma_proto.dgemma.v1 import denoiser_pb2_grpc as pb_grpc
+from dgemma_serve.lifetime import die_with_parent
 from dgemma_worker.model import tiny_model_dir
 
 from .conftest import text_request, wait_until
@@ -25,24 +27,27 @@ from .conftest import text_request, wait_until
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int], Path]]:
-    port_file = tmp_path / "ports.json"
-    log_file = tmp_path / "worker.log"
-    env = {
+def worker_env(drain_grace_s: float) -> dict[str, str]:
+    return {
         **os.environ,
         "DGEMMA_MODEL": str(tiny_model_dir()),
         "DGEMMA_HOST": "127.0.0.1",
         "DGEMMA_PORT": "0",
         "DGEMMA_METRICS_PORT": "0",
         "DGEMMA_LOG_FORMAT": "json",
-        "DGEMMA_DRAIN_GRACE_S": "60",
+        "DGEMMA_DRAIN_GRACE_S": f"{drain_grace_s:g}",
         "DGEMMA_SERVED_MODEL_NAME": "tiny-proc",
     }
+
+
+@pytest.fixture
+def process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int], Path]]:
+    port_file = tmp_path / "ports.json"
+    log_file = tmp_path / "worker.log"
     with log_file.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dgemma_worker.server", "--port-file", str(port_file)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=worker_env(drain_grace_s=60), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
         )
     try:
         assert wait_until(port_file.exists, timeout=60), log_file.read_text()
@@ -103,3 +108,43 @@ def test_a_second_sigterm_exits_at_once(process: tuple[subprocess.Popen[bytes], 
     assert proc.wait(10) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 5
     channel.close()
+
+
+def _fill(pipe: int) -> None:
+    """Write into the pipe until it is full, so that the next write of the process that shares it blocks."""
+    os.set_blocking(pipe, False)  # the worker's end shares this flag: only while we fill (the worker is idle)
+    try:
+        while True:
+            os.write(pipe, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(pipe, True)
+
+
+def test_sigterm_ends_a_worker_whose_event_loop_is_stuck_writing_to_a_stdout_pipe_that_nobody_reads(
+    tmp_path: Path,
+) -> None:
+    # The reader of the worker's stdout is alive but no longer reads (a stalled log shipper, a test runner killed
+    # while another process holds the pipe): the worker's next log line, "draining", blocks its event loop in
+    # write(). SIGTERM used to be a callback of that loop, so it never ran and the worker lived on until SIGKILL.
+    port_file = tmp_path / "ports.json"
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma_worker.server", "--port-file", str(port_file)],
+                            env=worker_env(drain_grace_s=1), stdout=write_end, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent())
+    try:
+        assert wait_until(port_file.exists, timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{json.loads(port_file.read_text())['port']}") as channel:
+            assert wait_until(lambda: _serving(channel), timeout=60)
+        _fill(write_end)
+        proc.send_signal(signal.SIGTERM)
+        # Gone by its deadline (drain grace + server.EXIT_DEADLINE_MARGIN_S), not by an orderly exit: the loop is
+        # still stuck, so the deadline's exit code says which path ended it.
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(read_end)
+        os.close(write_end)

@@ -45,6 +45,10 @@ KSERVE_SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_na
 HEALTH_SERVICES = ("", DENOISER_SERVICE, KSERVE_SERVICE)
 # How long RPCs that are not requests (load watchers, health watchers) get to finish once drained.
 FINAL_STOP_GRACE_S = 1.0
+# After SIGTERM the process is gone within its drain grace plus this, whatever holds it up: an event loop stuck
+# writing a log line to a stdout pipe that nobody reads, a step that does not return. An orderly drain ends well
+# within it (the in-flight requests get the grace; closing the servers and the engine takes about a second).
+EXIT_DEADLINE_MARGIN_S = 10.0
 
 EngineFactory = Callable[[WorkerConfig, Any], EngineAPI]
 
@@ -263,24 +267,49 @@ class WorkerServer:
             self._lag_probe = None
 
 
+class ExitDeadline:
+    """Ends the process a fixed time after it is armed, whatever the rest of it is doing.
+
+    Armed from a signal handler, which may run while the main thread holds any lock (logging's, threading's), so
+    arming only writes the signal number to a pipe; a daemon thread started beforehand waits on that pipe.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self._read, self._write = os.pipe()
+        threading.Thread(target=self._wait, args=(after_s,), name="dgemma-exit-deadline", daemon=True).start()
+
+    def arm(self, signum: int) -> None:
+        """Start the countdown (async-signal safe: one write)."""
+        os.write(self._write, bytes([signum]))
+
+    def _wait(self, after_s: float) -> None:
+        signum = os.read(self._read, 1)[0]
+        time.sleep(after_s)
+        os._exit(128 + signum)
+
+
 async def serve(config: WorkerConfig, engine_factory: EngineFactory = load_engine) -> int:
-    """Run a worker until SIGTERM/SIGINT; drain on the first signal, exit at once on the second."""
+    """Run a worker until SIGTERM/SIGINT; drain on the first signal, exit at once on the second; gone within
+    the drain grace plus EXIT_DEADLINE_MARGIN_S of the first whatever blocks the drain."""
     loop = asyncio.get_running_loop()
     server = WorkerServer(config, engine_factory)
     term = asyncio.Event()
+    deadline = ExitDeadline(config.drain_grace_s + EXIT_DEADLINE_MARGIN_S)
     signals = 0
 
-    def on_signal(signum: int) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        # A plain signal handler, not loop.add_signal_handler: Python runs it even while the event loop is blocked
+        # (the blocking write is interrupted), where a loop callback would wait for the loop forever. No logging
+        # here: the log stream may be the very thing that blocks.
         nonlocal signals
         signals += 1
         if signals > 1:
-            log.warning("second signal %d: exiting now", signum)
-            logging.shutdown()
             os._exit(128 + signum)
-        term.set()
+        deadline.arm(signum)
+        loop.call_soon_threadsafe(term.set)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+        signal.signal(sig, on_signal)
     await server.start()
     loader = asyncio.create_task(server.load())
     terminated = asyncio.create_task(term.wait())
