@@ -53,7 +53,9 @@ class GatewayServer:
         self._tasks.append(asyncio.create_task(watch_loop_lag(self.gateway.metrics.loop_lag.observe), name="loop-lag"))
         self._runner = web.AppRunner(
             # A client that goes away cancels its handler, and so the worker's request, at once.
-            self.api.app, access_log=None, handle_signals=False, handler_cancellation=True)
+            # Bodies as sent: content_encoding.decode_body decompresses them, bounded (aiohttp's own did not stop
+            # at the body limit).
+            self.api.app, access_log=None, handle_signals=False, handler_cancellation=True, auto_decompress=False)
         await self._runner.setup()
         ssl_context = None
         if cfg.tls is not None:

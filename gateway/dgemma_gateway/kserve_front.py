@@ -81,7 +81,7 @@ class GatewayKServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def _prepared(self, request: kpb.ModelInferRequest, allow_overflow: bool = True
                         ) -> tuple[GatewayRequest, kserve.InferRequest]:
         """The decoded request with its images checked and its prompt length known to routing."""
-        greq, decoded = self._request(request, allow_overflow)
+        greq, decoded = await kserve.decode_off_the_loop(request, lambda: self._request(request, allow_overflow))
         images = decoded.prompt.all_images
         extra = 0
         if images:

@@ -37,6 +37,7 @@ from dgemma_common.openai_models import (
 )
 from dgemma_common.params import MAX_SEED, ParamError, prompt_byte_limit, utf8_size
 from dgemma_gateway.auth import StreamLimiter, authenticate
+from dgemma_gateway.content_encoding import body_too_large, check_encoding, decode_body
 from dgemma_gateway.core import Gateway, GatewayRequest, estimate_text_tokens
 from dgemma_gateway.errors import GatewayError, bad_request
 from dgemma_gateway.images import ImageIntake, ImageRef, ImageSettings, image_tokens
@@ -137,11 +138,6 @@ def check_content_type(header: str | None, content_type: str) -> None:
     if header is not None and content_type != "application/json":
         raise GatewayError(415, f"Content-Type must be application/json, got {clip(content_type, 64)!r}",
                            param="Content-Type", code="unsupported_media_type")
-
-
-def body_too_large(limit: int) -> GatewayError:
-    """The refusal of a body over --max-body-bytes."""
-    return GatewayError(413, f"the body exceeds {limit} bytes", code="body_too_large")
 
 
 def check_body_size(content_length: int | None, limit: int) -> None:
@@ -395,7 +391,11 @@ class OpenAIApp:
         key = self._authenticate(request)
         check_content_type(request.headers.get("Content-Type"), request.content_type)
         check_body_size(request.content_length, self.limits.max_body_bytes)
-        parsed = await self._parse(await request.read(), kind, request.headers.get(LATENCY_HEADER))
+        encoding = check_encoding(request.headers.get("Content-Encoding"))
+        raw = await request.read()  # as sent (the server does not decompress): at most --max-body-bytes
+        if encoding:
+            raw = await asyncio.to_thread(decode_body, raw, encoding, self.limits.max_body_bytes)
+        parsed = await self._parse(raw, kind, request.headers.get(LATENCY_HEADER))
         if not self.keys.allows_overflow(key):
             parsed = dataclasses.replace(
                 parsed, requests=[dataclasses.replace(r, allow_overflow=False) for r in parsed.requests])

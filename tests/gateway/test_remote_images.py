@@ -4,7 +4,10 @@ to the same host, and the size and time limits, each a 400 naming the part."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import ipaddress
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,8 +25,17 @@ from dgemma_gateway.remote_images import (
 )
 from dgemma_proto.dgemma.v1 import denoiser_pb2 as pb
 from tests.common.imagefiles import image_bytes
+from tests.procmem import peak_rss_growth
 
 PNG = image_bytes("PNG", (40, 30))
+
+
+@functools.cache
+def bomb() -> bytes:
+    """128 MiB of zeros in ~125 KiB of gzip."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    return b"".join(c.compress(zeros) for _ in range(128)) + c.flush()
 FIELD = "messages[0].content[0]"
 
 
@@ -46,6 +58,12 @@ async def server() -> AsyncIterator[str]:
             await response.write(b"\0" * 65536)
         return response
 
+    async def expands(request: web.Request) -> web.Response:
+        return web.Response(body=bomb(), headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})
+
+    async def gzipped(request: web.Request) -> web.Response:
+        return web.Response(body=gzip.compress(PNG), headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})
+
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(5)
         return web.Response(body=PNG, content_type="image/png")
@@ -56,6 +74,8 @@ async def server() -> AsyncIterator[str]:
     app.router.add_get("/away", other_host)
     app.router.add_get("/huge.png", huge)
     app.router.add_get("/slow.png", slow)
+    app.router.add_get("/bomb.png", expands)
+    app.router.add_get("/gzipped.png", gzipped)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -101,6 +121,16 @@ async def test_a_redirect_to_another_host_is_refused(server: str) -> None:
 async def test_the_size_and_time_limits_hold(server: str) -> None:
     await refused(f"{server}/huge.png", "over the limit of 1048576 bytes")
     await refused(f"{server}/slow.png", "took longer than 1 s")
+
+
+async def test_a_compressed_answer_counts_against_the_limit_as_it_expands(server: str) -> None:
+    # An image host may gzip its answer: it is decompressed as it is read, so the byte limit holds for what it
+    # expands to and a small answer cannot expand into memory (the gateway's own request bodies could: see
+    # test_compressed_bodies.py).
+    assert await fetch(f"{server}/gzipped.png") == PNG
+    with peak_rss_growth() as growth:
+        await refused(f"{server}/bomb.png", "over the limit of 1048576 bytes")
+    assert growth.mib < 64, f"peak memory grew {growth.mib:.0f} MiB for a {len(bomb()) // 1024} KiB answer"
 
 
 async def test_hosts_off_the_allowlist_and_internal_names_are_refused(server: str) -> None:

@@ -110,3 +110,24 @@ def test_non_finite_or_negative_durations_are_invalid_argument(worker: RunningWo
             list(worker.stub.WatchLoad(pb.WatchLoadRequest(interval_s=value), timeout=30))
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("interval_s")
+
+
+def test_a_messages_tensor_is_bounded_before_and_after_it_is_parsed(worker: RunningWorker) -> None:
+    """The worker's front by the same rule as the gateway's (tests/gateway/test_kserve_messages.py): JSON larger
+    than any chat within the worker's prompt byte limit is refused unread, the chat's text by its bytes."""
+    limit = worker.server.runtime.config.limits.prompt_byte_limit
+    client = tc.InferenceServerClient(worker.address)
+
+    def refusal(content: str) -> str:
+        tensor = tc.InferInput("messages", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([f'[{{"role": "user", "content": "{content}"}}]'.encode()], dtype=object))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", [tensor])
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        return str(info.value.message())
+
+    try:
+        assert "exceeds the limit" in refusal("x" * (6 * limit + 65 * 1024))
+        assert refusal("x" * (limit + 1)).endswith(f"more than {limit} bytes of text; the limit is {limit} bytes")
+    finally:
+        client.close()

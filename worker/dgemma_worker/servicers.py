@@ -175,7 +175,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         """Generate the whole reply and answer once."""
         try:
             self._check_model(request.model_name, request.model_version)
-            req = kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits)
+            req = await kserve.decode_off_the_loop(
+                request, lambda: kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits))
         except Exception as exc:
             await _abort(context, self._rt.refuse(exc, request_id=request.id, rpc="ModelInfer"))
         commits: list[CommitEvent] = []
@@ -207,7 +208,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         try:
             self._check_model(request.model_name, request.model_version)
-            req = kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits)
+            req = await kserve.decode_off_the_loop(
+                request, lambda: kserve.request_from_infer(request, self._rt.defaults, self._rt.config.limits))
         except Exception as exc:
             error = self._rt.refuse(exc, request_id=request.id, rpc="ModelStreamInfer")
             await out.put(kpb.ModelStreamInferResponse(error_message=error.message))
