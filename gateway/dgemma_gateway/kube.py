@@ -355,8 +355,12 @@ class KubernetesSource:
                         self.api_keys = keys
                         report()
                     self._resources_changed.clear()
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner result when it
+                    # completes as the task is cancelled, swallowing the cancellation (this loop then waited again
+                    # and the gateway's stop hung on it).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._resources_changed.wait(), SECRET_REFRESH_S)
+                        async with asyncio.timeout(SECRET_REFRESH_S):
+                            await self._resources_changed.wait()
 
             # A TaskGroup: if one watch fails past its own retries, the others stop too and the gateway
             # restarts the source whole.

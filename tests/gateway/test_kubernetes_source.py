@@ -90,9 +90,12 @@ class Seen:
         deadline = time.monotonic() + 10
         while not self.task.done() and time.monotonic() < deadline:
             time.sleep(0.02)
+        stopped = self.task.done()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+        # A gateway stops its sources by cancelling them: one that swallows the cancellation holds up its exit.
+        assert stopped, "the source did not stop when it was cancelled"
 
 
 @pytest.fixture

@@ -84,7 +84,8 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         while True:
             yield convert.load_to_pb(self._rt.load_snapshot(), self._rt.config.limits, time.time())
             try:
-                await asyncio.wait_for(self._rt.stopping.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: on 3.11 it can swallow a cancellation
+                    await self._rt.stopping.wait()
             except TimeoutError:
                 continue
             # The worker is stopping: one last report (draining) so subscribers see it, then end.
